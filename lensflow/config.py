@@ -1,0 +1,155 @@
+"""lensflow configuration: every setting is an environment variable.
+
+This module is the single source of truth for names and defaults. The README's
+configuration table, the Knative manifests and the code all derive from
+``SETTINGS`` (tests check that they agree). It imports nothing heavy so that
+every function can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    meaning: str
+    secret: bool = False
+
+
+# Ports the embedded stack listens on (loopback only).
+EMBEDDED_KAFKA_PORT = 19092
+EMBEDDED_S3_PORT = 19000
+PREDICT_PORT = 8080
+TRAIN_PORT = 8081
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("LENSFLOW_KAFKA_BOOTSTRAP", f"127.0.0.1:{EMBEDDED_KAFKA_PORT}",
+            "Kafka bootstrap servers (`host:port,...`)"),
+    Setting("LENSFLOW_S3_ENDPOINT", f"http://127.0.0.1:{EMBEDDED_S3_PORT}",
+            "S3/MinIO endpoint URL; empty means AWS S3"),
+    Setting("LENSFLOW_S3_ACCESS_KEY", "lensflow", "S3 access key", secret=True),
+    Setting("LENSFLOW_S3_SECRET_KEY", "lensflow-secret", "S3 secret key", secret=True),
+    Setting("LENSFLOW_S3_REGION", "us-east-1", "S3 region"),
+    Setting("LENSFLOW_IMAGE_BUCKETS", "drone-images",
+            "comma-separated allow-list of buckets the predict function may read"),
+    Setting("LENSFLOW_MODEL_BUCKET", "lensflow-models", "bucket of the model store"),
+    Setting("LENSFLOW_MODEL_NAME", "aerial", "which model (prefix in the model bucket)"),
+    Setting("LENSFLOW_TRAIN_BUCKET", "",
+            "bucket with `labeled/<class>/...` and `holdout/<class>/...` "
+            "(empty: the first image bucket)"),
+    Setting("LENSFLOW_TOPIC_IMAGES", "images", "topic of bucket-notification records"),
+    Setting("LENSFLOW_TOPIC_PREDICTIONS", "predictions", "topic of prediction events"),
+    Setting("LENSFLOW_TOPIC_DLQ", "images-dlq", "dead-letter topic"),
+    Setting("LENSFLOW_POINTER_TTL_S", "1.0",
+            "how stale a replica's view of the model pointer may get (seconds)"),
+    Setting("LENSFLOW_MAX_IMAGE_BYTES", str(32 * 1024 * 1024), "largest image object accepted"),
+    Setting("LENSFLOW_MAX_IMAGE_PIXELS", str(64_000_000),
+            "largest decoded image (width x height) accepted"),
+    Setting("LENSFLOW_TRAIN_METRIC", "macro_f1",
+            "metric a challenger must win on: `accuracy` or `macro_f1`"),
+    Setting("LENSFLOW_TRAIN_MARGIN", "0.01",
+            "how much better (absolute) the challenger must score to be promoted"),
+    Setting("LENSFLOW_TRAIN_MIN_NEW", "20",
+            "fewest labelled images new since the champion's round to train again"),
+    Setting("LENSFLOW_TRAIN_EPOCHS", "8", "training epochs per round"),
+    Setting("LENSFLOW_SOURCE_NAME", "lensflow-images",
+            "KafkaSource name used in `ce-source` by the local dispatcher"),
+    Setting("LENSFLOW_NAMESPACE", "default",
+            "namespace used in `ce-source` by the local dispatcher"),
+    Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
+)
+
+_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _get(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name)
+    return _BY_NAME[name].default if value is None else value
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings. Build with ``Config.from_env()``."""
+
+    kafka_bootstrap: str
+    s3_endpoint: str | None
+    s3_access_key: str
+    s3_secret_key: str
+    s3_region: str
+    image_buckets: tuple[str, ...]
+    model_bucket: str
+    model_name: str
+    train_bucket: str
+    topic_images: str
+    topic_predictions: str
+    topic_dlq: str
+    pointer_ttl_s: float
+    max_image_bytes: int
+    max_image_pixels: int
+    train_metric: str
+    train_margin: float
+    train_min_new: int
+    train_epochs: int
+    source_name: str
+    namespace: str
+    log_level: str
+    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str:
+            return _get(env, name)
+
+        buckets = tuple(b.strip() for b in get("LENSFLOW_IMAGE_BUCKETS").split(",") if b.strip())
+        if not buckets:
+            raise ValueError("LENSFLOW_IMAGE_BUCKETS names no bucket")
+        metric = get("LENSFLOW_TRAIN_METRIC")
+        if metric not in ("accuracy", "macro_f1"):
+            raise ValueError(f"LENSFLOW_TRAIN_METRIC must be accuracy or macro_f1, not {metric!r}")
+        return cls(
+            kafka_bootstrap=get("LENSFLOW_KAFKA_BOOTSTRAP"),
+            s3_endpoint=get("LENSFLOW_S3_ENDPOINT") or None,
+            s3_access_key=get("LENSFLOW_S3_ACCESS_KEY"),
+            s3_secret_key=get("LENSFLOW_S3_SECRET_KEY"),
+            s3_region=get("LENSFLOW_S3_REGION"),
+            image_buckets=buckets,
+            model_bucket=get("LENSFLOW_MODEL_BUCKET"),
+            model_name=get("LENSFLOW_MODEL_NAME"),
+            train_bucket=get("LENSFLOW_TRAIN_BUCKET") or buckets[0],
+            topic_images=get("LENSFLOW_TOPIC_IMAGES"),
+            topic_predictions=get("LENSFLOW_TOPIC_PREDICTIONS"),
+            topic_dlq=get("LENSFLOW_TOPIC_DLQ"),
+            pointer_ttl_s=float(get("LENSFLOW_POINTER_TTL_S")),
+            max_image_bytes=int(get("LENSFLOW_MAX_IMAGE_BYTES")),
+            max_image_pixels=int(get("LENSFLOW_MAX_IMAGE_PIXELS")),
+            train_metric=metric,
+            train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
+            train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),
+            train_epochs=int(get("LENSFLOW_TRAIN_EPOCHS")),
+            source_name=get("LENSFLOW_SOURCE_NAME"),
+            namespace=get("LENSFLOW_NAMESPACE"),
+            log_level=get("LENSFLOW_LOG_LEVEL"),
+            env=dict(env),
+        )
+
+    @property
+    def kafkasource_ce_source(self) -> str:
+        """The `ce-source` a KafkaSource named ``source_name`` gives records of ``topic_images``."""
+        return (f"/apis/v1/namespaces/{self.namespace}/kafkasources/"
+                f"{self.source_name}#{self.topic_images}")
+
+
+def settings_table() -> str:
+    """The README's configuration table, rendered from ``SETTINGS``."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        default = f"`{s.default}`" if s.default else "(empty)"
+        rows.append(f"| `{s.name}` | {default} | {s.meaning} |")
+    return "\n".join(rows)
