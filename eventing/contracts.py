@@ -1,0 +1,241 @@
+"""The event contracts, in one place (see CONTRACT.md, Events).
+
+1. The input record: what MinIO's Kafka notification target writes for a bucket event.
+2. The CloudEvent a Knative KafkaSource makes of a Kafka record.
+3. The prediction event the predict function produces.
+
+Builders and parsers live side by side so a producer and its consumer cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote_plus, unquote_plus
+
+from cloudevents.http import CloudEvent
+
+KAFKA_EVENT_TYPE = "dev.knative.kafka.event"
+PREDICTED_TYPE = "io.lensflow.image.predicted"
+PREDICTED_SOURCE = "/lensflow/predict"
+
+OBJECT_CREATED_PUT = "s3:ObjectCreated:Put"
+OBJECT_CREATED_MULTIPART = "s3:ObjectCreated:CompleteMultipartUpload"
+OBJECT_REMOVED_DELETE = "s3:ObjectRemoved:Delete"
+
+
+class BadEvent(ValueError):
+    """The event is malformed: no retry will make it good."""
+
+
+# --- 1. MinIO bucket-notification records -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    """One S3 record of a bucket notification, with the key already unescaped."""
+
+    event_name: str
+    bucket: str
+    key: str
+    etag: str | None = None
+    size: int | None = None
+    content_type: str | None = None
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    event_time: str | None = None
+
+    @property
+    def created(self) -> bool:
+        return self.event_name.startswith("s3:ObjectCreated:")
+
+    @property
+    def path(self) -> str:
+        return f"{self.bucket}/{self.key}"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def notification_record(event: ObjectEvent) -> tuple[bytes, bytes]:
+    """(key, value) of the Kafka record MinIO's notification target writes for ``event``.
+
+    The record key is ``<bucket>/<key>`` unescaped; in the JSON the object key is
+    query-escaped. ``size``, ``eTag``, ``contentType`` and ``userMetadata`` appear only on
+    created events, as MinIO does.
+    """
+    obj: dict[str, Any] = {"key": quote_plus(event.key), "sequencer": uuid.uuid4().hex[:16].upper()}
+    if event.created:
+        obj.update(
+            size=event.size or 0,
+            eTag=(event.etag or "").strip('"'),
+            contentType=event.content_type or "application/octet-stream",
+            userMetadata={"content-type": event.content_type or "application/octet-stream",
+                          **event.user_metadata},
+        )
+    record = {
+        "eventVersion": "2.0",
+        "eventSource": "minio:s3",
+        "awsRegion": "",
+        "eventTime": event.event_time or _now_iso(),
+        "eventName": event.event_name,
+        "userIdentity": {"principalId": "lensflow"},
+        "requestParameters": {"principalId": "lensflow", "region": "", "sourceIPAddress": "127.0.0.1"},
+        "responseElements": {"x-amz-request-id": uuid.uuid4().hex.upper()[:16]},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "Config",
+            "bucket": {
+                "name": event.bucket,
+                "ownerIdentity": {"principalId": "lensflow"},
+                "arn": f"arn:aws:s3:::{event.bucket}",
+            },
+            "object": obj,
+        },
+        "source": {"host": "127.0.0.1", "port": "", "userAgent": "lensflow"},
+    }
+    value = {"EventName": event.event_name, "Key": event.path, "Records": [record]}
+    return event.path.encode(), json.dumps(value, separators=(",", ":")).encode()
+
+
+def parse_notification(data: Any) -> list[ObjectEvent]:
+    """The S3 records of a MinIO notification (bytes, str or parsed JSON). Raises BadEvent."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data).decode("utf-8", errors="strict") if data else ""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise BadEvent(f"event data is not JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise BadEvent("event data is not a JSON object")
+    records = data.get("Records")
+    if not isinstance(records, list) or not records:
+        raise BadEvent("event data has no Records")
+    return [_parse_record(r) for r in records]
+
+
+def _parse_record(record: Any) -> ObjectEvent:
+    try:
+        name = record["eventName"]
+        bucket = record["s3"]["bucket"]["name"]
+        obj = record["s3"]["object"]
+        key = unquote_plus(obj["key"])
+    except (KeyError, TypeError):
+        raise BadEvent("record lacks eventName, s3.bucket.name or s3.object.key") from None
+    if not isinstance(name, str) or not isinstance(bucket, str) or not bucket or not key:
+        raise BadEvent("record has an empty bucket or key")
+    size = obj.get("size")
+    if size is not None and (not isinstance(size, int) or size < 0):
+        raise BadEvent(f"record has an invalid object size {size!r}")
+    meta = obj.get("userMetadata") or {}
+    return ObjectEvent(
+        event_name=name,
+        bucket=bucket,
+        key=key,
+        etag=obj.get("eTag"),
+        size=size,
+        content_type=obj.get("contentType"),
+        user_metadata=meta if isinstance(meta, dict) else {},
+        event_time=record.get("eventTime"),
+    )
+
+
+# --- 2. What a Knative KafkaSource makes of a record ---------------------------------------
+
+
+def _header_extension_name(header: str) -> str:
+    """``kafkaheader<name>``: CloudEvents extension names are lower-case alphanumerics."""
+    return "kafkaheader" + "".join(c for c in header.lower() if c.isalnum())
+
+
+def is_cloudevent_record(headers: dict[str, bytes]) -> bool:
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if "ce_specversion" in lowered:
+        return True
+    ctype = lowered.get("content-type", b"").decode("latin-1").lower()
+    return ctype.startswith("application/cloudevents")
+
+
+def kafkasource_event(
+    *,
+    source: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int | None,
+    key: bytes | str | None,
+    value: bytes | None,
+    headers: dict[str, bytes],
+) -> CloudEvent:
+    """The CloudEvent a KafkaSource builds for a plain record, or passes through for a CE one."""
+    position = {"knativekafkapartition": str(partition), "knativekafkaoffset": str(offset)}
+    if is_cloudevent_record(headers):
+        from cloudevents.kafka import KafkaMessage, from_binary, from_structured
+
+        message = KafkaMessage(headers=headers, key=key, value=value or b"")
+        lowered = {k.lower() for k in headers}
+        raw = lambda body: body  # noqa: E731 - keep the payload as the producer wrote it
+        if "ce_specversion" in lowered:
+            event = from_binary(message, event_type=CloudEvent, data_unmarshaller=raw)
+        else:
+            event = from_structured(message, event_type=CloudEvent)
+        for name, val in position.items():
+            event[name] = val
+        return event
+
+    when = (
+        datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc)
+        if timestamp_ms and timestamp_ms > 0
+        else datetime.now(timezone.utc)
+    )
+    attributes: dict[str, Any] = {
+        "id": f"partition:{partition}/offset:{offset}",
+        "type": KAFKA_EVENT_TYPE,
+        "source": f"{source}#{topic}" if "#" not in source else source,
+        "subject": f"partition:{partition}#{offset}",
+        "time": when.isoformat().replace("+00:00", "Z"),
+        **position,
+    }
+    if key is not None:
+        text_key = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else key
+        attributes["key"] = text_key
+        attributes["partitionkey"] = text_key
+    for name, val in headers.items():
+        attributes[_header_extension_name(name)] = val.decode("utf-8", errors="replace")
+        if name.lower() == "content-type":
+            attributes["datacontenttype"] = val.decode("latin-1")
+    return CloudEvent(attributes, value or b"")
+
+
+# --- 3. The prediction event ---------------------------------------------------------------
+
+
+def prediction_event(
+    *,
+    image: ObjectEvent,
+    model: dict[str, str],
+    predictions: list[dict[str, Any]],
+    source_event_id: str,
+    timings_ms: dict[str, float] | None = None,
+) -> CloudEvent:
+    """The ``io.lensflow.image.predicted`` event for one image."""
+    data = {
+        "image": {"bucket": image.bucket, "key": image.key, "etag": image.etag},
+        "model": model,
+        "predictions": predictions,
+        "source_event_id": source_event_id,
+    }
+    if timings_ms:
+        data["timings_ms"] = timings_ms
+    attributes = {
+        "type": PREDICTED_TYPE,
+        "source": PREDICTED_SOURCE,
+        "subject": image.path,
+        "datacontenttype": "application/json",
+        "partitionkey": image.path,
+    }
+    return CloudEvent(attributes, data)

@@ -1,0 +1,47 @@
+"""The `lensflow` command: one module per group of verbs, each with ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lensflow.cli.output import CliError, fail
+
+# Modules under lensflow.cli that add verbs. Each exposes ``register(subparsers)`` and sets
+# ``func`` on its parsers; ``func(args) -> int`` returns the exit code.
+VERB_MODULES = ("models", "functions", "eventing", "train", "stack")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lensflow", description="Drone photos in, predictions out, on a live-swapped model."
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(f"lensflow.cli.{name}")
+        except ModuleNotFoundError as exc:  # a verb group not written yet
+            if exc.name != f"lensflow.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        return fail(args, str(exc), exc.code)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
