@@ -1,0 +1,30 @@
+"""lensflow's model store: versions, the manifest pointer, compare-and-swap flips, history."""
+
+from model_store.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidModelError,
+    ModelStoreError,
+    NotFoundError,
+    PinnedError,
+    StoreUnavailableError,
+)
+from model_store.integrity import parse_labels, sha256_hex
+from model_store.pointer import Pointer, PointerFile
+from model_store.store import ModelStore, VersionInfo
+
+__all__ = [
+    "ConflictError",
+    "IntegrityError",
+    "InvalidModelError",
+    "ModelStore",
+    "ModelStoreError",
+    "NotFoundError",
+    "PinnedError",
+    "Pointer",
+    "PointerFile",
+    "StoreUnavailableError",
+    "VersionInfo",
+    "parse_labels",
+    "sha256_hex",
+]
