@@ -1,0 +1,80 @@
+"""The replica: configuration, clients, model watcher and handler, made once per process.
+
+Made lazily on the first request (the readiness probe's, usually), because servers such as
+gunicorn import the function before forking its worker and threads do not survive a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from functools import cached_property
+
+from model_store import ModelStore
+
+from functions.predict.handler import PredictHandler
+from functions.predict.sink import PredictionProducer
+from functions.predict.watcher import ModelWatcher
+from lensflow.config import Config
+from lensflow.s3 import s3_client
+
+_STARTED = time.time()
+
+
+class Replica:
+    def __init__(self, config: Config):
+        self.config = config
+        logging.basicConfig(level=config.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        s3 = s3_client(config, timeout_s=5.0, retries=1)
+        threads = int(os.environ.get("THREADS", (os.cpu_count() or 1) * 4))
+        self.watcher = ModelWatcher(ModelStore.from_config(config, s3=s3), config.pointer_ttl_s,
+                                    max_interpreters=min(threads, os.cpu_count() or 1) + 1)
+        self.watcher.start()
+        self.handler = PredictHandler(config, s3, self.watcher, self.producer)
+
+    @cached_property
+    def producer(self) -> PredictionProducer:
+        return PredictionProducer(self.config.kafka_bootstrap, self.config.topic_predictions)
+
+    def health(self) -> dict:
+        model = self.watcher.model
+        return {"ok": True, "model": model.identity if model else None}
+
+    def metrics(self) -> dict:
+        model = self.watcher.model
+        stats = self.watcher.stats
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - _STARTED, 3),
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "model": model.identity if model else None,
+            "requests": {str(k): v for k, v in self.handler.stats.statuses.items()},
+            "predictions": self.handler.stats.predictions,
+            "skipped": self.handler.stats.skipped,
+            "model_checks": stats.checks,
+            "model_swaps": stats.swaps,
+            "model_refusals": stats.refusals,
+            "last_refusal": stats.last_refusal,
+            "store_errors": stats.store_errors,
+            "last_store_error": stats.last_error,
+        }
+
+
+_replica: Replica | None = None
+_pid: int | None = None
+_lock = threading.Lock()
+
+
+def replica() -> Replica:
+    """This process's replica, made on first use."""
+    global _replica, _pid
+    if _replica is None or _pid != os.getpid():
+        with _lock:
+            if _replica is None or _pid != os.getpid():
+                _replica = Replica(Config.from_env())
+                _pid = os.getpid()
+    return _replica

@@ -1,0 +1,163 @@
+"""One image event in, one prediction out: the predict function's logic, free of Flask.
+
+Status codes follow the contract: 200 with the prediction CloudEvent; 200 for events
+that are acknowledged and skipped (not ObjectCreated); 400/413/415/422 with a JSON reason
+for input no retry can fix; 503 for transient trouble (store or broker unreachable, no
+model yet), which Knative's dispatcher retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from botocore.exceptions import BotoCoreError, ClientError
+from cloudevents.conversion import to_binary
+from cloudevents.exceptions import GenericException as CloudEventError
+from cloudevents.http import CloudEvent, from_http
+
+from eventing.contracts import BadEvent, ObjectEvent, parse_notification, prediction_event
+from functions.predict.sink import PredictionProducer, ProduceError
+from functions.predict.watcher import ModelWatcher
+from lensflow.config import Config
+from lensflow.imaging import ImageError, decode_image
+
+log = logging.getLogger("lensflow.predict")
+
+
+class Rejected(Exception):
+    """Answer ``status`` with ``reason`` (4xx: permanent; 503: try again later)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @classmethod
+    def json(cls, status: int, payload: dict) -> Reply:
+        return cls(status, {"Content-Type": "application/json"}, json.dumps(payload).encode())
+
+
+@dataclass
+class HandlerStats:
+    statuses: Counter = field(default_factory=Counter)
+    predictions: int = 0
+    skipped: int = 0
+    busy_s: float = 0.0
+
+
+class PredictHandler:
+    def __init__(self, config: Config, s3, watcher: ModelWatcher, producer: PredictionProducer):
+        self.config = config
+        self.s3 = s3
+        self.watcher = watcher
+        self.producer = producer
+        self.stats = HandlerStats()
+
+    def handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        started = time.perf_counter()
+        try:
+            reply = self._handle(headers, body)
+        except Rejected as exc:
+            log.warning("answering %d: %s", exc.status, exc.reason)
+            reply = Reply.json(exc.status, {"error": exc.reason, "status": exc.status})
+        except Exception as exc:  # a bug: 500, which Knative retries and then dead-letters
+            log.exception("unexpected failure")
+            reply = Reply.json(500, {"error": f"internal error: {type(exc).__name__}"})
+        self.stats.statuses[reply.status] += 1
+        self.stats.busy_s += time.perf_counter() - started
+        return reply
+
+    def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        event = self._parse_cloudevent(headers, body)
+        try:
+            records = parse_notification(event.data)
+        except BadEvent as exc:
+            raise Rejected(400, str(exc)) from None
+        created = [r for r in records if r.created]
+        if not created:
+            self.stats.skipped += 1
+            return Reply.json(200, {"skipped": f"{records[0].event_name} is not predicted"})
+        outputs = [self._predict(record, event["id"]) for record in created]
+        self.stats.predictions += len(outputs)
+        out_headers, out_body = to_binary(outputs[-1])
+        return Reply(200, dict(out_headers), out_body)
+
+    def _parse_cloudevent(self, headers: dict[str, str], body: bytes) -> CloudEvent:
+        try:
+            return from_http(headers, body, data_unmarshaller=lambda data: data)
+        except CloudEventError as exc:
+            raise Rejected(400, f"not a CloudEvent: {exc}") from None
+
+    def _predict(self, record: ObjectEvent, source_event_id: str) -> CloudEvent:
+        limit = self.config.max_image_bytes
+        if record.bucket not in self.config.image_buckets:
+            raise Rejected(422, f"bucket {record.bucket!r} is not in LENSFLOW_IMAGE_BUCKETS")
+        if record.size is not None and record.size > limit:
+            raise Rejected(413, f"object is {record.size} bytes, over the limit of {limit}")
+        model = self.watcher.model  # this request stays on this version
+        if model is None:
+            raise Rejected(503, "no model is being served yet")
+        t0 = time.perf_counter()
+        data, etag = self._fetch(record)
+        t1 = time.perf_counter()
+        side = max(model.spec.height, model.spec.width)
+        try:
+            image = decode_image(data, (side, side), max_pixels=self.config.max_image_pixels)
+        except ImageError as exc:
+            raise Rejected(exc.status, f"{record.path}: {exc.reason}") from None
+        t2 = time.perf_counter()
+        predictions = model.predict(image)
+        t3 = time.perf_counter()
+        event = prediction_event(
+            image=ObjectEvent(record.event_name, record.bucket, record.key, etag),
+            model=model.identity,
+            predictions=predictions,
+            source_event_id=source_event_id,
+            timings_ms={"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "invoke": _ms(t3 - t2)},
+        )
+        try:
+            self.producer.send(event)
+        except ProduceError as exc:
+            raise Rejected(503, str(exc)) from None
+        return event
+
+    def _fetch(self, record: ObjectEvent) -> tuple[bytes, str]:
+        limit = self.config.max_image_bytes
+        try:
+            response = self.s3.get_object(Bucket=record.bucket, Key=record.key)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in ("NoSuchKey", "NoSuchBucket") or status == 404:
+                raise Rejected(422, f"{record.path} does not exist (any more)") from None
+            if code in ("AccessDenied", "InvalidObjectState") or status == 403:
+                raise Rejected(422, f"{record.path} cannot be read: {code}") from None
+            raise Rejected(503, f"object store answered {status or code}") from None
+        except BotoCoreError as exc:
+            raise Rejected(503, f"object store unreachable: {type(exc).__name__}") from None
+        body = response["Body"]
+        if response.get("ContentLength", 0) > limit:
+            body.close()
+            raise Rejected(413, f"{record.path} is {response['ContentLength']} bytes, over {limit}")
+        try:
+            data = body.read(limit + 1)
+        except BotoCoreError as exc:
+            raise Rejected(503, f"object read failed: {type(exc).__name__}") from None
+        if len(data) > limit:
+            raise Rejected(413, f"{record.path} is over {limit} bytes")
+        return data, response.get("ETag", "").strip('"')
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)

@@ -1,0 +1,244 @@
+"""The predict function as Knative runs it: a real server, real S3, a real broker."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import pytest
+import requests
+from cloudevents.http import from_http
+from confluent_kafka import Consumer
+from PIL import Image
+
+from eventing.contracts import ObjectEvent, notification_record
+from eventing.topics import ensure_topics
+from lensflow.config import Config
+from lensflow.s3 import s3_client
+from lensflow.scenes import scene_jpeg
+from model_store import ModelStore
+from tests.conftest import LABELS, make_env
+from tests.functions_harness import FunctionServer, knative_post, put_and_notify
+from tests.test_imaging import png_with_declared_size
+
+
+def start_stack(env: dict[str, str], tiny_models, flip: str | None = "first") -> tuple[Config, ModelStore]:
+    config = Config.from_env(env)
+    ensure_topics(config)
+    store = ModelStore.from_config(config)
+    for name in ("first", "last"):
+        store.publish(tiny_models[name], LABELS)
+    if flip:
+        store.flip({"first": "v1", "last": "v2"}[flip], reason="test")
+    return config, store
+
+
+@pytest.fixture(scope="module")
+def served(s3_server, kafka_broker, tiny_models, tmp_path_factory):
+    """One predict replica for the input tests: small limits to test them cheaply."""
+    from lensflow.services import ensure_buckets
+
+    env = make_env(s3_server.endpoint, kafka_broker.bootstrap,
+                   LENSFLOW_MAX_IMAGE_BYTES="200000", LENSFLOW_MAX_IMAGE_PIXELS="4000000")
+    config = Config.from_env(env)
+    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket, "private"])
+    config, store = start_stack(env, tiny_models)
+    log = tmp_path_factory.mktemp("predict") / "predict.log"
+    with FunctionServer("predict", env, log) as server:
+        yield server, config, s3_client(config)
+
+
+def read_predictions(config: Config, count: int, timeout_s: float = 20) -> list:
+    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": "t-" + str(time.time()),
+                         "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
+    consumer.subscribe([config.topic_predictions])
+    found = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(found) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                found.append(msg)
+    finally:
+        consumer.close()
+    return found
+
+
+def test_upload_event_becomes_a_prediction_event_on_the_topic(served):
+    server, config, s3 = served
+    bucket = config.image_buckets[0]
+    reply = put_and_notify(server.url, config, s3, bucket, "flights/day 1/a.jpg",
+                           scene_jpeg("water", 3, (320, 240), 85))
+    assert reply.status_code == 200, reply.text
+    event = from_http(reply.headers, reply.content)
+    assert event["type"] == "io.lensflow.image.predicted"
+    assert event["source"] == "/lensflow/predict"
+    assert event["subject"] == f"{bucket}/flights/day 1/a.jpg"
+    data = event.data
+    assert data["model"]["version"] == "v1" and data["model"]["name"] == "aerial"
+    assert data["predictions"][0]["label"] == "field"  # the always-class-0 model
+    assert data["image"]["key"] == "flights/day 1/a.jpg" and data["image"]["etag"]
+    assert data["source_event_id"] == "partition:0/offset:0"
+    messages = read_predictions(config, 1)
+    assert [m.key() for m in messages] == [f"{bucket}/flights/day 1/a.jpg".encode()]
+    produced = json.loads(messages[0].value())
+    assert produced["model"]["sha256"] == data["model"]["sha256"]
+
+
+def png(size) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 64).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+BAD_OBJECTS = {
+    "empty": (b"", 422),
+    "not-an-image": (b"%PDF-1.4 not an image" * 20, 415),
+    "truncated": (scene_jpeg("road", 1, (320, 240), 90)[:1500], 422),
+    "bomb": (png_with_declared_size(50_000, 50_000), 413),
+    "too-many-pixels": (None, 413),  # filled in below: 2500x2000 > 4 MP limit, small file
+    "too-many-bytes": (png((400, 400)), 413),  # noise: ~480 kB > 200 kB
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OBJECTS))
+def test_bad_images_answer_a_permanent_4xx_and_the_function_keeps_serving(served, case):
+    server, config, s3 = served
+    data, status = BAD_OBJECTS[case]
+    if data is None:
+        buffer = io.BytesIO()
+        Image.new("L", (2500, 2000)).save(buffer, "PNG")
+        data = buffer.getvalue()
+    reply = put_and_notify(server.url, config, s3, config.image_buckets[0], f"bad/{case}", data)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]
+    ok = put_and_notify(server.url, config, s3, config.image_buckets[0], "good.jpg",
+                        scene_jpeg("forest", 2, (160, 120), 85))
+    assert ok.status_code == 200
+
+
+def test_bad_events_answer_400_or_422_or_skip(served):
+    server, config, s3 = served
+    bucket = config.image_buckets[0]
+    assert knative_post(server.url, config, b"{not json").status_code == 400
+    assert knative_post(server.url, config, b'{"Records": []}').status_code == 400
+    assert knative_post(server.url, config, b'{"Records": [{"eventName": 1}]}').status_code == 400
+    no_ce = requests.post(server.url, data=b"{}", timeout=10)
+    assert no_ce.status_code == 400 and "CloudEvent" in no_ce.json()["error"]
+    _, missing = notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, "gone.jpg", "e", 10))
+    assert knative_post(server.url, config, missing).status_code == 422
+    s3.put_object(Bucket="private", Key="x.jpg", Body=scene_jpeg("road", 1, (64, 64), 80))
+    _, private = notification_record(ObjectEvent("s3:ObjectCreated:Put", "private", "x.jpg", "e", 10))
+    reply = knative_post(server.url, config, private)
+    assert reply.status_code == 422 and "not in LENSFLOW_IMAGE_BUCKETS" in reply.json()["error"]
+    _, removed = notification_record(ObjectEvent("s3:ObjectRemoved:Delete", bucket, "a.jpg"))
+    reply = knative_post(server.url, config, removed)
+    assert reply.status_code == 200 and "skipped" in reply.json()
+    _, multipart = notification_record(ObjectEvent(
+        "s3:ObjectCreated:CompleteMultipartUpload", bucket, "flights/day 1/a.jpg", "e", 100))
+    assert knative_post(server.url, config, multipart).status_code == 200
+    metrics = server.metrics()
+    assert metrics["requests"]["400"] >= 4 and metrics["skipped"] >= 1
+
+
+def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models, tmp_path):
+    from lensflow.services import S3Server, ensure_buckets
+
+    with S3Server() as s3_server:
+        env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
+        config = Config.from_env(env)
+        s3 = s3_client(config)
+        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        config, store = start_stack(env, tiny_models, flip=None)
+        with FunctionServer("predict", env, tmp_path / "predict.log") as server:
+            image = scene_jpeg("water", 1, (96, 96), 85)
+            reply = put_and_notify(server.url, config, s3, config.image_buckets[0], "a.jpg", image)
+            assert reply.status_code == 503 and "no model" in reply.json()["error"]
+            store.flip("v2")
+            deadline = time.monotonic() + 5
+            while server.metrics()["model"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            reply = knative_post(server.url, config, notification_record(ObjectEvent(
+                "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)))[1])
+            assert reply.status_code == 200 and reply.json()["model"]["version"] == "v2"
+            s3_server.stop()
+            reply = knative_post(server.url, config, notification_record(ObjectEvent(
+                "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)))[1])
+            assert reply.status_code == 503, reply.text
+            assert server.metrics()["model"]["version"] == "v2"  # still serving
+
+
+def test_live_swap_under_concurrent_load_drops_nothing(kafka_env, tiny_models, tmp_path):
+    config, store = start_stack(kafka_env, tiny_models, flip="first")
+    s3 = s3_client(config)
+    bucket = config.image_buckets[0]
+    s3.put_object(Bucket=bucket, Key="p.jpg", Body=scene_jpeg("field", 1, (200, 150), 85))
+    _, value = notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, "p.jpg", "e", 100))
+    expected_label = {"v1": LABELS[0], "v2": LABELS[2]}
+    results: list[tuple[float, int, str | None, str | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            reply = knative_post(server.url, config, value, session=session)
+            data = reply.json() if reply.status_code == 200 else {}
+            version = data.get("model", {}).get("version")
+            label = data.get("predictions", [{}])[0].get("label")
+            results.append((time.monotonic(), reply.status_code, version, label))
+
+    ttl = config.pointer_ttl_s
+    with FunctionServer("predict", kafka_env, tmp_path / "predict.log") as server:
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        flipped_at = time.monotonic()
+        store.flip("v2", expect="v1", reason="swap under load")
+        time.sleep(ttl + 1.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        metrics = server.metrics()
+    assert len(results) > 20
+    assert all(status == 200 for _, status, _, _ in results), {r[1] for r in results}
+    assert all(version in ("v1", "v2") and label == expected_label[version]
+               for _, _, version, label in results)
+    late = [version for at, _, version, _ in results if at > flipped_at + ttl + 1.0]
+    assert late and set(late) == {"v2"}
+    assert metrics["model_swaps"] == 2 and metrics["model_refusals"] == 0
+
+
+def test_corrupt_or_mismatched_models_are_refused_and_the_old_one_keeps_serving(
+        kafka_env, tiny_models, tmp_path):
+    config, store = start_stack(kafka_env, tiny_models, flip="first")
+    s3 = s3_client(config)
+    bucket = config.image_buckets[0]
+    with FunctionServer("predict", kafka_env, tmp_path / "predict.log") as server:
+        # v2's bytes replaced behind the store's back, pointer written directly (no flip check)
+        s3.put_object(Bucket=config.model_bucket, Key="aerial/versions/v2/model.tflite",
+                      Body=tiny_models["random"])
+        pointer = store.current()
+        from dataclasses import replace
+
+        store.pointer.write(replace(pointer, version="v2", sha256=store.get_version("v2").sha256,
+                                    sequence=pointer.sequence + 1), replacing=pointer)
+        deadline = time.monotonic() + 5
+        while server.metrics()["model_refusals"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        metrics = server.metrics()
+        assert metrics["model_refusals"] == 1 and "v2" in metrics["last_refusal"]
+        reply = put_and_notify(server.url, config, s3, bucket, "a.jpg",
+                               scene_jpeg("water", 1, (96, 96), 85))
+        assert reply.status_code == 200 and reply.json()["model"]["version"] == "v1"
+        # a pointer whose digest names other bytes than the version's
+        pointer = store.current()
+        store.pointer.write(replace(pointer, version="v1", sha256="0" * 64,
+                                    sequence=pointer.sequence + 1), replacing=pointer)
+        deadline = time.monotonic() + 5
+        while server.metrics()["model_refusals"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.metrics()["model"]["version"] == "v1"
+        assert server.metrics()["model_refusals"] == 2
