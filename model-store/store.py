@@ -179,14 +179,14 @@ class ModelStore:
         ``honour_pin``: refuse with PinnedError while an operator has pinned the pointer.
         The target is verified (digest, loads) first: nobody can point at a broken model.
         """
-        self.verify(version)
-        info = self.get_version(version)
         current = self.pointer.read()
         if expect is not None and (current.version if current else None) != expect:
             found = current.version if current else "no pointer"
             raise ConflictError(f"pointer is at {found}, not {expect}")
         if honour_pin and current is not None and current.pinned:
             raise PinnedError(f"pointer is pinned at {current.version}: {current.reason}")
+        self.verify(version)  # the write below is still conditional on ``current``
+        info = self.get_version(version)
         new = Pointer(
             version=version,
             sha256=info.sha256,
