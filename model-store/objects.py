@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+
 from model_store.errors import (
     ConflictError,
     ModelStoreError,

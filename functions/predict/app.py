@@ -13,13 +13,12 @@ import threading
 import time
 from functools import cached_property
 
-from model_store import ModelStore
-
 from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
 from lensflow.config import Config
 from lensflow.s3 import s3_client
+from model_store import ModelStore
 
 _STARTED = time.time()
 

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from functions.predict.serving_model import InputSpec, ServingModel
 from model_store import (
     ModelStore,
     ModelStoreError,
@@ -25,8 +26,6 @@ from model_store import (
     parse_labels,
     sha256_hex,
 )
-
-from functions.predict.serving_model import InputSpec, ServingModel
 
 log = logging.getLogger("lensflow.predict.watcher")
 
