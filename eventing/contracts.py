@@ -176,13 +176,19 @@ def kafkasource_event(
     if is_cloudevent_record(headers):
         from cloudevents.kafka import KafkaMessage, from_binary, from_structured
 
-        message = KafkaMessage(headers=headers, key=key, value=value or b"")
+        # key=None: the SDK would otherwise add the record key as a ``partitionkey`` (bytes)
+        # the producer never set; passthrough means unchanged.
+        message = KafkaMessage(headers=headers, key=None, value=value or b"")
         lowered = {k.lower() for k in headers}
         raw = lambda body: body  # noqa: E731 - keep the payload as the producer wrote it
         if "ce_specversion" in lowered:
             event = from_binary(message, event_type=CloudEvent, data_unmarshaller=raw)
+            had_time = "ce_time" in lowered
         else:
             event = from_structured(message, event_type=CloudEvent)
+            had_time = "time" in json.loads(value or b"{}")
+        if not had_time:
+            del event["time"]  # the SDK stamps a time on events that have none
         for name, val in position.items():
             event[name] = val
         return event

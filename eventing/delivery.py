@@ -1,0 +1,184 @@
+"""How one event is delivered to a sink: Knative's delivery spec, retries and backoff.
+
+The rules are Knative's (see CONTRACT.md, Events): 2xx is delivered; 5xx, 404, 408, 409,
+429, a network error or a timeout is retried after ``backoff_delay * 2^n`` (exponential)
+or ``backoff_delay * n`` (linear) before retry n = 1..retry; any other status of 300 or
+more is final at once and the event goes to the dead-letter topic. Redirects are not
+followed: a sink that redirects is misconfigured, and saying so beats guessing.
+
+A *sink* is anything with ``post(headers, body, timeout_s) -> (status, body)`` and a
+``url`` naming it (used as ``knativeerrordest``). ``HttpSink`` posts over HTTP with a
+``requests.Session`` per thread; a local replica pool (scale-to-zero stand-in) can be a
+sink too, by starting a replica inside ``post`` when none is running, as Knative's
+activator holds a request while a pod starts. ``post`` raises on a network error.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import requests
+from requests.adapters import HTTPAdapter
+
+RETRYABLE_STATUSES = frozenset({404, 408, 409, 429})
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where events go. ``url`` names it in dead letters."""
+
+    @property
+    def url(self) -> str: ...
+
+    def post(
+        self, headers: Mapping[str, str], body: bytes, timeout_s: float
+    ) -> tuple[int, bytes]: ...
+
+
+class HttpSink:
+    """POST to a URL, or to whatever URL ``resolve()`` says at the time of each attempt.
+
+    The resolver form lets a sink move (a replica restarted on another port) without
+    restarting the dispatcher.
+    """
+
+    def __init__(self, target: str | Callable[[], str], pool_size: int = 16):
+        self._resolve = target if callable(target) else (lambda: target)
+        self._pool_size = pool_size
+        self._local = threading.local()
+
+    @property
+    def url(self) -> str:
+        return self._resolve()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._pool_size)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+        return session
+
+    def post(self, headers: Mapping[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
+        reply = self._session().post(
+            self._resolve(),
+            headers=dict(headers),
+            data=body,
+            timeout=timeout_s,
+            allow_redirects=False,
+        )
+        return reply.status_code, reply.content
+
+
+def as_sink(target: str | Callable[[], str] | Sink, pool_size: int = 16) -> Sink:
+    if isinstance(target, Sink):
+        return target
+    return HttpSink(target, pool_size)
+
+
+@dataclass(frozen=True)
+class DeliverySpec:
+    """A KafkaSource's ``spec.delivery``; the defaults are Knative's when it is omitted."""
+
+    retry: int = 10
+    backoff_policy: str = "exponential"
+    backoff_delay_s: float = 0.3
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.backoff_policy not in ("exponential", "linear"):
+            raise ValueError(
+                f"backoff policy must be exponential or linear, not {self.backoff_policy!r}"
+            )
+        if self.retry < 0 or self.backoff_delay_s < 0 or self.timeout_s <= 0:
+            raise ValueError("retry and backoff delay must be >= 0, timeout > 0")
+
+    def delay_s(self, retry_number: int) -> float:
+        """Pause before retry ``retry_number`` (1 for the first retry)."""
+        if self.backoff_policy == "exponential":
+            return self.backoff_delay_s * 2**retry_number
+        return self.backoff_delay_s * retry_number
+
+    @classmethod
+    def from_knative(cls, delivery: Mapping[str, object] | None) -> DeliverySpec:
+        """From a manifest's ``delivery`` block: omitted means Knative's defaults, but a
+        block without ``retry`` means zero retries, as Knative does."""
+        if delivery is None:
+            return cls()
+        return cls(
+            retry=int(delivery.get("retry", 0)),  # type: ignore[arg-type]
+            backoff_policy=str(delivery.get("backoffPolicy", "exponential")),
+            backoff_delay_s=parse_duration(str(delivery.get("backoffDelay", "PT0.3S"))),
+            timeout_s=parse_duration(str(delivery.get("timeout", "PT600S"))),
+        )
+
+
+_DURATION = re.compile(r"^PT(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in an ISO-8601 time duration such as ``PT0.3S`` or ``PT10M``."""
+    match = _DURATION.match(text.strip().upper())
+    if not match or not any(match.groups()):
+        raise ValueError(f"not an ISO-8601 duration like PT0.3S: {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def retryable(status: int | None) -> bool:
+    """``None`` stands for a network error or timeout: retried, as Knative does."""
+    return status is None or status >= 500 or status in RETRYABLE_STATUSES
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    delivered: bool
+    status: int | None  # the last response's status; None after a network error
+    body: bytes  # the last response's body
+    attempts: int
+    error: str | None = None  # the last network error
+    aborted: bool = False  # stopped during a backoff: neither delivered nor dead-lettered
+
+    @property
+    def retries(self) -> int:
+        return max(self.attempts - 1, 0)
+
+
+def deliver(
+    sink: Sink,
+    headers: Mapping[str, str],
+    body: bytes,
+    spec: DeliverySpec,
+    stopping: threading.Event | None = None,
+    on_retry: Callable[[int, int | None], None] | None = None,
+) -> DeliveryResult:
+    """Post until delivered, final, or out of retries. ``stopping`` cuts a backoff short."""
+    attempt = 0
+    while True:
+        attempt += 1
+        status: int | None = None
+        reply = b""
+        error: str | None = None
+        try:
+            status, reply = sink.post(headers, body, spec.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure to talk to the sink is "network"
+            error = f"{type(exc).__name__}: {exc}"
+        if status is not None and 200 <= status < 300:
+            return DeliveryResult(True, status, reply, attempt)
+        if not retryable(status) or attempt > spec.retry:
+            return DeliveryResult(False, status, reply, attempt, error)
+        if on_retry is not None:
+            on_retry(attempt, status)
+        delay = spec.delay_s(attempt)
+        if stopping is not None:
+            if stopping.wait(delay):
+                return DeliveryResult(False, status, reply, attempt, error, aborted=True)
+        else:
+            time.sleep(delay)

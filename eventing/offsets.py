@@ -1,0 +1,56 @@
+"""Which offset of a partition may be committed, when events finish out of order.
+
+Kafka commits one number per partition: "everything below this is done". With several
+events of a partition in flight, a later one may finish first; committing it would claim
+the earlier ones done too and lose them in a crash. So the commit point is the lowest
+offset still outstanding (started and not yet done), or one past the highest started
+offset when nothing is outstanding. An event that could neither be delivered nor
+dead-lettered stays outstanding: the commit point never passes it in this run, and the
+next owner of the partition gets it again (at-least-once; duplicates are allowed).
+"""
+
+from __future__ import annotations
+
+
+class OffsetTracker:
+    """Commit bookkeeping for one partition. Not thread-safe: one owner thread."""
+
+    def __init__(self) -> None:
+        self._outstanding: set[int] = set()
+        self._failed: set[int] = set()
+        self._next: int | None = None  # one past the highest offset started
+        self.committed: int | None = None  # the last commit point handed to Kafka
+
+    def start(self, offset: int) -> None:
+        if self._next is None and self.committed is None:
+            # The first record comes from where the group's commit (or the reset policy)
+            # pointed: committing that same offset again would say nothing new.
+            self.committed = offset
+        self._outstanding.add(offset)
+        if self._next is None or offset + 1 > self._next:
+            self._next = offset + 1
+
+    def done(self, offset: int) -> None:
+        """Delivered or dead-lettered: it may be committed."""
+        self._outstanding.discard(offset)
+
+    def fail(self, offset: int) -> None:
+        """Neither delivered nor dead-lettered: hold the commit point below it."""
+        self._failed.add(offset)
+
+    @property
+    def failed(self) -> int:
+        return len(self._failed)
+
+    def commit_point(self) -> int | None:
+        """The offset to commit (Kafka's "next to read"), or None if nothing started."""
+        if self._outstanding:
+            return min(self._outstanding)
+        return self._next
+
+    def to_commit(self) -> int | None:
+        """The commit point if it moved past the last one committed, else None."""
+        point = self.commit_point()
+        if point is None or (self.committed is not None and point <= self.committed):
+            return None
+        return point

@@ -1,0 +1,169 @@
+"""Verbs that move events: ``upload``, ``predictions tail``, ``dispatch``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from lensflow.cli.output import CliError, add_json_flag, emit
+from lensflow.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    upload = subparsers.add_parser(
+        "upload", help="put images in S3 and publish their bucket-notification records"
+    )
+    upload.add_argument("files", nargs="+", metavar="FILE")
+    upload.add_argument(
+        "--bucket", help="image bucket (default: the first of LENSFLOW_IMAGE_BUCKETS)"
+    )
+    upload.add_argument("--prefix", default="", help="key prefix (a folder: joined with /)")
+    add_json_flag(upload)
+    upload.set_defaults(func=cmd_upload)
+
+    predictions = subparsers.add_parser("predictions", help="read the predictions topic")
+    predictions_sub = predictions.add_subparsers(dest="predictions_verb", metavar="VERB")
+    predictions_sub.required = True
+    tail = predictions_sub.add_parser("tail", help="show the newest predictions")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
+    tail.add_argument("--from-beginning", action="store_true", help="all of them, oldest first")
+    tail.add_argument("-n", "--lines", type=int, default=10, help="how many of the newest (10)")
+    add_json_flag(tail)
+    tail.set_defaults(func=cmd_predictions_tail)
+
+    dispatch = subparsers.add_parser(
+        "dispatch", help="the local KafkaSource: POST image events to a sink until stopped"
+    )
+    dispatch.add_argument("--sink", required=True, metavar="URL")
+    dispatch.add_argument("--ordering", choices=("ordered", "unordered"), default="ordered")
+    dispatch.add_argument("--max-in-flight", type=int, default=16, metavar="N")
+    dispatch.add_argument("--retry", type=int, default=10, metavar="N")
+    dispatch.add_argument(
+        "--backoff-policy", choices=("exponential", "linear"), default="exponential"
+    )
+    dispatch.add_argument("--backoff-delay", type=float, default=0.3, metavar="S")
+    dispatch.add_argument(
+        "--timeout", type=float, default=600.0, metavar="S", help="per-request timeout"
+    )
+    dispatch.add_argument("--group", help="consumer group (default lensflow-<source name>)")
+    add_json_flag(dispatch)
+    dispatch.set_defaults(func=cmd_dispatch)
+
+
+def _config() -> Config:
+    try:
+        return Config.from_env()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _ensure_topics(config: Config) -> None:
+    """Best effort: on a managed cluster topics exist already and we may lack the right."""
+    from eventing.topics import ensure_topics
+
+    try:
+        ensure_topics(config, timeout_s=10)
+    except Exception as exc:  # noqa: BLE001 - the real operation will say what is wrong
+        log.warning("could not check or create topics: %s", exc)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from eventing.producer import PublishError, upload_files
+
+    config = _config()
+    _ensure_topics(config)
+    try:
+        events = upload_files(config, args.files, args.bucket, args.prefix)
+    except FileNotFoundError as exc:
+        raise CliError(f"no such file: {exc.filename}") from None
+    except (ClientError, BotoCoreError) as exc:
+        raise CliError(f"upload failed: {exc}") from None
+    except PublishError as exc:
+        raise CliError(f"uploaded, but the event was not published: {exc}") from None
+    rows = [
+        {
+            "bucket": e.bucket,
+            "key": e.key,
+            "etag": e.etag,
+            "size": e.size,
+            "content_type": e.content_type,
+            "topic": config.topic_images,
+        }
+        for e in events
+    ]
+    text = "\n".join(
+        f"s3://{r['bucket']}/{r['key']}  {r['size']} bytes  etag {r['etag']}  -> {r['topic']}"
+        for r in rows
+    )
+    emit(args, rows, text)
+    return 0
+
+
+def cmd_predictions_tail(args: argparse.Namespace) -> int:
+    from eventing.predictions import read_predictions
+
+    config = _config()
+    try:
+        for prediction in read_predictions(
+            config, follow=args.follow, from_beginning=args.from_beginning, last=args.lines
+        ):
+            if args.json:  # one JSON object per line: a stream, not a document
+                print(json.dumps(prediction.as_dict(), sort_keys=True, default=str), flush=True)
+            else:
+                print(prediction.line(), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    from eventing.delivery import DeliverySpec
+    from eventing.dispatcher import Dispatcher
+
+    config = _config()
+    logging.getLogger("eventing").setLevel(config.log_level.upper())
+    try:
+        delivery = DeliverySpec(args.retry, args.backoff_policy, args.backoff_delay, args.timeout)
+        dispatcher = Dispatcher(
+            config,
+            args.sink,
+            delivery,
+            ordering=args.ordering,
+            max_in_flight=args.max_in_flight,
+            group_id=args.group,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+    def stop(_signum, _frame) -> None:
+        dispatcher.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if not args.json:
+        print(
+            f"dispatching {config.topic_images} to {args.sink} ({args.ordering}); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        dispatcher.run()
+    except Exception as exc:  # noqa: BLE001 - one line, as every verb fails
+        raise CliError(f"dispatcher failed: {exc}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stats = dispatcher.stats()
+    emit(
+        args,
+        stats,
+        "stopped: {delivered} delivered, {dead_lettered} dead-lettered, "
+        "{retried} retries, {failed} held back".format(**stats),
+    )
+    return 0
