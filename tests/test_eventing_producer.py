@@ -1,0 +1,192 @@
+"""Topics, ``lensflow upload`` and ``lensflow predictions tail`` against Tansu and moto."""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import quote_plus
+
+import pytest
+from cloudevents.conversion import to_json
+from cloudevents.kafka import to_binary
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, parse_notification, prediction_event
+from eventing.producer import PublishError, make_producer, upload_files
+from eventing.topics import ensure_topics
+from lensflow.cli import main
+from lensflow.config import Config
+from lensflow.s3 import s3_client
+from lensflow.services import free_port
+
+
+def read_topic(config: Config, topic: str, count: int, timeout_s: float = 15.0) -> list:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap,
+            "group.id": "reader",
+            "enable.auto.commit": False,
+        }
+    )
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    found = []
+    deadline = time.monotonic() + timeout_s
+    while len(found) < count and time.monotonic() < deadline:
+        message = consumer.poll(0.2)
+        if message is not None and message.error() is None:
+            found.append(message)
+    consumer.close()
+    assert len(found) == count, f"{topic}: {len(found)} of {count} messages"
+    return found
+
+
+def test_ensure_topics_creates_once_with_the_partition_counts(kafka_config):
+    first = ensure_topics(kafka_config)
+    assert set(first.values()) == {"created"}
+    assert ensure_topics(kafka_config) == dict.fromkeys(first, "exists")
+    admin_topics = Consumer(
+        {"bootstrap.servers": kafka_config.kafka_bootstrap, "group.id": "x"}
+    ).list_topics(timeout=10)
+    counts = {
+        name: len(admin_topics.topics[name].partitions)
+        for name in (
+            kafka_config.topic_images,
+            kafka_config.topic_predictions,
+            kafka_config.topic_dlq,
+        )
+    }
+    assert list(counts.values()) == [6, 3, 1]
+
+
+def test_upload_puts_the_object_and_publishes_minios_record(kafka_config, tmp_path):
+    config = kafka_config
+    ensure_topics(config)
+    image = tmp_path / "img 01+x.jpg"
+    image.write_bytes(b"\xff\xd8\xff fake jpeg")
+    [event] = upload_files(config, [image], prefix="flight 7/day 1/")
+    bucket = config.image_buckets[0]
+    key = "flight 7/day 1/img 01+x.jpg"
+    head = s3_client(config).head_object(Bucket=bucket, Key=key)
+    assert event.etag == head["ETag"].strip('"') and head["ContentType"] == "image/jpeg"
+
+    [message] = read_topic(config, config.topic_images, 1)
+    assert message.key() == f"{bucket}/{key}".encode()
+    assert message.headers() is None
+    value = json.loads(message.value())
+    assert value["EventName"] == OBJECT_CREATED_PUT and value["Key"] == f"{bucket}/{key}"
+    [record] = value["Records"]
+    obj = record["s3"]["object"]
+    assert obj["key"] == quote_plus(key) == "flight+7%2Fday+1%2Fimg+01%2Bx.jpg"
+    assert (obj["size"], obj["eTag"], obj["contentType"]) == (13, event.etag, "image/jpeg")
+    assert record["eventName"] == OBJECT_CREATED_PUT and record["s3"]["bucket"]["name"] == bucket
+    assert parse_notification(message.value()) == [
+        ObjectEvent(
+            OBJECT_CREATED_PUT,
+            bucket,
+            key,
+            etag=event.etag,
+            size=13,
+            content_type="image/jpeg",
+            user_metadata={"content-type": "image/jpeg"},
+            event_time=record["eventTime"],
+        )
+    ]
+
+
+def test_upload_cli_prints_what_it_published(
+    kafka_env, kafka_config, tmp_path, monkeypatch, capsys
+):
+    for name, value in kafka_env.items():
+        monkeypatch.setenv(name, value)
+    files = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    for f in files:
+        f.write_bytes(b"x" * 5)
+    assert main(["upload", *map(str, files), "--prefix", "p", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["key"], r["content_type"], r["size"]) for r in rows] == [
+        ("p/a.png", "image/png", 5),
+        ("p/b.jpg", "image/jpeg", 5),
+    ]
+    keys = {m.key() for m in read_topic(kafka_config, kafka_config.topic_images, 2)}
+    bucket = kafka_config.image_buckets[0]
+    assert keys == {f"{bucket}/p/a.png".encode(), f"{bucket}/p/b.jpg".encode()}
+
+    assert main(["upload", str(tmp_path / "missing.jpg"), "--json"]) == 1
+    assert "no such file" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_upload_raises_when_the_event_is_not_published(config, tmp_path):
+    """The object lands in S3 but no broker acknowledges the record: the user must know."""
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"x")
+    dead = Config.from_env({**config.env, "LENSFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    producer = make_producer(dead, **{"message.timeout.ms": 1000})
+    with pytest.raises(PublishError):
+        upload_files(dead, [image], producer=producer, timeout_s=5)
+
+
+def publish_prediction(producer: Producer, config: Config, key: str, label: str, score: float):
+    image = ObjectEvent(OBJECT_CREATED_PUT, config.image_buckets[0], key, etag="e1")
+    event = prediction_event(
+        image=image,
+        model={"name": "aerial", "version": "v7", "sha256": "0" * 64},
+        predictions=[{"label": label, "score": score}, {"label": "other", "score": 0.01}],
+        source_event_id="partition:0/offset:1",
+    )
+    message = to_binary(event)
+    producer.produce(
+        config.topic_predictions,
+        key=message.key,
+        value=message.value,
+        headers=list(message.headers.items()),
+    )
+
+
+def test_predictions_tail(kafka_env, kafka_config, monkeypatch, capsys):
+    for name, value in kafka_env.items():
+        monkeypatch.setenv(name, value)
+    config = kafka_config
+    ensure_topics(config)
+    producer = Producer({"bootstrap.servers": config.kafka_bootstrap})
+    for i in range(5):
+        publish_prediction(producer, config, f"f/{i}.jpg", f"label{i}", 0.5 + i / 10)
+    assert producer.flush(10) == 0
+    assert main(["predictions", "tail", "--from-beginning", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    bucket = config.image_buckets[0]
+    assert sorted(r["subject"] for r in rows) == [f"{bucket}/f/{i}.jpg" for i in range(5)]
+    row = next(r for r in rows if r["subject"].endswith("/3.jpg"))
+    assert (row["label"], row["score"], row["model_version"]) == ("label3", 0.8, "v7")
+
+    assert main(["predictions", "tail", "-n", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("model v7" in line for line in lines)
+
+
+def test_structured_prediction_is_read_too(kafka_config):
+    from eventing.predictions import read_predictions
+
+    config = kafka_config
+    ensure_topics(config)
+    image = ObjectEvent(OBJECT_CREATED_PUT, "b", "k.jpg")
+    event = prediction_event(
+        image=image,
+        model={"name": "aerial", "version": "v1", "sha256": ""},
+        predictions=[{"label": "roof", "score": 0.9}],
+        source_event_id="x",
+    )
+    producer = Producer({"bootstrap.servers": config.kafka_bootstrap})
+    producer.produce(
+        config.topic_predictions,
+        key=b"b/k.jpg",
+        value=to_json(event),
+        headers=[("content-type", b"application/cloudevents+json")],
+    )
+    assert producer.flush(10) == 0
+    [prediction] = list(read_predictions(config, from_beginning=True))
+    assert (prediction.subject, prediction.label, prediction.model_version) == (
+        "b/k.jpg",
+        "roof",
+        "v1",
+    )

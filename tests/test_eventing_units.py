@@ -1,0 +1,137 @@
+"""Pure pieces of the eventing half: delivery policy, commit bookkeeping, dead letters."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from cloudevents.http import CloudEvent
+from cloudevents.kafka import KafkaMessage, from_binary
+
+from eventing.contracts import kafkasource_event
+from eventing.deadletter import annotate, kafka_binary
+from eventing.delivery import DeliverySpec, deliver, parse_duration, retryable
+from eventing.offsets import OffsetTracker
+
+
+def test_backoff_delays_are_knatives():
+    exponential = DeliverySpec(backoff_delay_s=0.3)
+    assert [exponential.delay_s(n) for n in (1, 2, 3)] == pytest.approx([0.6, 1.2, 2.4])
+    linear = DeliverySpec(backoff_policy="linear", backoff_delay_s=0.5)
+    assert [linear.delay_s(n) for n in (1, 2, 3)] == pytest.approx([0.5, 1.0, 1.5])
+    with pytest.raises(ValueError):
+        DeliverySpec(backoff_policy="fibonacci")
+
+
+def test_delivery_spec_from_a_manifest():
+    assert DeliverySpec.from_knative(None) == DeliverySpec(10, "exponential", 0.3, 600.0)
+    assert DeliverySpec.from_knative({"backoffDelay": "PT1S"}).retry == 0  # no retry: zero
+    spec = DeliverySpec.from_knative(
+        {"retry": 3, "backoffPolicy": "linear", "backoffDelay": "PT0.5S", "timeout": "PT2M"}
+    )
+    assert spec == DeliverySpec(3, "linear", 0.5, 120.0)
+    assert parse_duration("PT1H2M3.5S") == 3723.5
+    with pytest.raises(ValueError):
+        parse_duration("10s")
+
+
+@pytest.mark.parametrize(
+    "status, again",
+    [
+        (None, True),
+        (500, True),
+        (503, True),
+        (404, True),
+        (408, True),
+        (409, True),
+        (429, True),
+        (400, False),
+        (413, False),
+        (415, False),
+        (422, False),
+        (301, False),
+        (401, False),
+    ],
+)
+def test_which_statuses_are_retried(status, again):
+    assert retryable(status) is again
+
+
+class ScriptedSink:
+    url = "local://scripted"
+
+    def __init__(self, *replies):
+        self.replies = list(replies)
+        self.calls = 0
+
+    def post(self, headers, body, timeout_s):
+        self.calls += 1
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+def test_deliver_retries_network_errors_and_stops_at_a_final_status():
+    spec = DeliverySpec(retry=5, backoff_delay_s=0.001)
+    sink = ScriptedSink(ConnectionError("refused"), (503, b""), (200, b"ok"))
+    result = deliver(sink, {}, b"", spec)
+    assert (result.delivered, result.attempts, result.retries) == (True, 3, 2)
+    sink = ScriptedSink((503, b""), (415, b"no"))
+    result = deliver(sink, {}, b"", spec)
+    assert (result.delivered, result.status, result.body, result.attempts) == (False, 415, b"no", 2)
+    sink = ScriptedSink(ConnectionError("refused"), ConnectionError("refused"))
+    result = deliver(sink, {}, b"", DeliverySpec(retry=1, backoff_delay_s=0.001))
+    assert (result.delivered, result.status, result.attempts) == (False, None, 2)
+    assert "refused" in result.error
+
+
+def test_commit_point_is_the_finished_prefix():
+    offsets = OffsetTracker()
+    assert offsets.to_commit() is None
+    for o in (10, 11, 12, 13):
+        offsets.start(o)
+    assert offsets.to_commit() is None  # 10 is where we started: nothing new to say
+    offsets.done(12)
+    offsets.done(11)
+    assert offsets.to_commit() is None  # 10 still in flight
+    offsets.done(10)
+    assert offsets.to_commit() == 13
+    offsets.committed = 13
+    offsets.fail(13)  # neither delivered nor dead-lettered
+    offsets.start(14)
+    offsets.done(14)
+    assert offsets.to_commit() is None and offsets.commit_point() == 13
+    assert offsets.failed == 1
+
+
+def test_dead_letter_without_datacontenttype_round_trips():
+    event = kafkasource_event(
+        source="/apis/v1/namespaces/default/kafkasources/s",
+        topic="images",
+        partition=2,
+        offset=9,
+        timestamp_ms=1_700_000_000_000,
+        key=b"b/k.jpg",
+        value=b'{"Records": []}',
+        headers={},
+    )
+    annotate(event, "http://sink/", 422, b"x" * 3000)
+    message = kafka_binary(event, b"b/k.jpg")
+    assert "content-type" not in message.headers and message.key == b"b/k.jpg"
+    back = from_binary(
+        KafkaMessage(message.headers, message.key, message.value), data_unmarshaller=lambda d: d
+    )
+    assert back["id"] == "partition:2/offset:9" and back.get_data() == b'{"Records": []}'
+    assert back["knativeerrorcode"] == "422"
+    assert base64.b64decode(back["knativeerrordata"]) == b"x" * 1024
+    assert "datacontenttype" not in back.get_attributes()
+
+
+def test_dead_letter_with_datacontenttype_uses_the_sdk():
+    event = CloudEvent({"type": "t", "source": "/s", "datacontenttype": "application/json"}, b"{}")
+    annotate(event, "http://sink/", None, b"")  # a network error: no code, no data
+    message = kafka_binary(event, "k")
+    assert message.headers["content-type"] == b"application/json"
+    assert "ce_knativeerrorcode" not in message.headers
+    assert message.headers["ce_knativeerrordest"] == b"http://sink/"
