@@ -1,72 +1,14 @@
-"""Run a function as a real server process and talk to it the way Knative does."""
+"""Helpers for tests that talk to a function the way Knative and MinIO do."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
-from pathlib import Path
-
 import requests
-from cloudevents.conversion import to_binary
 
-from eventing.contracts import ObjectEvent, kafkasource_event, notification_record
-from lensflow.cli.functions import function_command
+from eventing.contracts import ObjectEvent, notification_record
 from lensflow.config import Config
-from lensflow.services import free_port
+from lensflow.function_server import FunctionServer, knative_post
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class FunctionServer:
-    """``lensflow serve NAME`` on a free port with ``env``; stopped with the context."""
-
-    def __init__(self, name: str, env: dict[str, str], log_path: Path | None = None):
-        self.name = name
-        self.env = env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> FunctionServer:
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            function_command(self.name, self.port), env={**os.environ, **self.env},
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-            try:
-                requests.get(f"{self.url}/healthz", timeout=5).raise_for_status()
-                return self
-            except requests.RequestException:
-                time.sleep(0.1)
-        self.__exit__()
-        raise TimeoutError(f"{self.name} did not answer /healthz")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def metrics(self) -> dict:
-        return requests.get(f"{self.url}/metrics", timeout=10).json()
-
-
-def knative_post(url: str, config: Config, value: bytes, key: bytes | None = None,
-                 offset: int = 0, session: requests.Session | None = None) -> requests.Response:
-    """POST ``value`` the way a KafkaSource delivers a plain record (binary mode)."""
-    event = kafkasource_event(source=config.kafkasource_ce_source, topic=config.topic_images,
-                              partition=0, offset=offset, timestamp_ms=int(time.time() * 1000),
-                              key=key, value=value, headers={})
-    headers, body = to_binary(event, data_marshaller=lambda data: data)
-    return (session or requests).post(url, headers=headers, data=body, timeout=30)
+__all__ = ["FunctionServer", "knative_post", "put_and_notify"]
 
 
 def put_and_notify(url: str, config: Config, s3, bucket: str, key: str, data: bytes,
