@@ -25,7 +25,7 @@ class PredictionProducer:
         self._producer = Producer({
             "bootstrap.servers": bootstrap,
             "acks": "all",
-            "linger.ms": 1,
+            "linger.ms": 0,  # every event waits for its ack: batching only adds latency
             "message.timeout.ms": int(timeout_s * 1000),
             "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
         })

@@ -1,0 +1,74 @@
+"""What the benchmarks share: a MobileNetV2-sized model, timing loops, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "var" / "bench"
+
+
+def mobilenet_v2_tflite(num_classes: int, size: int = 224) -> bytes:
+    """MobileNetV2 (random weights), converted to TFLite; cached under var/bench/."""
+    path = CACHE / f"mobilenet_v2_{size}_{num_classes}.tflite"
+    if path.exists():
+        return path.read_bytes()
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    model = tf.keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), weights=None, classes=num_classes)
+    data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def run_for(seconds: float, workers: int, work: Callable[[int], None]) -> dict:
+    """Call ``work(worker)`` in ``workers`` threads for ``seconds``; rate and latency."""
+    latencies: list[list[float]] = [[] for _ in range(workers)]
+    deadline = time.perf_counter() + seconds
+
+    def loop(worker: int) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            work(worker)
+            latencies[worker].append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    flat = sorted(x for per in latencies for x in per)
+    return {
+        "count": len(flat),
+        "images_per_s": round(len(flat) / elapsed, 2),
+        "latency_p50_ms": round(percentile(flat, 50) * 1000, 2),
+        "latency_p95_ms": round(percentile(flat, 95) * 1000, 2),
+    }
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(pct / 100 * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def median_of(repeats: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def write_json(out_dir: Path, name: str, result: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return path
