@@ -1,0 +1,42 @@
+"""Configuration: one source of truth, documented, validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lensflow.config import SETTINGS, Config, settings_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_table_is_the_generated_one():
+    assert settings_table() in (ROOT / "README.md").read_text()
+
+
+def test_contract_variables_all_exist():
+    contract = ROOT.parent / "shared" / "CONTRACT.md"
+    if not contract.exists():
+        pytest.skip("../shared/CONTRACT.md is not beside this checkout")
+    names = {s.name for s in SETTINGS}
+    import re
+
+    mentioned = set(re.findall(r"`(LENSFLOW_[A-Z0-9_]+)`", contract.read_text()))
+    assert mentioned <= names, mentioned - names
+
+
+def test_defaults_and_overrides():
+    config = Config.from_env({})
+    assert config.train_bucket == config.image_buckets[0] == "drone-images"
+    assert config.kafkasource_ce_source == "/apis/v1/namespaces/default/kafkasources/lensflow-images#images"
+    config = Config.from_env({"LENSFLOW_IMAGE_BUCKETS": " a, b ,", "LENSFLOW_S3_ENDPOINT": ""})
+    assert config.image_buckets == ("a", "b") and config.s3_endpoint is None
+
+
+@pytest.mark.parametrize("env", [{"LENSFLOW_IMAGE_BUCKETS": " , "},
+                                 {"LENSFLOW_TRAIN_METRIC": "loss"},
+                                 {"LENSFLOW_POINTER_TTL_S": "soon"}])
+def test_bad_values_are_refused_with_a_reason(env):
+    with pytest.raises(ValueError):
+        Config.from_env(env)
