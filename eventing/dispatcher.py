@@ -131,7 +131,7 @@ class Dispatcher:
         self.delivery = delivery or DeliverySpec()
         self.ordering = ordering
         self.max_in_flight = max_in_flight
-        self.group_id = group_id or f"lensflow-{config.source_name}"
+        self.group_id = group_id or config.source_name  # the KafkaSource's name
         self.commit_interval_s = commit_interval_s
         self.revoke_grace_s = revoke_grace_s
         self.shutdown_grace_s = shutdown_grace_s
@@ -287,6 +287,7 @@ class Dispatcher:
                 "%d event(s) still in flight at shutdown: they will be redelivered", self._in_flight
             )
         self._commit(sync=True)
+        self._update_stats(with_lag=True)
 
     def _accept(self, message) -> None:
         error = message.error()

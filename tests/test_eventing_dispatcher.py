@@ -450,3 +450,35 @@ def test_two_dispatchers_share_partitions_and_take_over(topics, sinks, dispatche
         lambda: f"{len(sink.requests)} requests; {one.stats()}",
     )
     wait_until(lambda: sum(committed(config, "g-two").values()) == 60, 10)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_dispatch_command_runs_until_sigterm(topics, kafka_env, sinks):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = topics
+    sink = sinks()
+    produce(config, [image_record("b", f"cli-{i}.jpg") for i in range(5)])
+    command = [
+        sys.executable, "-c", "import sys; from lensflow.cli import main; sys.exit(main())",
+        "dispatch", "--sink", sink.url, "--retry", "2", "--backoff-delay", "0.01", "--json",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, env={**os.environ, **kafka_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        sink.wait(5, timeout_s=30)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    stats = json.loads(out)
+    assert (stats["delivered"], stats["dead_lettered"], stats["lag"]) == (5, 0, 0)
+    assert sum(committed(config, "lensflow-images").values()) == 5

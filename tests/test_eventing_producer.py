@@ -190,3 +190,33 @@ def test_structured_prediction_is_read_too(kafka_config):
         "roof",
         "v1",
     )
+
+
+def test_predictions_follow_yields_new_ones(kafka_config):
+    import threading
+
+    from eventing.predictions import read_predictions
+
+    config = kafka_config
+    ensure_topics(config)
+    producer = Producer({"bootstrap.servers": config.kafka_bootstrap})
+    publish_prediction(producer, config, "old.jpg", "roof", 0.9)
+    assert producer.flush(10) == 0
+    seen: list[str] = []
+
+    def follow():
+        for prediction in read_predictions(config, follow=True, last=5):
+            seen.append(prediction.subject)
+            if len(seen) == 2:
+                return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 15
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    publish_prediction(producer, config, "new.jpg", "road", 0.7)
+    assert producer.flush(10) == 0
+    reader.join(15)
+    bucket = config.image_buckets[0]
+    assert seen == [f"{bucket}/old.jpg", f"{bucket}/new.jpg"]

@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     dispatch.add_argument(
         "--timeout", type=float, default=600.0, metavar="S", help="per-request timeout"
     )
-    dispatch.add_argument("--group", help="consumer group (default lensflow-<source name>)")
+    dispatch.add_argument("--group", help="consumer group (default: LENSFLOW_SOURCE_NAME)")
     add_json_flag(dispatch)
     dispatch.set_defaults(func=cmd_dispatch)
 
