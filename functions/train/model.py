@@ -1,0 +1,128 @@
+"""The classifier: a small Keras CNN, its training loop, warm start and TFLite export.
+
+Input: float32 RGB in [0, 1], shape [1, 96, 96, 3] (``INPUT_SPEC``: the predict function
+computes ``pixels * scale + offset``). Output: softmax over the labels.
+This is the only module besides the train round that imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+INPUT_SIZE = (96, 96)  # height, width
+INPUT_SPEC = {"scale": 1 / 255, "offset": 0.0}
+ARCH = "cnn4-96-v1"  # bump when build_model changes: old weights no longer fit
+WEIGHTS_FILE = "keras.weights.h5"
+
+# progress(epoch, epochs, logs): called after every epoch.
+EpochProgress = Callable[[int, int, dict[str, float]], None]
+
+
+def build_model(num_classes: int, seed: int = 0) -> keras.Model:
+    """Four conv blocks (16-32-64-64 filters), global average pooling, softmax; ~60k params."""
+    keras.utils.set_random_seed(seed)
+    h, w = INPUT_SIZE
+    inputs = keras.Input(shape=(h, w, 3), dtype="float32", name="image")
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    for filters in (32, 64, 64):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="lensflow_aerial")
+    compile_model(model)
+    return model
+
+
+def compile_model(model: keras.Model, learning_rate: float = 2e-3) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random quarter turns and flips: an aerial photo has no "up"."""
+    out = images.copy()
+    turns = rng.integers(0, 4, len(images))
+    for k in (1, 2, 3):
+        idx = np.flatnonzero(turns == k)
+        out[idx] = np.rot90(out[idx], k, axes=(1, 2))
+    flip = np.flatnonzero(rng.random(len(images)) < 0.5)
+    out[flip] = out[flip, :, ::-1]
+    return out
+
+
+def train(
+    model: keras.Model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    progress: EpochProgress | None = None,
+    *,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Fit ``model`` on float32 ``images`` [n, 96, 96, 3] and int ``labels``; per-epoch logs.
+
+    The default batch size is 32, smaller for small sets (at least ~10 steps per epoch).
+    """
+    rng = np.random.default_rng(seed)
+    batch_size = batch_size or max(8, min(32, len(images) // 10))
+    history: list[dict[str, float]] = []
+    peak = float(model.optimizer.learning_rate.numpy())
+    for epoch in range(epochs):
+        # cosine decay: big steps first, small ones at the end (a steadier final model)
+        model.optimizer.learning_rate.assign(
+            peak * (0.55 + 0.45 * math.cos(math.pi * epoch / epochs))
+        )
+        order = rng.permutation(len(images))
+        x, y = augment(images[order], rng), labels[order]
+        result = model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+        logs = {k: float(v[-1]) for k, v in result.history.items()}
+        history.append(logs)
+        if progress is not None:
+            progress(epoch + 1, epochs, logs)
+    model.optimizer.learning_rate.assign(peak)
+    return history
+
+
+def weights_bytes(model: keras.Model) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, WEIGHTS_FILE)
+        model.save_weights(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def load_weights(model: keras.Model, data: bytes) -> None:
+    """Load weights saved by ``weights_bytes``; raises if the architecture differs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, WEIGHTS_FILE)
+        with open(path, "wb") as f:
+            f.write(data)
+        model.load_weights(path)
+
+
+def to_tflite(model: keras.Model) -> bytes:
+    """Float32 TFLite flatbuffer: input [1, 96, 96, 3] float32, output softmax float32."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    with contextlib.redirect_stdout(io.StringIO()):  # keras prints "Saved artifact at ..."
+        return converter.convert()

@@ -1,0 +1,411 @@
+"""One training round: check the data, train a challenger, judge it against the champion on
+the holdout (both as ``.tflite`` artifacts in LiteRT), publish it, promote it if it is better.
+
+The champion is whatever the model pointer names. A challenger is always published (with
+its metrics, Keras weights and this report) but the pointer moves only when the challenger
+wins by ``config.train_margin`` on ``config.train_metric``, by compare-and-swap against the
+champion that was evaluated, and never while an operator has pinned the pointer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from functions.train import dataset
+from functions.train.evaluate import Evaluation, evaluate_tflite
+from lensflow.config import Config
+from lensflow.imaging import ImageError, decode_image
+from lensflow.preprocess import to_input
+from model_store import (
+    ConflictError,
+    IntegrityError,
+    InvalidModelError,
+    ModelStore,
+    NotFoundError,
+    PinnedError,
+    VersionInfo,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_OVER_CHANCE = 0.10  # a first model must beat guessing by this much (accuracy) to serve
+CREATED_BY = "train"
+
+
+@dataclass
+class ProgressEvent:
+    """What a round is doing now. ``done``/``total`` count epochs during ``train``."""
+
+    stage: str  # data, load, train, convert, evaluate, publish, promote, done
+    message: str
+    done: int | None = None
+    total: int | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class RoundReport:
+    round_id: str
+    model: str
+    started_at: float
+    outcome: str = "skipped"  # skipped | promoted | not_promoted
+    reason: str = ""
+    metric: str = "macro_f1"
+    margin: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+    champion: dict[str, Any] | None = None
+    challenger: dict[str, Any] | None = None
+    pointer: str | None = None  # the version the pointer names when the round ends
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == "promoted"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "promoted": self.promoted}
+
+
+class _Clock:
+    def __init__(self, report: RoundReport):
+        self.report = report
+        self.start = time.perf_counter()
+        self.last = self.start
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.report.timings[name] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> None:
+        self.report.timings["total_s"] = round(time.perf_counter() - self.start, 3)
+
+
+def run_round(
+    config: Config,
+    *,
+    progress: Progress | None = None,
+    force: bool = False,
+    s3=None,
+    store: ModelStore | None = None,
+    seed: int = 0,
+) -> RoundReport:
+    """Run one round and say what happened; changes nothing when there is nothing to learn.
+
+    Raises model_store.StoreUnavailableError / botocore errors when S3 cannot be reached.
+    """
+    from lensflow.s3 import s3_client
+
+    s3 = s3 or s3_client(config)
+    store = store or ModelStore.from_config(config, s3)
+    report = RoundReport(
+        round_id=uuid.uuid4().hex[:12],
+        model=config.model_name,
+        started_at=round(time.time(), 3),
+        metric=config.train_metric,
+        margin=config.train_margin,
+    )
+    clock = _Clock(report)
+
+    def say(stage: str, message: str, **kw: Any) -> None:
+        log.info("round %s: %s", report.round_id, message)
+        if progress is not None:
+            progress(ProgressEvent(stage, message, **kw))
+
+    try:
+        _run(config, s3, store, report, clock, say, force, seed)
+    finally:
+        clock.total()
+    say("done", f"{report.outcome}: {report.reason}")
+    return report
+
+
+def _run(config, s3, store, report, clock, say, force, seed) -> None:  # noqa: C901 (one story)
+    bucket = config.train_bucket
+    say("data", f"listing s3://{bucket}/{dataset.LABELED}/ and /{dataset.HOLDOUT}/")
+    labeled, holdout = dataset.Split(dataset.LABELED), dataset.Split(dataset.HOLDOUT)
+    if _bucket_exists(s3, bucket):
+        labeled = dataset.list_split(s3, bucket, dataset.LABELED)
+        holdout = dataset.list_split(s3, bucket, dataset.HOLDOUT)
+    pointer = store.current()
+    champion = _champion(store, pointer.version) if pointer else None
+    seen_before = (
+        int((champion.metadata.get("metrics") or {}).get("labeled_images", 0)) if champion else 0
+    )
+    report.pointer = pointer.version if pointer else None
+    report.data = {
+        "bucket": bucket,
+        "labeled": labeled.counts,
+        "labeled_total": len(labeled),
+        "holdout": holdout.counts,
+        "holdout_total": len(holdout),
+        "new_since_champion": len(labeled) - seen_before,
+    }
+    clock.lap("list_s")
+
+    if not len(holdout):
+        report.reason = f"no holdout images under s3://{bucket}/{dataset.HOLDOUT}/<class>/: nothing to judge a model by"
+        return
+    if len(labeled.labels) < 2:
+        report.reason = f"need labelled images of at least two classes under s3://{bucket}/{dataset.LABELED}/<class>/"
+        return
+    new = len(labeled) - seen_before
+    if champion is not None and not force and new < config.train_min_new:
+        report.reason = (
+            f"{new} labelled images new since {champion.version}'s round; "
+            f"LENSFLOW_TRAIN_MIN_NEW is {config.train_min_new}"
+        )
+        return
+
+    say("load", f"fetching {len(labeled)} labelled and {len(holdout)} holdout images")
+    dataset.fetch(s3, bucket, labeled)
+    dataset.fetch(s3, bucket, holdout)
+    clock.lap("fetch_s")
+
+    from functions.train import model as M  # TensorFlow: only now, only here
+
+    clock.lap("import_s")
+    labels = labeled.labels
+    x, y, bad = _training_arrays(labeled, labels, config.max_image_pixels)
+    holdout_blobs, holdout_classes, bad_holdout = _decodable(holdout, config.max_image_pixels)
+    report.data["skipped_undecodable"] = {"labeled": bad, "holdout": bad_holdout}
+    clock.lap("decode_s")
+
+    keras_model = M.build_model(len(labels), seed=seed)
+    warm = _warm_start(store, champion, labels, keras_model, M)
+    epochs = config.train_epochs
+    say(
+        "train",
+        f"training on {len(x)} images, {epochs} epochs ({warm or 'from scratch'})",
+        done=0,
+        total=epochs,
+    )
+    history = M.train(
+        keras_model,
+        x,
+        y,
+        epochs,
+        lambda e, n, logs: say(
+            "train", f"epoch {e}/{n} loss {logs.get('loss', 0):.3f}", done=e, total=n, logs=logs
+        ),
+        seed=seed,
+    )
+    clock.lap("train_s")
+
+    say("convert", "converting to TFLite")
+    tflite = M.to_tflite(keras_model)
+    weights = M.weights_bytes(keras_model)
+    clock.lap("convert_s")
+
+    say(
+        "evaluate",
+        f"evaluating challenger and champion on {len(holdout_blobs)} holdout images (LiteRT)",
+    )
+    chall_eval = evaluate_tflite(
+        tflite, labels, holdout_blobs, holdout_classes, max_pixels=config.max_image_pixels
+    )
+    champ_eval, champ_problem = None, None
+    if champion is not None:
+        champ_eval, champ_problem = _evaluate_champion(
+            store, champion, holdout_blobs, holdout_classes, config
+        )
+    clock.lap("evaluate_s")
+
+    report.challenger = {
+        "labels": labels,
+        "warm_start": warm,
+        "epochs": epochs,
+        "history": history,
+        "size_bytes": len(tflite),
+        "evaluation": chall_eval.to_dict(),
+    }
+    if champion is not None:
+        report.champion = {
+            "version": champion.version,
+            "labels": champion.labels,
+            "evaluation": champ_eval.to_dict() if champ_eval else None,
+            "problem": champ_problem,
+        }
+    promote, why = _decide(config, chall_eval, champion, champ_eval, champ_problem)
+
+    say("publish", "publishing the challenger")
+    metrics = {
+        **chall_eval.summary(),
+        "labeled_images": len(labeled),
+        "holdout_images": len(holdout_blobs),
+        "arch": M.ARCH,
+        "round_id": report.round_id,
+    }
+    report.reason = why
+    info = store.publish(
+        tflite,
+        labels,
+        metrics=metrics,
+        parent=champion.version if champion else None,
+        input_spec=dict(M.INPUT_SPEC),
+        extra_files={
+            M.WEIGHTS_FILE: weights,
+            "report.json": json.dumps(report.to_dict(), indent=2, default=str).encode(),
+        },
+        created_by=CREATED_BY,
+    )
+    report.challenger["version"] = info.version
+    report.challenger["sha256"] = info.sha256
+    clock.lap("publish_s")
+
+    if not promote:
+        report.outcome, report.reason = "not_promoted", f"not promoted: {why}"
+        return
+    say("promote", f"promoting {info.version}")
+    try:
+        if champion is None and store.current() is not None:
+            raise ConflictError("a model was promoted while this round trained")
+        flipped = store.flip(
+            info.version,
+            expect=champion.version if champion else None,
+            reason=f"train round {report.round_id}: {why}",
+            by=CREATED_BY,
+            metrics=chall_eval.summary(),
+            honour_pin=True,
+        )
+    except ConflictError as exc:
+        now = store.current()
+        report.pointer = now.version if now else None
+        report.outcome = "not_promoted"
+        report.reason = f"not promoted: pointer moved (now at {report.pointer}; {exc})"
+        return
+    except PinnedError as exc:
+        report.outcome, report.reason = "not_promoted", f"not promoted: pinned ({exc})"
+        return
+    finally:
+        clock.lap("promote_s")
+    report.pointer = flipped.version
+    report.outcome, report.reason = "promoted", f"promoted: {why}"
+
+
+def _bucket_exists(s3, bucket: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+            return False
+        raise
+
+
+def _champion(store: ModelStore, version: str) -> VersionInfo | None:
+    try:
+        return store.get_version(version)
+    except NotFoundError:
+        return None
+
+
+def _training_arrays(split: dataset.Split, labels: list[str], max_pixels: int):
+    """float32 [n, 96, 96, 3] and int labels of the images that decode; the keys that do not."""
+    from functions.train.model import INPUT_SIZE, INPUT_SPEC
+
+    h, w = INPUT_SIZE
+    index = {label: i for i, label in enumerate(labels)}
+    x = np.empty((len(split), h, w, 3), np.float32)
+    y, bad = [], []
+    for key, cls, data in zip(split.keys, split.classes, split.blobs, strict=True):
+        try:
+            image = decode_image(data, (max(h, w), max(h, w)), max_pixels=max_pixels)
+        except ImageError:
+            bad.append(key)
+            continue
+        x[len(y)] = to_input(image, h, w, INPUT_SPEC["scale"], INPUT_SPEC["offset"])[0]
+        y.append(index[cls])
+    return x[: len(y)], np.array(y, dtype=np.int64), bad
+
+
+def _decodable(split: dataset.Split, max_pixels: int) -> tuple[list[bytes], list[str], list[str]]:
+    blobs, classes, bad = [], [], []
+    for key, cls, data in zip(split.keys, split.classes, split.blobs, strict=True):
+        try:
+            decode_image(data, (96, 96), max_pixels=max_pixels)
+        except ImageError:
+            bad.append(key)
+            continue
+        blobs.append(data)
+        classes.append(cls)
+    return blobs, classes, bad
+
+
+def _warm_start(
+    store: ModelStore, champion: VersionInfo | None, labels: list[str], keras_model, M
+) -> str | None:
+    """Copy the champion's Keras weights when its architecture and labels match."""
+    if champion is None:
+        return None
+    meta = champion.metadata
+    if (meta.get("metrics") or {}).get("arch") != M.ARCH or champion.labels != labels:
+        return None
+    if M.WEIGHTS_FILE not in meta.get("files", []):
+        return None
+    try:
+        M.load_weights(keras_model, store.read_file(champion.version, M.WEIGHTS_FILE))
+    except (NotFoundError, IntegrityError, ValueError, OSError) as exc:
+        log.warning("warm start from %s failed, training from scratch: %s", champion.version, exc)
+        return None
+    M.compile_model(keras_model, learning_rate=1e-3)  # fine-tune: smaller steps
+    return f"warm start from {champion.version}"
+
+
+def _evaluate_champion(
+    store, champion: VersionInfo, blobs, classes, config
+) -> tuple[Evaluation | None, str | None]:
+    """The champion's holdout metrics, or why it could not be evaluated."""
+    spec = champion.metadata.get("input", {})
+    try:
+        model = store.read_file(champion.version, "model.tflite")
+        return evaluate_tflite(
+            model,
+            champion.labels,
+            blobs,
+            classes,
+            scale=float(spec.get("scale", 1 / 255)),
+            offset=float(spec.get("offset", 0.0)),
+            max_pixels=config.max_image_pixels,
+        ), None
+    except (IntegrityError, InvalidModelError, ValueError, RuntimeError) as exc:
+        return None, f"champion {champion.version} could not be evaluated: {exc}"
+
+
+def _decide(
+    config, chall: Evaluation, champion, champ: Evaluation | None, problem: str | None
+) -> tuple[bool, str]:
+    metric = config.train_metric
+    score = getattr(chall, metric)
+    if champion is None or champ is None:
+        chance = 1 / max(1, len(chall.labels))
+        usable = chall.accuracy >= chance + MIN_OVER_CHANCE
+        first = "no champion yet" if champion is None else problem
+        if usable:
+            return (
+                True,
+                f"{first}; challenger accuracy {chall.accuracy:.3f} beats chance ({chance:.3f}) by {MIN_OVER_CHANCE}",
+            )
+        return (
+            False,
+            f"{first}, but challenger accuracy {chall.accuracy:.3f} is not usable (chance {chance:.3f})",
+        )
+    best = getattr(champ, metric)
+    delta = score - best
+    versus = f"{metric} {score:.4f} vs champion {champion.version} {best:.4f} (margin {config.train_margin})"
+    if delta >= config.train_margin:
+        return True, f"challenger better: {versus}"
+    return False, f"challenger not better by the margin: {versus}"
