@@ -140,6 +140,9 @@ def read_predictions(
         for number in sorted(metadata.partitions):
             tp = TopicPartition(topic, number, OFFSET_BEGINNING)
             if not from_beginning:
+                # Tansu answers ListOffsets(latest) too low when the producer batched
+                # (5 records in one batch: high 1), so this may start earlier than needed;
+                # the backlog is trimmed to ``last`` below either way.
                 low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
                 tp.offset = max(low, high - last)
             assignment.append(tp)
