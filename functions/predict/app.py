@@ -11,7 +11,6 @@ import os
 import resource
 import threading
 import time
-from functools import cached_property
 
 from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
@@ -33,11 +32,8 @@ class Replica:
         self.watcher = ModelWatcher(ModelStore.from_config(config, s3=s3), config.pointer_ttl_s,
                                     max_interpreters=min(threads, os.cpu_count() or 1) + 1)
         self.watcher.start()
-        self.handler = PredictHandler(config, s3, self.watcher, self.producer)
-
-    @cached_property
-    def producer(self) -> PredictionProducer:
-        return PredictionProducer(self.config.kafka_bootstrap, self.config.topic_predictions)
+        producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
+        self.handler = PredictHandler(config, s3, self.watcher, producer)
 
     def health(self) -> dict:
         model = self.watcher.model
