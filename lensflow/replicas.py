@@ -151,8 +151,10 @@ class ReplicaPool:
         with self._cond:
             replicas, self._replicas = self._replicas, []
             self._cond.notify_all()
-        for replica in replicas:
-            self._terminate(replica, timeout_s)
+        for replica in replicas:  # in parallel: a graceful exit takes a few seconds
+            thread = threading.Thread(target=self._terminate, args=(replica, timeout_s))
+            thread.start()
+            self._stoppers.append(thread)
         for thread in self._stoppers:
             thread.join(timeout_s + 1)
         if self._ticker is not None:
