@@ -1,0 +1,323 @@
+"""The embedded stack: everything lensflow needs on one machine, as child processes.
+
+``EmbeddedStack(env)`` is a context manager. Starting it:
+
+1. starts S3 (moto) and Kafka (Tansu) on the configured loopback ports, unless the
+   configuration points elsewhere or something already listens there (then it is used,
+   not started: ``LENSFLOW_*`` can name real MinIO and Kafka);
+2. creates the image, train and model buckets and the three topics;
+3. starts the predict function's ``ReplicaPool`` (scale to zero) and the dispatcher (the
+   KafkaSource stand-in) delivering the images topic to it, with the KafkaSource
+   manifest's ordering and delivery spec;
+4. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
+   POST to the train function, itself a scale-to-zero pool of at most one replica.
+
+Logs go to ``var/logs/`` in the checkout (one file per process, ``stack.log`` for the
+dispatcher and pools). Stopping ends everything it started, in reverse order, also
+after Ctrl-C or an exception in the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from eventing.delivery import DeliverySpec
+from lensflow.config import SETTINGS, Config
+from lensflow.replicas import ReplicaPool
+from lensflow.services import ChildServer, KafkaBroker, S3Server, port_open
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LOG_DIR = ROOT / "var" / "logs"
+
+# As knative/base/kafkasource-images.yaml says.
+SOURCE_ORDERING = "unordered"
+SOURCE_DELIVERY = DeliverySpec(retry=6, backoff_policy="exponential", backoff_delay_s=0.5,
+                               timeout_s=60.0)
+SOURCE_GROUP = "lensflow-predict"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+TRAIN_FUNCTION = ROOT / "functions" / "train" / "main.py"
+
+
+def _loopback_address(host: str | None, port: int | None) -> tuple[str, int] | None:
+    if host in LOOPBACK and port:
+        return ("127.0.0.1" if host == "localhost" else host), port
+    return None
+
+
+def embedded_kafka_address(config: Config) -> tuple[str, int] | None:
+    """Where to start Tansu, or None if the bootstrap names something else."""
+    servers = [s.strip() for s in config.kafka_bootstrap.split(",") if s.strip()]
+    if len(servers) != 1:
+        return None
+    host, _, port = servers[0].rpartition(":")
+    return _loopback_address(host.strip("[]"), int(port) if port.isdigit() else None)
+
+
+def embedded_s3_address(config: Config) -> tuple[str, int] | None:
+    """Where to start moto, or None for AWS or a non-loopback endpoint."""
+    if not config.s3_endpoint:
+        return None
+    url = urlsplit(config.s3_endpoint)
+    return _loopback_address(url.hostname, url.port)
+
+
+class EmbeddedStack:
+    """S3, Kafka, buckets, topics, the predict pool, the dispatcher, a training timer."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        log_dir: Path | None = DEFAULT_LOG_DIR,
+        max_replicas: int = 4,
+        target_concurrency: float = 2.0,
+        idle_s: float = 30.0,
+        max_in_flight: int = 16,
+        ordering: str = SOURCE_ORDERING,
+        delivery: DeliverySpec = SOURCE_DELIVERY,
+        group_id: str = SOURCE_GROUP,
+        train_every_s: float | None = None,
+        dispatch: bool = True,
+    ):
+        self.env = dict(os.environ if env is None else env)
+        self.config = Config.from_env(self.env)
+        self.log_dir = log_dir
+        self.max_in_flight = max_in_flight
+        self.ordering = ordering
+        self.delivery = delivery
+        self.group_id = group_id
+        self.train_every_s = train_every_s
+        self.dispatch = dispatch
+        self._pool_options = dict(max_replicas=max_replicas,
+                                  target_concurrency=target_concurrency, idle_s=idle_s)
+        self.servers: list[ChildServer] = []
+        self.external: dict[str, str] = {}  # what we use but did not start
+        self.pool: ReplicaPool | None = None
+        self.train_pool: ReplicaPool | None = None
+        self.timer: TrainingTimer | None = None
+        self.dispatcher = None
+        self._log_handler: logging.Handler | None = None
+        self.started_at: float | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> EmbeddedStack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self._open_log()
+        self._start_server("kafka", embedded_kafka_address(self.config), KafkaBroker,
+                           self.config.kafka_bootstrap)
+        self._start_server("s3", embedded_s3_address(self.config), S3Server,
+                           self.config.s3_endpoint or "AWS S3")
+        from eventing.topics import ensure_topics
+        from lensflow.s3 import s3_client
+        from lensflow.services import ensure_buckets
+
+        buckets = dict.fromkeys([*self.config.image_buckets, self.config.train_bucket,
+                                 self.config.model_bucket])
+        ensure_buckets(s3_client(self.config), list(buckets))
+        ensure_topics(self.config)
+        pool_log = self.log_dir
+        self.pool = ReplicaPool(self.env, function="predict", log_dir=pool_log,
+                                **self._pool_options).start()
+        if self.dispatch:
+            from eventing.dispatcher import Dispatcher
+
+            self.dispatcher = Dispatcher(
+                self.config, self.pool, self.delivery, ordering=self.ordering,
+                max_in_flight=self.max_in_flight, group_id=self.group_id, create_topics=False,
+            ).start()
+        if TRAIN_FUNCTION.exists():
+            self.train_pool = ReplicaPool(
+                self.env, function="train", max_replicas=1, target_concurrency=1, idle_s=5.0,
+                startup_timeout_s=120.0, log_dir=pool_log, threads=1,
+            ).start()
+            if self.train_every_s:
+                self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
+        self.started_at = time.monotonic()
+        log.info("embedded stack up: %s", self.describe())
+
+    def _start_server(self, name: str, address: tuple[str, int] | None,
+                      kind: type[ChildServer], configured: str) -> None:
+        if address is None or port_open(*address):
+            self.external[name] = configured
+            log.info("%s: using %s (not started here)", name, configured)
+            return
+        host, port = address
+        server = kind(host=host, port=port, log_dir=self.log_dir)
+        self.servers.append(server)  # before start(): stop() must find it whatever happens
+        server.start()
+
+    def stop(self) -> None:
+        """Stop everything this stack started, last first. Safe to call twice."""
+        errors: list[BaseException] = []
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if self.timer is not None:
+            steps.append(("training timer", self.timer.stop))
+        if self.dispatcher is not None:
+            steps.append(("dispatcher", self.dispatcher.stop))
+        for pool in (self.train_pool, self.pool):
+            if pool is not None:
+                steps.append((f"{pool.function} pool", pool.stop))
+        for server in reversed(self.servers):
+            steps.append((server.name, server.stop))
+        for name, step in steps:
+            try:
+                step()
+            except BaseException as exc:  # noqa: BLE001 - stop the rest regardless
+                log.warning("stopping %s: %s", name, exc)
+                errors.append(exc)
+        self.timer = self.dispatcher = self.pool = self.train_pool = None
+        self.servers = []
+        self._close_log()
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _open_log(self) -> None:
+        if self.log_dir is None:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.log_dir / "stack.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(self.config.log_level.upper())
+        for name in ("lensflow", "eventing", "model_store"):
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            if logger.getEffectiveLevel() > handler.level:
+                logger.setLevel(handler.level)
+        self._log_handler = handler
+
+    def _close_log(self) -> None:
+        if self._log_handler is not None:
+            for name in ("lensflow", "eventing", "model_store"):
+                logging.getLogger(name).removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    # --- training -------------------------------------------------------------------------
+
+    def train_round(self, reason: str = "schedule", timeout_s: float = 600.0) -> dict[str, Any]:
+        """One POST to the train function, as the PingSource sends it; its JSON reply."""
+        if self.train_pool is None:
+            raise RuntimeError("the train function is not available")
+        headers, body = ping_event(self.config, {"reason": reason})
+        status, reply = self.train_pool.post(headers, body, timeout_s)
+        try:
+            result = json.loads(reply) if reply else {}
+        except ValueError:
+            result = {"body": reply.decode(errors="replace")[:500]}
+        if status >= 300:
+            raise RuntimeError(f"training round answered {status}: {result}")
+        return result if isinstance(result, dict) else {"result": result}
+
+    # --- reporting ------------------------------------------------------------------------
+
+    def exports(self) -> dict[str, str]:
+        """The non-secret settings another shell needs to talk to this stack."""
+        secret = {s.name for s in SETTINGS if s.secret}
+        return {s.name: self.env.get(s.name, s.default) for s in SETTINGS
+                if s.name not in secret and s.name in EXPORTED}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kafka": self.config.kafka_bootstrap,
+            "s3": self.config.s3_endpoint,
+            "started": [s.name for s in self.servers],
+            "external": dict(self.external),
+            "image_buckets": list(self.config.image_buckets),
+            "train_bucket": self.config.train_bucket,
+            "model": f"{self.config.model_bucket}/{self.config.model_name}",
+            "topics": [self.config.topic_images, self.config.topic_predictions,
+                       self.config.topic_dlq],
+            "logs": str(self.log_dir) if self.log_dir else None,
+            "pids": self.pids(),
+        }
+
+    def pids(self) -> dict[str, list[int]]:
+        """Process ids of every child process running now (tests check none survive)."""
+        pids = {s.name: [s.proc.pid] for s in self.servers if s.proc is not None}
+        for pool in (self.pool, self.train_pool):
+            if pool is not None:
+                pids[pool.function] = [r.proc.pid for r in pool.replicas()]
+        return pids
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "dispatcher": self.dispatcher.stats() if self.dispatcher else None,
+            "predict": self.pool.stats() if self.pool else None,
+            "train": self.train_pool.stats() if self.train_pool else None,
+            "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
+        }
+
+
+EXPORTED = {
+    "LENSFLOW_KAFKA_BOOTSTRAP", "LENSFLOW_S3_ENDPOINT", "LENSFLOW_S3_REGION",
+    "LENSFLOW_IMAGE_BUCKETS", "LENSFLOW_MODEL_BUCKET", "LENSFLOW_MODEL_NAME",
+    "LENSFLOW_TRAIN_BUCKET", "LENSFLOW_TOPIC_IMAGES", "LENSFLOW_TOPIC_PREDICTIONS",
+    "LENSFLOW_TOPIC_DLQ",
+}
+
+
+def ping_event(config: Config, data: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    """The binary-mode CloudEvent a PingSource POSTs (``contentType: application/json``)."""
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "dev.knative.sources.ping",
+        "ce-source": f"/apis/v1/namespaces/{config.namespace}/pingsources/lensflow-train",
+        "ce-id": str(uuid.uuid4()),
+        "ce-time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "Content-Type": "application/json",
+    }
+    return headers, json.dumps(data).encode()
+
+
+class TrainingTimer:
+    """Calls ``round()`` every ``every_s`` seconds in a thread (the PingSource stand-in).
+    A round that fails is logged; the next tick tries again."""
+
+    def __init__(self, round: Callable[[], Any], every_s: float):
+        self.round = round
+        self.every_s = every_s
+        self.rounds = 0
+        self.last: Any = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="training-timer", daemon=True)
+
+    def start(self) -> TrainingTimer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(1.0)  # a round in progress ends with the train pool
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.every_s):
+            try:
+                self.last = self.round()
+                self.rounds += 1
+            except Exception as exc:  # noqa: BLE001 - keep ticking
+                log.warning("training round failed: %s", exc)
+                self.last = {"error": str(exc)}

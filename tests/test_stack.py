@@ -1,0 +1,129 @@
+"""The embedded stack: its own servers on free ports, upload to prediction, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
+from eventing.predictions import read_predictions
+from eventing.producer import DeliveryTracker, make_producer, publish_object_event
+from lensflow.s3 import s3_client
+from lensflow.scenes import scene_jpeg
+from lensflow.services import free_port, port_open
+from lensflow.stack import EmbeddedStack
+from model_store import ModelStore
+from tests.conftest import LABELS, make_env
+from tests.test_replicas import gone
+
+pytestmark = pytest.mark.slow
+
+
+def stack_env(**extra: str) -> dict[str, str]:
+    """Fresh names, and loopback ports nothing listens on: the stack starts both servers."""
+    return make_env(f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", **extra)
+
+
+def upload(stack: EmbeddedStack, keys: list[str], producer=None) -> None:
+    config = stack.config
+    s3 = s3_client(config)
+    producer = producer or make_producer(config)
+    tracker = DeliveryTracker()
+    bucket = config.image_buckets[0]
+    for i, key in enumerate(keys):
+        data = scene_jpeg("water", seed=i, size=(320, 240))
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/jpeg")["ETag"]
+        event = ObjectEvent(OBJECT_CREATED_PUT, bucket, key, etag.strip('"'), len(data),
+                            "image/jpeg")
+        publish_object_event(producer, config, event, tracker)
+    tracker.wait(producer, 15)
+
+
+def predicted(stack: EmbeddedStack, keys: set[str], timeout_s: float = 60) -> dict[str, int]:
+    """How many predictions each key got, once every key has one (or the time is up)."""
+    bucket = stack.config.image_buckets[0]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts: dict[str, int] = {}
+        for p in read_predictions(stack.config, from_beginning=True, timeout_s=5):
+            counts[p.subject] = counts.get(p.subject, 0) + 1
+        if {f"{bucket}/{k}" for k in keys} <= set(counts) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
+def publish_model(stack: EmbeddedStack, model: bytes) -> None:
+    store = ModelStore.from_config(stack.config)
+    version = store.publish(model, LABELS).version
+    store.flip(version, reason="test")
+
+
+def test_stack_starts_and_stops_without_leaving_processes(tmp_path):
+    env = stack_env()
+    stack = EmbeddedStack(env, log_dir=tmp_path, dispatch=False)
+    with stack:
+        assert set(stack.describe()["started"]) == {"kafka", "s3"}
+        assert not stack.external
+        pids = [pid for group in stack.pids().values() for pid in group]
+        assert len(pids) == 2
+        host, port = stack.config.kafka_bootstrap.split(":")
+        assert port_open(host, int(port))
+        buckets = {b["Name"] for b in s3_client(stack.config).list_buckets()["Buckets"]}
+        assert {*stack.config.image_buckets, stack.config.model_bucket} <= buckets
+        assert stack.exports()["LENSFLOW_KAFKA_BOOTSTRAP"] == stack.config.kafka_bootstrap
+        assert "LENSFLOW_S3_SECRET_KEY" not in stack.exports()
+    assert gone(pids)
+    assert not port_open(host, int(port))
+    assert (tmp_path / "kafka.log").exists() and (tmp_path / "stack.log").exists()
+
+
+def test_stack_uses_servers_it_finds_instead_of_starting_them(s3_server, kafka_broker, tmp_path):
+    env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
+    with EmbeddedStack(env, log_dir=tmp_path, dispatch=False) as stack:
+        assert stack.describe()["started"] == []
+        assert set(stack.external) == {"kafka", "s3"}
+    assert s3_server.running and kafka_broker.running
+
+
+def test_stack_stops_everything_after_an_exception(tmp_path):
+    stack = EmbeddedStack(stack_env(), log_dir=tmp_path, dispatch=False)
+    with pytest.raises(RuntimeError, match="boom"), stack:
+        pids = [pid for group in stack.pids().values() for pid in group]
+        raise RuntimeError("boom")
+    assert gone(pids)
+
+
+def test_upload_to_prediction_through_the_stack_and_a_killed_replica_loses_nothing(
+    tiny_models, tmp_path
+):
+    env = stack_env()
+    with EmbeddedStack(env, log_dir=tmp_path, idle_s=30) as stack:
+        publish_model(stack, tiny_models["last"])
+        assert stack.dispatcher.wait_assigned(30)
+        first = [f"e2e/first-{i}.jpg" for i in range(10)]
+        upload(stack, first)
+        counts = predicted(stack, set(first))
+        bucket = stack.config.image_buckets[0]
+        assert {f"{bucket}/{k}" for k in first} <= set(counts)
+        [p] = [p for p in read_predictions(stack.config, last=1, timeout_s=5)]
+        assert p.label == LABELS[2] and p.model_version == "v1"
+        assert stack.pool.stats()["cold_starts"] == 1
+
+        # kill every replica mid-stream: nothing uploaded meanwhile may be lost
+        second = [f"e2e/second-{i}.jpg" for i in range(40)]
+        producer = make_producer(stack.config)
+        upload(stack, second[:20], producer)
+        for replica in stack.pool.replicas():
+            os.killpg(replica.proc.pid, signal.SIGKILL)
+        upload(stack, second[20:], producer)
+        counts = predicted(stack, set(second), timeout_s=90)
+        missing = {k for k in second if f"{bucket}/{k}" not in counts}
+        assert not missing
+        stats = stack.stats()
+        assert stats["predict"]["deaths"] >= 1
+        assert stats["dispatcher"]["dead_lettered"] == 0
+        pids = [pid for group in stack.pids().values() for pid in group]
+    assert gone(pids)
