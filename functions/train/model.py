@@ -12,6 +12,7 @@ import io
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -118,7 +119,9 @@ def load_weights(model: keras.Model, data: bytes) -> None:
         path = os.path.join(tmp, WEIGHTS_FILE)
         with open(path, "wb") as f:
             f.write(data)
-        model.load_weights(path)
+        with warnings.catch_warnings():  # the saved optimizer state is not wanted
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(path)
 
 
 def to_tflite(model: keras.Model) -> bytes:

@@ -1,0 +1,181 @@
+"""Training rounds against the real S3 server: promote when better, never otherwise.
+
+Training is kept to seconds: few images, few epochs. Champions that must lose are
+untrained models (about chance) published straight into the store.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from functions.train import dataset
+from functions.train.round import run_round
+from lensflow import scenes
+from lensflow.config import Config
+from lensflow.s3 import s3_client
+from model_store import ModelStore
+
+LABELS = sorted(scenes.CLASSES)
+
+
+@pytest.fixture(scope="module")
+def untrained_tflite() -> bytes:
+    """A model of the right shape that has learnt nothing: any trained challenger beats it."""
+    from functions.train import model as M
+
+    return M.to_tflite(M.build_model(len(LABELS), seed=3))
+
+
+def train_config(env: dict[str, str], **extra: str) -> Config:
+    return Config.from_env({**env, "LENSFLOW_TRAIN_EPOCHS": "6", **extra})
+
+
+def publish_champion(store: ModelStore, tflite: bytes, labeled_images: int = 0) -> str:
+    info = store.publish(
+        tflite, LABELS, metrics={"labeled_images": labeled_images}, created_by="test"
+    )
+    store.flip(info.version, reason="test champion", by="test")
+    return info.version
+
+
+def test_no_holdout_changes_nothing(env):
+    config = train_config(env)
+    s3 = s3_client(config)
+    dataset.upload(s3, config.train_bucket, dataset.LABELED, scenes.labelled_set(3, 1), "x")
+    report = run_round(config, force=True)
+    assert report.outcome == "skipped" and "no holdout" in report.reason
+    assert report.data["labeled_total"] == 3 * len(scenes.CLASSES)
+    store = ModelStore.from_config(config)
+    assert store.current() is None and store.list_versions() == []
+
+
+def test_missing_train_bucket_is_no_data(env):
+    config = train_config(env, LENSFLOW_TRAIN_BUCKET="no-such-bucket-here")
+    report = run_round(config)
+    assert report.outcome == "skipped" and "no holdout" in report.reason
+
+
+def test_seeding_is_additive_and_listing_counts_per_class(config):
+    s3 = s3_client(config)
+    dataset.seed_training_data(config, 2, 1, seed=4)
+    dataset.seed_training_data(config, 3, 1, seed=4)
+    labeled = dataset.list_split(s3, config.train_bucket, dataset.LABELED)
+    assert labeled.counts == {cls: 3 for cls in LABELS}
+    assert labeled.labels == LABELS
+    dataset.fetch(s3, config.train_bucket, labeled)
+    assert all(blob[:2] == b"\xff\xd8" for blob in labeled.blobs)  # JPEG
+
+
+@pytest.mark.slow
+def test_too_little_new_data_changes_nothing_unless_forced(env, untrained_tflite):
+    config = train_config(env, LENSFLOW_TRAIN_MIN_NEW="20")
+    store = ModelStore.from_config(config)
+    dataset.seed_training_data(config, 5, 3, seed=1)  # 30 labelled images
+    champion = publish_champion(store, untrained_tflite, labeled_images=20)  # 10 new
+
+    report = run_round(config)
+    assert report.outcome == "skipped"
+    assert "10 labelled images new since" in report.reason
+    assert report.data["new_since_champion"] == 10
+    assert [v.version for v in store.list_versions()] == [champion]
+    assert store.current().version == champion
+
+    forced = run_round(config, force=True)
+    assert forced.outcome != "skipped"
+    assert len(store.list_versions()) == 2
+
+
+@pytest.mark.slow
+def test_first_round_then_better_challenger_is_promoted(env):
+    config = train_config(env)
+    store = ModelStore.from_config(config)
+    dataset.seed_training_data(config, 10, 15, seed=1)
+    first = run_round(config)
+    assert first.outcome == "promoted", first.reason
+    assert "no champion yet" in first.reason
+    v1 = first.challenger["version"]
+    assert store.current().version == v1
+
+    dataset.seed_training_data(config, 60, 15, seed=1)  # six times the data
+    second = run_round(config)
+    assert second.outcome == "promoted", second.reason
+    v2 = second.challenger["version"]
+    assert second.champion["version"] == v1
+    assert second.challenger["warm_start"] == f"warm start from {v1}"
+    champ = second.champion["evaluation"]
+    chall = second.challenger["evaluation"]
+    assert chall["macro_f1"] >= champ["macro_f1"] + config.train_margin
+    assert set(chall["per_class"]) == set(LABELS)
+    assert sum(map(sum, chall["confusion"])) == 15 * len(LABELS)
+
+    pointer = store.current()
+    assert pointer.version == v2 and pointer.flipped_by == "train"
+    meta = store.get_version(v2).metadata
+    assert meta["parent"] == v1 and meta["created_by"] == "train"
+    assert meta["metrics"]["labeled_images"] == 60 * len(LABELS)
+    assert {"keras.weights.h5", "report.json"} <= set(meta["files"])
+    assert [h["version"] for h in store.history()] == [v1, v2]
+
+
+@pytest.mark.slow
+def test_worse_challenger_is_published_but_not_promoted(env):
+    config = train_config(env)
+    s3 = s3_client(config)
+    store = ModelStore.from_config(config)
+    dataset.seed_training_data(config, 40, 15, seed=1)
+    first = run_round(config)
+    assert first.outcome == "promoted", first.reason
+    champion = first.challenger["version"]
+
+    # The same number of images, but every label is a lie.
+    for key in dataset.list_split(s3, config.train_bucket, dataset.LABELED).keys:
+        s3.delete_object(Bucket=config.train_bucket, Key=key)
+    rng = random.Random(0)
+    lies = [(rng.choice(LABELS), body) for _, body in scenes.labelled_set(40, seed=9)]
+    dataset.upload(s3, config.train_bucket, dataset.LABELED, lies, "shuffled")
+
+    report = run_round(config, force=True)
+    assert report.outcome == "not_promoted", report.reason
+    assert "not better" in report.reason
+    assert report.challenger["evaluation"]["macro_f1"] < report.champion["evaluation"]["macro_f1"]
+    assert store.current().version == champion
+    assert [v.version for v in store.list_versions()][-1] == report.challenger["version"]
+    assert len(store.history()) == 1
+
+
+@pytest.mark.slow
+def test_pinned_pointer_is_respected(env, untrained_tflite):
+    config = train_config(env)
+    store = ModelStore.from_config(config)
+    champion = publish_champion(store, untrained_tflite)
+    store.set_pinned(True, reason="freeze for the demo", by="operator")
+    dataset.seed_training_data(config, 20, 10, seed=1)
+
+    report = run_round(config)
+    assert report.outcome == "not_promoted"
+    assert report.reason.startswith("not promoted: pinned")
+    pointer = store.current()
+    assert pointer.version == champion and pointer.pinned
+    assert store.get_version(report.challenger["version"]).metadata["parent"] == champion
+
+
+@pytest.mark.slow
+def test_operator_flip_during_training_wins(env, untrained_tflite):
+    config = train_config(env)
+    store = ModelStore.from_config(config)
+    champion = publish_champion(store, untrained_tflite)
+    other = store.publish(untrained_tflite, LABELS, created_by="operator").version
+    dataset.seed_training_data(config, 20, 10, seed=1)
+
+    def operator(event):
+        if event.stage == "train" and event.done == 1:  # mid-round, after the champion was read
+            store.flip(other, expect=champion, reason="manual", by="operator")
+
+    report = run_round(config, progress=operator)
+    assert report.outcome == "not_promoted"
+    assert report.reason.startswith("not promoted: pointer moved")
+    assert report.champion["version"] == champion
+    assert store.current().version == other == report.pointer
+    assert report.challenger["version"] not in {champion, other}
