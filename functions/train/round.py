@@ -36,7 +36,7 @@ from model_store import (
 
 log = logging.getLogger(__name__)
 
-MIN_OVER_CHANCE = 0.10  # a first model must beat guessing by this much (accuracy) to serve
+MIN_OVER_CHANCE = 0.10  # a first model must beat guessing (1/classes) by this much to serve
 CREATED_BY = "train"
 
 
@@ -392,16 +392,16 @@ def _decide(
     score = getattr(chall, metric)
     if champion is None or champ is None:
         chance = 1 / max(1, len(chall.labels))
-        usable = chall.accuracy >= chance + MIN_OVER_CHANCE
+        usable = score >= chance + MIN_OVER_CHANCE
         first = "no champion yet" if champion is None else problem
         if usable:
             return (
                 True,
-                f"{first}; challenger accuracy {chall.accuracy:.3f} beats chance ({chance:.3f}) by {MIN_OVER_CHANCE}",
+                f"{first}; challenger {metric} {score:.3f} beats chance ({chance:.3f}) by {MIN_OVER_CHANCE}",
             )
         return (
             False,
-            f"{first}, but challenger accuracy {chall.accuracy:.3f} is not usable (chance {chance:.3f})",
+            f"{first}, but challenger {metric} {score:.3f} is not usable (chance {chance:.3f})",
         )
     best = getattr(champ, metric)
     delta = score - best
