@@ -218,11 +218,14 @@ class EmbeddedStack:
 
     # --- training -------------------------------------------------------------------------
 
-    def train_round(self, reason: str = "schedule", timeout_s: float = 600.0) -> dict[str, Any]:
-        """One POST to the train function, as the PingSource sends it; its JSON reply."""
+    def train_round(self, reason: str = "schedule", *, force: bool = False,
+                    timeout_s: float = 600.0) -> dict[str, Any]:
+        """One POST to the train function, as the PingSource sends it; its JSON reply
+        (the round's report). ``force`` trains even without enough new data."""
         if self.train_pool is None:
             raise RuntimeError("the train function is not available")
-        headers, body = ping_event(self.config, {"reason": reason})
+        data: dict[str, Any] = {"reason": reason, **({"force": True} if force else {})}
+        headers, body = ping_event(self.config, data)
         status, reply = self.train_pool.post(headers, body, timeout_s)
         try:
             result = json.loads(reply) if reply else {}

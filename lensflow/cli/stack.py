@@ -1,0 +1,297 @@
+"""Verbs that run the whole thing: ``up``, ``demo``, ``simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+from lensflow.cli.output import CliError, add_json_flag, emit
+from lensflow.config import Config
+
+
+def register(subparsers) -> None:
+    up = subparsers.add_parser(
+        "up", help="start the embedded stack in the foreground; Ctrl-C stops all of it")
+    _stack_options(up)
+    up.add_argument("--train-every", type=float, default=None, metavar="S",
+                    help="run a training round every S seconds (the PingSource stand-in)")
+    add_json_flag(up)
+    up.set_defaults(func=cmd_up)
+
+    demo = subparsers.add_parser(
+        "demo", help="start the stack, seed a model, fly simulated drones, summarise, stop")
+    _flight_options(demo, rate=3.0, default_bursts=["10:20:15"])
+    _stack_options(demo, idle=10.0)
+    demo.add_argument("--no-train", action="store_true",
+                      help="skip the training round in the middle of the flight")
+    demo.add_argument("--drain-timeout", type=float, default=90.0, metavar="S",
+                      help="how long to wait for the backlog after the flight (90)")
+    add_json_flag(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    simulate = subparsers.add_parser("simulate", help="drone fleet load generator")
+    _flight_options(simulate, rate=5.0, default_bursts=[])
+    simulate.add_argument("--size", default="640x480", metavar="WxH", help="photo size")
+    simulate.add_argument("--prefix", default="drones", help="key prefix in the image bucket")
+    add_json_flag(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+
+
+def _stack_options(parser: argparse.ArgumentParser, idle: float = 30.0) -> None:
+    parser.add_argument("--max-replicas", type=int, default=4, metavar="N",
+                        help="most predict replicas (4)")
+    parser.add_argument("--idle", type=float, default=idle, metavar="S",
+                        help=f"scale predict to zero after S idle seconds ({idle:g})")
+
+
+def _flight_options(parser: argparse.ArgumentParser, rate: float,
+                    default_bursts: list[str]) -> None:
+    parser.add_argument("--drones", type=int, default=4, metavar="N", help="drones (4)")
+    parser.add_argument("--rate", type=float, default=rate, metavar="R",
+                        help=f"photos per second, all drones together ({rate:g})")
+    parser.add_argument("--burst", action="append", default=None, metavar="FACTOR:START:LENGTH",
+                        help="multiply the rate for a while, e.g. 10:20:20 (repeatable"
+                             + (f"; default {' '.join(default_bursts)}" if default_bursts else "")
+                             + "); --burst none for no burst")
+    parser.set_defaults(default_bursts=default_bursts)
+    parser.add_argument("--duration", type=float, default=60.0, metavar="S",
+                        help="seconds of flight (60)")
+    parser.add_argument("--labelled-fraction", type=float, default=0.1, metavar="F",
+                        help="share of photos also stored as labelled training data (0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the photos and keys (0)")
+
+
+def _bursts(args: argparse.Namespace):
+    from lensflow.simulate import Burst
+
+    texts = args.default_bursts if args.burst is None else args.burst
+    try:
+        return tuple(Burst.parse(t) for t in texts if t.lower() != "none")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _config() -> Config:
+    try:
+        return Config.from_env()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGTERM stops like Ctrl-C; while the stack stops, a second Ctrl-C is ignored so
+    that stopping finishes and leaves no process behind."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _quiet_console() -> None:
+    """The stack logs INFO to var/logs/stack.log; the terminal shows warnings only."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)
+
+
+def _start_stack(**kwargs):
+    from lensflow.stack import EmbeddedStack
+
+    _config()  # a bad setting fails here with one line
+    _quiet_console()
+    stack = EmbeddedStack(None, **kwargs)
+    try:
+        stack.start()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise CliError(f"the embedded stack did not start: {exc} (logs: {stack.log_dir})") from None
+    return stack
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    with _signals_stop():
+        stack = _start_stack(max_replicas=args.max_replicas, idle_s=args.idle,
+                             train_every_s=args.train_every)
+        try:
+            info = {**stack.describe(), "exports": stack.exports()}
+            emit(args, info, _up_text(stack, info))
+            sys.stdout.flush()
+            threading.Event().wait()  # until Ctrl-C or SIGTERM
+        except KeyboardInterrupt:
+            if not args.json:
+                print("\nstopping...", file=sys.stderr)
+        finally:
+            with _uninterruptible():
+                stack.stop()
+    return 0
+
+
+def _up_text(stack, info: dict) -> str:
+    started = ", ".join(info["started"]) or "nothing"
+    lines = [
+        "lensflow embedded stack is up (Ctrl-C stops all of it)",
+        f"  kafka      {info['kafka']}" + ("  (external)" if "kafka" in info["external"] else ""),
+        f"  s3         {info['s3']}" + ("  (external)" if "s3" in info["external"] else ""),
+        f"  buckets    images {', '.join(info['image_buckets'])}; train {info['train_bucket']}; "
+        f"model {info['model']}",
+        f"  topics     {', '.join(info['topics'])}",
+        f"  predict    scale to zero: started on the first event, up to "
+        f"{stack.pool.max_replicas} replicas, stopped after {stack.pool.idle_s:g} s idle",
+        "  training   " + (f"a round every {stack.timer.every_s:g} s" if stack.timer
+                            else "on demand (`lensflow train --once`)"),
+        f"  started    {started}; logs in {info['logs']}",
+        "",
+        "In a second shell (credentials: the defaults, or your LENSFLOW_S3_* variables):",
+    ]
+    lines += [f"  export {name}={value}" for name, value in info["exports"].items()]
+    lines += ["  .venv/bin/lensflow simulate --duration 20",
+              "  .venv/bin/lensflow predictions tail --follow"]
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lensflow.demo import DemoOptions, run_demo, summary_text
+
+    options = DemoOptions(
+        duration_s=args.duration, drones=args.drones, rate=args.rate, bursts=_bursts(args),
+        labelled_fraction=args.labelled_fraction, train_mid_flight=not args.no_train,
+        drain_timeout_s=args.drain_timeout, max_replicas=args.max_replicas, idle_s=args.idle,
+        seed=args.seed,
+    )
+    _check_options(options.drones, options.rate, options.duration_s, options.labelled_fraction)
+    live = not args.json and sys.stdout.isatty()
+    say = (lambda text: None) if args.json else (lambda text: print(text, flush=True))
+    _config()
+    _quiet_console()
+    from lensflow.stack import EmbeddedStack
+
+    stack = EmbeddedStack(None, idle_s=options.idle_s, max_replicas=options.max_replicas)
+    with _signals_stop():
+        try:
+            say("starting the embedded stack (S3, Kafka, dispatcher, scale-to-zero predict)")
+            try:
+                stack.start()
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                raise CliError(f"the embedded stack did not start: {exc} "
+                               f"(logs: {stack.log_dir})") from None
+            summary = run_demo(None, options, live=live, say=say, stack=stack)
+        except KeyboardInterrupt:
+            say("interrupted: stopping everything")
+            return 130
+        except CliError:
+            raise
+        except Exception as exc:
+            raise CliError(f"demo failed: {exc} (logs: {stack.log_dir})") from None
+        finally:
+            with _uninterruptible():
+                stack.stop()
+    emit(args, summary, summary_text(summary))
+    return 0 if summary["missing"] == 0 else 1
+
+
+def _check_options(drones: int, rate: float, duration: float, fraction: float) -> None:
+    if drones < 1 or rate <= 0 or duration <= 0:
+        raise CliError("--drones, --rate and --duration must be positive")
+    if not 0 <= fraction <= 1:
+        raise CliError("--labelled-fraction is between 0 and 1")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from lensflow.simulate import Plan, Simulator
+
+    _check_options(args.drones, args.rate, args.duration, args.labelled_fraction)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise CliError(f"--size is WIDTHxHEIGHT, like 640x480, not {args.size!r}") from None
+    plan = Plan(drones=args.drones, rate=args.rate, duration_s=args.duration,
+                bursts=_bursts(args), labelled_fraction=args.labelled_fraction,
+                size=(width, height), seed=args.seed, prefix=args.prefix.strip("/") or "drones")
+    config = _config()
+    _check_reachable(config)
+    simulator = Simulator(config, plan)
+    stop = threading.Event()
+    with _signals_stop():
+        try:
+            if args.json or not sys.stderr.isatty():
+                simulator.prepare()
+                result = simulator.run(stop)
+            else:
+                result = _simulate_with_progress(simulator, stop)
+        except KeyboardInterrupt:
+            stop.set()
+            return 130
+    data = result.to_dict()
+    text = (f"{result.uploaded} of {result.planned} photos uploaded by {plan.drones} drones in "
+            f"{result.duration_s:.1f} s ({result.rate:.1f}/s, peak planned "
+            f"{result.peak_planned_rate:g}/s); {result.published} events published, "
+            f"{result.labelled} stored as labelled data"
+            + (f"; {result.errors} errors, last: {result.last_error}" if result.errors else ""))
+    emit(args, data, text)
+    return 0 if result.errors == 0 and result.published == result.uploaded else 1
+
+
+def _simulate_with_progress(simulator, stop: threading.Event):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("rendering photos", total=None, rate="")
+        simulator.prepare()
+        plan = simulator.plan
+        bar.update(task, description=f"{plan.drones} drones", total=len(plan.schedule()))
+
+        def show(progress) -> None:
+            t = min(progress.elapsed_s, plan.duration_s)
+            burst = " burst" if plan.rate_at(t) > plan.rate else ""
+            bar.update(task, completed=progress.uploaded,
+                       rate=f"{plan.rate_at(t):g}/s{burst}  errors {progress.errors}")
+
+        return simulator.run(stop, on_progress=show)
+
+
+def _check_reachable(config: Config) -> None:
+    """Fail with one line if the image bucket or the broker is not there."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from lensflow.s3 import s3_client
+
+    bucket = config.image_buckets[0]
+    try:
+        s3_client(config, timeout_s=5, retries=0).head_bucket(Bucket=bucket)
+    except (ClientError, BotoCoreError) as exc:
+        raise CliError(f"image bucket {bucket} at {config.s3_endpoint or 'AWS S3'} is not "
+                       f"reachable ({exc}); is `lensflow up` running?") from None
+    from eventing.topics import ensure_topics
+
+    try:
+        ensure_topics(config, timeout_s=5)
+    except Exception as exc:  # noqa: BLE001
+        raise CliError(f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); "
+                       "is `lensflow up` running?") from None
+

@@ -1,0 +1,425 @@
+"""``lensflow demo``: the whole story on one laptop in about a minute.
+
+Start the embedded stack, make sure a model is serving (train a first one on synthetic
+scenes if the store is empty), fly the simulated drones (with a 10x burst), show a live
+table of what happens, optionally run one training round mid-flight so the model version
+changes under load, wait for the backlog to drain, print a summary, stop everything.
+
+Upload-to-prediction latency is the prediction record's Kafka timestamp (the predict
+function's produce time) minus the moment the drone's upload completed (the notification
+record's ``eventTime``), both on this machine's clock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+from lensflow.config import Config
+from lensflow.simulate import Burst, Plan, Simulator
+from lensflow.stack import EmbeddedStack
+
+# A first model on little data: good enough to serve, with room for the drones' labelled
+# photos to improve on in the mid-flight round.
+SEED_LABELLED_PER_CLASS = 10
+SEED_HOLDOUT_PER_CLASS = 8
+
+
+@dataclass
+class DemoOptions:
+    duration_s: float = 60.0
+    drones: int = 4
+    rate: float = 3.0
+    bursts: tuple[Burst, ...] = (Burst(10.0, 20.0, 15.0),)
+    labelled_fraction: float = 0.1
+    train_mid_flight: bool = True
+    train_at: float = 0.25  # when the mid-flight round starts, as a share of the flight
+    drain_timeout_s: float = 90.0
+    max_replicas: int = 4
+    idle_s: float = 10.0
+    seed: int = 0
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+class PredictionWatcher:
+    """Reads the predictions topic (from its end at start) and the dead-letter topic's
+    size in a thread; counts predictions, versions and upload-to-prediction latency."""
+
+    def __init__(self, config: Config, uploaded_at: dict[str, float]):
+        self.config = config
+        self.uploaded_at = uploaded_at  # "<bucket>/<key>" -> upload time (epoch seconds)
+        self.predictions = 0
+        self.subjects: Counter[str] = Counter()
+        self.versions: Counter[str] = Counter()
+        self.latest_version: str | None = None
+        self.latencies: list[float] = []
+        self.recent: deque[tuple[float, float]] = deque()  # (seen at, latency) of 10 s
+        self.per_second: Counter[int] = Counter()  # images predicted, by wall-clock second
+        self.dead_lettered = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="predictions", daemon=True)
+
+    def start(self) -> PredictionWatcher:
+        self._thread.start()
+        self._ready.wait(15)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        from eventing.predictions import parse_prediction
+
+        consumer = Consumer({"bootstrap.servers": self.config.kafka_bootstrap,
+                             "group.id": "lensflow-demo-watch", "enable.auto.commit": False})
+        try:
+            topic = self.config.topic_predictions
+            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
+            dlq = TopicPartition(self.config.topic_dlq, 0)
+            dlq_start = consumer.get_watermark_offsets(dlq, timeout=5)[1]
+            self._ready.set()
+            next_dlq = 0.0
+            while not self._stop.is_set():
+                for message in consumer.consume(200, timeout=0.2):
+                    if message.error() is None:
+                        self._count(parse_prediction(message), message.timestamp()[1])
+                if time.monotonic() > next_dlq:
+                    high = consumer.get_watermark_offsets(dlq, timeout=2, cached=False)[1]
+                    self.dead_lettered = max(high - dlq_start, 0)
+                    next_dlq = time.monotonic() + 1.0
+        finally:
+            self._ready.set()
+            consumer.close()
+
+    def _count(self, prediction, produced_ms: int) -> None:
+        if prediction is None:
+            return
+        now = time.time()
+        with self._lock:
+            self.predictions += 1
+            self.subjects[prediction.subject] += 1
+            if self.subjects[prediction.subject] == 1:
+                self.per_second[int(now)] += 1
+            if prediction.model_version:
+                self.versions[prediction.model_version] += 1
+                self.latest_version = prediction.model_version
+            self.first_at = self.first_at or now
+            self.last_at = now
+            uploaded = self.uploaded_at.get(prediction.subject)
+            if uploaded is not None and self.subjects[prediction.subject] == 1:
+                latency = max(produced_ms / 1000 - uploaded, 0.0)
+                self.latencies.append(latency)
+                self.recent.append((now, latency))
+            while self.recent and self.recent[0][0] < now - 10:
+                self.recent.popleft()
+
+    def peak_rate(self, window_s: int = 5) -> float:
+        """The most images predicted per second over any ``window_s`` seconds."""
+        with self._lock:
+            if not self.per_second:
+                return 0.0
+            first, last = min(self.per_second), max(self.per_second)
+            sums = [sum(self.per_second[s] for s in range(t, t + window_s))
+                    for t in range(first, max(first, last - window_s + 1) + 1)]
+            return max(sums) / window_s
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            everything = sorted(self.latencies)
+            recent = sorted(latency for _, latency in self.recent)
+            return {
+                "predictions": self.predictions,
+                "predicted_images": len(self.subjects),
+                "duplicates": self.predictions - len(self.subjects),
+                "dead_lettered": self.dead_lettered,
+                "model_version": self.latest_version,
+                "versions": dict(self.versions),
+                "latency_p50_s": _round(percentile(everything, 0.50)),
+                "latency_p95_s": _round(percentile(everything, 0.95)),
+                "latency_max_s": _round(everything[-1] if everything else None),
+                "recent_p50_s": _round(percentile(recent, 0.50)),
+                "recent_p95_s": _round(percentile(recent, 0.95)),
+            }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+@dataclass
+class DemoState:
+    """What the live table shows; updated by the demo's threads."""
+
+    phase: str = "starting"
+    options: DemoOptions = field(default_factory=DemoOptions)
+    flight_started: float | None = None
+    uploaded: int = 0
+    planned: int = 0
+    training: str = "-"
+    seeded: dict[str, Any] | None = None
+    peak_replicas: int = 0
+    peak_lag: int = 0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def ensure_model(stack: EmbeddedStack, say: Callable[[str], None]) -> dict[str, Any]:
+    """The serving model; trains and promotes a first one if the store has none."""
+    from model_store import ModelStore
+
+    store = ModelStore.from_config(stack.config)
+    pointer = store.current()
+    if pointer is not None:
+        return {"version": pointer.version, "seeded": False}
+    from functions.train.dataset import seed_training_data
+
+    say("no model yet: rendering synthetic training scenes")
+    counts = seed_training_data(stack.config, SEED_LABELLED_PER_CLASS, SEED_HOLDOUT_PER_CLASS)
+    say(f"training a first model on {counts['labeled']} scenes "
+        f"({counts['holdout']} held out)")
+    started = time.monotonic()
+    report = stack.train_round("demo: first model", force=True)
+    pointer = store.current()
+    if pointer is None:
+        raise RuntimeError(f"the first training round did not promote a model: "
+                           f"{report.get('reason') or report}")
+    return {"version": pointer.version, "seeded": True, "data": counts,
+            "seconds": round(time.monotonic() - started, 1), "reason": report.get("reason")}
+
+
+def run_demo(
+    env: dict[str, str] | None,
+    options: DemoOptions,
+    *,
+    live: bool = True,
+    say: Callable[[str], None] = print,
+    stack: EmbeddedStack | None = None,
+) -> dict[str, Any]:
+    """The demo, start to finish; returns the summary. ``stack``: an already running one
+    (tests); otherwise one is started and stopped here."""
+    own = stack is None
+    stack = stack or EmbeddedStack(env, idle_s=options.idle_s, max_replicas=options.max_replicas)
+    state = DemoState(options=options)
+    if own:
+        say("starting the embedded stack (S3, Kafka, dispatcher, scale-to-zero predict)")
+        stack.start()
+    try:
+        return _run(stack, options, state, live, say)
+    finally:
+        if own:
+            say("stopping everything")
+            stack.stop()
+
+
+def _run(stack: EmbeddedStack, options: DemoOptions, state: DemoState, live: bool,
+         say: Callable[[str], None]) -> dict[str, Any]:
+    state.phase = "seeding a model"
+    state.seeded = ensure_model(stack, say)
+    say(f"serving model {state.seeded['version']}"
+        + (f" (trained in {state.seeded['seconds']} s)" if state.seeded["seeded"] else ""))
+    plan = Plan(drones=options.drones, rate=options.rate, duration_s=options.duration_s,
+                bursts=options.bursts, labelled_fraction=options.labelled_fraction,
+                seed=options.seed)
+    simulator = Simulator(stack.config, plan)
+    say(f"rendering {plan.pool_size} drone photos ({plan.size[0]}x{plan.size[1]})")
+    simulator.prepare()
+    watcher = PredictionWatcher(stack.config, simulator.uploaded_at).start()
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+
+    def fly() -> None:
+        result["simulation"] = simulator.run(stop).to_dict()
+
+    def train_mid_flight() -> None:
+        # a quarter in: a round takes 10-20 s on a busy laptop, and the new version
+        # should serve a good part of the flight
+        if stop.wait(options.duration_s * options.train_at):
+            return
+        state.training = "round running"
+        try:
+            report = stack.train_round("demo: mid-flight", force=True)
+            state.training = f"{report.get('outcome', '?')}: {report.get('pointer') or '-'}"
+            state.rounds.append({k: report.get(k) for k in
+                                 ("outcome", "reason", "pointer", "timings")})
+        except Exception as exc:  # noqa: BLE001 - the demo goes on without it
+            state.training = f"failed: {exc}"
+            state.rounds.append({"outcome": "failed", "reason": str(exc)})
+
+    state.phase = "flying"
+    state.planned = len(plan.schedule())
+    state.flight_started = time.monotonic()
+    flight = threading.Thread(target=fly, name="flight", daemon=True)
+    trainer = threading.Thread(target=train_mid_flight, name="mid-flight-training", daemon=True)
+    flight.start()
+    if options.train_mid_flight and stack.train_pool is not None:
+        trainer.start()
+    try:
+        _watch(stack, simulator, watcher, state, flight, trainer, live)
+    except KeyboardInterrupt:
+        stop.set()
+        flight.join(10)
+        state.phase = "interrupted"
+        raise
+    finally:
+        watcher.stop()
+    flown = time.monotonic() - state.flight_started
+    summary = _summary(stack, watcher, state, result.get("simulation", {}), flown)
+    return summary
+
+
+def _watch(stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher,
+           state: DemoState, flight: threading.Thread, trainer: threading.Thread,
+           live: bool) -> None:
+    """Refresh the table until the flight is over and the backlog has drained."""
+    from contextlib import nullcontext
+
+    display = None
+    if live:
+        from rich.live import Live
+
+        display = Live(render_table(stack, simulator, watcher, state), refresh_per_second=4,
+                       transient=False)
+    drain_deadline: float | None = None
+    with display or nullcontext():
+        while True:
+            _sample(stack, state)
+            if display is not None:
+                display.update(render_table(stack, simulator, watcher, state))
+            if flight.is_alive() or trainer.is_alive():
+                time.sleep(0.25)
+                continue
+            uploaded = simulator.progress.uploaded
+            if watcher.snapshot()["predicted_images"] + watcher.dead_lettered >= uploaded:
+                break
+            if drain_deadline is None:
+                state.phase = "draining the backlog"
+                drain_deadline = time.monotonic() + state.options.drain_timeout_s
+            elif time.monotonic() > drain_deadline:
+                state.phase = "gave up waiting for the backlog"
+                break
+            time.sleep(0.25)
+        state.phase = "done"
+        if display is not None:
+            display.update(render_table(stack, simulator, watcher, state))
+
+
+def _sample(stack: EmbeddedStack, state: DemoState) -> None:
+    stats = stack.stats()
+    pool = stats["predict"] or {}
+    state.peak_replicas = max(state.peak_replicas, pool.get("replicas", 0))
+    lag = (stats["dispatcher"] or {}).get("lag") or 0
+    state.peak_lag = max(state.peak_lag, lag)
+
+
+def render_table(stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher,
+                 state: DemoState):
+    from rich.table import Table
+
+    stats = stack.stats()
+    pool = stats["predict"] or {}
+    dispatcher = stats["dispatcher"] or {}
+    seen = watcher.snapshot()
+    progress = simulator.progress
+    elapsed = time.monotonic() - state.flight_started if state.flight_started else 0.0
+    plan = simulator.plan
+    t = min(elapsed, plan.duration_s)
+    rate = plan.rate_at(t) if elapsed < plan.duration_s else 0.0
+    burst = " (burst)" if rate > plan.rate else ""
+
+    table = Table(title="lensflow demo", show_header=False, min_width=64)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("phase", f"{state.phase}  {t:4.0f} / {plan.duration_s:.0f} s")
+    flying = f"at {rate:.0f} photos/s{burst}" if elapsed < plan.duration_s else "landed"
+    table.add_row("drones", f"{plan.drones} drones {flying}")
+    table.add_row("events in", f"{progress.uploaded} / {state.planned} planned"
+                  + (f"  ({progress.errors} upload errors)" if progress.errors else ""))
+    table.add_row("predictions out", f"{seen['predicted_images']} images"
+                  + (f" (+{seen['duplicates']} duplicates)" if seen["duplicates"] else ""))
+    table.add_row("dead-lettered", str(seen["dead_lettered"]))
+    table.add_row("consumer lag", f"{dispatcher.get('lag') or 0}  (in flight "
+                  f"{dispatcher.get('in_flight', 0)}, retried {dispatcher.get('retried', 0)})")
+    table.add_row("predict replicas", f"{pool.get('replicas', 0)} ready, "
+                  f"{pool.get('starting', 0)} starting  (cold starts {pool.get('cold_starts', 0)},"
+                  f" ups {pool.get('scale_ups', 0)}, downs {pool.get('scale_downs', 0)})")
+    versions = ", ".join(f"{v}: {n}" for v, n in sorted(seen["versions"].items()))
+    table.add_row("model", f"{seen['model_version'] or (state.seeded or {}).get('version')}"
+                  + (f"  ({versions})" if versions else ""))
+    table.add_row("training", state.training)
+    table.add_row("latency p50 / p95", f"{_fmt(seen['recent_p50_s'])} / "
+                  f"{_fmt(seen['recent_p95_s'])} (last 10 s);  {_fmt(seen['latency_p50_s'])} / "
+                  f"{_fmt(seen['latency_p95_s'])} overall")
+    return table
+
+
+def _fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _summary(stack: EmbeddedStack, watcher: PredictionWatcher, state: DemoState,
+             simulation: dict[str, Any], flown_s: float) -> dict[str, Any]:
+    seen = watcher.snapshot()
+    stats = stack.stats()
+    predicted_s = (watcher.last_at - watcher.first_at) if watcher.first_at and watcher.last_at \
+        else 0.0
+    uploaded = simulation.get("uploaded", 0)
+    return {
+        "phase": state.phase,
+        "model": state.seeded,
+        "simulation": simulation,
+        "uploaded": uploaded,
+        "predicted_images": seen["predicted_images"],
+        "missing": max(uploaded - seen["predicted_images"] - seen["dead_lettered"], 0),
+        "duplicates": seen["duplicates"],
+        "dead_lettered": seen["dead_lettered"],
+        "throughput_per_s": round(seen["predicted_images"] / predicted_s, 2) if predicted_s else None,
+        "peak_throughput_per_s": round(watcher.peak_rate(), 2),
+        "wall_s": round(flown_s, 1),
+        "latency_s": {k: seen[f"latency_{k}_s"] for k in ("p50", "p95", "max")},
+        "model_versions": seen["versions"],
+        "training_rounds": state.rounds,
+        "peak_replicas": state.peak_replicas,
+        "peak_lag": state.peak_lag,
+        "predict": stats["predict"],
+        "dispatcher": {k: v for k, v in (stats["dispatcher"] or {}).items()
+                       if k in ("delivered", "dead_lettered", "failed", "retried", "lag")},
+    }
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    pool = summary.get("predict") or {}
+    lat = summary["latency_s"]
+    lines = [
+        f"uploaded {summary['uploaded']} photos, predicted {summary['predicted_images']} "
+        f"(missing {summary['missing']}, duplicates {summary['duplicates']}, "
+        f"dead-lettered {summary['dead_lettered']}) in {summary['wall_s']} s",
+        f"throughput {summary['throughput_per_s']} predictions/s (peak 5 s: "
+        f"{summary['peak_throughput_per_s']}/s); upload-to-prediction "
+        f"p50 {_fmt(lat['p50'])}, p95 {_fmt(lat['p95'])}, max {_fmt(lat['max'])}",
+        f"predict replicas: peak {summary['peak_replicas']}, cold starts "
+        f"{pool.get('cold_starts')} (last {pool.get('last_cold_start_s')} s), scale-ups "
+        f"{pool.get('scale_ups')}, scale-downs {pool.get('scale_downs')}; peak lag "
+        f"{summary['peak_lag']}",
+        "model versions serving: " + (", ".join(
+            f"{v} ({n})" for v, n in sorted(summary["model_versions"].items())) or "-"),
+    ]
+    for report in summary["training_rounds"]:
+        lines.append(f"training round: {report.get('outcome')}: {report.get('reason')}")
+    return "\n".join(lines)
