@@ -1,0 +1,257 @@
+"""End-to-end benchmark (issue 3): broker → dispatcher → predict replicas → predictions.
+
+1. Throughput: records for N uploaded photos wait on the images topic; the dispatcher
+   drains them through the replica pool. Images/s from first to last prediction, versus
+   the bare decode + invoke loop on the same photos and model, on the same cores.
+2. Latency at half that rate: upload-to-prediction p50/p95 (record produced → prediction
+   event time).
+3. Burst: a base rate, 10x for 20 s, base again; lag, throughput and replicas sampled every
+   0.5 s; the time from the burst's end until the lag is back to zero.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from bench.common import mobilenet_v2_tflite, percentile, write_json
+from bench.predict_bench import bare_loop
+from eventing.contracts import ObjectEvent
+from eventing.dispatcher import Dispatcher
+from eventing.predictions import parse_prediction
+from eventing.producer import make_producer, publish_object_event
+from eventing.topics import ensure_topics
+from lensflow.config import Config
+from lensflow.replicas import ReplicaPool
+from lensflow.s3 import s3_client
+from lensflow.scenes import CLASSES, scene_jpeg
+from lensflow.services import KafkaBroker, S3Server, ensure_buckets
+from model_store import ModelStore
+
+THROUGHPUT_IMAGES = int(os.environ.get("LENSFLOW_BENCH_E2E_IMAGES", "400"))
+LATENCY_SECONDS = 15.0
+BURST = {"base_s": 10.0, "burst_s": 20.0, "after_s": 60.0, "factor": 10}
+
+
+class PredictionWatcher:
+    """Reads the predictions topic from the start; arrival times by subject."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.seen: dict[str, float] = {}  # subject -> event time (epoch s)
+        self.arrivals: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PredictionWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def wait_for(self, subjects: set[str], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not subjects <= self.seen.keys():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _run(self) -> None:
+        consumer = Consumer({"bootstrap.servers": self.config.kafka_bootstrap,
+                             "group.id": "bench-watcher", "enable.auto.commit": False})
+        topic = self.config.topic_predictions
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        while not self._stop.is_set():
+            message = consumer.poll(0.2)
+            if message is None or message.error():
+                continue
+            prediction = parse_prediction(message)
+            if prediction is not None and prediction.subject not in self.seen:
+                at = datetime.fromisoformat(prediction.time.replace("Z", "+00:00")).timestamp()
+                self.seen[prediction.subject] = at
+                self.arrivals.append(time.time())
+        consumer.close()
+
+
+def put_photos(s3, bucket: str, prefix: str, photos: list[bytes], count: int) -> list[ObjectEvent]:
+    events = []
+    for i in range(count):
+        data = photos[i % len(photos)]
+        key = f"{prefix}/{i:05d}.jpg"
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/jpeg")["ETag"]
+        events.append(ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg"))
+    return events
+
+
+def publish_at_rate(producer, config: Config, events: list[ObjectEvent],
+                    rate_at, duration_s: float) -> dict[str, float]:
+    """Publish records following ``rate_at(t)`` images/s; subject -> publish time."""
+    sent: dict[str, float] = {}
+    started = time.monotonic()
+    credit = 0.0
+    last = started
+    index = 0
+    while index < len(events):
+        now = time.monotonic()
+        if now - started >= duration_s:
+            break
+        credit += rate_at(now - started) * (now - last)
+        last = now
+        while credit >= 1 and index < len(events):
+            publish_object_event(producer, config, events[index])
+            sent[events[index].path] = time.time()
+            index += 1
+            credit -= 1
+        producer.poll(0)
+        time.sleep(0.005)
+    producer.flush(10)
+    return sent
+
+
+def run(out_dir: Path) -> dict:
+    model_bytes = mobilenet_v2_tflite(len(CLASSES))
+    photos = [scene_jpeg(CLASSES[i % len(CLASSES)], i, (640, 480), 88) for i in range(16)]
+    result: dict = {"model": "MobileNetV2 224x224x3 (random weights)", "cpus": os.cpu_count()}
+    with S3Server() as s3_server, KafkaBroker() as broker:
+        env = {"LENSFLOW_S3_ENDPOINT": s3_server.endpoint, "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
+               "LENSFLOW_LOG_LEVEL": "WARNING"}
+        config = Config.from_env(env)
+        s3 = s3_client(config)
+        bucket = config.image_buckets[0]
+        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_topics(config)
+        store = ModelStore.from_config(config, s3=s3)
+        store.flip(store.publish(model_bytes, list(CLASSES), created_by="bench").version)
+        bare = bare_loop(model_bytes, photos, 2, config.max_image_pixels)
+        result["bare_c2_images_per_s"] = bare["images_per_s"]
+
+        watcher = PredictionWatcher(config).start()
+        producer = make_producer(config)
+        pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=20, threads=4).start()
+        dispatcher = Dispatcher(config, pool, ordering="unordered", max_in_flight=4)
+        try:
+            # 1. throughput: a backlog drained as fast as the chain allows
+            events = put_photos(s3, bucket, "throughput", photos, THROUGHPUT_IMAGES)
+            publish_at_rate(producer, config, events, lambda t: 1e6, 3600)
+            dispatcher.start()
+            if not watcher.wait_for({e.path for e in events}, 600):
+                raise RuntimeError("not every throughput image got a prediction")
+            times = sorted(watcher.seen[e.path] for e in events)
+            e2e_rate = (len(times) - 1) / (times[-1] - times[0])
+            result["e2e_images_per_s"] = round(e2e_rate, 2)
+            result["ratio_e2e_to_bare"] = round(e2e_rate / bare["images_per_s"], 3)
+            result["replicas_during_throughput"] = pool.stats()["replicas"]
+
+            # 2. latency at half the measured rate
+            half = e2e_rate / 2
+            events = put_photos(s3, bucket, "latency", photos, int(half * LATENCY_SECONDS) + 1)
+            sent = publish_at_rate(producer, config, events, lambda t: half, LATENCY_SECONDS)
+            watcher.wait_for(set(sent), 120)
+            latencies = sorted(watcher.seen[k] - t for k, t in sent.items() if k in watcher.seen)
+            result["latency_rate_images_per_s"] = round(half, 2)
+            result["latency_p50_ms"] = round(percentile(latencies, 50) * 1000, 1)
+            result["latency_p95_ms"] = round(percentile(latencies, 95) * 1000, 1)
+            result["latency_lost"] = len(sent) - len(latencies)
+
+            # 3. a 10x burst over a base of a fifth of capacity
+            result["burst"] = burst(config, s3, bucket, photos, producer, watcher, dispatcher,
+                                    pool, e2e_rate / 5)
+        finally:
+            dispatcher.stop()
+            pool.stop()
+            watcher.stop()
+            producer.flush(5)
+    result["targets"] = {"ratio_e2e_to_bare>=0.8": result["ratio_e2e_to_bare"] >= 0.8}
+    write_json(out_dir, "e2e", result)
+    plot(out_dir, result)
+    return result
+
+
+def burst(config, s3, bucket, photos, producer, watcher, dispatcher, pool, base_rate) -> dict:
+    b = BURST
+    total_s = b["base_s"] + b["burst_s"] + b["after_s"]
+
+    def rate_at(t: float) -> float:
+        in_burst = b["base_s"] <= t < b["base_s"] + b["burst_s"]
+        return base_rate * (b["factor"] if in_burst else 1)
+
+    expected = int(base_rate * (b["base_s"] + b["after_s"] + b["factor"] * b["burst_s"])) + 10
+    events = put_photos(s3, bucket, "burst", photos, expected)
+    samples: list[dict] = []
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def sample() -> None:
+        while not stop.is_set():
+            stats, replicas = dispatcher.stats(), pool.stats()
+            samples.append({"t": round(time.monotonic() - started, 2),
+                            "lag": stats.get("lag"), "delivered": stats["delivered"],
+                            "in_flight": stats.get("in_flight"),
+                            "replicas": replicas["replicas"] + replicas["starting"]})
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    sent = publish_at_rate(producer, config, events, rate_at, total_s)
+    watcher.wait_for(set(sent), 300)
+    time.sleep(1.0)
+    stop.set()
+    sampler.join()
+    burst_end = b["base_s"] + b["burst_s"]
+    recovered = next((s["t"] for s in samples if s["t"] > burst_end and s["lag"] == 0), None)
+    for previous, current in zip(samples, samples[1:], strict=False):
+        dt = current["t"] - previous["t"]
+        current["images_per_s"] = round((current["delivered"] - previous["delivered"]) / dt, 2)
+    return {
+        "base_rate_images_per_s": round(base_rate, 2),
+        "factor": b["factor"],
+        "burst_s": b["burst_s"],
+        "sent": len(sent),
+        "predicted": sum(1 for k in sent if k in watcher.seen),
+        "peak_lag": max((s["lag"] or 0) for s in samples),
+        "max_replicas": max(s["replicas"] for s in samples),
+        "lag_zero_after_burst_s": None if recovered is None else round(recovered - burst_end, 2),
+        "samples": samples,
+    }
+
+
+def plot(out_dir: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = result["burst"]["samples"][1:]
+    t = [s["t"] for s in samples]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+    axes[0].plot(t, [s.get("images_per_s", 0) for s in samples], color="#2a7")
+    axes[0].set_ylabel("images/s")
+    axes[0].set_title(f"10x burst through broker, dispatcher and predict replicas "
+                      f"(base {result['burst']['base_rate_images_per_s']}/s)")
+    axes[1].plot(t, [s["lag"] or 0 for s in samples], color="#c55")
+    axes[1].set_ylabel("consumer lag")
+    axes[2].step(t, [s["replicas"] for s in samples], where="post", color="#357")
+    axes[2].set_ylabel("replicas")
+    axes[2].set_xlabel("seconds")
+    for ax in axes:
+        ax.axvspan(BURST["base_s"], BURST["base_s"] + BURST["burst_s"], color="#fd8", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "e2e.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    import json
+
+    result = run(Path(__file__).parent / "results")
+    result["burst"].pop("samples")
+    print(json.dumps(result, indent=2))
