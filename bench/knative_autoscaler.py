@@ -264,7 +264,7 @@ def summarize(rows: dict[str, np.ndarray], kpa: Kpa, trace: Trace) -> dict[str, 
     zero_at = rows["t"][after][rows["pods"][after] == 0]
     return {
         "images": round(float(total), 1),
-        "unfinished": round(float(total - rows["done"][-1]), 1),
+        "unfinished": round(max(0.0, float(total - rows["done"][-1])), 1),
         "latency_p50_s": round(float(np.percentile(wait, 50)), 2),
         "latency_p95_s": round(float(np.percentile(wait, 95)), 2),
         "latency_max_s": round(float(wait.max()), 2),
