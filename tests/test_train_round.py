@@ -144,6 +144,12 @@ def test_worse_challenger_is_published_but_not_promoted(env):
     assert [v.version for v in store.list_versions()][-1] == report.challenger["version"]
     assert len(store.history()) == 1
 
+    # The next tick does not retrain the loser on the same data.
+    again = run_round(config)
+    assert again.outcome == "skipped"
+    assert f"the last round, which challenged {champion}" in again.reason
+    assert len(store.list_versions()) == 2
+
 
 @pytest.mark.slow
 def test_pinned_pointer_is_respected(env, untrained_tflite):

@@ -131,7 +131,16 @@ def run_round(
     return report
 
 
-def _run(config, s3, store, report, clock, say, force, seed) -> None:  # noqa: C901 (one story)
+def _run(  # noqa: C901 (one story, told in order)
+    config: Config,
+    s3,
+    store: ModelStore,
+    report: RoundReport,
+    clock: _Clock,
+    say: Callable[..., None],
+    force: bool,
+    seed: int,
+) -> None:
     bucket = config.train_bucket
     say("data", f"listing s3://{bucket}/{dataset.LABELED}/ and /{dataset.HOLDOUT}/")
     labeled, holdout = dataset.Split(dataset.LABELED), dataset.Split(dataset.HOLDOUT)
@@ -140,9 +149,8 @@ def _run(config, s3, store, report, clock, say, force, seed) -> None:  # noqa: C
         holdout = dataset.list_split(s3, bucket, dataset.HOLDOUT)
     pointer = store.current()
     champion = _champion(store, pointer.version) if pointer else None
-    seen_before = (
-        int((champion.metadata.get("metrics") or {}).get("labeled_images", 0)) if champion else 0
-    )
+    baseline = _baseline(store, champion)
+    seen_before = _labeled_images(baseline)
     report.pointer = pointer.version if pointer else None
     report.data = {
         "bucket": bucket,
@@ -150,7 +158,8 @@ def _run(config, s3, store, report, clock, say, force, seed) -> None:  # noqa: C
         "labeled_total": len(labeled),
         "holdout": holdout.counts,
         "holdout_total": len(holdout),
-        "new_since_champion": len(labeled) - seen_before,
+        "new_since_champion": len(labeled) - _labeled_images(champion),
+        "new_since_last_round": len(labeled) - seen_before,
     }
     clock.lap("list_s")
 
@@ -161,9 +170,12 @@ def _run(config, s3, store, report, clock, say, force, seed) -> None:  # noqa: C
         report.reason = f"need labelled images of at least two classes under s3://{bucket}/{dataset.LABELED}/<class>/"
         return
     new = len(labeled) - seen_before
-    if champion is not None and not force and new < config.train_min_new:
+    if baseline is not None and not force and new < config.train_min_new:
+        since = f"{baseline.version}'s round"
+        if champion is not None and baseline.version != champion.version:
+            since += f" (the last round, which challenged {champion.version})"
         report.reason = (
-            f"{new} labelled images new since {champion.version}'s round; "
+            f"{new} labelled images new since {since}; "
             f"LENSFLOW_TRAIN_MIN_NEW is {config.train_min_new}"
         )
         return
@@ -304,6 +316,25 @@ def _bucket_exists(s3, bucket: str) -> bool:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
             return False
         raise
+
+
+def _labeled_images(info: VersionInfo | None) -> int:
+    if info is None:
+        return 0
+    return int((info.metadata.get("metrics") or {}).get("labeled_images", 0) or 0)
+
+
+def _baseline(store: ModelStore, champion: VersionInfo | None) -> VersionInfo | None:
+    """The round new data is counted from: the champion's, or a later round that challenged
+    it and lost (so a losing challenger is not retrained on the same data every tick)."""
+    parent = champion.version if champion else None
+    for info in reversed(store.list_versions()):
+        if champion is not None and info.version == champion.version:
+            break
+        if info.metadata.get("created_by") == CREATED_BY and info.metadata.get("parent") == parent:
+            if _labeled_images(info) >= _labeled_images(champion):
+                return info
+    return champion
 
 
 def _champion(store: ModelStore, version: str) -> VersionInfo | None:
