@@ -190,16 +190,22 @@ def ensure_model(stack: EmbeddedStack, say: Callable[[str], None]) -> dict[str, 
         return {"version": pointer.version, "seeded": False}
     from functions.train.dataset import seed_training_data
 
-    say("no model yet: rendering synthetic training scenes")
-    counts = seed_training_data(stack.config, SEED_LABELLED_PER_CLASS, SEED_HOLDOUT_PER_CLASS)
-    say(f"training a first model on {counts['labeled']} scenes "
-        f"({counts['holdout']} held out)")
     started = time.monotonic()
-    report = stack.train_round("demo: first model", force=True)
-    pointer = store.current()
-    if pointer is None:
-        raise RuntimeError(f"the first training round did not promote a model: "
-                           f"{report.get('reason') or report}")
+    per_class = SEED_LABELLED_PER_CLASS
+    for attempt in (1, 2):
+        say("no model yet: rendering synthetic training scenes")
+        counts = seed_training_data(stack.config, per_class, SEED_HOLDOUT_PER_CLASS)
+        say(f"training a first model on {counts['labeled']} scenes "
+            f"({counts['holdout']} held out)")
+        report = stack.train_round("demo: first model", force=True)
+        pointer = store.current()
+        if pointer is not None:
+            break
+        if attempt == 2:
+            raise RuntimeError(f"the first training round did not promote a model: "
+                               f"{report.get('reason') or report}")
+        say(f"not good enough ({report.get('reason')}); again with more scenes")
+        per_class *= 3  # same seed: adds scenes to the ones already there
     return {"version": pointer.version, "seeded": True, "data": counts,
             "seconds": round(time.monotonic() - started, 1), "reason": report.get("reason")}
 

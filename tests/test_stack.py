@@ -127,3 +127,87 @@ def test_upload_to_prediction_through_the_stack_and_a_killed_replica_loses_nothi
         assert stats["dispatcher"]["dead_lettered"] == 0
         pids = [pid for group in stack.pids().values() for pid in group]
     assert gone(pids)
+
+
+def test_a_short_demo_predicts_every_upload(tiny_models, tmp_path):
+    from lensflow.demo import DemoOptions, run_demo
+    from lensflow.simulate import Burst
+
+    options = DemoOptions(duration_s=4, drones=2, rate=5, bursts=(Burst(3, 1, 1),),
+                          labelled_fraction=0, train_mid_flight=False, drain_timeout_s=60)
+    with EmbeddedStack(stack_env(), log_dir=tmp_path, idle_s=5) as stack:
+        publish_model(stack, tiny_models["first"])
+        summary = run_demo(None, options, live=False, say=lambda text: None, stack=stack)
+    assert summary["uploaded"] == 5 * 3 + 15 == summary["predicted_images"]
+    assert summary["missing"] == 0 and summary["dead_lettered"] == 0
+    assert summary["model_versions"] == {"v1": 30 + summary["duplicates"]}
+    assert 0 < summary["latency_s"]["p50"] <= summary["latency_s"]["p95"]
+    assert summary["predict"]["cold_starts"] == 1
+
+
+def processes_with(text: str) -> list[int]:
+    """Pids of processes whose environment mentions ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_demo_command_seeds_a_model_flies_and_leaves_nothing_behind():
+    import json
+    import subprocess
+    import sys
+
+    env = stack_env()
+    tag = env["LENSFLOW_IMAGE_BUCKETS"]
+    reply = subprocess.run(
+        [sys.executable, "-m", "lensflow", "demo", "--json", "--duration", "3", "--rate", "4",
+         "--burst", "none", "--no-train", "--drones", "2"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+    assert reply.returncode == 0, reply.stderr[-2000:]
+    summary = json.loads(reply.stdout)
+    assert summary["model"]["seeded"] and summary["model"]["version"] == "v1"
+    assert summary["uploaded"] == 12 == summary["predicted_images"]
+    time.sleep(0.5)
+    assert processes_with(tag) == []
+    host, port = env["LENSFLOW_KAFKA_BOOTSTRAP"].split(":")
+    assert not port_open(host, int(port))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_up_runs_until_ctrl_c_and_leaves_nothing_behind(sig, tiny_models):
+    import subprocess
+    import sys
+
+    env = stack_env()
+    tag = env["LENSFLOW_IMAGE_BUCKETS"]
+    proc = subprocess.Popen([sys.executable, "-m", "lensflow", "up", "--idle", "2"],
+                            env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = [proc.stdout.readline() for _ in range(3)]
+        assert "is up" in banner[0] and env["LENSFLOW_KAFKA_BOOTSTRAP"] in banner[1]
+        # a second shell can use it: one upload gets a prediction (a replica starts)
+        config = EmbeddedStack(env, log_dir=None).config
+        stack = type("Running", (), {"config": config})()
+        ModelStore.from_config(config).publish(tiny_models["first"], LABELS)
+        ModelStore.from_config(config).flip("v1")
+        upload(stack, ["up/one.jpg"])
+        assert predicted(stack, {"up/one.jpg"}, timeout_s=60)
+        assert len(processes_with(tag)) >= 3  # kafka, s3, a predict replica (and workers)
+        proc.send_signal(sig)
+        proc.wait(60)
+        out, err = "".join(banner) + proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "export LENSFLOW_TOPIC_IMAGES=" in out and "SECRET" not in out
+    time.sleep(0.5)
+    assert processes_with(tag) == []
