@@ -87,8 +87,13 @@ class PredictionWatcher:
     def _run(self) -> None:
         from eventing.predictions import parse_prediction
 
-        consumer = Consumer({"bootstrap.servers": self.config.kafka_bootstrap,
-                             "group.id": "lensflow-demo-watch", "enable.auto.commit": False})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.config.kafka_bootstrap,
+                "group.id": "lensflow-demo-watch",
+                "enable.auto.commit": False,
+            }
+        )
         try:
             topic = self.config.topic_predictions
             partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -137,8 +142,10 @@ class PredictionWatcher:
             if not self.per_second:
                 return 0.0
             first, last = min(self.per_second), max(self.per_second)
-            sums = [sum(self.per_second[s] for s in range(t, t + window_s))
-                    for t in range(first, max(first, last - window_s + 1) + 1)]
+            sums = [
+                sum(self.per_second[s] for s in range(t, t + window_s))
+                for t in range(first, max(first, last - window_s + 1) + 1)
+            ]
             return max(sums) / window_s
 
     def snapshot(self) -> dict[str, Any]:
@@ -195,19 +202,25 @@ def ensure_model(stack: EmbeddedStack, say: Callable[[str], None]) -> dict[str, 
     for attempt in (1, 2):
         say("no model yet: rendering synthetic training scenes")
         counts = seed_training_data(stack.config, per_class, SEED_HOLDOUT_PER_CLASS)
-        say(f"training a first model on {counts['labeled']} scenes "
-            f"({counts['holdout']} held out)")
+        say(f"training a first model on {counts['labeled']} scenes ({counts['holdout']} held out)")
         report = stack.train_round("demo: first model", force=True)
         pointer = store.current()
         if pointer is not None:
             break
         if attempt == 2:
-            raise RuntimeError(f"the first training round did not promote a model: "
-                               f"{report.get('reason') or report}")
+            raise RuntimeError(
+                f"the first training round did not promote a model: "
+                f"{report.get('reason') or report}"
+            )
         say(f"not good enough ({report.get('reason')}); again with more scenes")
         per_class *= 3  # same seed: adds scenes to the ones already there
-    return {"version": pointer.version, "seeded": True, "data": counts,
-            "seconds": round(time.monotonic() - started, 1), "reason": report.get("reason")}
+    return {
+        "version": pointer.version,
+        "seeded": True,
+        "data": counts,
+        "seconds": round(time.monotonic() - started, 1),
+        "reason": report.get("reason"),
+    }
 
 
 def run_demo(
@@ -234,15 +247,27 @@ def run_demo(
             stack.stop()
 
 
-def _run(stack: EmbeddedStack, options: DemoOptions, state: DemoState, live: bool,
-         say: Callable[[str], None]) -> dict[str, Any]:
+def _run(
+    stack: EmbeddedStack,
+    options: DemoOptions,
+    state: DemoState,
+    live: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     state.phase = "seeding a model"
     state.seeded = ensure_model(stack, say)
-    say(f"serving model {state.seeded['version']}"
-        + (f" (trained in {state.seeded['seconds']} s)" if state.seeded["seeded"] else ""))
-    plan = Plan(drones=options.drones, rate=options.rate, duration_s=options.duration_s,
-                bursts=options.bursts, labelled_fraction=options.labelled_fraction,
-                seed=options.seed)
+    say(
+        f"serving model {state.seeded['version']}"
+        + (f" (trained in {state.seeded['seconds']} s)" if state.seeded["seeded"] else "")
+    )
+    plan = Plan(
+        drones=options.drones,
+        rate=options.rate,
+        duration_s=options.duration_s,
+        bursts=options.bursts,
+        labelled_fraction=options.labelled_fraction,
+        seed=options.seed,
+    )
     simulator = Simulator(stack.config, plan)
     say(f"rendering {plan.pool_size} drone photos ({plan.size[0]}x{plan.size[1]})")
     simulator.prepare()
@@ -262,8 +287,9 @@ def _run(stack: EmbeddedStack, options: DemoOptions, state: DemoState, live: boo
         try:
             report = stack.train_round("demo: mid-flight", force=True)
             state.training = f"{report.get('outcome', '?')}: {report.get('pointer') or '-'}"
-            state.rounds.append({k: report.get(k) for k in
-                                 ("outcome", "reason", "pointer", "timings")})
+            state.rounds.append(
+                {k: report.get(k) for k in ("outcome", "reason", "pointer", "timings")}
+            )
         except Exception as exc:  # noqa: BLE001 - the demo goes on without it
             state.training = f"failed: {exc}"
             state.rounds.append({"outcome": "failed", "reason": str(exc)})
@@ -290,9 +316,15 @@ def _run(stack: EmbeddedStack, options: DemoOptions, state: DemoState, live: boo
     return summary
 
 
-def _watch(stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher,
-           state: DemoState, flight: threading.Thread, trainer: threading.Thread,
-           live: bool) -> None:
+def _watch(
+    stack: EmbeddedStack,
+    simulator: Simulator,
+    watcher: PredictionWatcher,
+    state: DemoState,
+    flight: threading.Thread,
+    trainer: threading.Thread,
+    live: bool,
+) -> None:
     """Refresh the table until the flight is over and the backlog has drained."""
     from contextlib import nullcontext
 
@@ -300,8 +332,9 @@ def _watch(stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatche
     if live:
         from rich.live import Live
 
-        display = Live(render_table(stack, simulator, watcher, state), refresh_per_second=4,
-                       transient=False)
+        display = Live(
+            render_table(stack, simulator, watcher, state), refresh_per_second=4, transient=False
+        )
     drain_deadline: float | None = None
     with display or nullcontext():
         while True:
@@ -334,8 +367,9 @@ def _sample(stack: EmbeddedStack, state: DemoState) -> None:
     state.peak_lag = max(state.peak_lag, lag)
 
 
-def render_table(stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher,
-                 state: DemoState):
+def render_table(
+    stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher, state: DemoState
+):
     from rich.table import Table
 
     stats = stack.stats()
@@ -355,23 +389,41 @@ def render_table(stack: EmbeddedStack, simulator: Simulator, watcher: Prediction
     table.add_row("phase", f"{state.phase}  {t:4.0f} / {plan.duration_s:.0f} s")
     flying = f"at {rate:.0f} photos/s{burst}" if elapsed < plan.duration_s else "landed"
     table.add_row("drones", f"{plan.drones} drones {flying}")
-    table.add_row("events in", f"{progress.uploaded} / {state.planned} planned"
-                  + (f"  ({progress.errors} upload errors)" if progress.errors else ""))
-    table.add_row("predictions out", f"{seen['predicted_images']} images"
-                  + (f" (+{seen['duplicates']} duplicates)" if seen["duplicates"] else ""))
+    table.add_row(
+        "events in",
+        f"{progress.uploaded} / {state.planned} planned"
+        + (f"  ({progress.errors} upload errors)" if progress.errors else ""),
+    )
+    table.add_row(
+        "predictions out",
+        f"{seen['predicted_images']} images"
+        + (f" (+{seen['duplicates']} duplicates)" if seen["duplicates"] else ""),
+    )
     table.add_row("dead-lettered", str(seen["dead_lettered"]))
-    table.add_row("consumer lag", f"{dispatcher.get('lag') or 0}  (in flight "
-                  f"{dispatcher.get('in_flight', 0)}, retried {dispatcher.get('retried', 0)})")
-    table.add_row("predict replicas", f"{pool.get('replicas', 0)} ready, "
-                  f"{pool.get('starting', 0)} starting  (cold starts {pool.get('cold_starts', 0)},"
-                  f" ups {pool.get('scale_ups', 0)}, downs {pool.get('scale_downs', 0)})")
+    table.add_row(
+        "consumer lag",
+        f"{dispatcher.get('lag') or 0}  (in flight "
+        f"{dispatcher.get('in_flight', 0)}, retried {dispatcher.get('retried', 0)})",
+    )
+    table.add_row(
+        "predict replicas",
+        f"{pool.get('replicas', 0)} ready, "
+        f"{pool.get('starting', 0)} starting  (cold starts {pool.get('cold_starts', 0)},"
+        f" ups {pool.get('scale_ups', 0)}, downs {pool.get('scale_downs', 0)})",
+    )
     versions = ", ".join(f"{v}: {n}" for v, n in sorted(seen["versions"].items()))
-    table.add_row("model", f"{seen['model_version'] or (state.seeded or {}).get('version')}"
-                  + (f"  ({versions})" if versions else ""))
+    table.add_row(
+        "model",
+        f"{seen['model_version'] or (state.seeded or {}).get('version')}"
+        + (f"  ({versions})" if versions else ""),
+    )
     table.add_row("training", state.training)
-    table.add_row("latency p50 / p95", f"{_fmt(seen['recent_p50_s'])} / "
-                  f"{_fmt(seen['recent_p95_s'])} (last 10 s);  {_fmt(seen['latency_p50_s'])} / "
-                  f"{_fmt(seen['latency_p95_s'])} overall")
+    table.add_row(
+        "latency p50 / p95",
+        f"{_fmt(seen['recent_p50_s'])} / "
+        f"{_fmt(seen['recent_p95_s'])} (last 10 s);  {_fmt(seen['latency_p50_s'])} / "
+        f"{_fmt(seen['latency_p95_s'])} overall",
+    )
     return table
 
 
@@ -379,12 +431,18 @@ def _fmt(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
-def _summary(stack: EmbeddedStack, watcher: PredictionWatcher, state: DemoState,
-             simulation: dict[str, Any], flown_s: float) -> dict[str, Any]:
+def _summary(
+    stack: EmbeddedStack,
+    watcher: PredictionWatcher,
+    state: DemoState,
+    simulation: dict[str, Any],
+    flown_s: float,
+) -> dict[str, Any]:
     seen = watcher.snapshot()
     stats = stack.stats()
-    predicted_s = (watcher.last_at - watcher.first_at) if watcher.first_at and watcher.last_at \
-        else 0.0
+    predicted_s = (
+        (watcher.last_at - watcher.first_at) if watcher.first_at and watcher.last_at else 0.0
+    )
     uploaded = simulation.get("uploaded", 0)
     return {
         "phase": state.phase,
@@ -395,7 +453,9 @@ def _summary(stack: EmbeddedStack, watcher: PredictionWatcher, state: DemoState,
         "missing": max(uploaded - seen["predicted_images"] - seen["dead_lettered"], 0),
         "duplicates": seen["duplicates"],
         "dead_lettered": seen["dead_lettered"],
-        "throughput_per_s": round(seen["predicted_images"] / predicted_s, 2) if predicted_s else None,
+        "throughput_per_s": round(seen["predicted_images"] / predicted_s, 2)
+        if predicted_s
+        else None,
         "peak_throughput_per_s": round(watcher.peak_rate(), 2),
         "wall_s": round(flown_s, 1),
         "latency_s": {k: seen[f"latency_{k}_s"] for k in ("p50", "p95", "max")},
@@ -404,8 +464,11 @@ def _summary(stack: EmbeddedStack, watcher: PredictionWatcher, state: DemoState,
         "peak_replicas": state.peak_replicas,
         "peak_lag": state.peak_lag,
         "predict": stats["predict"],
-        "dispatcher": {k: v for k, v in (stats["dispatcher"] or {}).items()
-                       if k in ("delivered", "dead_lettered", "failed", "retried", "lag")},
+        "dispatcher": {
+            k: v
+            for k, v in (stats["dispatcher"] or {}).items()
+            if k in ("delivered", "dead_lettered", "failed", "retried", "lag")
+        },
     }
 
 
@@ -423,8 +486,8 @@ def summary_text(summary: dict[str, Any]) -> str:
         f"{pool.get('cold_starts')} (last {pool.get('last_cold_start_s')} s), scale-ups "
         f"{pool.get('scale_ups')}, scale-downs {pool.get('scale_downs')}; peak lag "
         f"{summary['peak_lag']}",
-        "model versions serving: " + (", ".join(
-            f"{v} ({n})" for v, n in sorted(summary["model_versions"].items())) or "-"),
+        "model versions serving: "
+        + (", ".join(f"{v} ({n})" for v, n in sorted(summary["model_versions"].items())) or "-"),
     ]
     for report in summary["training_rounds"]:
         lines.append(f"training round: {report.get('outcome')}: {report.get('reason')}")

@@ -130,8 +130,12 @@ class ReplicaPool:
         self._stoppers: list[threading.Thread] = []
         self._local = threading.local()
         self._counts = {
-            "requests": 0, "cold_starts": 0, "scale_ups": 0, "scale_downs": 0,
-            "deaths": 0, "start_failures": 0,
+            "requests": 0,
+            "cold_starts": 0,
+            "scale_ups": 0,
+            "scale_downs": 0,
+            "deaths": 0,
+            "start_failures": 0,
         }
         self._startups: deque[float] = deque(maxlen=50)
         self._last_cold_start_s: float | None = None
@@ -140,8 +144,9 @@ class ReplicaPool:
 
     def start(self) -> ReplicaPool:
         if self._ticker is None:
-            self._ticker = threading.Thread(target=self._tick_loop, name=f"{self.function}-pool",
-                                            daemon=True)
+            self._ticker = threading.Thread(
+                target=self._tick_loop, name=f"{self.function}-pool", daemon=True
+            )
             self._ticker.start()
         return self
 
@@ -177,8 +182,13 @@ class ReplicaPool:
         """POST to the least-busy ready replica, starting one first if none is running."""
         replica = self._acquire(time.monotonic() + min(timeout_s, self.startup_timeout_s))
         try:
-            reply = self._session().post(replica.url, headers=dict(headers), data=body,
-                                         timeout=timeout_s, allow_redirects=False)
+            reply = self._session().post(
+                replica.url,
+                headers=dict(headers),
+                data=body,
+                timeout=timeout_s,
+                allow_redirects=False,
+            )
             return reply.status_code, reply.content
         except requests.RequestException:
             self._check(replica)  # notice a dead replica now, not at the next tick
@@ -269,18 +279,32 @@ class ReplicaPool:
         from lensflow.cli.functions import function_command
 
         proc = subprocess.Popen(
-            function_command(self.function, port), env=self._env, cwd=ROOT,
-            stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            function_command(self.function, port),
+            env=self._env,
+            cwd=ROOT,
+            stdout=log_file or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         replica = Replica(number, port, proc, log_file)
         cold = not self._replicas
         self._replicas.append(replica)
         self._counts["cold_starts" if cold else "scale_ups"] += 1
-        log.info("%s replica %d starting on port %d (pid %d, %s)", self.function, number, port,
-                 proc.pid, "cold start" if cold else "scale up")
-        threading.Thread(target=self._await_ready, args=(replica, cold), daemon=True,
-                         name=f"{self.function}-{number}-start").start()
+        log.info(
+            "%s replica %d starting on port %d (pid %d, %s)",
+            self.function,
+            number,
+            port,
+            proc.pid,
+            "cold start" if cold else "scale up",
+        )
+        threading.Thread(
+            target=self._await_ready,
+            args=(replica, cold),
+            daemon=True,
+            name=f"{self.function}-{number}-start",
+        ).start()
 
     def _await_ready(self, replica: Replica, cold: bool) -> None:
         reason = self._probe(replica)
@@ -292,14 +316,23 @@ class ReplicaPool:
                 self._startups.append(replica.startup_s or 0.0)
                 if cold:
                     self._last_cold_start_s = replica.startup_s
-                log.info("%s replica %d ready in %.2f s", self.function, replica.number,
-                         replica.startup_s)
+                log.info(
+                    "%s replica %d ready in %.2f s",
+                    self.function,
+                    replica.number,
+                    replica.startup_s,
+                )
             else:
                 self._counts["start_failures"] += 1
                 self._last_start_error = (time.monotonic(), reason)
                 self._replicas.remove(replica)
-                log.warning("%s replica %d did not start: %s (log: %s)", self.function,
-                            replica.number, reason, self.log_dir or "not kept")
+                log.warning(
+                    "%s replica %d did not start: %s (log: %s)",
+                    self.function,
+                    replica.number,
+                    reason,
+                    self.log_dir or "not kept",
+                )
             self._cond.notify_all()
         if reason is not None:
             self._terminate(replica, 5.0)
@@ -341,14 +374,20 @@ class ReplicaPool:
             wanted = self._wanted(max(d for _, d in self._samples))
             self._grow_locked(wanted)  # replaces dead replicas, keeps min_replicas
             surplus = len(self._replicas) - wanted
-            idle = sorted((r for r in self._replicas if r.ready and r.in_flight == 0),
-                          key=lambda r: r.last_active)
-            retired = idle[:max(surplus, 0)]
+            idle = sorted(
+                (r for r in self._replicas if r.ready and r.in_flight == 0),
+                key=lambda r: r.last_active,
+            )
+            retired = idle[: max(surplus, 0)]
             for replica in retired:
                 self._replicas.remove(replica)
                 self._counts["scale_downs"] += 1
-                log.info("%s replica %d idle: stopping (%d left)", self.function,
-                         replica.number, len(self._replicas))
+                log.info(
+                    "%s replica %d idle: stopping (%d left)",
+                    self.function,
+                    replica.number,
+                    len(self._replicas),
+                )
             if retired:
                 self._cond.notify_all()
         for replica in retired:
@@ -359,8 +398,13 @@ class ReplicaPool:
     def _drop_dead_locked(self, replica: Replica) -> None:
         self._replicas.remove(replica)
         self._counts["deaths"] += 1
-        log.warning("%s replica %d (pid %d) died with code %s", self.function, replica.number,
-                    replica.proc.pid, replica.proc.returncode)
+        log.warning(
+            "%s replica %d (pid %d) died with code %s",
+            self.function,
+            replica.number,
+            replica.proc.pid,
+            replica.proc.returncode,
+        )
         self._cond.notify_all()
         # the server is gone; its workers may not be
         threading.Thread(target=self._terminate, args=(replica, 1.0), daemon=True).start()

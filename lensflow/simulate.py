@@ -45,7 +45,9 @@ class Burst:
         try:
             factor, start, length = (float(part) for part in text.split(":"))
         except ValueError:
-            raise ValueError(f"a burst is FACTOR:START:LENGTH (like 10:20:20), not {text!r}") from None
+            raise ValueError(
+                f"a burst is FACTOR:START:LENGTH (like 10:20:20), not {text!r}"
+            ) from None
         if factor <= 0 or start < 0 or length <= 0:
             raise ValueError(f"burst {text!r}: factor and length must be > 0, start >= 0")
         return cls(factor, start, length)
@@ -82,9 +84,18 @@ class Plan:
     def schedule(self) -> list[float]:
         """Send times (seconds from the start) of every upload: evenly spaced at the rate
         in force, so the count is the integral of the rate over the duration."""
-        edges = sorted({0.0, self.duration_s, *(t for b in self.bursts
-                                                for t in (b.start_s, b.start_s + b.length_s)
-                                                if 0 < t < self.duration_s)})
+        edges = sorted(
+            {
+                0.0,
+                self.duration_s,
+                *(
+                    t
+                    for b in self.bursts
+                    for t in (b.start_s, b.start_s + b.length_s)
+                    if 0 < t < self.duration_s
+                ),
+            }
+        )
         times: list[float] = []
         done = 0.0  # uploads owed by the start of the segment (the rate's integral)
         for start, end in zip(edges, edges[1:], strict=False):
@@ -167,8 +178,11 @@ class Simulator:
             self.photos = render_pool(self.plan)
         return self
 
-    def run(self, stop: threading.Event | None = None,
-            on_progress: Callable[[Progress], None] | None = None) -> Result:
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> Result:
         """Fly the plan (until it ends or ``stop`` is set); wait for every record's ack."""
         self.prepare()
         stop = stop or threading.Event()
@@ -180,8 +194,12 @@ class Simulator:
         photos = [picks.randrange(len(self.photos)) for _ in times]
         start = time.monotonic()
         drones = [
-            threading.Thread(target=self._fly, name=f"drone-{d}", daemon=True,
-                             args=(d, start, times, photos, flags, stop))
+            threading.Thread(
+                target=self._fly,
+                name=f"drone-{d}",
+                daemon=True,
+                args=(d, start, times, photos, flags, stop),
+            )
             for d in range(self.plan.drones)
         ]
         for drone in drones:
@@ -206,17 +224,30 @@ class Simulator:
         p = self.progress
         return Result(
             plan={**asdict(self.plan), "bursts": [asdict(b) for b in self.plan.bursts]},
-            planned=p.planned, uploaded=p.uploaded,
+            planned=p.planned,
+            uploaded=p.uploaded,
             published=p.uploaded - published_errors - len(self.tracker.errors),
-            labelled=p.labelled, errors=p.errors, last_error=p.last_error, bytes=p.bytes,
-            duration_s=round(elapsed, 3), rate=round(p.uploaded / elapsed, 2) if elapsed else 0.0,
+            labelled=p.labelled,
+            errors=p.errors,
+            last_error=p.last_error,
+            bytes=p.bytes,
+            duration_s=round(elapsed, 3),
+            rate=round(p.uploaded / elapsed, 2) if elapsed else 0.0,
             peak_planned_rate=max((self.plan.rate_at(t) for t in times), default=0.0),
-            max_behind_s=round(p.max_behind_s, 3), per_drone=list(p.per_drone),
+            max_behind_s=round(p.max_behind_s, 3),
+            per_drone=list(p.per_drone),
             per_class=dict(sorted(self._per_class.items())),
         )
 
-    def _fly(self, drone: int, start: float, times: list[float], photos: list[int],
-             flags: list[bool], stop: threading.Event) -> None:
+    def _fly(
+        self,
+        drone: int,
+        start: float,
+        times: list[float],
+        photos: list[int],
+        flags: list[bool],
+        stop: threading.Event,
+    ) -> None:
         for k in range(drone, len(times), self.plan.drones):
             late = time.monotonic() - start - times[k]
             if late < 0 and stop.wait(-late):
@@ -229,21 +260,33 @@ class Simulator:
         bucket = self.config.image_buckets[0]
         key = f"{self.plan.prefix}/drone-{drone:02d}/{self.plan.seed}-{k:06d}.jpg"
         try:
-            reply = self.s3.put_object(Bucket=bucket, Key=key, Body=photo.jpeg,
-                                       ContentType="image/jpeg",
-                                       Metadata={"drone": str(drone), "class": photo.cls})
+            reply = self.s3.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=photo.jpeg,
+                ContentType="image/jpeg",
+                Metadata={"drone": str(drone), "class": photo.cls},
+            )
             now = time.time()
             self.uploaded_at[f"{bucket}/{key}"] = now
             event = ObjectEvent(
-                OBJECT_CREATED_PUT, bucket, key, etag=reply["ETag"].strip('"'),
-                size=len(photo.jpeg), content_type="image/jpeg",
-                user_metadata={"X-Amz-Meta-Drone": str(drone)}, event_time=_iso(now),
+                OBJECT_CREATED_PUT,
+                bucket,
+                key,
+                etag=reply["ETag"].strip('"'),
+                size=len(photo.jpeg),
+                content_type="image/jpeg",
+                user_metadata={"X-Amz-Meta-Drone": str(drone)},
+                event_time=_iso(now),
             )
             publish_object_event(self.producer, self.config, event, self.tracker)
             if labelled:
                 self.s3.put_object(
-                    Bucket=self.config.train_bucket, Body=photo.jpeg, ContentType="image/jpeg",
-                    Key=f"labeled/{photo.cls}/{self.plan.prefix}-{self.plan.seed}-{k:06d}.jpg")
+                    Bucket=self.config.train_bucket,
+                    Body=photo.jpeg,
+                    ContentType="image/jpeg",
+                    Key=f"labeled/{photo.cls}/{self.plan.prefix}-{self.plan.seed}-{k:06d}.jpg",
+                )
         except Exception as exc:  # noqa: BLE001 - a drone keeps flying; the count says it
             with self._lock:
                 self.progress.errors += 1

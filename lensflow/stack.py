@@ -43,8 +43,9 @@ DEFAULT_LOG_DIR = ROOT / "var" / "logs"
 
 # As knative/base/kafkasource-images.yaml says.
 SOURCE_ORDERING = "unordered"
-SOURCE_DELIVERY = DeliverySpec(retry=6, backoff_policy="exponential", backoff_delay_s=0.5,
-                               timeout_s=60.0)
+SOURCE_DELIVERY = DeliverySpec(
+    retry=6, backoff_policy="exponential", backoff_delay_s=0.5, timeout_s=60.0
+)
 SOURCE_GROUP = "lensflow-predict"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TRAIN_FUNCTION = ROOT / "functions" / "train" / "main.py"
@@ -100,8 +101,9 @@ class EmbeddedStack:
         self.group_id = group_id
         self.train_every_s = train_every_s
         self.dispatch = dispatch
-        self._pool_options = dict(max_replicas=max_replicas,
-                                  target_concurrency=target_concurrency, idle_s=idle_s)
+        self._pool_options = dict(
+            max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
+        )
         self.servers: list[ChildServer] = []
         self.external: dict[str, str] = {}  # what we use but did not start
         self.pool: ReplicaPool | None = None
@@ -123,40 +125,56 @@ class EmbeddedStack:
 
     def _start(self) -> None:
         self._open_log()
-        self._start_server("kafka", embedded_kafka_address(self.config), KafkaBroker,
-                           self.config.kafka_bootstrap)
-        self._start_server("s3", embedded_s3_address(self.config), S3Server,
-                           self.config.s3_endpoint or "AWS S3")
+        self._start_server(
+            "kafka", embedded_kafka_address(self.config), KafkaBroker, self.config.kafka_bootstrap
+        )
+        self._start_server(
+            "s3", embedded_s3_address(self.config), S3Server, self.config.s3_endpoint or "AWS S3"
+        )
         from eventing.topics import ensure_topics
         from lensflow.s3 import s3_client
         from lensflow.services import ensure_buckets
 
-        buckets = dict.fromkeys([*self.config.image_buckets, self.config.train_bucket,
-                                 self.config.model_bucket])
+        buckets = dict.fromkeys(
+            [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
+        )
         ensure_buckets(s3_client(self.config), list(buckets))
         ensure_topics(self.config)
         pool_log = self.log_dir
-        self.pool = ReplicaPool(self.env, function="predict", log_dir=pool_log,
-                                **self._pool_options).start()
+        self.pool = ReplicaPool(
+            self.env, function="predict", log_dir=pool_log, **self._pool_options
+        ).start()
         if self.dispatch:
             from eventing.dispatcher import Dispatcher
 
             self.dispatcher = Dispatcher(
-                self.config, self.pool, self.delivery, ordering=self.ordering,
-                max_in_flight=self.max_in_flight, group_id=self.group_id, create_topics=False,
+                self.config,
+                self.pool,
+                self.delivery,
+                ordering=self.ordering,
+                max_in_flight=self.max_in_flight,
+                group_id=self.group_id,
+                create_topics=False,
             ).start()
         if TRAIN_FUNCTION.exists():
             self.train_pool = ReplicaPool(
-                self.env, function="train", max_replicas=1, target_concurrency=1, idle_s=5.0,
-                startup_timeout_s=120.0, log_dir=pool_log, threads=1,
+                self.env,
+                function="train",
+                max_replicas=1,
+                target_concurrency=1,
+                idle_s=5.0,
+                startup_timeout_s=120.0,
+                log_dir=pool_log,
+                threads=1,
             ).start()
             if self.train_every_s:
                 self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
         self.started_at = time.monotonic()
         log.info("embedded stack up: %s", self.describe())
 
-    def _start_server(self, name: str, address: tuple[str, int] | None,
-                      kind: type[ChildServer], configured: str) -> None:
+    def _start_server(
+        self, name: str, address: tuple[str, int] | None, kind: type[ChildServer], configured: str
+    ) -> None:
         if address is None or port_open(*address):
             self.external[name] = configured
             log.info("%s: using %s (not started here)", name, configured)
@@ -218,8 +236,9 @@ class EmbeddedStack:
 
     # --- training -------------------------------------------------------------------------
 
-    def train_round(self, reason: str = "schedule", *, force: bool = False,
-                    timeout_s: float = 600.0) -> dict[str, Any]:
+    def train_round(
+        self, reason: str = "schedule", *, force: bool = False, timeout_s: float = 600.0
+    ) -> dict[str, Any]:
         """One POST to the train function, as the PingSource sends it; its JSON reply
         (the round's report). ``force`` trains even without enough new data."""
         if self.train_pool is None:
@@ -240,8 +259,11 @@ class EmbeddedStack:
     def exports(self) -> dict[str, str]:
         """The non-secret settings another shell needs to talk to this stack."""
         secret = {s.name for s in SETTINGS if s.secret}
-        return {s.name: self.env.get(s.name, s.default) for s in SETTINGS
-                if s.name not in secret and s.name in EXPORTED}
+        return {
+            s.name: self.env.get(s.name, s.default)
+            for s in SETTINGS
+            if s.name not in secret and s.name in EXPORTED
+        }
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -252,8 +274,11 @@ class EmbeddedStack:
             "image_buckets": list(self.config.image_buckets),
             "train_bucket": self.config.train_bucket,
             "model": f"{self.config.model_bucket}/{self.config.model_name}",
-            "topics": [self.config.topic_images, self.config.topic_predictions,
-                       self.config.topic_dlq],
+            "topics": [
+                self.config.topic_images,
+                self.config.topic_predictions,
+                self.config.topic_dlq,
+            ],
             "logs": str(self.log_dir) if self.log_dir else None,
             "pids": self.pids(),
         }
@@ -276,9 +301,15 @@ class EmbeddedStack:
 
 
 EXPORTED = {
-    "LENSFLOW_KAFKA_BOOTSTRAP", "LENSFLOW_S3_ENDPOINT", "LENSFLOW_S3_REGION",
-    "LENSFLOW_IMAGE_BUCKETS", "LENSFLOW_MODEL_BUCKET", "LENSFLOW_MODEL_NAME",
-    "LENSFLOW_TRAIN_BUCKET", "LENSFLOW_TOPIC_IMAGES", "LENSFLOW_TOPIC_PREDICTIONS",
+    "LENSFLOW_KAFKA_BOOTSTRAP",
+    "LENSFLOW_S3_ENDPOINT",
+    "LENSFLOW_S3_REGION",
+    "LENSFLOW_IMAGE_BUCKETS",
+    "LENSFLOW_MODEL_BUCKET",
+    "LENSFLOW_MODEL_NAME",
+    "LENSFLOW_TRAIN_BUCKET",
+    "LENSFLOW_TOPIC_IMAGES",
+    "LENSFLOW_TOPIC_PREDICTIONS",
     "LENSFLOW_TOPIC_DLQ",
 }
 

@@ -39,13 +39,22 @@ def upload_event(config: Config, key: str, size=(640, 480), offset: int = 0):
     """Put a scene in the image bucket; the (headers, body) a KafkaSource would POST."""
     data = scene_jpeg("field", seed=offset, size=size)
     bucket = config.image_buckets[0]
-    etag = s3_client(config).put_object(Bucket=bucket, Key=key, Body=data,
-                                        ContentType="image/jpeg")["ETag"]
+    etag = s3_client(config).put_object(
+        Bucket=bucket, Key=key, Body=data, ContentType="image/jpeg"
+    )["ETag"]
     record_key, value = notification_record(
-        ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg"))
-    event = kafkasource_event(source=config.kafkasource_ce_source, topic=config.topic_images,
-                              partition=0, offset=offset, timestamp_ms=int(time.time() * 1000),
-                              key=record_key, value=value, headers={})
+        ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg")
+    )
+    event = kafkasource_event(
+        source=config.kafkasource_ce_source,
+        topic=config.topic_images,
+        partition=0,
+        offset=offset,
+        timestamp_ms=int(time.time() * 1000),
+        key=record_key,
+        value=value,
+        headers={},
+    )
     return to_binary(event, data_marshaller=lambda data: data)
 
 
@@ -96,10 +105,10 @@ def test_cold_start_on_first_event_then_scale_to_zero(ready_env, tmp_path):
 
 def test_concurrent_load_scales_up_to_max(ready_env, tmp_path):
     config = Config.from_env(ready_env)
-    events = [upload_event(config, f"load/{i}.jpg", size=(2400, 1800), offset=i)
-              for i in range(4)]
-    with ReplicaPool(ready_env, target_concurrency=1, max_replicas=3, idle_s=30,
-                     log_dir=tmp_path) as pool:
+    events = [upload_event(config, f"load/{i}.jpg", size=(2400, 1800), offset=i) for i in range(4)]
+    with ReplicaPool(
+        ready_env, target_concurrency=1, max_replicas=3, idle_s=30, log_dir=tmp_path
+    ) as pool:
         assert pool.post(*events[0], 30)[0] == 200  # one warm replica
         assert pool.stats()["replicas"] == 1
         stop = threading.Event()

@@ -39,8 +39,13 @@ def test_schedule_count_is_the_integral_of_the_rate():
 
 
 def read_topic(config: Config, expected: int, timeout_s: float = 20) -> list:
-    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": "sim-test",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap,
+            "group.id": "sim-test",
+            "enable.auto.commit": False,
+        }
+    )
     topic = config.topic_images
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
@@ -57,8 +62,16 @@ def read_topic(config: Config, expected: int, timeout_s: float = 20) -> list:
 def test_a_short_flight_uploads_and_publishes_the_planned_records(kafka_config):
     config = kafka_config
     ensure_topics(config)
-    plan = Plan(drones=3, rate=10, duration_s=3, bursts=(Burst(3, 1, 1),),
-                labelled_fraction=0.25, size=(320, 240), pool_size=6, seed=7)
+    plan = Plan(
+        drones=3,
+        rate=10,
+        duration_s=3,
+        bursts=(Burst(3, 1, 1),),
+        labelled_fraction=0.25,
+        size=(320, 240),
+        pool_size=6,
+        seed=7,
+    )
     planned = len(plan.schedule())
     assert planned == 10 * 2 + 30 * 1
     result = Simulator(config, plan).run()
@@ -85,9 +98,28 @@ def test_a_short_flight_uploads_and_publishes_the_planned_records(kafka_config):
 def test_simulate_cli_prints_json(kafka_env):
     env = {**os.environ, **kafka_env}
     reply = subprocess.run(
-        [sys.executable, "-m", "lensflow", "simulate", "--drones", "2", "--rate", "4",
-         "--duration", "2", "--size", "160x120", "--labelled-fraction", "0", "--json"],
-        env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "lensflow",
+            "simulate",
+            "--drones",
+            "2",
+            "--rate",
+            "4",
+            "--duration",
+            "2",
+            "--size",
+            "160x120",
+            "--labelled-fraction",
+            "0",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert reply.returncode == 0, reply.stderr
     result = json.loads(reply.stdout)
     assert result["uploaded"] == result["published"] == result["planned"] == 8
@@ -96,7 +128,12 @@ def test_simulate_cli_prints_json(kafka_env):
 
 def test_simulate_cli_fails_in_one_line_without_a_stack(env):
     unreachable = {**os.environ, **env, "LENSFLOW_IMAGE_BUCKETS": "no-such-bucket"}
-    reply = subprocess.run([sys.executable, "-m", "lensflow", "simulate", "--duration", "1"],
-                           env=unreachable, capture_output=True, text=True, timeout=60)
+    reply = subprocess.run(
+        [sys.executable, "-m", "lensflow", "simulate", "--duration", "1"],
+        env=unreachable,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert reply.returncode == 1
     assert reply.stderr.count("\n") == 1 and "no-such-bucket" in reply.stderr

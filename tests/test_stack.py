@@ -36,8 +36,9 @@ def upload(stack: EmbeddedStack, keys: list[str], producer=None) -> None:
     for i, key in enumerate(keys):
         data = scene_jpeg("water", seed=i, size=(320, 240))
         etag = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/jpeg")["ETag"]
-        event = ObjectEvent(OBJECT_CREATED_PUT, bucket, key, etag.strip('"'), len(data),
-                            "image/jpeg")
+        event = ObjectEvent(
+            OBJECT_CREATED_PUT, bucket, key, etag.strip('"'), len(data), "image/jpeg"
+        )
         publish_object_event(producer, config, event, tracker)
     tracker.wait(producer, 15)
 
@@ -133,8 +134,15 @@ def test_a_short_demo_predicts_every_upload(tiny_models, tmp_path):
     from lensflow.demo import DemoOptions, run_demo
     from lensflow.simulate import Burst
 
-    options = DemoOptions(duration_s=4, drones=2, rate=5, bursts=(Burst(3, 1, 1),),
-                          labelled_fraction=0, train_mid_flight=False, drain_timeout_s=60)
+    options = DemoOptions(
+        duration_s=4,
+        drones=2,
+        rate=5,
+        bursts=(Burst(3, 1, 1),),
+        labelled_fraction=0,
+        train_mid_flight=False,
+        drain_timeout_s=60,
+    )
     with EmbeddedStack(stack_env(), log_dir=tmp_path, idle_s=5) as stack:
         publish_model(stack, tiny_models["first"])
         summary = run_demo(None, options, live=False, say=lambda text: None, stack=stack)
@@ -167,9 +175,27 @@ def test_demo_command_seeds_a_model_flies_and_leaves_nothing_behind():
     env = stack_env()
     tag = env["LENSFLOW_IMAGE_BUCKETS"]
     reply = subprocess.run(
-        [sys.executable, "-m", "lensflow", "demo", "--json", "--duration", "3", "--rate", "4",
-         "--burst", "none", "--no-train", "--drones", "2"],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "lensflow",
+            "demo",
+            "--json",
+            "--duration",
+            "3",
+            "--rate",
+            "4",
+            "--burst",
+            "none",
+            "--no-train",
+            "--drones",
+            "2",
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert reply.returncode == 0, reply.stderr[-2000:]
     summary = json.loads(reply.stdout)
     assert summary["model"]["seeded"] and summary["model"]["version"] == "v1"
@@ -187,9 +213,13 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind(sig, tiny_models):
 
     env = stack_env()
     tag = env["LENSFLOW_IMAGE_BUCKETS"]
-    proc = subprocess.Popen([sys.executable, "-m", "lensflow", "up", "--idle", "2"],
-                            env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lensflow", "up", "--idle", "2"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         banner = [proc.stdout.readline() for _ in range(3)]
         assert "is up" in banner[0] and env["LENSFLOW_KAFKA_BOOTSTRAP"] in banner[1]

@@ -16,21 +16,36 @@ from lensflow.config import Config
 
 def register(subparsers) -> None:
     up = subparsers.add_parser(
-        "up", help="start the embedded stack in the foreground; Ctrl-C stops all of it")
+        "up", help="start the embedded stack in the foreground; Ctrl-C stops all of it"
+    )
     _stack_options(up)
-    up.add_argument("--train-every", type=float, default=None, metavar="S",
-                    help="run a training round every S seconds (the PingSource stand-in)")
+    up.add_argument(
+        "--train-every",
+        type=float,
+        default=None,
+        metavar="S",
+        help="run a training round every S seconds (the PingSource stand-in)",
+    )
     add_json_flag(up)
     up.set_defaults(func=cmd_up)
 
     demo = subparsers.add_parser(
-        "demo", help="start the stack, seed a model, fly simulated drones, summarise, stop")
+        "demo", help="start the stack, seed a model, fly simulated drones, summarise, stop"
+    )
     _flight_options(demo, rate=3.0, default_bursts=["10:20:15"])
     _stack_options(demo, idle=10.0)
-    demo.add_argument("--no-train", action="store_true",
-                      help="skip the training round in the middle of the flight")
-    demo.add_argument("--drain-timeout", type=float, default=90.0, metavar="S",
-                      help="how long to wait for the backlog after the flight (90)")
+    demo.add_argument(
+        "--no-train",
+        action="store_true",
+        help="skip the training round in the middle of the flight",
+    )
+    demo.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=90.0,
+        metavar="S",
+        help="how long to wait for the backlog after the flight (90)",
+    )
     add_json_flag(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -43,26 +58,49 @@ def register(subparsers) -> None:
 
 
 def _stack_options(parser: argparse.ArgumentParser, idle: float = 30.0) -> None:
-    parser.add_argument("--max-replicas", type=int, default=4, metavar="N",
-                        help="most predict replicas (4)")
-    parser.add_argument("--idle", type=float, default=idle, metavar="S",
-                        help=f"scale predict to zero after S idle seconds ({idle:g})")
+    parser.add_argument(
+        "--max-replicas", type=int, default=4, metavar="N", help="most predict replicas (4)"
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=idle,
+        metavar="S",
+        help=f"scale predict to zero after S idle seconds ({idle:g})",
+    )
 
 
-def _flight_options(parser: argparse.ArgumentParser, rate: float,
-                    default_bursts: list[str]) -> None:
+def _flight_options(
+    parser: argparse.ArgumentParser, rate: float, default_bursts: list[str]
+) -> None:
     parser.add_argument("--drones", type=int, default=4, metavar="N", help="drones (4)")
-    parser.add_argument("--rate", type=float, default=rate, metavar="R",
-                        help=f"photos per second, all drones together ({rate:g})")
-    parser.add_argument("--burst", action="append", default=None, metavar="FACTOR:START:LENGTH",
-                        help="multiply the rate for a while, e.g. 10:20:20 (repeatable"
-                             + (f"; default {' '.join(default_bursts)}" if default_bursts else "")
-                             + "); --burst none for no burst")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=rate,
+        metavar="R",
+        help=f"photos per second, all drones together ({rate:g})",
+    )
+    parser.add_argument(
+        "--burst",
+        action="append",
+        default=None,
+        metavar="FACTOR:START:LENGTH",
+        help="multiply the rate for a while, e.g. 10:20:20 (repeatable"
+        + (f"; default {' '.join(default_bursts)}" if default_bursts else "")
+        + "); --burst none for no burst",
+    )
     parser.set_defaults(default_bursts=default_bursts)
-    parser.add_argument("--duration", type=float, default=60.0, metavar="S",
-                        help="seconds of flight (60)")
-    parser.add_argument("--labelled-fraction", type=float, default=0.1, metavar="F",
-                        help="share of photos also stored as labelled training data (0.1)")
+    parser.add_argument(
+        "--duration", type=float, default=60.0, metavar="S", help="seconds of flight (60)"
+    )
+    parser.add_argument(
+        "--labelled-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of photos also stored as labelled training data (0.1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the photos and keys (0)")
 
 
@@ -132,8 +170,9 @@ def _start_stack(**kwargs):
 
 def cmd_up(args: argparse.Namespace) -> int:
     with _signals_stop():
-        stack = _start_stack(max_replicas=args.max_replicas, idle_s=args.idle,
-                             train_every_s=args.train_every)
+        stack = _start_stack(
+            max_replicas=args.max_replicas, idle_s=args.idle, train_every_s=args.train_every
+        )
         try:
             info = {**stack.describe(), "exports": stack.exports()}
             emit(args, info, _up_text(stack, info))
@@ -159,15 +198,21 @@ def _up_text(stack, info: dict) -> str:
         f"  topics     {', '.join(info['topics'])}",
         f"  predict    scale to zero: started on the first event, up to "
         f"{stack.pool.max_replicas} replicas, stopped after {stack.pool.idle_s:g} s idle",
-        "  training   " + (f"a round every {stack.timer.every_s:g} s" if stack.timer
-                            else "on demand (`lensflow train --once`)"),
+        "  training   "
+        + (
+            f"a round every {stack.timer.every_s:g} s"
+            if stack.timer
+            else "on demand (`lensflow train --once`)"
+        ),
         f"  started    {started}; logs in {info['logs']}",
         "",
         "In a second shell (credentials: the defaults, or your LENSFLOW_S3_* variables):",
     ]
     lines += [f"  export {name}={value}" for name, value in info["exports"].items()]
-    lines += ["  .venv/bin/lensflow simulate --duration 20",
-              "  .venv/bin/lensflow predictions tail --follow"]
+    lines += [
+        "  .venv/bin/lensflow simulate --duration 20",
+        "  .venv/bin/lensflow predictions tail --follow",
+    ]
     return "\n".join(lines)
 
 
@@ -175,9 +220,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lensflow.demo import DemoOptions, run_demo, summary_text
 
     options = DemoOptions(
-        duration_s=args.duration, drones=args.drones, rate=args.rate, bursts=_bursts(args),
-        labelled_fraction=args.labelled_fraction, train_mid_flight=not args.no_train,
-        drain_timeout_s=args.drain_timeout, max_replicas=args.max_replicas, idle_s=args.idle,
+        duration_s=args.duration,
+        drones=args.drones,
+        rate=args.rate,
+        bursts=_bursts(args),
+        labelled_fraction=args.labelled_fraction,
+        train_mid_flight=not args.no_train,
+        drain_timeout_s=args.drain_timeout,
+        max_replicas=args.max_replicas,
+        idle_s=args.idle,
         seed=args.seed,
     )
     _check_options(options.drones, options.rate, options.duration_s, options.labelled_fraction)
@@ -196,8 +247,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 raise
             except Exception as exc:
-                raise CliError(f"the embedded stack did not start: {exc} "
-                               f"(logs: {stack.log_dir})") from None
+                raise CliError(
+                    f"the embedded stack did not start: {exc} (logs: {stack.log_dir})"
+                ) from None
             summary = run_demo(None, options, live=live, say=say, stack=stack)
         except KeyboardInterrupt:
             say("interrupted: stopping everything")
@@ -228,9 +280,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise CliError(f"--size is WIDTHxHEIGHT, like 640x480, not {args.size!r}") from None
-    plan = Plan(drones=args.drones, rate=args.rate, duration_s=args.duration,
-                bursts=_bursts(args), labelled_fraction=args.labelled_fraction,
-                size=(width, height), seed=args.seed, prefix=args.prefix.strip("/") or "drones")
+    plan = Plan(
+        drones=args.drones,
+        rate=args.rate,
+        duration_s=args.duration,
+        bursts=_bursts(args),
+        labelled_fraction=args.labelled_fraction,
+        size=(width, height),
+        seed=args.seed,
+        prefix=args.prefix.strip("/") or "drones",
+    )
     config = _config()
     _check_reachable(config)
     simulator = Simulator(config, plan)
@@ -246,11 +305,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             stop.set()
             return 130
     data = result.to_dict()
-    text = (f"{result.uploaded} of {result.planned} photos uploaded by {plan.drones} drones in "
-            f"{result.duration_s:.1f} s ({result.rate:.1f}/s, peak planned "
-            f"{result.peak_planned_rate:g}/s); {result.published} events published, "
-            f"{result.labelled} stored as labelled data"
-            + (f"; {result.errors} errors, last: {result.last_error}" if result.errors else ""))
+    text = (
+        f"{result.uploaded} of {result.planned} photos uploaded by {plan.drones} drones in "
+        f"{result.duration_s:.1f} s ({result.rate:.1f}/s, peak planned "
+        f"{result.peak_planned_rate:g}/s); {result.published} events published, "
+        f"{result.labelled} stored as labelled data"
+        + (f"; {result.errors} errors, last: {result.last_error}" if result.errors else "")
+    )
     emit(args, data, text)
     return 0 if result.errors == 0 and result.published == result.uploaded else 1
 
@@ -258,8 +319,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def _simulate_with_progress(simulator, stop: threading.Event):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("rendering photos", total=None, rate="")
         simulator.prepare()
@@ -269,8 +335,11 @@ def _simulate_with_progress(simulator, stop: threading.Event):
         def show(progress) -> None:
             t = min(progress.elapsed_s, plan.duration_s)
             burst = " burst" if plan.rate_at(t) > plan.rate else ""
-            bar.update(task, completed=progress.uploaded,
-                       rate=f"{plan.rate_at(t):g}/s{burst}  errors {progress.errors}")
+            bar.update(
+                task,
+                completed=progress.uploaded,
+                rate=f"{plan.rate_at(t):g}/s{burst}  errors {progress.errors}",
+            )
 
         return simulator.run(stop, on_progress=show)
 
@@ -285,13 +354,15 @@ def _check_reachable(config: Config) -> None:
     try:
         s3_client(config, timeout_s=5, retries=0).head_bucket(Bucket=bucket)
     except (ClientError, BotoCoreError) as exc:
-        raise CliError(f"image bucket {bucket} at {config.s3_endpoint or 'AWS S3'} is not "
-                       f"reachable ({exc}); is `lensflow up` running?") from None
+        raise CliError(
+            f"image bucket {bucket} at {config.s3_endpoint or 'AWS S3'} is not "
+            f"reachable ({exc}); is `lensflow up` running?"
+        ) from None
     from eventing.topics import ensure_topics
 
     try:
         ensure_topics(config, timeout_s=5)
     except Exception as exc:  # noqa: BLE001
-        raise CliError(f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); "
-                       "is `lensflow up` running?") from None
-
+        raise CliError(
+            f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); is `lensflow up` running?"
+        ) from None
