@@ -158,10 +158,14 @@ def test_pinned_pointer_is_respected(env, untrained_tflite):
     champion = publish_champion(store, untrained_tflite)
     store.set_pinned(True, reason="freeze for the demo", by="operator")
     dataset.seed_training_data(config, 20, 10, seed=1)
+    s3_client(config).put_object(
+        Bucket=config.train_bucket, Key="labeled/forest/broken.jpg", Body=b"not a jpeg"
+    )
 
     report = run_round(config)
     assert report.outcome == "not_promoted"
     assert report.reason.startswith("not promoted: pinned")
+    assert report.data["skipped_undecodable"]["labeled"] == ["labeled/forest/broken.jpg"]
     pointer = store.current()
     assert pointer.version == champion and pointer.pinned
     assert store.get_version(report.challenger["version"]).metadata["parent"] == champion

@@ -59,7 +59,7 @@ class RoundReport:
     round_id: str
     model: str
     started_at: float
-    outcome: str = "skipped"  # skipped | promoted | not_promoted
+    outcome: str = "skipped"  # skipped | promoted | not_promoted ("promoting" until the flip)
     reason: str = ""
     metric: str = "macro_f1"
     margin: float = 0.0
@@ -193,6 +193,9 @@ def _run(  # noqa: C901 (one story, told in order)
     holdout_blobs, holdout_classes, bad_holdout = _decodable(holdout, config.max_image_pixels)
     report.data["skipped_undecodable"] = {"labeled": bad, "holdout": bad_holdout}
     clock.lap("decode_s")
+    if len(set(y.tolist())) < 2 or not holdout_blobs:
+        report.reason = "too few decodable images: need two labelled classes and a holdout"
+        return
 
     keras_model = M.build_model(len(labels), seed=seed)
     warm = _warm_start(store, champion, labels, keras_model, M)
@@ -259,7 +262,9 @@ def _run(  # noqa: C901 (one story, told in order)
         "arch": M.ARCH,
         "round_id": report.round_id,
     }
-    report.reason = why
+    # What report.json (stored with the version) says; the flip's outcome comes after.
+    report.outcome = "promoting" if promote else "not_promoted"
+    report.reason = why if promote else f"not promoted: {why}"
     info = store.publish(
         tflite,
         labels,
@@ -277,7 +282,6 @@ def _run(  # noqa: C901 (one story, told in order)
     clock.lap("publish_s")
 
     if not promote:
-        report.outcome, report.reason = "not_promoted", f"not promoted: {why}"
         return
     say("promote", f"promoting {info.version}")
     try:
