@@ -303,7 +303,7 @@ def _run(
     if options.train_mid_flight and stack.train_pool is not None:
         trainer.start()
     try:
-        _watch(stack, simulator, watcher, state, flight, trainer, live)
+        _watch(stack, simulator, watcher, state, flight, trainer, live, say)
     except KeyboardInterrupt:
         stop.set()
         flight.join(10)
@@ -324,8 +324,10 @@ def _watch(
     flight: threading.Thread,
     trainer: threading.Thread,
     live: bool,
+    say: Callable[[str], None],
 ) -> None:
-    """Refresh the table until the flight is over and the backlog has drained."""
+    """Refresh the table (or, without a terminal, say a status line every 10 s) until the
+    flight is over and the backlog has drained."""
     from contextlib import nullcontext
 
     display = None
@@ -336,11 +338,15 @@ def _watch(
             render_table(stack, simulator, watcher, state), refresh_per_second=4, transient=False
         )
     drain_deadline: float | None = None
+    next_line = time.monotonic() + 10
     with display or nullcontext():
         while True:
             _sample(stack, state)
             if display is not None:
                 display.update(render_table(stack, simulator, watcher, state))
+            elif time.monotonic() > next_line:
+                say(status_line(stack, simulator, watcher, state))
+                next_line += 10
             if flight.is_alive() or trainer.is_alive():
                 time.sleep(0.25)
                 continue
@@ -425,6 +431,23 @@ def render_table(
         f"{_fmt(seen['latency_p95_s'])} overall",
     )
     return table
+
+
+def status_line(
+    stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher, state: DemoState
+) -> str:
+    """One line of the table, for logs and terminals without live display."""
+    seen = watcher.snapshot()
+    stats = stack.stats()
+    pool = stats["predict"] or {}
+    elapsed = time.monotonic() - state.flight_started if state.flight_started else 0.0
+    return (
+        f"{elapsed:5.0f} s  {state.phase}: {simulator.progress.uploaded} in, "
+        f"{seen['predicted_images']} predicted, {seen['dead_lettered']} dead-lettered, "
+        f"lag {(stats['dispatcher'] or {}).get('lag') or 0}, "
+        f"{pool.get('replicas', 0)} replicas, model {seen['model_version'] or '-'}, "
+        f"p95 {_fmt(seen['recent_p95_s'])}"
+    )
 
 
 def _fmt(seconds: float | None) -> str:
