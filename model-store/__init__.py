@@ -11,7 +11,7 @@ from model_store.errors import (
 )
 from model_store.integrity import parse_labels, sha256_hex
 from model_store.pointer import Pointer, PointerFile
-from model_store.store import ModelStore, VersionInfo
+from model_store.store import NO_POINTER, ModelStore, VersionInfo
 
 __all__ = [
     "ConflictError",
@@ -19,6 +19,7 @@ __all__ = [
     "InvalidModelError",
     "ModelStore",
     "ModelStoreError",
+    "NO_POINTER",
     "NotFoundError",
     "PinnedError",
     "Pointer",

@@ -21,6 +21,7 @@ from model_store.pointer import Pointer, PointerFile, utc_now
 
 log = logging.getLogger(__name__)
 
+NO_POINTER = ""  # flip(expect=NO_POINTER): only while no version is current
 DEFAULT_INPUT_SPEC = {"scale": 1 / 255, "offset": 0.0}
 _PUBLISH_ATTEMPTS = 50
 
@@ -175,14 +176,15 @@ class ModelStore:
     ) -> Pointer:
         """Point at ``version`` by compare-and-swap.
 
-        ``expect``: the version the caller believes is current (ConflictError if not);
+        ``expect``: the version the caller believes is current, or NO_POINTER for "none
+        yet" (ConflictError if not; None skips the check);
         ``honour_pin``: refuse with PinnedError while an operator has pinned the pointer.
         The target is verified (digest, loads) first: nobody can point at a broken model.
         """
         current = self.pointer.read()
-        if expect is not None and (current.version if current else None) != expect:
-            found = current.version if current else "no pointer"
-            raise ConflictError(f"pointer is at {found}, not {expect}")
+        found = current.version if current else NO_POINTER
+        if expect is not None and found != expect:
+            raise ConflictError(f"pointer is at {found or 'no version'}, not {expect or 'empty'}")
         if honour_pin and current is not None and current.pinned:
             raise PinnedError(f"pointer is pinned at {current.version}: {current.reason}")
         self.verify(version)  # the write below is still conditional on ``current``

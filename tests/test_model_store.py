@@ -144,3 +144,13 @@ def test_read_if_changed_is_a_conditional_get(store, tiny_models):
     store.flip("v2")
     changed = store.pointer.read_if_changed(pointer.etag)
     assert changed is not None and changed.version == "v2"
+
+
+def test_expect_no_pointer_fails_once_someone_flipped(store, tiny_models):
+    from model_store import NO_POINTER
+
+    store.publish(tiny_models["random"], LABELS)
+    store.publish(tiny_models["first"], LABELS)
+    assert store.flip("v1", expect=NO_POINTER).version == "v1"
+    with pytest.raises(ConflictError, match="pointer is at v1, not empty"):
+        store.flip("v2", expect=NO_POINTER)

@@ -25,6 +25,7 @@ from lensflow.config import Config
 from lensflow.imaging import ImageError, decode_image
 from lensflow.preprocess import to_input
 from model_store import (
+    NO_POINTER,
     ConflictError,
     IntegrityError,
     InvalidModelError,
@@ -285,11 +286,9 @@ def _run(  # noqa: C901 (one story, told in order)
         return
     say("promote", f"promoting {info.version}")
     try:
-        if champion is None and store.current() is not None:
-            raise ConflictError("a model was promoted while this round trained")
         flipped = store.flip(
             info.version,
-            expect=champion.version if champion else None,
+            expect=champion.version if champion else NO_POINTER,
             reason=f"train round {report.round_id}: {why}",
             by=CREATED_BY,
             metrics=chall_eval.summary(),
