@@ -513,5 +513,5 @@ def summary_text(summary: dict[str, Any]) -> str:
         + (", ".join(f"{v} ({n})" for v, n in sorted(summary["model_versions"].items())) or "-"),
     ]
     for report in summary["training_rounds"]:
-        lines.append(f"training round: {report.get('outcome')}: {report.get('reason')}")
+        lines.append(f"training round: {report.get('reason') or report.get('outcome')}")
     return "\n".join(lines)
