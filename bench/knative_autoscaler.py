@@ -119,7 +119,7 @@ class Kpa:
     container_concurrency: int = 2
     target: float = 2.0
     utilization: float = 0.7
-    max_scale: int = 5  # knative/base; see max_scale_sweep
+    max_scale: int = 3  # knative/base; see max_scale_sweep
     stable_window_s: float = 60.0
     panic_window_s: float = 6.0
     panic_threshold: float = 2.0  # 200%
@@ -334,7 +334,8 @@ def plot(result: dict[str, Any], title: str, path: Path) -> None:
 def run(out_dir: Path | str = RESULTS, slo_p95_s: float = 5.0) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    replica = load_replica(out / "predict.json")
+    measured = out / "predict.json"
+    replica = load_replica(measured if measured.exists() else RESULTS / "predict.json")
     trace, base = Trace(), Kpa()
     results = [{"kpa": asdict(k)} | simulate(replica, k, trace) for k in candidates(replica, base)]
     rec = recommend(replica, results, slo_p95_s)
