@@ -22,7 +22,8 @@ def mobilenet_v2_tflite(num_classes: int, size: int = 224) -> bytes:
 
     tf.keras.utils.set_random_seed(0)
     model = tf.keras.applications.MobileNetV2(
-        input_shape=(size, size, 3), weights=None, classes=num_classes)
+        input_shape=(size, size, 3), weights=None, classes=num_classes
+    )
     data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

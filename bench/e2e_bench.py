@@ -65,8 +65,13 @@ class PredictionWatcher:
         return True
 
     def _run(self) -> None:
-        consumer = Consumer({"bootstrap.servers": self.config.kafka_bootstrap,
-                             "group.id": "bench-watcher", "enable.auto.commit": False})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.config.kafka_bootstrap,
+                "group.id": "bench-watcher",
+                "enable.auto.commit": False,
+            }
+        )
         topic = self.config.topic_predictions
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -88,12 +93,15 @@ def put_photos(s3, bucket: str, prefix: str, photos: list[bytes], count: int) ->
         data = photos[i % len(photos)]
         key = f"{prefix}/{i:05d}.jpg"
         etag = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/jpeg")["ETag"]
-        events.append(ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg"))
+        events.append(
+            ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg")
+        )
     return events
 
 
-def publish_at_rate(producer, config: Config, events: list[ObjectEvent],
-                    rate_at, duration_s: float) -> dict[str, float]:
+def publish_at_rate(
+    producer, config: Config, events: list[ObjectEvent], rate_at, duration_s: float
+) -> dict[str, float]:
     """Publish records following ``rate_at(t)`` images/s; subject -> publish time."""
     sent: dict[str, float] = {}
     started = time.monotonic()
@@ -122,8 +130,11 @@ def run(out_dir: Path) -> dict:
     photos = [scene_jpeg(CLASSES[i % len(CLASSES)], i, (640, 480), 88) for i in range(16)]
     result: dict = {"model": "MobileNetV2 224x224x3 (random weights)", "cpus": os.cpu_count()}
     with S3Server() as s3_server, KafkaBroker() as broker:
-        env = {"LENSFLOW_S3_ENDPOINT": s3_server.endpoint, "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-               "LENSFLOW_LOG_LEVEL": "WARNING"}
+        env = {
+            "LENSFLOW_S3_ENDPOINT": s3_server.endpoint,
+            "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "LENSFLOW_LOG_LEVEL": "WARNING",
+        }
         config = Config.from_env(env)
         s3 = s3_client(config)
         bucket = config.image_buckets[0]
@@ -163,8 +174,9 @@ def run(out_dir: Path) -> dict:
             result["latency_lost"] = len(sent) - len(latencies)
 
             # 3. a 10x burst over a base of a fifth of capacity
-            result["burst"] = burst(config, s3, bucket, photos, producer, watcher, dispatcher,
-                                    pool, e2e_rate / 5)
+            result["burst"] = burst(
+                config, s3, bucket, photos, producer, watcher, dispatcher, pool, e2e_rate / 5
+            )
         finally:
             dispatcher.stop()
             pool.stop()
@@ -193,10 +205,15 @@ def burst(config, s3, bucket, photos, producer, watcher, dispatcher, pool, base_
     def sample() -> None:
         while not stop.is_set():
             stats, replicas = dispatcher.stats(), pool.stats()
-            samples.append({"t": round(time.monotonic() - started, 2),
-                            "lag": stats.get("lag"), "delivered": stats["delivered"],
-                            "in_flight": stats.get("in_flight"),
-                            "replicas": replicas["replicas"] + replicas["starting"]})
+            samples.append(
+                {
+                    "t": round(time.monotonic() - started, 2),
+                    "lag": stats.get("lag"),
+                    "delivered": stats["delivered"],
+                    "in_flight": stats.get("in_flight"),
+                    "replicas": replicas["replicas"] + replicas["starting"],
+                }
+            )
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -235,8 +252,10 @@ def plot(out_dir: Path, result: dict) -> None:
     fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
     axes[0].plot(t, [s.get("images_per_s", 0) for s in samples], color="#2a7")
     axes[0].set_ylabel("images/s")
-    axes[0].set_title(f"10x burst through broker, dispatcher and predict replicas "
-                      f"(base {result['burst']['base_rate_images_per_s']}/s)")
+    axes[0].set_title(
+        f"10x burst through broker, dispatcher and predict replicas "
+        f"(base {result['burst']['base_rate_images_per_s']}/s)"
+    )
     axes[1].plot(t, [s["lag"] or 0 for s in samples], color="#c55")
     axes[1].set_ylabel("consumer lag")
     axes[2].step(t, [s["replicas"] for s in samples], where="post", color="#357")

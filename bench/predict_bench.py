@@ -41,7 +41,9 @@ def _photos(count: int) -> list[bytes]:
 
 def bare_loop(model_bytes: bytes, photos: list[bytes], workers: int, max_pixels: int) -> dict:
     spec = InputSpec(224, 224, "float32", 1 / 255, 0.0)
-    model = ServingModel("bench", "v0", "-", model_bytes, list(CLASSES), spec, max_interpreters=workers)
+    model = ServingModel(
+        "bench", "v0", "-", model_bytes, list(CLASSES), spec, max_interpreters=workers
+    )
     counters = [0] * workers
 
     def work(worker: int) -> None:
@@ -75,13 +77,20 @@ def cold_start(env: dict[str, str], config: Config, value: bytes, import_tf: boo
     port = free_port()
     server = FunctionServer("predict", env, port=port)
     if import_tf:  # the same function, in a process that also imports TensorFlow
-        server.command = [sys.executable, "-c",
-                          "import sys, tensorflow; from functions_framework._cli import _cli; "
-                          "sys.argv = ['functions-framework'] + sys.argv[1:]; _cli()",
-                          *server.command[1:]]
+        server.command = [
+            sys.executable,
+            "-c",
+            "import sys, tensorflow; from functions_framework._cli import _cli; "
+            "sys.argv = ['functions-framework'] + sys.argv[1:]; _cli()",
+            *server.command[1:],
+        ]
     started = time.perf_counter()
-    proc = subprocess.Popen(server.command, env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        server.command,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             try:
@@ -98,10 +107,19 @@ def cold_start(env: dict[str, str], config: Config, value: bytes, import_tf: boo
 
 def decode_speedup(max_pixels: int) -> dict:
     photo = scene_jpeg("buildings", 1, (4000, 3000), 90)
-    full = median_of(5, lambda: _timed(lambda: decode_image(photo, (224, 224), max_pixels=max_pixels, draft=False)))
-    draft = median_of(5, lambda: _timed(lambda: decode_image(photo, (224, 224), max_pixels=max_pixels)))
-    return {"jpeg_12mp_bytes": len(photo), "full_decode_ms": round(full * 1000, 2),
-            "draft_decode_ms": round(draft * 1000, 2), "draft_speedup": round(full / draft, 2)}
+    full = median_of(
+        5,
+        lambda: _timed(lambda: decode_image(photo, (224, 224), max_pixels=max_pixels, draft=False)),
+    )
+    draft = median_of(
+        5, lambda: _timed(lambda: decode_image(photo, (224, 224), max_pixels=max_pixels))
+    )
+    return {
+        "jpeg_12mp_bytes": len(photo),
+        "full_decode_ms": round(full * 1000, 2),
+        "draft_decode_ms": round(draft * 1000, 2),
+        "draft_speedup": round(full / draft, 2),
+    }
 
 
 def flip_under_load(url: str, config: Config, store: ModelStore, value: bytes) -> dict:
@@ -147,8 +165,11 @@ def run(out_dir: Path) -> dict:
     model_bytes = mobilenet_v2_tflite(len(CLASSES))
     photos = _photos(16)
     with S3Server() as s3_server, KafkaBroker() as broker:
-        env = {"LENSFLOW_S3_ENDPOINT": s3_server.endpoint, "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-               "LENSFLOW_LOG_LEVEL": "WARNING"}
+        env = {
+            "LENSFLOW_S3_ENDPOINT": s3_server.endpoint,
+            "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "LENSFLOW_LOG_LEVEL": "WARNING",
+        }
         config = Config.from_env(env)
         s3 = s3_client(config)
         ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
@@ -159,12 +180,26 @@ def run(out_dir: Path) -> dict:
         values = []
         for i, photo in enumerate(photos):
             etag = s3.put_object(Bucket=bucket, Key=f"bench/{i}.jpg", Body=photo)["ETag"]
-            values.append(notification_record(ObjectEvent(
-                "s3:ObjectCreated:Put", bucket, f"bench/{i}.jpg", etag, len(photo), "image/jpeg"))[1])
+            values.append(
+                notification_record(
+                    ObjectEvent(
+                        "s3:ObjectCreated:Put",
+                        bucket,
+                        f"bench/{i}.jpg",
+                        etag,
+                        len(photo),
+                        "image/jpeg",
+                    )
+                )[1]
+            )
 
-        result: dict = {"model": "MobileNetV2 224x224x3 (random weights)",
-                        "model_bytes": len(model_bytes), "photo_size": list(PHOTO_SIZE),
-                        "seconds_per_measurement": SECONDS, "cpus": os.cpu_count()}
+        result: dict = {
+            "model": "MobileNetV2 224x224x3 (random weights)",
+            "model_bytes": len(model_bytes),
+            "photo_size": list(PHOTO_SIZE),
+            "seconds_per_measurement": SECONDS,
+            "cpus": os.cpu_count(),
+        }
         for c in (1, 2):
             bare = bare_loop(model_bytes, photos, c, config.max_image_pixels)
             result[f"bare_c{c}_images_per_s"] = bare["images_per_s"]
@@ -177,12 +212,16 @@ def run(out_dir: Path) -> dict:
                 result[f"latency_p95_ms_c{c}"] = http["latency_p95_ms"]
                 result[f"http_c{c}_failed"] = http["failed"]
                 result[f"ratio_http_to_bare_c{c}"] = round(
-                    http["images_per_s"] / result[f"bare_c{c}_images_per_s"], 3)
+                    http["images_per_s"] / result[f"bare_c{c}_images_per_s"], 3
+                )
             result["flip"] = flip_under_load(server.url, config, store, values[0])
             result["peak_rss_mb"] = server.metrics()["max_rss_mb"]
-        result["cold_start_s"] = round(median_of(3, lambda: cold_start(env, config, values[0], False)), 3)
+        result["cold_start_s"] = round(
+            median_of(3, lambda: cold_start(env, config, values[0], False)), 3
+        )
         result["cold_start_with_tensorflow_s"] = round(
-            median_of(3, lambda: cold_start(env, config, values[0], True)), 3)
+            median_of(3, lambda: cold_start(env, config, values[0], True)), 3
+        )
     result["decode"] = decode_speedup(config.max_image_pixels)
     result["targets"] = {
         "ratio_http_to_bare_c1>=0.85": result["ratio_http_to_bare_c1"] >= 0.85,
@@ -205,13 +244,20 @@ def plot(out_dir: Path, result: dict) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = ["bare c1", "http c1", "bare c2", "http c2"]
-    values = [result["bare_c1_images_per_s"], result["http_c1_images_per_s"],
-              result["bare_c2_images_per_s"], result["http_c2_images_per_s"]]
+    values = [
+        result["bare_c1_images_per_s"],
+        result["http_c1_images_per_s"],
+        result["bare_c2_images_per_s"],
+        result["http_c2_images_per_s"],
+    ]
     left.bar(names, values, color=["#888", "#2a7", "#888", "#2a7"])
     left.set_ylabel("images/s")
     left.set_title("MobileNetV2 224: bare loop vs function over HTTP")
-    right.bar(["cold start", "cold start\n+TensorFlow"],
-              [result["cold_start_s"], result["cold_start_with_tensorflow_s"]], color=["#2a7", "#c55"])
+    right.bar(
+        ["cold start", "cold start\n+TensorFlow"],
+        [result["cold_start_s"], result["cold_start_with_tensorflow_s"]],
+        color=["#2a7", "#c55"],
+    )
     right.set_ylabel("seconds to first prediction")
     right.set_title("cold start")
     fig.tight_layout()

@@ -73,8 +73,10 @@ def notification_record(event: ObjectEvent) -> tuple[bytes, bytes]:
             size=event.size or 0,
             eTag=(event.etag or "").strip('"'),
             contentType=event.content_type or "application/octet-stream",
-            userMetadata={"content-type": event.content_type or "application/octet-stream",
-                          **event.user_metadata},
+            userMetadata={
+                "content-type": event.content_type or "application/octet-stream",
+                **event.user_metadata,
+            },
         )
     record = {
         "eventVersion": "2.0",
@@ -83,7 +85,11 @@ def notification_record(event: ObjectEvent) -> tuple[bytes, bytes]:
         "eventTime": event.event_time or _now_iso(),
         "eventName": event.event_name,
         "userIdentity": {"principalId": "lensflow"},
-        "requestParameters": {"principalId": "lensflow", "region": "", "sourceIPAddress": "127.0.0.1"},
+        "requestParameters": {
+            "principalId": "lensflow",
+            "region": "",
+            "sourceIPAddress": "127.0.0.1",
+        },
         "responseElements": {"x-amz-request-id": uuid.uuid4().hex.upper()[:16]},
         "s3": {
             "s3SchemaVersion": "1.0",

@@ -9,8 +9,8 @@ every function can use it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -28,39 +28,70 @@ PREDICT_PORT = 8080
 TRAIN_PORT = 8081
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("LENSFLOW_KAFKA_BOOTSTRAP", f"127.0.0.1:{EMBEDDED_KAFKA_PORT}",
-            "Kafka bootstrap servers (`host:port,...`)"),
-    Setting("LENSFLOW_S3_ENDPOINT", f"http://127.0.0.1:{EMBEDDED_S3_PORT}",
-            "S3/MinIO endpoint URL; empty means AWS S3"),
+    Setting(
+        "LENSFLOW_KAFKA_BOOTSTRAP",
+        f"127.0.0.1:{EMBEDDED_KAFKA_PORT}",
+        "Kafka bootstrap servers (`host:port,...`)",
+    ),
+    Setting(
+        "LENSFLOW_S3_ENDPOINT",
+        f"http://127.0.0.1:{EMBEDDED_S3_PORT}",
+        "S3/MinIO endpoint URL; empty means AWS S3",
+    ),
     Setting("LENSFLOW_S3_ACCESS_KEY", "lensflow", "S3 access key", secret=True),
     Setting("LENSFLOW_S3_SECRET_KEY", "lensflow-secret", "S3 secret key", secret=True),
     Setting("LENSFLOW_S3_REGION", "us-east-1", "S3 region"),
-    Setting("LENSFLOW_IMAGE_BUCKETS", "drone-images",
-            "comma-separated allow-list of buckets the predict function may read"),
+    Setting(
+        "LENSFLOW_IMAGE_BUCKETS",
+        "drone-images",
+        "comma-separated allow-list of buckets the predict function may read",
+    ),
     Setting("LENSFLOW_MODEL_BUCKET", "lensflow-models", "bucket of the model store"),
     Setting("LENSFLOW_MODEL_NAME", "aerial", "which model (prefix in the model bucket)"),
-    Setting("LENSFLOW_TRAIN_BUCKET", "",
-            "bucket with `labeled/<class>/...` and `holdout/<class>/...` "
-            "(empty: the first image bucket)"),
+    Setting(
+        "LENSFLOW_TRAIN_BUCKET",
+        "",
+        "bucket with `labeled/<class>/...` and `holdout/<class>/...` "
+        "(empty: the first image bucket)",
+    ),
     Setting("LENSFLOW_TOPIC_IMAGES", "images", "topic of bucket-notification records"),
     Setting("LENSFLOW_TOPIC_PREDICTIONS", "predictions", "topic of prediction events"),
     Setting("LENSFLOW_TOPIC_DLQ", "images-dlq", "dead-letter topic"),
-    Setting("LENSFLOW_POINTER_TTL_S", "1.0",
-            "how stale a replica's view of the model pointer may get (seconds)"),
+    Setting(
+        "LENSFLOW_POINTER_TTL_S",
+        "1.0",
+        "how stale a replica's view of the model pointer may get (seconds)",
+    ),
     Setting("LENSFLOW_MAX_IMAGE_BYTES", str(32 * 1024 * 1024), "largest image object accepted"),
-    Setting("LENSFLOW_MAX_IMAGE_PIXELS", str(64_000_000),
-            "largest decoded image (width x height) accepted"),
-    Setting("LENSFLOW_TRAIN_METRIC", "macro_f1",
-            "metric a challenger must win on: `accuracy` or `macro_f1`"),
-    Setting("LENSFLOW_TRAIN_MARGIN", "0.01",
-            "how much better (absolute) the challenger must score to be promoted"),
-    Setting("LENSFLOW_TRAIN_MIN_NEW", "20",
-            "fewest labelled images new since the champion's round to train again"),
+    Setting(
+        "LENSFLOW_MAX_IMAGE_PIXELS",
+        str(64_000_000),
+        "largest decoded image (width x height) accepted",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_METRIC",
+        "macro_f1",
+        "metric a challenger must win on: `accuracy` or `macro_f1`",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_MARGIN",
+        "0.01",
+        "how much better (absolute) the challenger must score to be promoted",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_MIN_NEW",
+        "20",
+        "fewest labelled images new since the champion's round to train again",
+    ),
     Setting("LENSFLOW_TRAIN_EPOCHS", "8", "training epochs per round"),
-    Setting("LENSFLOW_SOURCE_NAME", "lensflow-images",
-            "KafkaSource name used in `ce-source` by the local dispatcher"),
-    Setting("LENSFLOW_NAMESPACE", "default",
-            "namespace used in `ce-source` by the local dispatcher"),
+    Setting(
+        "LENSFLOW_SOURCE_NAME",
+        "lensflow-images",
+        "KafkaSource name used in `ce-source` by the local dispatcher",
+    ),
+    Setting(
+        "LENSFLOW_NAMESPACE", "default", "namespace used in `ce-source` by the local dispatcher"
+    ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
 )
 
@@ -142,8 +173,10 @@ class Config:
     @property
     def kafkasource_ce_source(self) -> str:
         """The `ce-source` a KafkaSource named ``source_name`` gives records of ``topic_images``."""
-        return (f"/apis/v1/namespaces/{self.namespace}/kafkasources/"
-                f"{self.source_name}#{self.topic_images}")
+        return (
+            f"/apis/v1/namespaces/{self.namespace}/kafkasources/"
+            f"{self.source_name}#{self.topic_images}"
+        )
 
 
 def settings_table() -> str:

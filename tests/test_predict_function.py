@@ -24,7 +24,9 @@ from tests.functions_harness import FunctionServer, knative_post, put_and_notify
 from tests.test_imaging import png_with_declared_size
 
 
-def start_stack(env: dict[str, str], tiny_models, flip: str | None = "first") -> tuple[Config, ModelStore]:
+def start_stack(
+    env: dict[str, str], tiny_models, flip: str | None = "first"
+) -> tuple[Config, ModelStore]:
     config = Config.from_env(env)
     ensure_topics(config)
     store = ModelStore.from_config(config)
@@ -40,8 +42,12 @@ def served(s3_server, kafka_broker, tiny_models, tmp_path_factory):
     """One predict replica for the input tests: small limits to test them cheaply."""
     from lensflow.services import ensure_buckets
 
-    env = make_env(s3_server.endpoint, kafka_broker.bootstrap,
-                   LENSFLOW_MAX_IMAGE_BYTES="200000", LENSFLOW_MAX_IMAGE_PIXELS="4000000")
+    env = make_env(
+        s3_server.endpoint,
+        kafka_broker.bootstrap,
+        LENSFLOW_MAX_IMAGE_BYTES="200000",
+        LENSFLOW_MAX_IMAGE_PIXELS="4000000",
+    )
     config = Config.from_env(env)
     ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket, "private"])
     config, store = start_stack(env, tiny_models)
@@ -51,8 +57,14 @@ def served(s3_server, kafka_broker, tiny_models, tmp_path_factory):
 
 
 def read_predictions(config: Config, count: int, timeout_s: float = 20) -> list:
-    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": "t-" + str(time.time()),
-                         "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": config.kafka_bootstrap,
+            "group.id": "t-" + str(time.time()),
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
     consumer.subscribe([config.topic_predictions])
     found = []
     deadline = time.monotonic() + timeout_s
@@ -69,8 +81,14 @@ def read_predictions(config: Config, count: int, timeout_s: float = 20) -> list:
 def test_upload_event_becomes_a_prediction_event_on_the_topic(served):
     server, config, s3 = served
     bucket = config.image_buckets[0]
-    reply = put_and_notify(server.url, config, s3, bucket, "flights/day 1/a.jpg",
-                           scene_jpeg("water", 3, (320, 240), 85))
+    reply = put_and_notify(
+        server.url,
+        config,
+        s3,
+        bucket,
+        "flights/day 1/a.jpg",
+        scene_jpeg("water", 3, (320, 240), 85),
+    )
     assert reply.status_code == 200, reply.text
     event = from_http(reply.headers, reply.content)
     assert event["type"] == "io.lensflow.image.predicted"
@@ -114,8 +132,14 @@ def test_bad_images_answer_a_permanent_4xx_and_the_function_keeps_serving(served
     reply = put_and_notify(server.url, config, s3, config.image_buckets[0], f"bad/{case}", data)
     assert reply.status_code == status, reply.text
     assert reply.json()["error"]
-    ok = put_and_notify(server.url, config, s3, config.image_buckets[0], "good.jpg",
-                        scene_jpeg("forest", 2, (160, 120), 85))
+    ok = put_and_notify(
+        server.url,
+        config,
+        s3,
+        config.image_buckets[0],
+        "good.jpg",
+        scene_jpeg("forest", 2, (160, 120), 85),
+    )
     assert ok.status_code == 200
 
 
@@ -127,18 +151,23 @@ def test_bad_events_answer_400_or_422_or_skip(served):
     assert knative_post(server.url, config, b'{"Records": [{"eventName": 1}]}').status_code == 400
     no_ce = requests.post(server.url, data=b"{}", timeout=10)
     assert no_ce.status_code == 400 and "CloudEvent" in no_ce.json()["error"]
-    _, missing = notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, "gone.jpg", "e", 10))
+    _, missing = notification_record(
+        ObjectEvent("s3:ObjectCreated:Put", bucket, "gone.jpg", "e", 10)
+    )
     assert knative_post(server.url, config, missing).status_code == 422
     s3.put_object(Bucket="private", Key="x.jpg", Body=scene_jpeg("road", 1, (64, 64), 80))
-    _, private = notification_record(ObjectEvent("s3:ObjectCreated:Put", "private", "x.jpg", "e", 10))
+    _, private = notification_record(
+        ObjectEvent("s3:ObjectCreated:Put", "private", "x.jpg", "e", 10)
+    )
     reply = knative_post(server.url, config, private)
     assert reply.status_code == 422 and "not in LENSFLOW_IMAGE_BUCKETS" in reply.json()["error"]
     _, removed = notification_record(ObjectEvent("s3:ObjectRemoved:Delete", bucket, "a.jpg"))
     reply = knative_post(server.url, config, removed)
     assert reply.status_code == 200 and "skipped" in reply.json()
     s3.put_object(Bucket=bucket, Key="big/m.jpg", Body=scene_jpeg("road", 2, (64, 64), 80))
-    _, multipart = notification_record(ObjectEvent(
-        "s3:ObjectCreated:CompleteMultipartUpload", bucket, "big/m.jpg", "e", 100))
+    _, multipart = notification_record(
+        ObjectEvent("s3:ObjectCreated:CompleteMultipartUpload", bucket, "big/m.jpg", "e", 100)
+    )
     assert knative_post(server.url, config, multipart).status_code == 200
     metrics = server.metrics()
     assert metrics["requests"]["400"] >= 4 and metrics["skipped"] >= 1
@@ -161,12 +190,26 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
             deadline = time.monotonic() + 5
             while server.metrics()["model"] is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-            reply = knative_post(server.url, config, notification_record(ObjectEvent(
-                "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)))[1])
+            reply = knative_post(
+                server.url,
+                config,
+                notification_record(
+                    ObjectEvent(
+                        "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)
+                    )
+                )[1],
+            )
             assert reply.status_code == 200 and reply.json()["model"]["version"] == "v2"
             s3_server.stop()
-            reply = knative_post(server.url, config, notification_record(ObjectEvent(
-                "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)))[1])
+            reply = knative_post(
+                server.url,
+                config,
+                notification_record(
+                    ObjectEvent(
+                        "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)
+                    )
+                )[1],
+            )
             assert reply.status_code == 503, reply.text
             assert server.metrics()["model"]["version"] == "v2"  # still serving
 
@@ -205,39 +248,55 @@ def test_live_swap_under_concurrent_load_drops_nothing(kafka_env, tiny_models, t
         metrics = server.metrics()
     assert len(results) > 20
     assert all(status == 200 for _, status, _, _ in results), {r[1] for r in results}
-    assert all(version in ("v1", "v2") and label == expected_label[version]
-               for _, _, version, label in results)
+    assert all(
+        version in ("v1", "v2") and label == expected_label[version]
+        for _, _, version, label in results
+    )
     late = [version for at, _, version, _ in results if at > flipped_at + ttl + 1.0]
     assert late and set(late) == {"v2"}
     assert metrics["model_swaps"] == 2 and metrics["model_refusals"] == 0
 
 
 def test_corrupt_or_mismatched_models_are_refused_and_the_old_one_keeps_serving(
-        kafka_env, tiny_models, tmp_path):
+    kafka_env, tiny_models, tmp_path
+):
     config, store = start_stack(kafka_env, tiny_models, flip="first")
     s3 = s3_client(config)
     bucket = config.image_buckets[0]
     with FunctionServer("predict", kafka_env, tmp_path / "predict.log") as server:
         # v2's bytes replaced behind the store's back, pointer written directly (no flip check)
-        s3.put_object(Bucket=config.model_bucket, Key="aerial/versions/v2/model.tflite",
-                      Body=tiny_models["random"])
+        s3.put_object(
+            Bucket=config.model_bucket,
+            Key="aerial/versions/v2/model.tflite",
+            Body=tiny_models["random"],
+        )
         pointer = store.current()
         from dataclasses import replace
 
-        store.pointer.write(replace(pointer, version="v2", sha256=store.get_version("v2").sha256,
-                                    sequence=pointer.sequence + 1), replacing=pointer)
+        store.pointer.write(
+            replace(
+                pointer,
+                version="v2",
+                sha256=store.get_version("v2").sha256,
+                sequence=pointer.sequence + 1,
+            ),
+            replacing=pointer,
+        )
         deadline = time.monotonic() + 5
         while server.metrics()["model_refusals"] < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         metrics = server.metrics()
         assert metrics["model_refusals"] == 1 and "v2" in metrics["last_refusal"]
-        reply = put_and_notify(server.url, config, s3, bucket, "a.jpg",
-                               scene_jpeg("water", 1, (96, 96), 85))
+        reply = put_and_notify(
+            server.url, config, s3, bucket, "a.jpg", scene_jpeg("water", 1, (96, 96), 85)
+        )
         assert reply.status_code == 200 and reply.json()["model"]["version"] == "v1"
         # a pointer whose digest names other bytes than the version's
         pointer = store.current()
-        store.pointer.write(replace(pointer, version="v1", sha256="0" * 64,
-                                    sequence=pointer.sequence + 1), replacing=pointer)
+        store.pointer.write(
+            replace(pointer, version="v1", sha256="0" * 64, sequence=pointer.sequence + 1),
+            replacing=pointer,
+        )
         deadline = time.monotonic() + 5
         while server.metrics()["model_refusals"] < 2 and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -14,8 +14,15 @@ from tests.conftest import LABELS
 
 
 def test_concurrent_predictions_equal_sequential_ones(tiny_models):
-    model = ServingModel("m", "v1", "-", tiny_models["random"], LABELS,
-                         InputSpec(32, 32, "float32", 1 / 255, 0.0), max_interpreters=3)
+    model = ServingModel(
+        "m",
+        "v1",
+        "-",
+        tiny_models["random"],
+        LABELS,
+        InputSpec(32, 32, "float32", 1 / 255, 0.0),
+        max_interpreters=3,
+    )
     images = [render_scene(CLASSES[i % len(CLASSES)], i, (64, 48)) for i in range(24)]
     sequential = [model.predict(image) for image in images]
     with ThreadPoolExecutor(8) as pool:
@@ -26,13 +33,21 @@ def test_concurrent_predictions_equal_sequential_ones(tiny_models):
 
 def test_labels_must_match_outputs(tiny_models):
     with pytest.raises(ValueError, match="2 labels for a model with 3 outputs"):
-        ServingModel("m", "v1", "-", tiny_models["random"], LABELS[:2],
-                     InputSpec(32, 32, "float32", 1 / 255, 0.0))
+        ServingModel(
+            "m",
+            "v1",
+            "-",
+            tiny_models["random"],
+            LABELS[:2],
+            InputSpec(32, 32, "float32", 1 / 255, 0.0),
+        )
 
 
 def test_predict_path_never_imports_tensorflow():
-    code = ("import sys, functions.predict.main, functions.predict.app; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    code = (
+        "import sys, functions.predict.main, functions.predict.app; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def tiny_classifier(num_classes: int = 3, size: int = 32, seed: int = 0, bias: int | None = None) -> bytes:
+def tiny_classifier(
+    num_classes: int = 3, size: int = 32, seed: int = 0, bias: int | None = None
+) -> bytes:
     """A random-weight image classifier; with ``bias`` it always prefers that class."""
     import tensorflow as tf
 

@@ -25,12 +25,16 @@ _STARTED = time.time()
 class Replica:
     def __init__(self, config: Config):
         self.config = config
-        logging.basicConfig(level=config.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         s3 = s3_client(config, timeout_s=5.0, retries=1)
         threads = int(os.environ.get("THREADS", (os.cpu_count() or 1) * 4))
-        self.watcher = ModelWatcher(ModelStore.from_config(config, s3=s3), config.pointer_ttl_s,
-                                    max_interpreters=min(threads, os.cpu_count() or 1) + 1)
+        self.watcher = ModelWatcher(
+            ModelStore.from_config(config, s3=s3),
+            config.pointer_ttl_s,
+            max_interpreters=min(threads, os.cpu_count() or 1) + 1,
+        )
         self.watcher.start()
         producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
         self.handler = PredictHandler(config, s3, self.watcher, producer)

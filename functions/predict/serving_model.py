@@ -28,15 +28,28 @@ class InputSpec:
     @classmethod
     def from_metadata(cls, metadata: dict) -> InputSpec:
         spec = metadata["input"]
-        return cls(int(spec["height"]), int(spec["width"]), str(spec.get("dtype", "float32")),
-                   float(spec.get("scale", 1 / 255)), float(spec.get("offset", 0.0)))
+        return cls(
+            int(spec["height"]),
+            int(spec["width"]),
+            str(spec.get("dtype", "float32")),
+            float(spec.get("scale", 1 / 255)),
+            float(spec.get("offset", 0.0)),
+        )
 
 
 class ServingModel:
     """One loaded version. ``predict`` is safe to call from many threads."""
 
-    def __init__(self, name: str, version: str, sha256: str, model: bytes, labels: list[str],
-                 spec: InputSpec, max_interpreters: int = 4):
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        sha256: str,
+        model: bytes,
+        labels: list[str],
+        spec: InputSpec,
+        max_interpreters: int = 4,
+    ):
         self.name = name
         self.version = version
         self.sha256 = sha256

@@ -22,13 +22,15 @@ class PredictionProducer:
     def __init__(self, bootstrap: str, topic: str, timeout_s: float = 10.0):
         self.topic = topic
         self.timeout_s = timeout_s
-        self._producer = Producer({
-            "bootstrap.servers": bootstrap,
-            "acks": "all",
-            "linger.ms": 0,  # every event waits for its ack: batching only adds latency
-            "message.timeout.ms": int(timeout_s * 1000),
-            "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
-        })
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "linger.ms": 0,  # every event waits for its ack: batching only adds latency
+                "message.timeout.ms": int(timeout_s * 1000),
+                "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
+            }
+        )
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="prediction-producer", daemon=True)
         self._poller.start()
@@ -45,8 +47,13 @@ class PredictionProducer:
                 delivered.set_result(None)
 
         try:
-            self._producer.produce(self.topic, key=message.key, value=message.value,
-                                   headers=list(message.headers.items()), on_delivery=on_delivery)
+            self._producer.produce(
+                self.topic,
+                key=message.key,
+                value=message.value,
+                headers=list(message.headers.items()),
+                on_delivery=on_delivery,
+            )
         except (BufferError, KafkaException) as exc:
             raise ProduceError(f"could not queue the prediction: {exc}") from None
         try:

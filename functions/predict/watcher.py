@@ -84,7 +84,9 @@ class ModelWatcher:
                 return  # unchanged, or already refused
             current = self._model
             if current is not None and (current.version, current.sha256) == (
-                    pointer.version, pointer.sha256):
+                pointer.version,
+                pointer.sha256,
+            ):
                 self._etag = pointer.etag  # a pin or a re-flip: same model
                 return
             try:
@@ -99,23 +101,34 @@ class ModelWatcher:
             self._etag = pointer.etag
             self.stats.swaps += 1
             self.stats.last_error = None
-            log.info("serving %s %s (sha256 %s)", candidate.name, candidate.version,
-                     candidate.sha256[:12])
+            log.info(
+                "serving %s %s (sha256 %s)",
+                candidate.name,
+                candidate.version,
+                candidate.sha256[:12],
+            )
 
     def _load(self, pointer: Pointer) -> ServingModel:
         info = self.store.get_version(pointer.version)
         if info.sha256 != pointer.sha256:
             raise ModelStoreError(
                 f"pointer sha256 {pointer.sha256[:12]} differs from {pointer.version}'s "
-                f"metadata {info.sha256[:12]}")
+                f"metadata {info.sha256[:12]}"
+            )
         model_bytes = self.store.read_file(pointer.version, "model.tflite")  # digest-checked
         if sha256_hex(model_bytes) != pointer.sha256:
             raise ModelStoreError(f"{pointer.version}/model.tflite does not match the pointer")
         labels = parse_labels(self.store.read_file(pointer.version, "labels.txt").decode())
         try:
-            model = ServingModel(self.store.name, pointer.version, pointer.sha256, model_bytes,
-                                 labels, InputSpec.from_metadata(info.metadata),
-                                 self.max_interpreters)
+            model = ServingModel(
+                self.store.name,
+                pointer.version,
+                pointer.sha256,
+                model_bytes,
+                labels,
+                InputSpec.from_metadata(info.metadata),
+                self.max_interpreters,
+            )
             model.warm()
         except (ValueError, RuntimeError, KeyError, IndexError) as exc:
             raise ModelStoreError(f"{pointer.version} does not load or run: {exc}") from None

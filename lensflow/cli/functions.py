@@ -24,8 +24,17 @@ def function_command(name: str, port: int, host: str = "127.0.0.1") -> list[str]
             raise CliError("functions-framework is not installed (run `make install`)")
         binary = Path(found)
     source = FUNCTIONS_DIR / name / "main.py"
-    return [str(binary), "--source", str(source), "--target", name,
-            "--host", host, "--port", str(port)]
+    return [
+        str(binary),
+        "--source",
+        str(source),
+        "--target",
+        name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -28,8 +28,10 @@ def _store() -> ModelStore:
 
 def _pointer_line(pointer: Pointer) -> str:
     pin = " [pinned]" if pointer.pinned else ""
-    return (f"{pointer.version}{pin}  sha256 {pointer.sha256[:12]}  {pointer.action} by "
-            f"{pointer.flipped_by} at {pointer.flipped_at}: {pointer.reason or '-'}")
+    return (
+        f"{pointer.version}{pin}  sha256 {pointer.sha256[:12]}  {pointer.action} by "
+        f"{pointer.flipped_by} at {pointer.flipped_at}: {pointer.reason or '-'}"
+    )
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -40,8 +42,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     result = {"version": info.version, "sha256": info.sha256, "promoted": False}
     if args.promote:
         current = store.current()
-        store.flip(info.version, expect=current.version if current else None,
-                   reason=args.reason or "published with --promote", by=operator())
+        store.flip(
+            info.version,
+            expect=current.version if current else None,
+            reason=args.reason or "published with --promote",
+            by=operator(),
+        )
         result["promoted"] = True
     emit(args, result, info.version)
     return 0
@@ -53,14 +59,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for info in store.list_versions():
         meta = info.metadata
-        rows.append({
-            "version": info.version, "sha256": info.sha256, "created_at": meta["created_at"],
-            "created_by": meta.get("created_by"), "parent": meta.get("parent"),
-            "metrics": meta.get("metrics", {}),
-            "current": bool(current and current.version == info.version),
-        })
-    lines = [f"{'*' if r['current'] else ' '} {r['version']:<6} {r['sha256'][:12]}  "
-             f"{r['created_at']}  {_metrics_text(r['metrics'])}" for r in rows]
+        rows.append(
+            {
+                "version": info.version,
+                "sha256": info.sha256,
+                "created_at": meta["created_at"],
+                "created_by": meta.get("created_by"),
+                "parent": meta.get("parent"),
+                "metrics": meta.get("metrics", {}),
+                "current": bool(current and current.version == info.version),
+            }
+        )
+    lines = [
+        f"{'*' if r['current'] else ' '} {r['version']:<6} {r['sha256'][:12]}  "
+        f"{r['created_at']}  {_metrics_text(r['metrics'])}"
+        for r in rows
+    ]
     emit(args, rows, "\n".join(lines) or "no versions yet")
     return 0
 
@@ -93,9 +107,12 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     records = _store().history()
-    lines = [f"#{r['sequence']:<4} {r['flipped_at']}  {r['action']:<8} {r.get('from') or '-':>5} -> "
-             f"{r['version']:<5} by {r['flipped_by']}: {r['reason'] or '-'}  "
-             f"{_metrics_text(r.get('metrics', {}))}" for r in records]
+    lines = [
+        f"#{r['sequence']:<4} {r['flipped_at']}  {r['action']:<8} {r.get('from') or '-':>5} -> "
+        f"{r['version']:<5} by {r['flipped_by']}: {r['reason'] or '-'}  "
+        f"{_metrics_text(r.get('metrics', {}))}"
+        for r in records
+    ]
     emit(args, records, "\n".join(lines) or "no flips yet")
     return 0
 
@@ -109,14 +126,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise CliError("no version given and no current version")
         version = pointer.version
     result = store.verify(version)
-    emit(args, result, f"{version}: ok (sha256 {result['sha256'][:12]}, loads, "
-                       f"input {result['input_shape']}, {result['output_size']} labels)")
+    emit(
+        args,
+        result,
+        f"{version}: ok (sha256 {result['sha256'][:12]}, loads, "
+        f"input {result['input_shape']}, {result['output_size']} labels)",
+    )
     return 0
 
 
 def _metrics_text(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())
-                    if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return " ".join(
+        f"{k}={v:.3f}"
+        for k, v in sorted(metrics.items())
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
 
 
 def _wrap(func):
@@ -127,6 +151,7 @@ def _wrap(func):
             raise CliError(f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:
             raise CliError(str(exc)) from None
+
     return run
 
 
@@ -142,9 +167,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", default="")
     p.set_defaults(func=_wrap(cmd_publish))
 
-    for name, func, text in (("list", cmd_list, "stored versions"),
-                             ("current", cmd_current, "the pointer"),
-                             ("history", cmd_history, "every flip: who, when, why")):
+    for name, func, text in (
+        ("list", cmd_list, "stored versions"),
+        ("current", cmd_current, "the pointer"),
+        ("history", cmd_history, "every flip: who, when, why"),
+    ):
         add_json_flag(verbs.add_parser(name, help=text)).set_defaults(func=_wrap(func))
 
     p = add_json_flag(verbs.add_parser("flip", help="compare-and-swap the pointer"))
@@ -157,8 +184,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", default="")
     p.set_defaults(func=_wrap(cmd_rollback))
 
-    for name, pinned, text in (("pin", True, "stop training from promoting"),
-                               ("unpin", False, "let training promote again")):
+    for name, pinned, text in (
+        ("pin", True, "stop training from promoting"),
+        ("unpin", False, "let training promote again"),
+    ):
         p = add_json_flag(verbs.add_parser(name, help=text))
         p.add_argument("--reason", default="")
         p.set_defaults(func=_wrap(cmd_pin), pinned=pinned)
