@@ -6,7 +6,8 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +74,32 @@ def write_json(out_dir: Path, name: str, result: dict) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return path
+
+
+@contextmanager
+def serving_stack(
+    model: bytes, labels: list[str]
+) -> Iterator[tuple[dict[str, str], object, object]]:
+    """S3 and Kafka on free ports, buckets and topics made, ``model`` published and current.
+
+    Yields (env, config, model store).
+    """
+    from eventing.topics import ensure_topics
+    from lensflow.config import Config
+    from lensflow.s3 import s3_client
+    from lensflow.services import KafkaBroker, S3Server, ensure_buckets
+    from model_store import ModelStore
+
+    with S3Server() as s3_server, KafkaBroker() as broker:
+        env = {
+            "LENSFLOW_S3_ENDPOINT": s3_server.endpoint,
+            "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "LENSFLOW_LOG_LEVEL": "WARNING",
+        }
+        config = Config.from_env(env)
+        s3 = s3_client(config)
+        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_topics(config)
+        store = ModelStore.from_config(config, s3=s3)
+        store.flip(store.publish(model, labels, created_by="bench").version)
+        yield env, config, store

@@ -19,19 +19,15 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from bench.common import mobilenet_v2_tflite, percentile, write_json
+from bench.common import mobilenet_v2_tflite, percentile, serving_stack, write_json
 from bench.predict_bench import bare_loop
 from eventing.contracts import ObjectEvent
 from eventing.dispatcher import Dispatcher
 from eventing.predictions import parse_prediction
 from eventing.producer import make_producer, publish_object_event
-from eventing.topics import ensure_topics
 from lensflow.config import Config
 from lensflow.replicas import ReplicaPool
-from lensflow.s3 import s3_client
 from lensflow.scenes import CLASSES, scene_jpeg
-from lensflow.services import KafkaBroker, S3Server, ensure_buckets
-from model_store import ModelStore
 
 THROUGHPUT_IMAGES = int(os.environ.get("LENSFLOW_BENCH_E2E_IMAGES", "400"))
 LATENCY_SECONDS = 15.0
@@ -129,19 +125,9 @@ def run(out_dir: Path) -> dict:
     model_bytes = mobilenet_v2_tflite(len(CLASSES))
     photos = [scene_jpeg(CLASSES[i % len(CLASSES)], i, (640, 480), 88) for i in range(16)]
     result: dict = {"model": "MobileNetV2 224x224x3 (random weights)", "cpus": os.cpu_count()}
-    with S3Server() as s3_server, KafkaBroker() as broker:
-        env = {
-            "LENSFLOW_S3_ENDPOINT": s3_server.endpoint,
-            "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "LENSFLOW_LOG_LEVEL": "WARNING",
-        }
-        config = Config.from_env(env)
-        s3 = s3_client(config)
+    with serving_stack(model_bytes, list(CLASSES)) as (env, config, store):
+        s3 = store.objects.s3
         bucket = config.image_buckets[0]
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
-        ensure_topics(config)
-        store = ModelStore.from_config(config, s3=s3)
-        store.flip(store.publish(model_bytes, list(CLASSES), created_by="bench").version)
         bare = bare_loop(model_bytes, photos, 2, config.max_image_pixels)
         result["bare_c2_images_per_s"] = bare["images_per_s"]
 

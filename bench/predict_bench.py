@@ -19,16 +19,14 @@ from pathlib import Path
 
 import requests
 
-from bench.common import median_of, mobilenet_v2_tflite, run_for, write_json
+from bench.common import median_of, mobilenet_v2_tflite, run_for, serving_stack, write_json
 from eventing.contracts import ObjectEvent, notification_record
-from eventing.topics import ensure_topics
 from functions.predict.serving_model import InputSpec, ServingModel
 from lensflow.config import Config
 from lensflow.function_server import FunctionServer, knative_post
 from lensflow.imaging import decode_image
-from lensflow.s3 import s3_client
 from lensflow.scenes import CLASSES, scene_jpeg
-from lensflow.services import KafkaBroker, S3Server, ensure_buckets, free_port
+from lensflow.services import free_port
 from model_store import ModelStore
 
 SECONDS = float(os.environ.get("LENSFLOW_BENCH_SECONDS", "8"))
@@ -164,18 +162,8 @@ def _timed(func) -> float:
 def run(out_dir: Path) -> dict:
     model_bytes = mobilenet_v2_tflite(len(CLASSES))
     photos = _photos(16)
-    with S3Server() as s3_server, KafkaBroker() as broker:
-        env = {
-            "LENSFLOW_S3_ENDPOINT": s3_server.endpoint,
-            "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "LENSFLOW_LOG_LEVEL": "WARNING",
-        }
-        config = Config.from_env(env)
-        s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
-        ensure_topics(config)
-        store = ModelStore.from_config(config, s3=s3)
-        store.flip(store.publish(model_bytes, list(CLASSES), created_by="bench").version)
+    with serving_stack(model_bytes, list(CLASSES)) as (env, config, store):
+        s3 = store.objects.s3
         bucket = config.image_buckets[0]
         values = []
         for i, photo in enumerate(photos):

@@ -75,15 +75,10 @@ class FunctionServer:
         return requests.get(f"{self.url}/metrics", timeout=10).json()
 
 
-def knative_post(
-    url: str,
-    config: Config,
-    value: bytes,
-    key: bytes | None = None,
-    offset: int = 0,
-    session: requests.Session | None = None,
-) -> requests.Response:
-    """POST ``value`` the way a KafkaSource delivers a plain record (binary mode)."""
+def knative_request(
+    config: Config, value: bytes, key: bytes | None = None, offset: int = 0
+) -> tuple[dict[str, str], bytes]:
+    """The (headers, body) a KafkaSource POSTs for a plain record (binary mode)."""
     event = kafkasource_event(
         source=config.kafkasource_ce_source,
         topic=config.topic_images,
@@ -94,5 +89,17 @@ def knative_post(
         value=value,
         headers={},
     )
-    headers, body = to_binary(event, data_marshaller=lambda data: data)
+    return to_binary(event, data_marshaller=lambda data: data)
+
+
+def knative_post(
+    url: str,
+    config: Config,
+    value: bytes,
+    key: bytes | None = None,
+    offset: int = 0,
+    session: requests.Session | None = None,
+) -> requests.Response:
+    """POST ``value`` the way a KafkaSource delivers a plain record."""
+    headers, body = knative_request(config, value, key, offset)
     return (session or requests).post(url, headers=headers, data=body, timeout=30)

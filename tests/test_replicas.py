@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from cloudevents.conversion import to_binary
 
-from eventing.contracts import ObjectEvent, kafkasource_event, notification_record
+from eventing.contracts import ObjectEvent, notification_record
 from eventing.topics import ensure_topics
 from lensflow.config import Config
+from lensflow.function_server import knative_request
 from lensflow.replicas import ReplicaPool
 from lensflow.s3 import s3_client
 from lensflow.scenes import scene_jpeg
@@ -45,17 +45,7 @@ def upload_event(config: Config, key: str, size=(640, 480), offset: int = 0):
     record_key, value = notification_record(
         ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg")
     )
-    event = kafkasource_event(
-        source=config.kafkasource_ce_source,
-        topic=config.topic_images,
-        partition=0,
-        offset=offset,
-        timestamp_ms=int(time.time() * 1000),
-        key=record_key,
-        value=value,
-        headers={},
-    )
-    return to_binary(event, data_marshaller=lambda data: data)
+    return knative_request(config, value, record_key, offset)
 
 
 def alive(pid: int) -> bool:
