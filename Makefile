@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast lint bench clean
+.PHONY: install demo up test test-fast lint bench knative-check clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+knative-check: install
+	$(BIN)/python knative/render_config.py --check
+	kubectl kustomize knative/overlays/dev > /dev/null
+	kubectl kustomize knative/overlays/prod > /dev/null
+	$(BIN)/python -m pytest -q tests/test_knative.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache var
