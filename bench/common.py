@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import threading
 import time
@@ -82,7 +83,7 @@ def serving_stack(
 ) -> Iterator[tuple[dict[str, str], object, object]]:
     """S3 and Kafka on free ports, buckets and topics made, ``model`` published and current.
 
-    Yields (env, config, model store).
+    Yields (env, config, model store, {server name: pid}).
     """
     from eventing.topics import ensure_topics
     from lensflow.config import Config
@@ -102,4 +103,34 @@ def serving_stack(
         ensure_topics(config)
         store = ModelStore.from_config(config, s3=s3)
         store.flip(store.publish(model, labels, created_by="bench").version)
-        yield env, config, store
+        yield (
+            env,
+            config,
+            store,
+            {"s3 (moto)": s3_server.proc.pid, "kafka (tansu)": broker.proc.pid},
+        )
+
+
+def cpu_seconds(roots: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named group of process trees.
+
+    A root's live descendants count with it (a gunicorn arbiter and its worker).
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage: dict[int, float] = {}
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        usage[pid] = (int(fields[11]) + int(fields[12])) / ticks
+
+    def tree(pid: int) -> float:
+        return usage.get(pid, 0.0) + sum(tree(c) for c, p in parent.items() if p == pid)
+
+    return {name: round(sum(tree(pid) for pid in pids), 3) for name, pids in roots.items()}

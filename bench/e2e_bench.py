@@ -19,7 +19,7 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from bench.common import mobilenet_v2_tflite, percentile, serving_stack, write_json
+from bench.common import cpu_seconds, mobilenet_v2_tflite, percentile, serving_stack, write_json
 from bench.predict_bench import bare_loop
 from eventing.contracts import ObjectEvent
 from eventing.dispatcher import Dispatcher
@@ -83,6 +83,17 @@ class PredictionWatcher:
         consumer.close()
 
 
+def cpu_use(servers: dict[str, int], pool: ReplicaPool) -> dict[str, float]:
+    """CPU seconds so far of each part of the chain on this machine."""
+    used = cpu_seconds(
+        {name: [pid] for name, pid in servers.items()}
+        | {"predict replicas": [r.proc.pid for r in pool.replicas()]}
+    )
+    own = os.times()
+    used["dispatcher + load driver"] = round(own.user + own.system, 3)
+    return used
+
+
 def put_photos(s3, bucket: str, prefix: str, photos: list[bytes], count: int) -> list[ObjectEvent]:
     events = []
     for i in range(count):
@@ -125,7 +136,7 @@ def run(out_dir: Path) -> dict:
     model_bytes = mobilenet_v2_tflite(len(CLASSES))
     photos = [scene_jpeg(CLASSES[i % len(CLASSES)], i, (640, 480), 88) for i in range(16)]
     result: dict = {"model": "MobileNetV2 224x224x3 (random weights)", "cpus": os.cpu_count()}
-    with serving_stack(model_bytes, list(CLASSES)) as (env, config, store):
+    with serving_stack(model_bytes, list(CLASSES)) as (env, config, store, servers):
         s3 = store.objects.s3
         bucket = config.image_buckets[0]
         bare = bare_loop(model_bytes, photos, 2, config.max_image_pixels)
@@ -133,20 +144,34 @@ def run(out_dir: Path) -> dict:
 
         watcher = PredictionWatcher(config).start()
         producer = make_producer(config)
-        pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=20, threads=4).start()
+        pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
         dispatcher = Dispatcher(config, pool, ordering="unordered", max_in_flight=4)
         try:
             # 1. throughput: a backlog drained as fast as the chain allows
             events = put_photos(s3, bucket, "throughput", photos, THROUGHPUT_IMAGES)
             publish_at_rate(producer, config, events, lambda t: 1e6, 3600)
             dispatcher.start()
-            if not watcher.wait_for({e.path for e in events}, 600):
+            paths = {e.path for e in events}
+            warm = {e.path for e in events[: len(events) // 10]}
+            watcher.wait_for(warm, 120)  # replicas started and warm: measure from here
+            before = cpu_use(servers, pool)
+            seen_before, started = len(paths & watcher.seen.keys()), time.monotonic()
+            if not watcher.wait_for(paths, 600):
                 raise RuntimeError("not every throughput image got a prediction")
+            after, elapsed = cpu_use(servers, pool), time.monotonic() - started
             times = sorted(watcher.seen[e.path] for e in events)
             e2e_rate = (len(times) - 1) / (times[-1] - times[0])
             result["e2e_images_per_s"] = round(e2e_rate, 2)
             result["ratio_e2e_to_bare"] = round(e2e_rate / bare["images_per_s"], 3)
             result["replicas_during_throughput"] = pool.stats()["replicas"]
+            images = len(paths) - seen_before
+            result["cpu_ms_per_image"] = {
+                name: round((after[name] - before[name]) * 1000 / images, 2) for name in after
+            }
+            result["cpu_share_of_machine"] = {
+                name: round((after[name] - before[name]) / (elapsed * (os.cpu_count() or 1)), 3)
+                for name in after
+            }
 
             # 2. latency at half the measured rate
             half = e2e_rate / 2
@@ -159,7 +184,8 @@ def run(out_dir: Path) -> dict:
             result["latency_p95_ms"] = round(percentile(latencies, 95) * 1000, 1)
             result["latency_lost"] = len(sent) - len(latencies)
 
-            # 3. a 10x burst over a base of a fifth of capacity
+            # 3. a 10x burst over a base of a fifth of capacity, from a scaled-down pool
+            time.sleep(8)
             result["burst"] = burst(
                 config, s3, bucket, photos, producer, watcher, dispatcher, pool, e2e_rate / 5
             )
