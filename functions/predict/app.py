@@ -12,6 +12,7 @@ import resource
 import threading
 import time
 
+from functions.predict.fetch import ImageFetcher
 from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
@@ -37,7 +38,7 @@ class Replica:
         )
         self.watcher.start()
         producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
-        self.handler = PredictHandler(config, s3, self.watcher, producer)
+        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
 
     def health(self) -> dict:
         model = self.watcher.model

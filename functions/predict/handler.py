@@ -14,27 +14,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from botocore.exceptions import BotoCoreError, ClientError
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
 
 from eventing.contracts import BadEvent, ObjectEvent, parse_notification, prediction_event
+from functions.predict.errors import Rejected
+from functions.predict.fetch import ImageFetcher
 from functions.predict.sink import PredictionProducer, ProduceError
 from functions.predict.watcher import ModelWatcher
 from lensflow.config import Config
 from lensflow.imaging import ImageError, decode_image
 
 log = logging.getLogger("lensflow.predict")
-
-
-class Rejected(Exception):
-    """Answer ``status`` with ``reason`` (4xx: permanent; 503: try again later)."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass
@@ -57,9 +49,15 @@ class HandlerStats:
 
 
 class PredictHandler:
-    def __init__(self, config: Config, s3, watcher: ModelWatcher, producer: PredictionProducer):
+    def __init__(
+        self,
+        config: Config,
+        fetcher: ImageFetcher,
+        watcher: ModelWatcher,
+        producer: PredictionProducer,
+    ):
         self.config = config
-        self.s3 = s3
+        self.fetcher = fetcher
         self.watcher = watcher
         self.producer = producer
         self.stats = HandlerStats()
@@ -109,7 +107,7 @@ class PredictHandler:
         if model is None:
             raise Rejected(503, "no model is being served yet")
         t0 = time.perf_counter()
-        data, etag = self._fetch(record)
+        data, etag = self.fetcher.fetch(record.bucket, record.key)
         t1 = time.perf_counter()
         side = max(model.spec.height, model.spec.width)
         try:
@@ -131,32 +129,6 @@ class PredictHandler:
         except ProduceError as exc:
             raise Rejected(503, str(exc)) from None
         return event
-
-    def _fetch(self, record: ObjectEvent) -> tuple[bytes, str]:
-        limit = self.config.max_image_bytes
-        try:
-            response = self.s3.get_object(Bucket=record.bucket, Key=record.key)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in ("NoSuchKey", "NoSuchBucket") or status == 404:
-                raise Rejected(422, f"{record.path} does not exist (any more)") from None
-            if code in ("AccessDenied", "InvalidObjectState") or status == 403:
-                raise Rejected(422, f"{record.path} cannot be read: {code}") from None
-            raise Rejected(503, f"object store answered {status or code}") from None
-        except BotoCoreError as exc:
-            raise Rejected(503, f"object store unreachable: {type(exc).__name__}") from None
-        body = response["Body"]
-        if response.get("ContentLength", 0) > limit:
-            body.close()
-            raise Rejected(413, f"{record.path} is {response['ContentLength']} bytes, over {limit}")
-        try:
-            data = body.read(limit + 1)
-        except BotoCoreError as exc:
-            raise Rejected(503, f"object read failed: {type(exc).__name__}") from None
-        if len(data) > limit:
-            raise Rejected(413, f"{record.path} is over {limit} bytes")
-        return data, response.get("ETag", "").strip('"')
 
 
 def _ms(seconds: float) -> float:
