@@ -18,62 +18,15 @@ from typing import Any
 
 import flask
 import functions_framework
-from botocore.exceptions import BotoCoreError, ClientError
-from cloudevents.exceptions import GenericException
-from cloudevents.http import from_http
 
 from functions.train.round import run_round
+from functions.train.trigger import parse_trigger, store_unavailable
 from lensflow.config import Config
-from model_store import StoreUnavailableError
 
 log = logging.getLogger("lensflow.train")
 
 _round_lock = threading.Lock()
 _state: dict[str, Any] = {"running": False, "last": None, "rounds": 0}
-
-
-def _trigger(request: flask.Request) -> dict[str, Any]:
-    """What triggered us: a CloudEvent's id/type/source, or a plain POST; and its options."""
-    body = request.get_data()
-    headers = dict(request.headers)
-    is_event = "ce-specversion" in {k.lower() for k in headers} or (
-        request.content_type or ""
-    ).startswith("application/cloudevents")
-    data: Any = None
-    trigger: dict[str, Any] = {"kind": "post"}
-    if is_event:
-        try:
-            event = from_http(headers, body)
-        except GenericException as exc:
-            raise ValueError(f"not a CloudEvent: {exc}") from None
-        trigger = {
-            "kind": "cloudevent",
-            "id": event["id"],
-            "type": event["type"],
-            "source": event["source"],
-        }
-        data = event.data
-    elif body.strip():
-        try:
-            data = json.loads(body)
-        except ValueError:
-            data = None  # a tick with a non-JSON body is still a tick
-    if isinstance(data, (bytes, str)):
-        try:
-            data = json.loads(data)
-        except ValueError:
-            data = None
-    trigger["force"] = bool(isinstance(data, dict) and data.get("force") is True)
-    return trigger
-
-
-def _unavailable(exc: Exception) -> bool:
-    if isinstance(exc, (StoreUnavailableError, BotoCoreError)):
-        return True
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-        return status >= 500 or status == 0
-    return False
 
 
 def _reply(status: int, payload: dict[str, Any]) -> flask.Response:
@@ -89,7 +42,7 @@ def train(request: flask.Request) -> flask.Response:
     if request.method != "POST":
         return _reply(405, {"error": "POST a trigger (CloudEvent or plain), or GET /healthz"})
     try:
-        trigger = _trigger(request)
+        trigger = parse_trigger(request)
     except ValueError as exc:
         return _reply(400, {"error": str(exc)})
     if not _round_lock.acquire(blocking=False):
@@ -100,7 +53,7 @@ def train(request: flask.Request) -> flask.Response:
         config = Config.from_env()
         report = run_round(config, force=trigger["force"])
     except Exception as exc:
-        if _unavailable(exc):
+        if store_unavailable(exc):
             log.warning("train round: object store unavailable: %s", exc)
             return _reply(503, {"error": f"object store unavailable: {exc}", "trigger": trigger})
         log.exception("train round failed")
