@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lensflow.cli.output import CliError, add_json_flag, emit
 from lensflow.config import Config
-from model_store import ModelStore, ModelStoreError, Pointer, parse_labels
+from model_store import ModelStore, ModelStoreError, Pointer, StoreUnavailableError, parse_labels
 
 
 def operator() -> str:
@@ -147,6 +147,9 @@ def _wrap(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
+        except StoreUnavailableError as exc:
+            hint = "is the stack running (`lensflow up`), or LENSFLOW_S3_ENDPOINT right?"
+            raise CliError(f"{type(exc).__name__}: {exc}; {hint}") from None
         except ModelStoreError as exc:
             raise CliError(f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:
