@@ -20,6 +20,7 @@ from eventing.dispatcher import Dispatcher
 from eventing.topics import ensure_topics
 from lensflow.config import Config
 from lensflow.services import free_port
+from tests.kafka_reading import read_topic
 
 FAST = DeliverySpec(retry=3, backoff_policy="exponential", backoff_delay_s=0.02, timeout_s=5)
 
@@ -132,28 +133,6 @@ def image_record(bucket: str, key: str) -> tuple[bytes, bytes, None]:
     return record_key, value, None
 
 
-def read_all(config: Config, topic: str, count: int, timeout_s: float = 15.0) -> list:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.kafka_bootstrap,
-            "group.id": "reader",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    found = []
-    deadline = time.monotonic() + timeout_s
-    while len(found) < count and time.monotonic() < deadline:
-        message = consumer.poll(0.2)
-        if message is not None and message.error() is None:
-            found.append(message)
-    consumer.close()
-    assert len(found) >= count, f"{topic}: {len(found)} of {count} messages"
-    return found
-
-
 def committed(config: Config, group: str) -> dict[int, int]:
     consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": group})
     topic = config.topic_images
@@ -178,7 +157,7 @@ def test_plain_record_becomes_the_kafkasource_cloudevent(topics, sinks, dispatch
     dispatcher = dispatchers(config, sink.url, group_id="g-attrs")
     [(headers, body, _)] = sink.wait(1)
 
-    message = read_all(config, config.topic_images, 1)[0]
+    message = read_topic(config, config.topic_images, 1)[0]
     p, o = message.partition(), message.offset()
     stamp = datetime.fromtimestamp(message.timestamp()[1] / 1000, timezone.utc)
     assert ce_headers(headers) == {
@@ -215,7 +194,7 @@ def test_cloudevent_record_passes_through(topics, sinks, dispatchers):
     produce(config, [(b"a/b", b'{"hello": "world"}', headers)])
     dispatchers(config, sink.url, group_id="g-ce")
     [(received, body, _)] = sink.wait(1)
-    message = read_all(config, config.topic_images, 1)[0]
+    message = read_topic(config, config.topic_images, 1)[0]
     assert ce_headers(received) == {
         "ce-specversion": "1.0",
         "ce-id": "evt-42",
@@ -256,7 +235,7 @@ def test_422_goes_to_the_dead_letter_topic_at_once(topics, sinks, dispatchers):
     produce(config, [(key, value, None)])
     dispatcher = dispatchers(config, sink.url, group_id="g-422")
     [(sent, _, _)] = sink.wait(1)
-    [dead] = read_all(config, config.topic_dlq, 1)
+    [dead] = read_topic(config, config.topic_dlq, 1)
     assert dead.key() == key
     headers = dict(dead.headers())
     assert "content-type" not in headers
@@ -276,7 +255,7 @@ def test_422_goes_to_the_dead_letter_topic_at_once(topics, sinks, dispatchers):
 
 
 def dead_partition(config: Config) -> int:
-    return read_all(config, config.topic_images, 1)[0].partition()
+    return read_topic(config, config.topic_images, 1)[0].partition()
 
 
 def test_retries_exhausted_then_dead_lettered(topics, sinks, dispatchers):
@@ -286,7 +265,7 @@ def test_retries_exhausted_then_dead_lettered(topics, sinks, dispatchers):
     dispatcher = dispatchers(
         config, sink.url, group_id="g-exhaust", delivery=DeliverySpec(retry=2, backoff_delay_s=0.01)
     )
-    [dead] = read_all(config, config.topic_dlq, 1)
+    [dead] = read_topic(config, config.topic_dlq, 1)
     assert len(sink.requests) == 3  # the first attempt and two retries
     headers = dict(dead.headers())
     assert headers["ce_knativeerrorcode"] == b"500"
@@ -300,7 +279,7 @@ def test_network_error_dead_letters_without_a_code(topics, dispatchers):
     produce(config, [image_record("b", "k.jpg")])
     url = f"http://127.0.0.1:{free_port()}/"  # nobody listens
     dispatchers(config, url, group_id="g-net", delivery=DeliverySpec(retry=1, backoff_delay_s=0.01))
-    [dead] = read_all(config, config.topic_dlq, 1)
+    [dead] = read_topic(config, config.topic_dlq, 1)
     headers = dict(dead.headers())
     assert headers["ce_knativeerrordest"] == url.encode()
     assert "ce_knativeerrorcode" not in headers and "ce_knativeerrordata" not in headers
@@ -341,7 +320,7 @@ def test_failed_dead_letter_holds_the_offset(topics, sinks, dispatchers):
     assert committed(config, "g-dlqfail") == {}  # offset 0 was never committed
 
     second = dispatchers(config, sink.url, group_id="g-dlqfail")  # the topic is back
-    [dead] = read_all(config, config.topic_dlq, 1)
+    [dead] = read_topic(config, config.topic_dlq, 1)
     assert dead.value() == b'{"poison": 1}'
     wait_until(lambda: second.stats()["delivered"] == 1, 15)  # the good one, again
     partition = dead_partition(config)

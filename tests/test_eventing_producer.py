@@ -9,7 +9,7 @@ from urllib.parse import quote_plus
 import pytest
 from cloudevents.conversion import to_json
 from cloudevents.kafka import to_binary
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, parse_notification, prediction_event
 from eventing.producer import PublishError, make_producer, upload_files
@@ -18,27 +18,7 @@ from lensflow.cli import main
 from lensflow.config import Config
 from lensflow.s3 import s3_client
 from lensflow.services import free_port
-
-
-def read_topic(config: Config, topic: str, count: int, timeout_s: float = 15.0) -> list:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.kafka_bootstrap,
-            "group.id": "reader",
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    found = []
-    deadline = time.monotonic() + timeout_s
-    while len(found) < count and time.monotonic() < deadline:
-        message = consumer.poll(0.2)
-        if message is not None and message.error() is None:
-            found.append(message)
-    consumer.close()
-    assert len(found) == count, f"{topic}: {len(found)} of {count} messages"
-    return found
+from tests.kafka_reading import read_topic
 
 
 def test_ensure_topics_creates_once_with_the_partition_counts(kafka_config):

@@ -7,32 +7,16 @@ import json
 import time
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
 from eventing.predictions import read_predictions
 from eventing.producer import DeliveryTracker, make_producer, publish_object_event
 from lensflow.s3 import s3_client
 from lensflow.stack import EmbeddedStack
+from tests.kafka_reading import read_topic
 from tests.test_stack import predicted, publish_model, stack_env, upload
 
 pytestmark = pytest.mark.slow
-
-
-def dead_letters(config, timeout_s: float = 30, want: int = 1) -> list:
-    """Every record on the dead-letter topic (at least ``want``, or what came in time)."""
-    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": "dlq-reader"})
-    topic = config.topic_dlq
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    found = []
-    deadline = time.monotonic() + timeout_s
-    while len(found) < want and time.monotonic() < deadline:
-        message = consumer.poll(0.5)
-        if message is not None and not message.error():
-            found.append(message)
-    consumer.close()
-    return found
 
 
 def test_poison_image_is_dead_lettered_with_its_reason_while_later_events_flow(
@@ -59,7 +43,7 @@ def test_poison_image_is_dead_lettered_with_its_reason_while_later_events_flow(
         counts = predicted(stack, {"before.jpg", "after.jpg"})
         assert {f"{bucket}/before.jpg", f"{bucket}/after.jpg"} <= set(counts)
         assert f"{bucket}/poison.jpg" not in counts
-        [letter] = dead_letters(config)
+        [letter] = read_topic(config, config.topic_dlq, 1, timeout_s=30)
         headers = {k: v.decode() for k, v in letter.headers()}
         assert letter.key() == f"{bucket}/poison.jpg".encode()
         assert headers["ce_knativeerrorcode"] == "415"

@@ -10,7 +10,6 @@ import time
 import pytest
 import requests
 from cloudevents.http import from_http
-from confluent_kafka import Consumer
 from PIL import Image
 
 from eventing.contracts import ObjectEvent, notification_record
@@ -21,6 +20,7 @@ from lensflow.scenes import scene_jpeg
 from model_store import ModelStore
 from tests.conftest import LABELS, make_env
 from tests.functions_harness import FunctionServer, knative_post, put_and_notify
+from tests.kafka_reading import read_topic
 from tests.test_imaging import png_with_declared_size
 
 
@@ -56,28 +56,6 @@ def served(s3_server, kafka_broker, tiny_models, tmp_path_factory):
         yield server, config, s3_client(config)
 
 
-def read_predictions(config: Config, count: int, timeout_s: float = 20) -> list:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.kafka_bootstrap,
-            "group.id": "t-" + str(time.time()),
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        }
-    )
-    consumer.subscribe([config.topic_predictions])
-    found = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(found) < count and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is not None and not msg.error():
-                found.append(msg)
-    finally:
-        consumer.close()
-    return found
-
-
 def test_upload_event_becomes_a_prediction_event_on_the_topic(served):
     server, config, s3 = served
     bucket = config.image_buckets[0]
@@ -99,7 +77,7 @@ def test_upload_event_becomes_a_prediction_event_on_the_topic(served):
     assert data["predictions"][0]["label"] == "field"  # the always-class-0 model
     assert data["image"]["key"] == "flights/day 1/a.jpg" and data["image"]["etag"]
     assert data["source_event_id"] == "partition:0/offset:0"
-    messages = read_predictions(config, 1)
+    messages = read_topic(config, config.topic_predictions, 1, timeout_s=20)
     assert [m.key() for m in messages] == [f"{bucket}/flights/day 1/a.jpg".encode()]
     produced = json.loads(messages[0].value())
     assert produced["model"]["sha256"] == data["model"]["sha256"]

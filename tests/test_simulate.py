@@ -6,16 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from eventing.contracts import parse_notification
 from eventing.topics import ensure_topics
-from lensflow.config import Config
 from lensflow.s3 import s3_client
 from lensflow.simulate import Burst, Plan, Simulator
+from tests.kafka_reading import read_topic
 
 
 def test_burst_parses_and_rejects_nonsense():
@@ -36,26 +34,6 @@ def test_schedule_count_is_the_integral_of_the_rate():
     assert len(in_burst) == 1000
     assert bursty.rate_at(25) == 50 and bursty.rate_at(45) == 5
     assert len(Plan(rate=2.5, duration_s=3).schedule()) == 8  # ceil(7.5): the first at t=0
-
-
-def read_topic(config: Config, expected: int, timeout_s: float = 20) -> list:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.kafka_bootstrap,
-            "group.id": "sim-test",
-            "enable.auto.commit": False,
-        }
-    )
-    topic = config.topic_images
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    records, deadline = [], time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            records += [m for m in consumer.consume(100, timeout=0.5) if m.error() is None]
-    finally:
-        consumer.close()
-    return records
 
 
 @pytest.mark.slow
@@ -79,7 +57,7 @@ def test_a_short_flight_uploads_and_publishes_the_planned_records(kafka_config):
     assert sum(result.per_drone) == planned and all(result.per_drone)
     assert result.duration_s < 3 + 2 and result.max_behind_s < 1
 
-    records = read_topic(config, planned)
+    records = read_topic(config, config.topic_images, planned, timeout_s=20)
     assert len(records) == planned
     bucket = config.image_buckets[0]
     events = [parse_notification(m.value())[0] for m in records]
