@@ -194,6 +194,7 @@ def run(out_dir: Path) -> dict:
             pool.stop()
             watcher.stop()
             producer.flush(5)
+            del producer  # before the broker stops: no reconnect noise
     result["targets"] = {"ratio_e2e_to_bare>=0.8": result["ratio_e2e_to_bare"] >= 0.8}
     write_json(out_dir, "e2e", result)
     plot(out_dir, result)
@@ -270,7 +271,9 @@ def plot(out_dir: Path, result: dict) -> None:
     )
     axes[1].plot(t, [s["lag"] or 0 for s in samples], color="#c55")
     axes[1].set_ylabel("consumer lag")
-    axes[2].step(t, [s["replicas"] for s in samples], where="post", color="#357")
+    replicas = [s["replicas"] for s in samples]
+    axes[2].step(t, replicas, where="post", color="#357")
+    axes[2].set_ylim(0, max(replicas, default=1) + 1)
     axes[2].set_ylabel("replicas")
     axes[2].set_xlabel("seconds")
     for ax in axes:
