@@ -109,8 +109,8 @@ class Config:
 
     kafka_bootstrap: str
     s3_endpoint: str | None
-    s3_access_key: str
-    s3_secret_key: str
+    s3_access_key: str = field(repr=False)  # credentials never reach a log line
+    s3_secret_key: str = field(repr=False)
     s3_region: str
     image_buckets: tuple[str, ...]
     model_bucket: str

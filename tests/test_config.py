@@ -48,3 +48,11 @@ def test_defaults_and_overrides():
 def test_bad_values_are_refused_with_a_reason(env):
     with pytest.raises(ValueError):
         Config.from_env(env)
+
+
+def test_credentials_never_appear_in_the_configs_repr():
+    config = Config.from_env(
+        {"LENSFLOW_S3_ACCESS_KEY": "AKIAXX", "LENSFLOW_S3_SECRET_KEY": "s3cr3t"}
+    )
+    assert config.s3_secret_key == "s3cr3t"
+    assert "s3cr3t" not in repr(config) and "AKIAXX" not in repr(config)
