@@ -114,12 +114,23 @@ class Trace:
         return self.base_rate * (self.burst_factor if in_burst else 1.0)
 
 
+PREDICT_SERVICE = Path(__file__).resolve().parents[1] / "knative" / "base" / "predict-service.yaml"
+
+
+def manifest_max_scale(path: Path = PREDICT_SERVICE) -> int:
+    """The predict Service's max-scale annotation: the simulation runs what is deployed."""
+    found = re.search(r'autoscaling\.knative\.dev/max-scale:\s*"(\d+)"', path.read_text())
+    if found is None:
+        raise ValueError(f"no max-scale annotation in {path}")
+    return int(found.group(1))
+
+
 @dataclass(frozen=True)
 class Kpa:
     container_concurrency: int = 2
     target: float = 2.0
     utilization: float = 0.7
-    max_scale: int = 3  # knative/base; see max_scale_sweep
+    max_scale: int = field(default_factory=manifest_max_scale)  # see max_scale_sweep
     stable_window_s: float = 60.0
     panic_window_s: float = 6.0
     panic_threshold: float = 2.0  # 200%
