@@ -21,6 +21,7 @@ from functions.predict.serving_model import InputSpec, ServingModel
 from model_store import (
     ModelStore,
     ModelStoreError,
+    NotFoundError,
     Pointer,
     StoreUnavailableError,
     parse_labels,
@@ -39,6 +40,7 @@ class WatcherStats:
     last_refusal: str | None = None
     last_error: str | None = None
     last_check_at: float = 0.0
+    no_pointer_logged: bool = False
     refused: dict[str, str] = field(default_factory=dict)  # pointer etag -> reason
 
 
@@ -77,9 +79,17 @@ class ModelWatcher:
             self.stats.last_check_at = time.time()
             try:
                 pointer = self.store.pointer.read_if_changed(self._etag)
+            except NotFoundError:
+                if not self.stats.no_pointer_logged:  # say it once, not every poll
+                    log.warning("no model pointer yet: answering 503 until one is flipped")
+                    self.stats.no_pointer_logged = True
+                return
             except ModelStoreError as exc:
                 self._store_error(exc)
                 return
+            if self.stats.last_error is not None:
+                log.info("model store reachable again")
+                self.stats.last_error = None
             if pointer is None or pointer.etag in self.stats.refused:
                 return  # unchanged, or already refused
             current = self._model
@@ -142,9 +152,15 @@ class ModelWatcher:
         log.error("refusing model %s (%s); still serving %s", pointer.version, reason, serving)
 
     def _store_error(self, exc: Exception) -> None:
+        first_of_outage = self.stats.last_error is None
         self.stats.store_errors += 1
         self.stats.last_error = str(exc)
-        log.warning("model pointer check failed: %s", exc)
+        # once per outage at warning level; every poll would flood the log
+        log.log(
+            logging.WARNING if first_of_outage else logging.DEBUG,
+            "model pointer check failed (serving what it has): %s",
+            exc,
+        )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.ttl_s / 2):
