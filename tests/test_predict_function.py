@@ -164,30 +164,19 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
             image = scene_jpeg("water", 1, (96, 96), 85)
             reply = put_and_notify(server.url, config, s3, config.image_buckets[0], "a.jpg", image)
             assert reply.status_code == 503 and "no model" in reply.json()["error"]
+            _, again = notification_record(
+                ObjectEvent(
+                    "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)
+                )
+            )
             store.flip("v2")
             deadline = time.monotonic() + 5
             while server.metrics()["model"] is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-            reply = knative_post(
-                server.url,
-                config,
-                notification_record(
-                    ObjectEvent(
-                        "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)
-                    )
-                )[1],
-            )
+            reply = knative_post(server.url, config, again)
             assert reply.status_code == 200 and reply.json()["model"]["version"] == "v2"
             s3_server.stop()
-            reply = knative_post(
-                server.url,
-                config,
-                notification_record(
-                    ObjectEvent(
-                        "s3:ObjectCreated:Put", config.image_buckets[0], "a.jpg", "e", len(image)
-                    )
-                )[1],
-            )
+            reply = knative_post(server.url, config, again)
             assert reply.status_code == 503, reply.text
             assert server.metrics()["model"]["version"] == "v2"  # still serving
 
