@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Requests in flight per predict replica, as knative/base/predict-service.yaml says:
+# containerConcurrency, the autoscaling target and THREADS (tests/test_knative.py checks).
+PREDICT_CONCURRENCY = 4
+
 
 class ReplicaError(ConnectionError):
     """No replica could take the request (start failed or timed out, or the pool is
@@ -94,12 +98,12 @@ class ReplicaPool:
         function: str = "predict",
         min_replicas: int = 0,
         max_replicas: int = 4,
-        target_concurrency: float = 2.0,
+        target_concurrency: float = PREDICT_CONCURRENCY,
         idle_s: float = 30.0,
         startup_timeout_s: float = 60.0,
         log_dir: Path | None = None,
         tick_s: float = 0.2,
-        threads: int = 2,
+        threads: int = PREDICT_CONCURRENCY,
     ):
         if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
             raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")

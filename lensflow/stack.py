@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from eventing.delivery import DeliverySpec
 from lensflow.config import SETTINGS, Config
-from lensflow.replicas import ReplicaPool
+from lensflow.replicas import PREDICT_CONCURRENCY, ReplicaPool
 from lensflow.services import ChildServer, KafkaBroker, S3Server, port_open
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class EmbeddedStack:
         *,
         log_dir: Path | None = DEFAULT_LOG_DIR,
         max_replicas: int = 4,
-        target_concurrency: float = 2.0,
+        target_concurrency: float = PREDICT_CONCURRENCY,
         idle_s: float = 30.0,
         max_in_flight: int = 16,
         ordering: str = SOURCE_ORDERING,

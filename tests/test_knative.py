@@ -402,6 +402,20 @@ def test_services_scale_to_zero_and_listen_on_the_port(docs: tuple[Doc, ...]) ->
     )
 
 
+def test_local_replica_pool_matches_the_predict_manifest() -> None:
+    """ReplicaPool and EmbeddedStack default to PREDICT_CONCURRENCY: it must be the manifest's."""
+    from lensflow.replicas import PREDICT_CONCURRENCY
+
+    predict = yaml.safe_load((KNATIVE / "base" / "predict-service.yaml").read_text())
+    template = predict["spec"]["template"]
+    (c,) = template["spec"]["containers"]
+    assert template["spec"]["containerConcurrency"] == PREDICT_CONCURRENCY
+    assert float(template["metadata"]["annotations"]["autoscaling.knative.dev/target"]) == (
+        PREDICT_CONCURRENCY
+    )
+    assert {e["name"]: e.get("value") for e in c["env"]}["THREADS"] == str(PREDICT_CONCURRENCY)
+
+
 def test_kafkasource_delivers_images_to_predict(docs: tuple[Doc, ...]) -> None:
     data = config_map(docs)["data"]
     source = one(docs, "KafkaSource", data["LENSFLOW_SOURCE_NAME"])
