@@ -88,7 +88,8 @@ class PredictHandler:
             return Reply.json(200, {"skipped": f"{records[0].event_name} is not predicted"})
         outputs = [self._predict(record, event["id"]) for record in created]
         self.stats.predictions += len(outputs)
-        out_headers, out_body = to_binary(outputs[-1])
+        predicted, data = outputs[-1]
+        out_headers, out_body = to_binary(predicted, data_marshaller=lambda _: data)
         return Reply(200, dict(out_headers), out_body)
 
     def _parse_cloudevent(self, headers: dict[str, str], body: bytes) -> CloudEvent:
@@ -97,7 +98,8 @@ class PredictHandler:
         except CloudEventError as exc:
             raise Rejected(400, f"not a CloudEvent: {exc}") from None
 
-    def _predict(self, record: ObjectEvent, source_event_id: str) -> CloudEvent:
+    def _predict(self, record: ObjectEvent, source_event_id: str) -> tuple[CloudEvent, bytes]:
+        """The prediction event for ``record``, produced to Kafka; and its serialised data."""
         limit = self.config.max_image_bytes
         if record.bucket not in self.config.image_buckets:
             raise Rejected(422, f"bucket {record.bucket!r} is not in LENSFLOW_IMAGE_BUCKETS")
@@ -124,11 +126,12 @@ class PredictHandler:
             source_event_id=source_event_id,
             timings_ms={"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "invoke": _ms(t3 - t2)},
         )
+        data = json.dumps(event.data).encode()  # once, for the topic and the reply
         try:
-            self.producer.send(event)
+            self.producer.send(event, data)
         except ProduceError as exc:
             raise Rejected(503, str(exc)) from None
-        return event
+        return event, data
 
 
 def _ms(seconds: float) -> float:

@@ -61,7 +61,10 @@ class ServingModel:
         self._max = max(1, max_interpreters)
         self._lock = threading.Lock()
         first = self._new_interpreter()
-        outputs = int(np.prod(first.get_output_details()[0]["shape"][1:]))
+        # The same for every interpreter of this model: looked up once, not per request.
+        self._input = first.get_input_details()[0]["index"]
+        self._output = first.get_output_details()[0]
+        outputs = int(np.prod(self._output["shape"][1:]))
         if outputs != len(labels):
             raise ValueError(f"{len(labels)} labels for a model with {outputs} outputs")
         self._idle.put(first)
@@ -90,15 +93,13 @@ class ServingModel:
     def invoke(self, batch: np.ndarray) -> np.ndarray:
         interpreter = self._borrow()
         try:
-            inp = interpreter.get_input_details()[0]
-            out = interpreter.get_output_details()[0]
-            interpreter.set_tensor(inp["index"], batch)
+            interpreter.set_tensor(self._input, batch)
             interpreter.invoke()
-            scores = interpreter.get_tensor(out["index"]).reshape(-1).astype(np.float32)
+            scores = interpreter.get_tensor(self._output["index"]).reshape(-1).astype(np.float32)
         finally:
             self._idle.put(interpreter)
-        if out["dtype"] == np.uint8:  # quantized output: dequantize
-            scale, zero = out["quantization"]
+        if self._output["dtype"] == np.uint8:  # quantized output: dequantize
+            scale, zero = self._output["quantization"]
             scores = (scores - zero) * scale
         return scores
 

@@ -35,9 +35,12 @@ class PredictionProducer:
         self._poller = threading.Thread(target=self._poll, name="prediction-producer", daemon=True)
         self._poller.start()
 
-    def send(self, event: AnyCloudEvent) -> None:
-        """Produce ``event`` (binary mode, keyed by its partitionkey); block until acked."""
-        message = to_binary(event)
+    def send(self, event: AnyCloudEvent, data: bytes | None = None) -> None:
+        """Produce ``event`` (binary mode, keyed by its partitionkey); block until acked.
+
+        ``data``: the event's data already serialised, so it is not serialised twice.
+        """
+        message = to_binary(event, data_marshaller=None if data is None else lambda _: data)
         delivered: Future[None] = Future()
 
         def on_delivery(err, _msg) -> None:
