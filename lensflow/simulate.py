@@ -17,7 +17,6 @@ classes), so rendering never limits the rate.
 
 from __future__ import annotations
 
-import bisect
 import random
 import threading
 import time
@@ -305,8 +304,3 @@ class Simulator:
 def _iso(epoch_s: float) -> str:
     when = datetime.fromtimestamp(epoch_s, timezone.utc)
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def planned_count(plan: Plan, until_s: float) -> int:
-    """How many uploads the plan makes before ``until_s`` (tests, progress bars)."""
-    return bisect.bisect_left(plan.schedule(), until_s)

@@ -45,7 +45,6 @@ class HandlerStats:
     statuses: Counter = field(default_factory=Counter)
     predictions: int = 0
     skipped: int = 0
-    busy_s: float = 0.0
 
 
 class PredictHandler:
@@ -63,7 +62,6 @@ class PredictHandler:
         self.stats = HandlerStats()
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
-        started = time.perf_counter()
         try:
             reply = self._handle(headers, body)
         except Rejected as exc:
@@ -73,7 +71,6 @@ class PredictHandler:
             log.exception("unexpected failure")
             reply = Reply.json(500, {"error": f"internal error: {type(exc).__name__}"})
         self.stats.statuses[reply.status] += 1
-        self.stats.busy_s += time.perf_counter() - started
         return reply
 
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:

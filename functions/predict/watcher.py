@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 from functions.predict.serving_model import InputSpec, ServingModel
@@ -39,7 +38,6 @@ class WatcherStats:
     store_errors: int = 0
     last_refusal: str | None = None
     last_error: str | None = None
-    last_check_at: float = 0.0
     no_pointer_logged: bool = False
     refused: dict[str, str] = field(default_factory=dict)  # pointer etag -> reason
 
@@ -76,7 +74,6 @@ class ModelWatcher:
         """Check the pointer once and swap if it names a new, sound version."""
         with self._refresh_lock:
             self.stats.checks += 1
-            self.stats.last_check_at = time.time()
             try:
                 pointer = self.store.pointer.read_if_changed(self._etag)
             except NotFoundError:
