@@ -59,11 +59,11 @@ def run_for(seconds: float, workers: int, work: Callable[[int], None]) -> dict:
     }
 
 
-def percentile(sorted_values: list[float], pct: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(pct / 100 * (len(sorted_values) - 1))))
-    return sorted_values[index]
+def percentile(values: list[float], pct: int) -> float:
+    """The ``pct``-th percentile of ``values`` (interpolated); nan for no values."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
 def median_of(repeats: int, measure: Callable[[], float]) -> float:
@@ -85,10 +85,10 @@ def serving_stack(
 
     Yields (env, config, model store, {server name: pid}).
     """
-    from eventing.topics import ensure_topics
-    from lensflow.config import Config
-    from lensflow.s3 import s3_client
-    from lensflow.services import KafkaBroker, S3Server, ensure_buckets
+    from eventing.topics import ensure_topics, topic_specs
+    from lensflow.services import KafkaBroker, S3Server
+    from lensflow_core.s3 import ensure_buckets, s3_client
+    from lensflow_core.settings import Config
     from model_store import ModelStore
 
     with S3Server() as s3_server, KafkaBroker() as broker:
@@ -100,7 +100,7 @@ def serving_stack(
         config = Config.from_env(env)
         s3 = s3_client(config)
         ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
-        ensure_topics(config)
+        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
         store = ModelStore.from_config(config, s3=s3)
         store.flip(store.publish(model, labels, created_by="bench").version)
         yield (

@@ -17,17 +17,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
 from bench.common import cpu_seconds, mobilenet_v2_tflite, percentile, serving_stack, write_json
 from bench.predict_bench import bare_loop
 from eventing.contracts import ObjectEvent
 from eventing.dispatcher import Dispatcher
-from eventing.predictions import parse_prediction
+from eventing.predictions import TopicReader, parse_prediction
 from eventing.producer import make_producer, publish_object_event
-from lensflow.config import Config
 from lensflow.replicas import ReplicaPool
 from lensflow.scenes import CLASSES, scene_jpeg
+from lensflow_core.settings import Config
 
 THROUGHPUT_IMAGES = int(os.environ.get("LENSFLOW_BENCH_E2E_IMAGES", "400"))
 LATENCY_SECONDS = 15.0
@@ -61,26 +59,16 @@ class PredictionWatcher:
         return True
 
     def _run(self) -> None:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.config.kafka_bootstrap,
-                "group.id": "bench-watcher",
-                "enable.auto.commit": False,
-            }
-        )
-        topic = self.config.topic_predictions
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        while not self._stop.is_set():
-            message = consumer.poll(0.2)
-            if message is None or message.error():
-                continue
-            prediction = parse_prediction(message)
-            if prediction is not None and prediction.subject not in self.seen:
-                at = datetime.fromisoformat(prediction.time.replace("Z", "+00:00")).timestamp()
-                self.seen[prediction.subject] = at
-                self.arrivals.append(time.time())
-        consumer.close()
+        with TopicReader(
+            self.config.kafka_bootstrap, self.config.topic_predictions, group="bench-watcher"
+        ) as reader:
+            while not self._stop.is_set():
+                for message in reader.poll(0.2):
+                    prediction = parse_prediction(message)
+                    if prediction is not None and prediction.subject not in self.seen:
+                        at = datetime.fromisoformat(prediction.time.replace("Z", "+00:00"))
+                        self.seen[prediction.subject] = at.timestamp()
+                        self.arrivals.append(time.time())
 
 
 def cpu_use(servers: dict[str, int], pool: ReplicaPool) -> dict[str, float]:
@@ -122,7 +110,7 @@ def publish_at_rate(
         credit += rate_at(now - started) * (now - last)
         last = now
         while credit >= 1 and index < len(events):
-            publish_object_event(producer, config, events[index])
+            publish_object_event(producer, config.topic_images, events[index])
             sent[events[index].path] = time.time()
             index += 1
             credit -= 1
@@ -143,9 +131,18 @@ def run(out_dir: Path) -> dict:
         result["bare_c2_images_per_s"] = bare["images_per_s"]
 
         watcher = PredictionWatcher(config).start()
-        producer = make_producer(config)
+        producer = make_producer(config.kafka_bootstrap)
         pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
-        dispatcher = Dispatcher(config, pool, ordering="unordered", max_in_flight=4)
+        dispatcher = Dispatcher(
+            config.kafka_bootstrap,
+            config.topic_images,
+            pool,
+            source=config.kafkasource_ce_source,
+            group_id=config.source_name,
+            dead_letter_topic=config.topic_dlq,
+            ordering="unordered",
+            max_in_flight=4,
+        )
         try:
             # 1. throughput: a backlog drained as fast as the chain allows
             events = put_photos(s3, bucket, "throughput", photos, THROUGHPUT_IMAGES)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DT = 0.1
@@ -45,7 +46,7 @@ FALLBACK_LATENCY_MS = {1: 83.0, 2: 95.0, 4: 178.0, 8: 356.0}
 
 
 @dataclass(frozen=True)
-class Replica:
+class ReplicaProfile:
     throughput: dict[int, float]  # concurrency -> images/s of one replica
     latency_ms: dict[int, float]  # concurrency -> p50 latency (ms)
     source: str
@@ -73,9 +74,9 @@ class Replica:
         return min(c for c, x in self.throughput.items() if x >= fraction * best)
 
 
-def load_replica(path: Path = RESULTS / "predict.json") -> Replica:
+def load_replica(path: Path = RESULTS / "predict.json") -> ReplicaProfile:
     if not path.exists():
-        return Replica(
+        return ReplicaProfile(
             FALLBACK_THROUGHPUT,
             FALLBACK_LATENCY_MS,
             source=f"FALLBACK numbers (not measured): {path.name} absent",
@@ -94,7 +95,7 @@ def load_replica(path: Path = RESULTS / "predict.json") -> Replica:
     }
     if not thr:
         raise ValueError(f"{path} has no http_c<N>_images_per_s keys")
-    return Replica(thr, lat, source=str(path), measured=True)
+    return ReplicaProfile(thr, lat, source=str(path), measured=True)
 
 
 @dataclass(frozen=True)
@@ -117,18 +118,29 @@ class Trace:
 PREDICT_SERVICE = Path(__file__).resolve().parents[1] / "knative" / "base" / "predict-service.yaml"
 
 
+def manifest_template(path: Path = PREDICT_SERVICE) -> dict[str, Any]:
+    """The predict Service's revision template: the simulation runs what is deployed."""
+    return yaml.safe_load(path.read_text())["spec"]["template"]
+
+
 def manifest_max_scale(path: Path = PREDICT_SERVICE) -> int:
-    """The predict Service's max-scale annotation: the simulation runs what is deployed."""
-    found = re.search(r'autoscaling\.knative\.dev/max-scale:\s*"(\d+)"', path.read_text())
-    if found is None:
-        raise ValueError(f"no max-scale annotation in {path}")
-    return int(found.group(1))
+    annotations = manifest_template(path)["metadata"]["annotations"]
+    return int(annotations["autoscaling.knative.dev/max-scale"])
+
+
+def manifest_container_concurrency(path: Path = PREDICT_SERVICE) -> int:
+    return int(manifest_template(path)["spec"]["containerConcurrency"])
+
+
+def manifest_target(path: Path = PREDICT_SERVICE) -> float:
+    annotations = manifest_template(path)["metadata"]["annotations"]
+    return float(annotations["autoscaling.knative.dev/target"])
 
 
 @dataclass(frozen=True)
 class Kpa:
-    container_concurrency: int = 2
-    target: float = 2.0
+    container_concurrency: int = field(default_factory=manifest_container_concurrency)
+    target: float = field(default_factory=manifest_target)
     utilization: float = 0.7
     max_scale: int = field(default_factory=manifest_max_scale)  # see max_scale_sweep
     stable_window_s: float = 60.0
@@ -202,7 +214,7 @@ def resize(kpa: Kpa, s: State, t: float, n: int) -> None:
         del s.pods[n:]  # not-yet-ready replicas go first (they sort last)
 
 
-def simulate(replica: Replica, kpa: Kpa, trace: Trace) -> dict[str, Any]:
+def simulate(replica: ReplicaProfile, kpa: Kpa, trace: Trace) -> dict[str, Any]:
     s = State()
     samples: list[float] = []
     steps = int(trace.duration_s / DT)
@@ -287,12 +299,14 @@ def summarize(rows: dict[str, np.ndarray], kpa: Kpa, trace: Trace) -> dict[str, 
     }
 
 
-def candidates(replica: Replica, base: Kpa) -> list[Kpa]:
+def candidates(replica: ReplicaProfile, base: Kpa) -> list[Kpa]:
     ccs = sorted(set(replica.throughput) | {replica.saturation()})
     return [replace(base, container_concurrency=c, target=float(c)) for c in ccs]
 
 
-def recommend(replica: Replica, results: list[dict[str, Any]], slo_p95_s: float) -> dict[str, Any]:
+def recommend(
+    replica: ReplicaProfile, results: list[dict[str, Any]], slo_p95_s: float
+) -> dict[str, Any]:
     """containerConcurrency = where one replica saturates (more in flight adds latency, not
     throughput); target = containerConcurrency. The simulation then checks the burst SLO."""
     cc = replica.saturation()

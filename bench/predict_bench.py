@@ -22,12 +22,13 @@ import requests
 
 from bench.common import median_of, mobilenet_v2_tflite, run_for, serving_stack, write_json
 from eventing.contracts import ObjectEvent, notification_record
-from functions.predict.serving_model import InputSpec, ServingModel
-from lensflow.config import Config
+from functions.predict.serving_model import ServingModel
 from lensflow.function_server import FunctionServer, knative_post
-from lensflow.imaging import decode_image
+from lensflow.process import free_port
 from lensflow.scenes import CLASSES, scene_jpeg
-from lensflow.services import free_port
+from lensflow_core.imaging import decode_image
+from lensflow_core.runtime import InputSpec
+from lensflow_core.settings import Config
 from model_store import ModelStore
 
 SECONDS = float(os.environ.get("LENSFLOW_BENCH_SECONDS", "8"))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from bench.common import write_json
 from lensflow import scenes
-from lensflow.config import Config
-from lensflow.s3 import s3_client
-from lensflow.services import S3Server, ensure_buckets
+from lensflow.services import S3Server
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.settings import Config
 
 PER_CLASS = 167  # x 6 classes = 1,002 labelled images
 HOLDOUT_PER_CLASS = 50
@@ -55,8 +55,8 @@ def scene_speed() -> dict:
 
 
 def run(out_dir: Path) -> dict:
-    from functions.train.dataset import seed_training_data
     from functions.train.round import run_round
+    from lensflow.seeding import seed_training_data
 
     result: dict = {"cpus": os.cpu_count(), "scenes": scene_speed()}
     with S3Server() as server:

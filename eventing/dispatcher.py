@@ -12,8 +12,8 @@ How it works, and why:
   dead-letter topic refuses it, the offset is held back and the event comes again after
   a restart (Knative would commit it and lose the event).
 - The consumer is used from one thread only (librdkafka consumers are not meant to be
-  shared): the loop in ``run`` polls, hands jobs to a pool of worker threads, takes
-  their results back through a queue, and commits. Workers only talk HTTP and produce
+  shared): the loop in ``run`` polls, hands jobs to a ``ThreadPoolExecutor`` of
+  ``max_in_flight`` workers, takes their results back through a queue, and commits. Workers only talk HTTP and produce
   dead letters (the producer is thread-safe).
 - ``ordered``: one event in flight per partition, so events of one key (one object
   path) arrive in order. ``unordered``: up to ``max_in_flight`` events at once, from any
@@ -39,23 +39,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from cloudevents.conversion import to_binary
+from cloudevents.kafka import KafkaMessage
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from eventing.contracts import kafkasource_event
-from eventing.deadletter import (
-    DeadLetterError,
-    annotate,
-    kafka_binary,
-    produce_and_wait,
-    raw_data,
-)
+from eventing.deadletter import annotate, kafka_binary, raw_data
 from eventing.delivery import DeliverySpec, Sink, as_sink, deliver
 from eventing.offsets import OffsetTracker
-from lensflow.config import Config
+from eventing.producer import ProduceError, make_producer, produce_and_wait
+from eventing.topics import DLQ_PARTITIONS, IMAGES_PARTITIONS, TopicSpec, ensure_topics
+from lensflow_core.kafka import client_settings
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +96,27 @@ class _Job:
 
 
 class Dispatcher:
-    """A KafkaSource equivalent for ``config.topic_images``.
+    """A KafkaSource equivalent: records of ``topic`` on ``bootstrap`` to ``sink``.
 
-    ``run()`` dispatches in the calling thread until ``stop()``; ``start()`` runs it in a
-    background thread. ``stats()`` is safe from any thread.
+    ``source`` is the KafkaSource's ``ce-source`` (``/apis/v1/namespaces/<ns>/
+    kafkasources/<name>``), ``group_id`` its consumer group, ``dead_letter_topic`` where
+    events go that the sink would not take. ``run()`` dispatches in the calling thread
+    until ``stop()``; ``start()`` runs it in a background thread. ``stats()`` is safe
+    from any thread.
     """
 
     def __init__(
         self,
-        config: Config,
+        bootstrap: str,
+        topic: str,
         sink: str | Callable[[], str] | Sink,
+        *,
+        source: str,
+        group_id: str,
+        dead_letter_topic: str,
         delivery: DeliverySpec | None = None,
         ordering: str = "ordered",
         max_in_flight: int = 16,
-        group_id: str | None = None,
-        *,
         dead_letter_producer=None,
         consumer_settings: dict[str, Any] | None = None,
         create_topics: bool = True,
@@ -125,20 +129,21 @@ class Dispatcher:
             raise ValueError(f"ordering must be ordered or unordered, not {ordering!r}")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self.config = config
-        self.topic = config.topic_images
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.source = source
+        self.dead_letter_topic = dead_letter_topic
         self.sink = as_sink(sink, pool_size=max_in_flight)
         self.delivery = delivery or DeliverySpec()
         self.ordering = ordering
         self.max_in_flight = max_in_flight
-        self.group_id = group_id or config.source_name  # the KafkaSource's name
+        self.group_id = group_id
         self.commit_interval_s = commit_interval_s
         self.revoke_grace_s = revoke_grace_s
         self.shutdown_grace_s = shutdown_grace_s
         self.dead_letter_timeout_s = dead_letter_timeout_s
         self._create_topics = create_topics
-        self._consumer_settings = {
-            "bootstrap.servers": config.kafka_bootstrap,
+        self._consumer_settings = client_settings(bootstrap) | {
             "group.id": self.group_id,
             "client.id": f"{self.group_id}-dispatcher",
             "enable.auto.commit": False,
@@ -158,9 +163,8 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None
         self._partitions: dict[int, _Partition] = {}
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._results: queue.Queue[tuple[_Job, str]] = queue.Queue()
-        self._workers: list[threading.Thread] = []
+        self._workers: ThreadPoolExecutor | None = None
         self._in_flight = 0
         self._rotation = 0
         self._last_commit = 0.0
@@ -218,27 +222,24 @@ class Dispatcher:
     def run(self) -> None:
         """Dispatch until ``stop()`` (or SIGTERM/Ctrl-C handled by the caller)."""
         if self._create_topics:
-            from eventing.topics import ensure_topics
-
-            ensure_topics(self.config)
+            ensure_topics(
+                self.bootstrap,
+                [
+                    TopicSpec(self.topic, IMAGES_PARTITIONS),
+                    TopicSpec(self.dead_letter_topic, DLQ_PARTITIONS),
+                ],
+            )
         own_dlq = self._dlq is None
         if own_dlq:
-            from eventing.producer import make_producer
-
             self._dlq = make_producer(
-                self.config,
+                self.bootstrap,
                 **{
                     "client.id": f"{self.group_id}-dead-letters",
                     "message.timeout.ms": int(self.dead_letter_timeout_s * 1000),
                 },
             )
         self._consumer = Consumer(self._consumer_settings)
-        self._workers = [
-            threading.Thread(target=self._work, name=f"dispatch-{i}", daemon=True)
-            for i in range(self.max_in_flight)
-        ]
-        for worker in self._workers:
-            worker.start()
+        self._workers = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="dispatch")
         self._consumer.subscribe(
             [self.topic],
             on_assign=self._on_assign,
@@ -269,8 +270,9 @@ class Dispatcher:
                     next_lag = time.monotonic() + 1.0
             self._drain()
         finally:
-            for _ in self._workers:
-                self._jobs.put(None)
+            # Jobs not started yet finish at once as ABORTED (see _work); in-flight ones
+            # were given the shutdown grace in _drain and are not waited for here.
+            self._workers.shutdown(wait=False)
             try:
                 self._consumer.close()  # revokes: commits the finished prefix once more
             finally:
@@ -335,7 +337,7 @@ class Dispatcher:
                 state.offsets.start(record.offset)
                 state.in_flight += 1
                 self._in_flight += 1
-                self._jobs.put(_Job(state, record))
+                self._workers.submit(self._work, _Job(state, record))
                 progress = True
                 if self._in_flight >= self.max_in_flight:
                     break
@@ -365,8 +367,7 @@ class Dispatcher:
                 self._counts[outcome] += 1
             if outcome in (DELIVERED, DEAD_LETTERED):
                 job.state.offsets.done(job.record.offset)
-            elif outcome == FAILED:
-                job.state.offsets.fail(job.record.offset)
+            # FAILED and ABORTED stay outstanding: the commit point never passes them
 
     def _commit(self, sync: bool, only: set[int] | None = None) -> None:
         """Commit every partition's finished prefix that moved (at most every
@@ -468,29 +469,26 @@ class Dispatcher:
 
     # --- workers --------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if self._stopping.is_set():  # queued but not started: leave it for next time
-                self._results.put((job, ABORTED))
-                continue
-            try:
-                outcome = self._dispatch(job.record)
-            except Exception:  # noqa: BLE001 - a bug must not kill the worker silently
-                log.exception(
-                    "dispatching offset %d of partition %d failed",
-                    job.record.offset,
-                    job.record.partition,
-                )
-                outcome = FAILED
-            self._results.put((job, outcome))
+    def _work(self, job: _Job) -> None:
+        """One record, in a worker thread; the outcome goes back to the loop thread."""
+        if self._stopping.is_set():  # queued but not started: leave it for next time
+            self._results.put((job, ABORTED))
+            return
+        try:
+            outcome = self._dispatch(job.record)
+        except Exception:  # noqa: BLE001 - a bug must not lose the job's result
+            log.exception(
+                "dispatching offset %d of partition %d failed",
+                job.record.offset,
+                job.record.partition,
+            )
+            outcome = FAILED
+        self._results.put((job, outcome))
 
     def _dispatch(self, record: _Record) -> str:
         try:
             event = kafkasource_event(
-                source=self.config.kafkasource_ce_source,
+                source=self.source,
                 topic=self.topic,
                 partition=record.partition,
                 offset=record.offset,
@@ -519,11 +517,11 @@ class Dispatcher:
         try:
             produce_and_wait(
                 self._dlq,
-                self.config.topic_dlq,
+                self.dead_letter_topic,
                 kafka_binary(event, record.key),
                 self.dead_letter_timeout_s,
             )
-        except DeadLetterError as exc:
+        except ProduceError as exc:
             log.error(
                 "offset %d of partition %d neither delivered nor dead-lettered, "
                 "holding its commit: %s",
@@ -537,13 +535,11 @@ class Dispatcher:
     def _dead_letter_raw(self, record: _Record, reason: str) -> str:
         """A record that claims to be a CloudEvent but cannot be read goes to the
         dead-letter topic as it is, with the reason in a ``lensflow-error`` header."""
-        from cloudevents.kafka import KafkaMessage
-
         headers = {**record.headers, "lensflow-error": reason.encode()}
         message = KafkaMessage(headers=headers, key=record.key, value=record.value or b"")
         try:
-            produce_and_wait(self._dlq, self.config.topic_dlq, message, self.dead_letter_timeout_s)
-        except DeadLetterError as exc:
+            produce_and_wait(self._dlq, self.dead_letter_topic, message, self.dead_letter_timeout_s)
+        except ProduceError as exc:
             log.error("unreadable record at offset %d not dead-lettered: %s", record.offset, exc)
             return FAILED
         return DEAD_LETTERED

@@ -17,7 +17,6 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._outstanding: set[int] = set()
-        self._failed: set[int] = set()
         self._next: int | None = None  # one past the highest offset started
         self.committed: int | None = None  # the last commit point handed to Kafka
 
@@ -31,16 +30,9 @@ class OffsetTracker:
             self._next = offset + 1
 
     def done(self, offset: int) -> None:
-        """Delivered or dead-lettered: it may be committed."""
+        """Delivered or dead-lettered: it may be committed. (An event that was neither is
+        never marked done, so it holds the commit point below it.)"""
         self._outstanding.discard(offset)
-
-    def fail(self, offset: int) -> None:
-        """Neither delivered nor dead-lettered: hold the commit point below it."""
-        self._failed.add(offset)
-
-    @property
-    def failed(self) -> int:
-        return len(self._failed)
 
     def commit_point(self) -> int | None:
         """The offset to commit (Kafka's "next to read"), or None if nothing started."""

@@ -1,7 +1,8 @@
 """Reading the predictions topic: binary-mode Kafka CloudEvents, one per image.
 
-Used by ``lensflow predictions tail``. It reads without a consumer group (``assign``, no
-commits), so tailing never moves anyone's offsets and any number of people can tail.
+``TopicReader`` is lensflow's one way to read a topic from outside a consumer group: used
+by ``lensflow predictions tail`` (``read_predictions``), the demo's and the benchmark's
+watchers, and the tests. ``parse_prediction`` turns a record into a ``Prediction``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cloudevents.kafka import KafkaMessage, from_binary, from_structured
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
-from lensflow.config import Config
+from eventing.contracts import is_cloudevent_record
+from lensflow_core.kafka import client_settings
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,13 @@ def _json_or_raw(value: bytes) -> Any:
 def parse_prediction(message) -> Prediction | None:
     """The prediction in a consumed record, or None if the record is not a CloudEvent."""
     headers = {k: (v or b"") for k, v in (message.headers() or [])}
-    lowered = {k.lower(): v for k, v in headers.items()}
-    kafka_message = KafkaMessage(headers=headers, key=message.key(), value=message.value() or b"")
-    if "ce_specversion" in lowered:
-        event = from_binary(kafka_message, data_unmarshaller=_json_or_raw)
-    elif lowered.get("content-type", b"").startswith(b"application/cloudevents"):
-        event = from_structured(kafka_message)
-    else:
+    if not is_cloudevent_record(headers):
         return None
+    kafka_message = KafkaMessage(headers=headers, key=message.key(), value=message.value() or b"")
+    if "ce_specversion" in {k.lower() for k in headers}:
+        event = from_binary(kafka_message, data_unmarshaller=_json_or_raw)
+    else:
+        event = from_structured(kafka_message)
     data = event.get_data()
     label, score = _top(data.get("predictions") if isinstance(data, dict) else None)
     model = data.get("model") if isinstance(data, dict) else None
@@ -108,71 +109,119 @@ def _top(predictions: Any) -> tuple[str | None, float | None]:
     return str(first), None
 
 
+class TopicReader:
+    """Reads every partition of one topic without joining a consumer group.
+
+    ``assign``, never ``subscribe``, and no commits: reading never moves anyone's offsets,
+    and any number of readers can read at once. Starts at the beginning of each
+    partition, at its end (``from_end``), or ``last`` records before its end. A topic
+    that does not exist yet has no partitions: reading it gives nothing.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        from_end: bool = False,
+        last: int | None = None,
+        timeout_s: float = 10.0,
+        group: str = "lensflow-reader",
+    ):
+        self.topic = topic
+        self._consumer = Consumer(
+            client_settings(
+                bootstrap,
+                {
+                    # required by the client; never joined or committed
+                    "group.id": f"{group}-{uuid.uuid4().hex[:8]}",
+                    "enable.auto.commit": False,
+                    "enable.partition.eof": True,
+                    "auto.offset.reset": "earliest",
+                },
+            )
+        )
+        self.at_end: set[int] = set()
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+            ok = metadata is not None and metadata.error is None
+            self.partitions = sorted(metadata.partitions) if ok else []
+            assignment = []
+            for number in self.partitions:
+                tp = TopicPartition(topic, number, OFFSET_END if from_end else OFFSET_BEGINNING)
+                if last is not None:
+                    # Tansu answers ListOffsets(latest) too low when the producer batched
+                    # (5 records in one batch: high 1), so this may start earlier than
+                    # asked; callers trim to ``last`` themselves.
+                    low, high = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)
+                    tp.offset = max(low, high - last)
+                assignment.append(tp)
+            self._consumer.assign(assignment)
+        except BaseException:
+            self._consumer.close()
+            raise
+
+    def poll(self, timeout_s: float, max_records: int = 500) -> list:
+        """The records that arrive within ``timeout_s`` (errors and end markers left out)."""
+        records = []
+        for message in self._consumer.consume(max_records, timeout=timeout_s):
+            error = message.error()
+            if error is None:
+                records.append(message)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                self.at_end.add(message.partition())
+        return records
+
+    @property
+    def caught_up(self) -> bool:
+        """Every partition has been read to its end at least once."""
+        return len(self.at_end) >= len(self.partitions)
+
+    def high_watermark(self, topic: str, partition: int = 0, timeout_s: float = 5.0) -> int:
+        """One past the newest offset of ``topic``/``partition`` (any topic)."""
+        tp = TopicPartition(topic, partition)
+        return self._consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)[1]
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_predictions(
-    config: Config,
+    bootstrap: str,
+    topic: str,
     *,
     follow: bool = False,
     from_beginning: bool = False,
     last: int = 10,
     timeout_s: float = 10.0,
 ) -> Iterator[Prediction]:
-    """Predictions on the topic: the ``last`` newest (or all with ``from_beginning``),
+    """Predictions on ``topic``: the ``last`` newest (or all with ``from_beginning``),
     then, with ``follow``, new ones as they come until the caller stops iterating.
 
     Without ``follow`` it ends once every partition has been read to its end (or after
     ``timeout_s`` without reaching it, e.g. an unreachable broker).
     """
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.kafka_bootstrap,
-            "group.id": f"lensflow-tail-{uuid.uuid4().hex[:8]}",  # required, never committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    try:
-        topic = config.topic_predictions
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if metadata is None or metadata.error is not None or not metadata.partitions:
+    with TopicReader(
+        bootstrap,
+        topic,
+        last=None if from_beginning else last,
+        timeout_s=timeout_s,
+        group="lensflow-tail",
+    ) as reader:
+        if not reader.partitions:
             return  # no predictions yet
-        assignment = []
-        for number in sorted(metadata.partitions):
-            tp = TopicPartition(topic, number, OFFSET_BEGINNING)
-            if not from_beginning:
-                # Tansu answers ListOffsets(latest) too low when the producer batched
-                # (5 records in one batch: high 1), so this may start earlier than needed;
-                # the backlog is trimmed to ``last`` below either way.
-                low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-                tp.offset = max(low, high - last)
-            assignment.append(tp)
-        consumer.assign(assignment)
-
         backlog: list[Prediction] = []
-        at_end: set[int] = set()
         deadline = time.monotonic() + timeout_s
-        while len(at_end) < len(assignment):  # catching up
-            message = consumer.poll(0.2)
-            if message is None:
-                if time.monotonic() > deadline:
-                    break
-                continue
-            if message.error() is not None:
-                if message.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(message.partition())
-                continue
-            prediction = parse_prediction(message)
-            if prediction is not None:
-                backlog.append(prediction)
+        while not reader.caught_up and time.monotonic() < deadline:
+            backlog += filter(None, map(parse_prediction, reader.poll(0.2)))
         if not from_beginning:
             backlog = sorted(backlog, key=lambda p: p.time)[-last:] if last > 0 else []
         yield from backlog
         while follow:
-            message = consumer.poll(0.5)
-            if message is None or message.error() is not None:
-                continue
-            prediction = parse_prediction(message)
-            if prediction is not None:
-                yield prediction
-    finally:
-        consumer.close()
+            yield from filter(None, map(parse_prediction, reader.poll(0.5)))

@@ -1,144 +1,107 @@
-"""Upload images and publish the bucket-notification record MinIO would write for them.
+"""Producing to Kafka: one producer factory and one way to wait for the broker's ack.
 
-Locally (moto has no notification targets) and for tools that upload through lensflow,
-this stands in for MinIO's Kafka notification target: the record is byte-for-byte what
-``eventing.contracts.notification_record`` says MinIO writes, keyed ``<bucket>/<key>``,
-with no headers, so the dispatcher and the predict function cannot tell the difference.
+Every writer in lensflow goes through here: the predict function's prediction sink, the
+dispatcher's dead letters, ``lensflow upload``, the drone simulator and the benchmarks.
+``send`` queues a record and returns a future that the delivery report resolves;
+``wait_acked`` polls the producer until every future is resolved (or the time is up);
+``produce_and_wait`` is the two together for one message. Safe from many threads at
+once: whichever thread's ``poll`` serves a delivery report resolves that record's future.
+
+``publish_object_event`` writes what MinIO's Kafka notification target writes for an
+upload (``eventing.contracts.notification_record``): keyed ``<bucket>/<key>``, no headers,
+so the dispatcher and the predict function cannot tell the difference.
 """
 
 from __future__ import annotations
 
-import mimetypes
-import threading
+import time
 from collections.abc import Iterable
-from pathlib import Path
+from concurrent.futures import Future
+from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from cloudevents.kafka import KafkaMessage
+from confluent_kafka import KafkaException, Producer
 
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, notification_record
-from lensflow.config import Config
-
-
-class PublishError(RuntimeError):
-    """An event could not be written to Kafka: the upload happened, its event did not."""
+from eventing.contracts import ObjectEvent, notification_record
+from lensflow_core.kafka import client_settings
 
 
-def make_producer(config: Config, **overrides: str | int | float | bool) -> Producer:
+class ProduceError(RuntimeError):
+    """The broker did not confirm a record: it may not have been written."""
+
+
+def make_producer(bootstrap: str, **overrides: Any) -> Producer:
     """A producer that waits for all in-sync replicas and gives up after 15 s.
 
     The short delivery timeout is deliberate: a person running ``lensflow upload``
     against an unreachable broker should hear about it in seconds, not minutes.
     """
-    settings: dict[str, str | int | float | bool] = {
-        "bootstrap.servers": config.kafka_bootstrap,
+    settings = {
         "acks": "all",
         "linger.ms": 5,
         "message.timeout.ms": 15000,
         "client.id": "lensflow-producer",
+        **overrides,
     }
-    settings.update(overrides)
-    return Producer(settings)
+    return Producer(client_settings(bootstrap, settings))
 
 
-class DeliveryTracker:
-    """Collects delivery reports so a caller can check that every record was written."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.pending = 0
-        self.errors: list[str] = []
-
-    def expect(self) -> None:
-        with self._lock:
-            self.pending += 1
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        with self._lock:
-            self.pending -= 1
-            if err is not None:
-                self.errors.append(f"{msg.topic()} key {msg.key()!r}: {err.str()}")
-
-    def wait(self, producer: Producer, timeout_s: float) -> None:
-        """Flush and raise ``PublishError`` unless every expected record was delivered."""
-        left = producer.flush(timeout_s)
-        with self._lock:
-            if self.errors:
-                raise PublishError("; ".join(self.errors))
-            if self.pending or left:
-                raise PublishError(
-                    f"{max(self.pending, left)} record(s) not confirmed by the broker "
-                    f"after {timeout_s:.0f} s"
-                )
-
-
-def publish_object_event(
+def send(
     producer: Producer,
-    config: Config,
-    event: ObjectEvent,
-    on_delivery: DeliveryTracker | None = None,
-) -> None:
-    """Produce ``notification_record(event)`` to the images topic (no flush)."""
-    key, value = notification_record(event)
-    if on_delivery is not None:
-        on_delivery.expect()
-    producer.produce(config.topic_images, key=key, value=value, on_delivery=on_delivery)
-    producer.poll(0)
+    topic: str,
+    key: bytes | str | None,
+    value: bytes | None,
+    headers: dict[str, bytes] | None = None,
+) -> Future[None]:
+    """Queue one record; the future resolves when the broker has it (or says why not)."""
+    delivered: Future[None] = Future()
 
+    def on_delivery(err, _msg) -> None:
+        if err is not None:
+            delivered.set_exception(ProduceError(f"{topic} key {key!r}: {err}"))
+        else:
+            delivered.set_result(None)
 
-def object_key(path: Path, prefix: str) -> str:
-    """``<prefix>/<file name>``; a prefix is a folder, so one ``/`` joins them."""
-    prefix = prefix.strip("/")
-    return f"{prefix}/{path.name}" if prefix else path.name
-
-
-def guess_content_type(path: Path) -> str:
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-
-
-def upload_files(
-    config: Config,
-    paths: Iterable[str | Path],
-    bucket: str | None = None,
-    prefix: str = "",
-    *,
-    producer: Producer | None = None,
-    s3=None,
-    timeout_s: float = 30.0,
-) -> list[ObjectEvent]:
-    """Put each file in S3, publish its notification record, and confirm delivery.
-
-    ``bucket`` defaults to the first image bucket. Objects are uploaded one by one with a
-    single PUT (so the event is ``s3:ObjectCreated:Put``, and the ETag is the one S3
-    returned). Raises ``PublishError`` if any record was not acknowledged by the broker:
-    the objects are in S3 then, but nothing will predict them until they are re-published.
-    """
-    from lensflow.s3 import s3_client
-
-    bucket = bucket or config.image_buckets[0]
-    s3 = s3 or s3_client(config)
-    own_producer = producer is None
-    producer = producer or make_producer(config)
-    tracker = DeliveryTracker()
-    events: list[ObjectEvent] = []
     try:
-        for raw in paths:
-            path = Path(raw)
-            body = path.read_bytes()
-            key = object_key(path, prefix)
-            content_type = guess_content_type(path)
-            reply = s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
-            event = ObjectEvent(
-                event_name=OBJECT_CREATED_PUT,
-                bucket=bucket,
-                key=key,
-                etag=reply["ETag"].strip('"'),
-                size=len(body),
-                content_type=content_type,
+        producer.produce(
+            topic,
+            key=key,
+            value=value,
+            headers=list((headers or {}).items()),
+            on_delivery=on_delivery,
+        )
+    except (BufferError, KafkaException) as exc:  # both mean "not written"
+        delivered.set_exception(ProduceError(f"could not produce to {topic}: {exc}"))
+    return delivered
+
+
+def wait_acked(producer: Producer, futures: Iterable[Future[None]], timeout_s: float) -> None:
+    """Poll until every record was acknowledged; raise ``ProduceError`` if any was not."""
+    pending = list(futures)
+    deadline = time.monotonic() + timeout_s
+    while not all(f.done() for f in pending):
+        if time.monotonic() > deadline:
+            left = sum(not f.done() for f in pending)
+            raise ProduceError(
+                f"{left} record(s) not confirmed by the broker after {timeout_s:g} s"
             )
-            publish_object_event(producer, config, event, tracker)
-            events.append(event)
-        tracker.wait(producer, timeout_s)
-    finally:
-        if own_producer:
-            producer.flush(0)
-    return events
+        # Short: when another thread's poll serves our report, we notice within 1 ms.
+        producer.poll(0.001)
+    errors = [str(f.exception()) for f in pending if f.exception() is not None]
+    if errors:
+        raise ProduceError("; ".join(errors))
+
+
+def produce_and_wait(
+    producer: Producer, topic: str, message: KafkaMessage, timeout_s: float
+) -> None:
+    """Produce one message and wait for the broker's acknowledgement, or raise."""
+    wait_acked(
+        producer, [send(producer, topic, message.key, message.value, message.headers)], timeout_s
+    )
+
+
+def publish_object_event(producer: Producer, topic: str, event: ObjectEvent) -> Future[None]:
+    """Queue ``notification_record(event)`` on ``topic``; the future resolves at the ack."""
+    key, value = notification_record(event)
+    return send(producer, topic, key, value)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from lensflow.config import Config
+from lensflow_core.kafka import client_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,19 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def topic_specs(config: Config, replication_factor: int = 1) -> list[TopicSpec]:
-    """The images, predictions and dead-letter topics named by ``config``."""
+def topic_specs(
+    images: str, predictions: str, dlq: str, replication_factor: int = 1
+) -> list[TopicSpec]:
+    """The images, predictions and dead-letter topics, by name."""
     return [
-        TopicSpec(config.topic_images, IMAGES_PARTITIONS, replication_factor),
-        TopicSpec(config.topic_predictions, PREDICTIONS_PARTITIONS, replication_factor),
-        TopicSpec(config.topic_dlq, DLQ_PARTITIONS, replication_factor),
+        TopicSpec(images, IMAGES_PARTITIONS, replication_factor),
+        TopicSpec(predictions, PREDICTIONS_PARTITIONS, replication_factor),
+        TopicSpec(dlq, DLQ_PARTITIONS, replication_factor),
     ]
 
 
-def admin_client(config: Config) -> AdminClient:
-    return AdminClient({"bootstrap.servers": config.kafka_bootstrap})
-
-
 def ensure_topics(
-    config: Config, specs: list[TopicSpec] | None = None, timeout_s: float = 15.0
+    bootstrap: str, specs: list[TopicSpec], timeout_s: float = 15.0
 ) -> dict[str, str]:
     """Create the topics that do not exist yet; ``{name: "created" | "exists"}``.
 
@@ -58,8 +56,7 @@ def ensure_topics(
     would move keys between partitions and break per-key ordering); a warning says so.
     Any other failure raises ``KafkaException``.
     """
-    specs = topic_specs(config) if specs is None else specs
-    admin = admin_client(config)
+    admin = AdminClient(client_settings(bootstrap))
     existing = admin.list_topics(timeout=timeout_s).topics
     result: dict[str, str] = {}
     wanted = []

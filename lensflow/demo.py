@@ -12,18 +12,21 @@ record's ``eventTime``), both on this machine's clock.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, TopicPartition
-
-from lensflow.config import Config
+from eventing.predictions import TopicReader, parse_prediction
+from lensflow.seeding import seed_training_data
 from lensflow.simulate import Burst, Plan, Simulator
 from lensflow.stack import EmbeddedStack
+from lensflow_core.settings import Config
+from model_store import ModelStore
 
 # A first model on little data: good enough to serve, with room for the drones' labelled
 # photos to improve on in the mid-flight round.
@@ -46,11 +49,11 @@ class DemoOptions:
     seed: int = 0
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of ``values``, interpolated; None for no values."""
+    if len(values) < 2:
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 class PredictionWatcher:
@@ -85,34 +88,26 @@ class PredictionWatcher:
         self._thread.join(5)
 
     def _run(self) -> None:
-        from eventing.predictions import parse_prediction
-
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.config.kafka_bootstrap,
-                "group.id": "lensflow-demo-watch",
-                "enable.auto.commit": False,
-            }
+        reader = TopicReader(
+            self.config.kafka_bootstrap,
+            self.config.topic_predictions,
+            from_end=True,
+            group="lensflow-demo-watch",
         )
         try:
-            topic = self.config.topic_predictions
-            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in partitions])
-            dlq = TopicPartition(self.config.topic_dlq, 0)
-            dlq_start = consumer.get_watermark_offsets(dlq, timeout=5)[1]
+            dlq_start = reader.high_watermark(self.config.topic_dlq)
             self._ready.set()
             next_dlq = 0.0
             while not self._stop.is_set():
-                for message in consumer.consume(200, timeout=0.2):
-                    if message.error() is None:
-                        self._count(parse_prediction(message), message.timestamp()[1])
+                for message in reader.poll(0.2, max_records=200):
+                    self._count(parse_prediction(message), message.timestamp()[1])
                 if time.monotonic() > next_dlq:
-                    high = consumer.get_watermark_offsets(dlq, timeout=2, cached=False)[1]
+                    high = reader.high_watermark(self.config.topic_dlq, timeout_s=2)
                     self.dead_lettered = max(high - dlq_start, 0)
                     next_dlq = time.monotonic() + 1.0
         finally:
             self._ready.set()
-            consumer.close()
+            reader.close()
 
     def _count(self, prediction, produced_ms: int) -> None:
         if prediction is None:
@@ -178,7 +173,6 @@ class DemoState:
     phase: str = "starting"
     options: DemoOptions = field(default_factory=DemoOptions)
     flight_started: float | None = None
-    uploaded: int = 0
     planned: int = 0
     training: str = "-"
     seeded: dict[str, Any] | None = None
@@ -189,13 +183,10 @@ class DemoState:
 
 def ensure_model(stack: EmbeddedStack, say: Callable[[str], None]) -> dict[str, Any]:
     """The serving model; trains and promotes a first one if the store has none."""
-    from model_store import ModelStore
-
     store = ModelStore.from_config(stack.config)
     pointer = store.current()
     if pointer is not None:
         return {"version": pointer.version, "seeded": False}
-    from functions.train.dataset import seed_training_data
 
     started = time.monotonic()
     per_class = SEED_LABELLED_PER_CLASS
@@ -224,27 +215,14 @@ def ensure_model(stack: EmbeddedStack, say: Callable[[str], None]) -> dict[str, 
 
 
 def run_demo(
-    env: dict[str, str] | None,
+    stack: EmbeddedStack,
     options: DemoOptions,
     *,
     live: bool = True,
     say: Callable[[str], None] = print,
-    stack: EmbeddedStack | None = None,
 ) -> dict[str, Any]:
-    """The demo, start to finish; returns the summary. ``stack``: an already running one
-    (tests); otherwise one is started and stopped here."""
-    own = stack is None
-    stack = stack or EmbeddedStack(env, idle_s=options.idle_s, max_replicas=options.max_replicas)
-    state = DemoState(options=options)
-    if own:
-        say("starting the embedded stack (S3, Kafka, dispatcher, scale-to-zero predict)")
-        stack.start()
-    try:
-        return _run(stack, options, state, live, say)
-    finally:
-        if own:
-            say("stopping everything")
-            stack.stop()
+    """The demo, start to finish, on a running ``stack``; returns the summary."""
+    return _run(stack, options, DemoState(options=options), live, say)
 
 
 def _run(
@@ -328,8 +306,6 @@ def _watch(
 ) -> None:
     """Refresh the table (or, without a terminal, say a status line every 10 s) until the
     flight is over and the backlog has drained."""
-    from contextlib import nullcontext
-
     display = None
     if live:
         from rich.live import Live

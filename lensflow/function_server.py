@@ -1,12 +1,12 @@
 """A function served as its own process, and a client that speaks to it like Knative.
 
-Used by the tests, the benchmarks and the embedded stack's replicas.
+Used by the tests and the benchmarks; the embedded stack's replicas are the replica
+pool's (``lensflow.replicas``). Both run ``lensflow.process.function_command``.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,14 +14,11 @@ import requests
 from cloudevents.conversion import to_binary
 
 from eventing.contracts import kafkasource_event
-from lensflow.cli.functions import function_command
-from lensflow.config import Config
-from lensflow.services import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from lensflow.process import ChildProcess, free_port, function_command, http_ok
+from lensflow_core.settings import Config
 
 
-class FunctionServer:
+class FunctionServer(ChildProcess):
     """``lensflow serve NAME`` on a free port with ``env``; stopped with the context."""
 
     def __init__(
@@ -32,44 +29,21 @@ class FunctionServer:
         command: list[str] | None = None,
         port: int | None = None,
     ):
-        self.name = name
-        self.env = env
         self.port = port or free_port()
-        self.command = command or function_command(name, self.port)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
+        super().__init__(
+            name,
+            command or function_command(name, self.port),
+            env={**os.environ, **env},
+            log_path=log_path,
+        )
 
     def __enter__(self) -> FunctionServer:
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.command,
-            env={**os.environ, **self.env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-            try:
-                requests.get(f"{self.url}/healthz", timeout=5).raise_for_status()
-                return self
-            except requests.RequestException:
-                time.sleep(0.1)
-        self.__exit__()
-        raise TimeoutError(f"{self.name} did not answer /healthz")
+        self.start(http_ok(f"{self.url}/healthz"), timeout_s=60)
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.stop()
 
     def metrics(self) -> dict:
         return requests.get(f"{self.url}/metrics", timeout=10).json()

@@ -1,8 +1,8 @@
 """Scale to zero, locally: a pool of function replicas that behaves like Knative Serving.
 
 ``ReplicaPool`` is a sink for the dispatcher (``eventing.delivery.Sink``). Each replica is
-a child process running the function exactly as its container does
-(``lensflow.cli.functions.function_command``); the pool plays the parts of Knative's
+a ``lensflow.process.ChildProcess`` running the function exactly as its container does
+(``lensflow.process.function_command``); the pool plays the parts of Knative's
 activator and autoscaler (KPA, concurrency metric):
 
 - **Activator.** A request that finds no ready replica waits while one starts (a cold
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -33,16 +32,14 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from lensflow.services import free_port
+from lensflow.process import ChildProcess, NotReady, free_port, function_command, http_ok
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Requests in flight per predict replica, as knative/base/predict-service.yaml says:
 # containerConcurrency, the autoscaling target and THREADS (tests/test_knative.py checks).
@@ -55,11 +52,12 @@ class ReplicaError(ConnectionError):
 
 
 @dataclass
-class Replica:
+class PoolReplica:
+    """One replica of the pool: a function server process and its load."""
+
     number: int
     port: int
-    proc: subprocess.Popen
-    log_file: IO[bytes] | None
+    process: ChildProcess
     started_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     in_flight: int = 0
@@ -75,8 +73,12 @@ class Replica:
         return self.ready_at is not None
 
     @property
+    def proc(self) -> subprocess.Popen:
+        return self.process.proc
+
+    @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.alive
 
     @property
     def startup_s(self) -> float | None:
@@ -122,7 +124,7 @@ class ReplicaPool:
         self._env = {**os.environ, "THREADS": str(threads), **(env or {})}
 
         self._cond = threading.Condition()
-        self._replicas: list[Replica] = []
+        self._replicas: list[PoolReplica] = []
         self._numbers = 0
         self._in_flight = 0
         self._waiting = 0
@@ -211,7 +213,7 @@ class ReplicaPool:
 
     # --- routing (the activator) ----------------------------------------------------------
 
-    def _acquire(self, deadline: float) -> Replica:
+    def _acquire(self, deadline: float) -> PoolReplica:
         with self._cond:
             self._waiting += 1
             try:
@@ -238,7 +240,7 @@ class ReplicaPool:
             finally:
                 self._waiting -= 1
 
-    def _release(self, replica: Replica) -> None:
+    def _release(self, replica: PoolReplica) -> None:
         with self._cond:
             replica.in_flight -= 1
             replica.served += 1
@@ -246,7 +248,7 @@ class ReplicaPool:
             self._in_flight -= 1
             self._cond.notify_all()
 
-    def _check(self, replica: Replica) -> None:
+    def _check(self, replica: PoolReplica) -> None:
         with self._cond:
             if replica in self._replicas and not replica.alive:
                 self._drop_dead_locked(replica)
@@ -276,22 +278,15 @@ class ReplicaPool:
     def _spawn_locked(self) -> None:
         self._numbers += 1
         number, port = self._numbers, free_port()
-        log_file = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(self.log_dir / f"{self.function}-{number}.log", "ab")  # noqa: SIM115
-        from lensflow.cli.functions import function_command
-
-        proc = subprocess.Popen(
+        log_path = self.log_dir / f"{self.function}-{number}.log" if self.log_dir else None
+        process = ChildProcess(
+            f"{self.function}-{number}",
             function_command(self.function, port),
             env=self._env,
-            cwd=ROOT,
-            stdout=log_file or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        replica = Replica(number, port, proc, log_file)
+            log_path=log_path,
+        ).spawn()
+        proc = process.proc
+        replica = PoolReplica(number, port, process)
         cold = not self._replicas
         self._replicas.append(replica)
         self._counts["cold_starts" if cold else "scale_ups"] += 1
@@ -310,7 +305,7 @@ class ReplicaPool:
             name=f"{self.function}-{number}-start",
         ).start()
 
-    def _await_ready(self, replica: Replica, cold: bool) -> None:
+    def _await_ready(self, replica: PoolReplica, cold: bool) -> None:
         reason = self._probe(replica)
         with self._cond:
             if replica not in self._replicas:
@@ -341,22 +336,15 @@ class ReplicaPool:
         if reason is not None:
             self._terminate(replica, 5.0)
 
-    def _probe(self, replica: Replica) -> str | None:
-        """Poll ``/healthz`` until it answers 2xx (None) or a reason to give up."""
-        deadline = replica.started_at + self.startup_timeout_s
-        with requests.Session() as session:
-            while time.monotonic() < deadline:
-                if self._stopping.is_set():
-                    return "pool stopped"
-                if not replica.alive:
-                    return f"exited with code {replica.proc.returncode}"
-                try:
-                    if session.get(f"{replica.url}healthz", timeout=5).ok:
-                        return None
-                except requests.RequestException:
-                    pass
-                time.sleep(0.05)
-        return f"no answer on /healthz after {self.startup_timeout_s:.0f} s"
+    def _probe(self, replica: PoolReplica) -> str | None:
+        """Wait until ``/healthz`` answers 2xx (None), or the reason it did not."""
+        try:
+            replica.process.wait_ready(
+                http_ok(f"{replica.url}healthz"), self.startup_timeout_s, self._stopping
+            )
+        except NotReady as exc:
+            return str(exc)
+        return None
 
     def _tick_loop(self) -> None:
         while not self._stopping.wait(self.tick_s):
@@ -399,7 +387,7 @@ class ReplicaPool:
             thread.start()
             self._stoppers = [t for t in self._stoppers if t.is_alive()] + [thread]
 
-    def _drop_dead_locked(self, replica: Replica) -> None:
+    def _drop_dead_locked(self, replica: PoolReplica) -> None:
         self._replicas.remove(replica)
         self._counts["deaths"] += 1
         log.warning(
@@ -414,25 +402,8 @@ class ReplicaPool:
         threading.Thread(target=self._terminate, args=(replica, 1.0), daemon=True).start()
 
     @staticmethod
-    def _terminate(replica: Replica, timeout_s: float = 10.0) -> None:
-        proc = replica.proc
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)  # the server and its workers
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a dead arbiter
-        except ProcessLookupError:
-            pass
-        proc.poll()
-        if replica.log_file is not None and not replica.log_file.closed:
-            replica.log_file.close()
+    def _terminate(replica: PoolReplica, timeout_s: float = 10.0) -> None:
+        replica.process.stop(timeout_s)
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -450,7 +421,7 @@ class ReplicaPool:
                 "pids": [r.proc.pid for r in self._replicas],
             }
 
-    def replicas(self) -> list[Replica]:
+    def replicas(self) -> list[PoolReplica]:
         """A snapshot of the current replicas (tests, tables)."""
         with self._cond:
             return list(self._replicas)

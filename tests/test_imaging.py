@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lensflow.imaging import ImageError, decode_image
 from lensflow.scenes import render_scene
+from lensflow_core.imaging import ImageError, decode_image
 
 LIMIT = 50_000_000
 

@@ -28,7 +28,7 @@ import jsonschema
 import pytest
 import yaml
 
-from lensflow import config
+from lensflow_core import settings as config
 
 REPO = Path(__file__).resolve().parents[1]
 KNATIVE = REPO / "knative"
@@ -492,7 +492,7 @@ def test_dockerfile(function: str) -> None:
     assert (
         text.index("COPY pyproject.toml")
         < text.index("pip install -r")
-        < text.index("COPY lensflow")
+        < text.index("COPY core")
     )
     if function == "predict":
         assert "tensorflow" not in text.replace('! python -c "import tensorflow"', "")

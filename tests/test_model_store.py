@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from lensflow.s3 import s3_client
+from lensflow_core.s3 import s3_client
 from model_store import (
     ConflictError,
     IntegrityError,

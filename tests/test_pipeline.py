@@ -10,9 +10,9 @@ import pytest
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
 from eventing.predictions import read_predictions
-from eventing.producer import DeliveryTracker, make_producer, publish_object_event
-from lensflow.s3 import s3_client
+from eventing.producer import make_producer, publish_object_event, wait_acked
 from lensflow.stack import EmbeddedStack
+from lensflow_core.s3 import s3_client
 from tests.kafka_reading import read_topic
 from tests.test_stack import predicted, publish_model, stack_env, upload
 
@@ -30,15 +30,13 @@ def test_poison_image_is_dead_lettered_with_its_reason_while_later_events_flow(
         upload(stack, ["before.jpg"])
         poison = b"this is not a photo" * 50
         s3_client(config).put_object(Bucket=bucket, Key="poison.jpg", Body=poison)
-        producer = make_producer(config)
-        tracker = DeliveryTracker()
-        publish_object_event(
+        producer = make_producer(config.kafka_bootstrap)
+        ack = publish_object_event(
             producer,
-            config,
+            config.topic_images,
             ObjectEvent(OBJECT_CREATED_PUT, bucket, "poison.jpg", "e", len(poison)),
-            tracker,
         )
-        tracker.wait(producer, 15)
+        wait_acked(producer, [ack], 15)
         upload(stack, ["after.jpg"])
         counts = predicted(stack, {"before.jpg", "after.jpg"})
         assert {f"{bucket}/before.jpg", f"{bucket}/after.jpg"} <= set(counts)
@@ -55,8 +53,8 @@ def test_poison_image_is_dead_lettered_with_its_reason_while_later_events_flow(
 
 
 def test_a_training_round_reaches_the_running_replica_without_a_restart(tiny_models, tmp_path):
-    from functions.train.dataset import seed_training_data
     from functions.train.round import run_round
+    from lensflow.seeding import seed_training_data
 
     env = stack_env(LENSFLOW_TRAIN_EPOCHS="6", LENSFLOW_TRAIN_MIN_NEW="1")
     with EmbeddedStack(env, log_dir=tmp_path, idle_s=120) as stack:
@@ -75,7 +73,12 @@ def test_a_training_round_reaches_the_running_replica_without_a_restart(tiny_mod
         predicted(stack, {"two.jpg"})
         versions = {
             p.subject: p.model_version
-            for p in read_predictions(stack.config, from_beginning=True, timeout_s=5)
+            for p in read_predictions(
+                stack.config.kafka_bootstrap,
+                stack.config.topic_predictions,
+                from_beginning=True,
+                timeout_s=5,
+            )
         }
         assert versions[f"{bucket}/one.jpg"] == "v1"
         assert versions[f"{bucket}/two.jpg"] == "v2"

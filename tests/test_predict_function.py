@@ -13,10 +13,10 @@ from cloudevents.http import from_http
 from PIL import Image
 
 from eventing.contracts import ObjectEvent, notification_record
-from eventing.topics import ensure_topics
-from lensflow.config import Config
-from lensflow.s3 import s3_client
+from eventing.topics import ensure_topics, topic_specs
 from lensflow.scenes import scene_jpeg
+from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
 from model_store import ModelStore
 from tests.conftest import LABELS, make_env
 from tests.functions_harness import FunctionServer, knative_post, put_and_notify
@@ -28,7 +28,7 @@ def start_stack(
     env: dict[str, str], tiny_models, flip: str | None = "first"
 ) -> tuple[Config, ModelStore]:
     config = Config.from_env(env)
-    ensure_topics(config)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     store = ModelStore.from_config(config)
     for name in ("first", "last"):
         store.publish(tiny_models[name], LABELS)
@@ -40,7 +40,7 @@ def start_stack(
 @pytest.fixture(scope="module")
 def served(s3_server, kafka_broker, tiny_models, tmp_path_factory):
     """One predict replica for the input tests: small limits to test them cheaply."""
-    from lensflow.services import ensure_buckets
+    from lensflow_core.s3 import ensure_buckets
 
     env = make_env(
         s3_server.endpoint,
@@ -152,7 +152,8 @@ def test_bad_events_answer_400_or_422_or_skip(served):
 
 
 def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models, tmp_path):
-    from lensflow.services import S3Server, ensure_buckets
+    from lensflow.services import S3Server
+    from lensflow_core.s3 import ensure_buckets
 
     with S3Server() as s3_server:
         env = make_env(s3_server.endpoint, kafka_broker.bootstrap)

@@ -12,12 +12,12 @@ import pytest
 import requests
 
 from eventing.contracts import ObjectEvent, notification_record
-from eventing.topics import ensure_topics
-from lensflow.config import Config
+from eventing.topics import ensure_topics, topic_specs
 from lensflow.function_server import knative_request
 from lensflow.replicas import ReplicaPool
-from lensflow.s3 import s3_client
 from lensflow.scenes import scene_jpeg
+from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
 from model_store import ModelStore
 from tests.conftest import LABELS
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def ready_env(kafka_env, tiny_models):
     """Buckets, topics and a model: what a replica needs to answer 200."""
     config = Config.from_env(kafka_env)
-    ensure_topics(config)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     store = ModelStore.from_config(config)
     store.publish(tiny_models["first"], LABELS)
     store.flip("v1", reason="test")

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from functions.predict.serving_model import InputSpec, ServingModel
+from functions.predict.serving_model import ServingModel
 from lensflow.scenes import CLASSES, render_scene
+from lensflow_core.runtime import InputSpec
 from tests.conftest import LABELS
 
 
@@ -28,7 +29,7 @@ def test_concurrent_predictions_equal_sequential_ones(tiny_models):
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(model.predict, images * 4))
     assert concurrent == sequential * 4
-    assert model._created <= 3  # never more interpreters than allowed
+    assert model.runtime.created <= 3  # never more interpreters than allowed
 
 
 def test_labels_must_match_outputs(tiny_models):

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from eventing.contracts import parse_notification
-from eventing.topics import ensure_topics
-from lensflow.s3 import s3_client
+from eventing.topics import ensure_topics, topic_specs
 from lensflow.simulate import Burst, Plan, Simulator
+from lensflow_core.s3 import s3_client
 from tests.kafka_reading import read_topic
 
 
@@ -39,7 +39,7 @@ def test_schedule_count_is_the_integral_of_the_rate():
 @pytest.mark.slow
 def test_a_short_flight_uploads_and_publishes_the_planned_records(kafka_config):
     config = kafka_config
-    ensure_topics(config)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     plan = Plan(
         drones=3,
         rate=10,

@@ -10,11 +10,11 @@ import pytest
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
 from eventing.predictions import read_predictions
-from eventing.producer import DeliveryTracker, make_producer, publish_object_event
-from lensflow.s3 import s3_client
+from eventing.producer import make_producer, publish_object_event, wait_acked
+from lensflow.process import free_port, port_open
 from lensflow.scenes import scene_jpeg
-from lensflow.services import free_port, port_open
 from lensflow.stack import EmbeddedStack
+from lensflow_core.s3 import s3_client
 from model_store import ModelStore
 from tests.conftest import LABELS, make_env
 from tests.test_replicas import gone
@@ -30,8 +30,8 @@ def stack_env(**extra: str) -> dict[str, str]:
 def upload(stack: EmbeddedStack, keys: list[str], producer=None) -> None:
     config = stack.config
     s3 = s3_client(config)
-    producer = producer or make_producer(config)
-    tracker = DeliveryTracker()
+    producer = producer or make_producer(config.kafka_bootstrap)
+    acks = []
     bucket = config.image_buckets[0]
     for i, key in enumerate(keys):
         data = scene_jpeg("water", seed=i, size=(320, 240))
@@ -39,8 +39,8 @@ def upload(stack: EmbeddedStack, keys: list[str], producer=None) -> None:
         event = ObjectEvent(
             OBJECT_CREATED_PUT, bucket, key, etag.strip('"'), len(data), "image/jpeg"
         )
-        publish_object_event(producer, config, event, tracker)
-    tracker.wait(producer, 15)
+        acks.append(publish_object_event(producer, config.topic_images, event))
+    wait_acked(producer, acks, 15)
 
 
 def predicted(stack: EmbeddedStack, keys: set[str], timeout_s: float = 60) -> dict[str, int]:
@@ -49,7 +49,12 @@ def predicted(stack: EmbeddedStack, keys: set[str], timeout_s: float = 60) -> di
     deadline = time.monotonic() + timeout_s
     while True:
         counts: dict[str, int] = {}
-        for p in read_predictions(stack.config, from_beginning=True, timeout_s=5):
+        for p in read_predictions(
+            stack.config.kafka_bootstrap,
+            stack.config.topic_predictions,
+            from_beginning=True,
+            timeout_s=5,
+        ):
             counts[p.subject] = counts.get(p.subject, 0) + 1
         if {f"{bucket}/{k}" for k in keys} <= set(counts) or time.monotonic() > deadline:
             return counts
@@ -109,13 +114,18 @@ def test_upload_to_prediction_through_the_stack_and_a_killed_replica_loses_nothi
         counts = predicted(stack, set(first))
         bucket = stack.config.image_buckets[0]
         assert {f"{bucket}/{k}" for k in first} <= set(counts)
-        [p] = [p for p in read_predictions(stack.config, last=1, timeout_s=5)]
+        [p] = [
+            p
+            for p in read_predictions(
+                stack.config.kafka_bootstrap, stack.config.topic_predictions, last=1, timeout_s=5
+            )
+        ]
         assert p.label == LABELS[2] and p.model_version == "v1"
         assert stack.pool.stats()["cold_starts"] == 1
 
         # kill every replica mid-stream: nothing uploaded meanwhile may be lost
         second = [f"e2e/second-{i}.jpg" for i in range(40)]
-        producer = make_producer(stack.config)
+        producer = make_producer(stack.config.kafka_bootstrap)
         upload(stack, second[:20], producer)
         for replica in stack.pool.replicas():
             os.killpg(replica.proc.pid, signal.SIGKILL)
@@ -145,7 +155,7 @@ def test_a_short_demo_predicts_every_upload(tiny_models, tmp_path):
     )
     with EmbeddedStack(stack_env(), log_dir=tmp_path, idle_s=5) as stack:
         publish_model(stack, tiny_models["first"])
-        summary = run_demo(None, options, live=False, say=lambda text: None, stack=stack)
+        summary = run_demo(stack, options, live=False, say=lambda text: None)
     assert summary["uploaded"] == 5 * 3 + 15 == summary["predicted_images"]
     assert summary["missing"] == 0 and summary["dead_lettered"] == 0
     assert summary["model_versions"] == {"v1": 30 + summary["duplicates"]}

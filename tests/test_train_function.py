@@ -14,8 +14,9 @@ from cloudevents.http import CloudEvent
 from functions.train import dataset
 from lensflow import scenes
 from lensflow.cli import main as cli_main
-from lensflow.config import Config
-from lensflow.s3 import s3_client
+from lensflow.seeding import seed_training_data
+from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
 from model_store import ModelStore
 
 SOURCE = Path(__file__).resolve().parents[1] / "functions" / "train" / "main.py"
@@ -115,7 +116,7 @@ def test_cli_train_once_promotes_first_model(env, monkeypatch, capsys):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("LENSFLOW_TRAIN_EPOCHS", "6")
     config = Config.from_env(env)
-    dataset.seed_training_data(config, 15, 10, seed=2)
+    seed_training_data(config, 15, 10, seed=2)
     assert cli_main(["train", "--once"]) == 0
     out = capsys.readouterr().out
     assert "promoted: no champion yet" in out

@@ -13,8 +13,9 @@ import pytest
 from functions.train import dataset
 from functions.train.round import run_round
 from lensflow import scenes
-from lensflow.config import Config
-from lensflow.s3 import s3_client
+from lensflow.seeding import seed_training_data
+from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
 from model_store import ModelStore
 
 LABELS = sorted(scenes.CLASSES)
@@ -59,8 +60,8 @@ def test_missing_train_bucket_is_no_data(env):
 
 def test_seeding_is_additive_and_listing_counts_per_class(config):
     s3 = s3_client(config)
-    dataset.seed_training_data(config, 2, 1, seed=4)
-    dataset.seed_training_data(config, 3, 1, seed=4)
+    seed_training_data(config, 2, 1, seed=4)
+    seed_training_data(config, 3, 1, seed=4)
     labeled = dataset.list_split(s3, config.train_bucket, dataset.LABELED)
     assert labeled.counts == {cls: 3 for cls in LABELS}
     assert labeled.labels == LABELS
@@ -72,7 +73,7 @@ def test_seeding_is_additive_and_listing_counts_per_class(config):
 def test_too_little_new_data_changes_nothing_unless_forced(env, untrained_tflite):
     config = train_config(env, LENSFLOW_TRAIN_MIN_NEW="20")
     store = ModelStore.from_config(config)
-    dataset.seed_training_data(config, 5, 3, seed=1)  # 30 labelled images
+    seed_training_data(config, 5, 3, seed=1)  # 30 labelled images
     champion = publish_champion(store, untrained_tflite, labeled_images=20)  # 10 new
 
     report = run_round(config)
@@ -91,14 +92,14 @@ def test_too_little_new_data_changes_nothing_unless_forced(env, untrained_tflite
 def test_first_round_then_better_challenger_is_promoted(env):
     config = train_config(env)
     store = ModelStore.from_config(config)
-    dataset.seed_training_data(config, 10, 15, seed=1)
+    seed_training_data(config, 10, 15, seed=1)
     first = run_round(config)
     assert first.outcome == "promoted", first.reason
     assert "no champion yet" in first.reason
     v1 = first.challenger["version"]
     assert store.current().version == v1
 
-    dataset.seed_training_data(config, 60, 15, seed=1)  # six times the data
+    seed_training_data(config, 60, 15, seed=1)  # six times the data
     second = run_round(config)
     assert second.outcome == "promoted", second.reason
     v2 = second.challenger["version"]
@@ -124,7 +125,7 @@ def test_worse_challenger_is_published_but_not_promoted(env):
     config = train_config(env)
     s3 = s3_client(config)
     store = ModelStore.from_config(config)
-    dataset.seed_training_data(config, 40, 15, seed=1)
+    seed_training_data(config, 40, 15, seed=1)
     first = run_round(config)
     assert first.outcome == "promoted", first.reason
     champion = first.challenger["version"]
@@ -157,7 +158,7 @@ def test_pinned_pointer_is_respected(env, untrained_tflite):
     store = ModelStore.from_config(config)
     champion = publish_champion(store, untrained_tflite)
     store.set_pinned(True, reason="freeze for the demo", by="operator")
-    dataset.seed_training_data(config, 20, 10, seed=1)
+    seed_training_data(config, 20, 10, seed=1)
     s3_client(config).put_object(
         Bucket=config.train_bucket, Key="labeled/forest/broken.jpg", Body=b"not a jpeg"
     )
@@ -177,7 +178,7 @@ def test_operator_flip_during_training_wins(env, untrained_tflite):
     store = ModelStore.from_config(config)
     champion = publish_champion(store, untrained_tflite)
     other = store.publish(untrained_tflite, LABELS, created_by="operator").version
-    dataset.seed_training_data(config, 20, 10, seed=1)
+    seed_training_data(config, 20, 10, seed=1)
 
     def operator(event):
         if event.stage == "train" and event.done == 1:  # mid-round, after the champion was read
@@ -189,3 +190,28 @@ def test_operator_flip_during_training_wins(env, untrained_tflite):
     assert report.champion["version"] == champion
     assert store.current().version == other == report.pointer
     assert report.challenger["version"] not in {champion, other}
+
+
+@pytest.mark.slow
+def test_a_full_integer_champion_is_scored_on_the_holdout_like_any_other(env):
+    """A uint8-in/uint8-out champion is judged on the holdout, not skipped as unreadable
+    (which would let any challenger that beats chance replace it)."""
+    from tests.tflite_models import tiny_classifier
+
+    config = train_config(env, LENSFLOW_TRAIN_EPOCHS="1")
+    store = ModelStore.from_config(config)
+    seed_training_data(config, 3, 4, seed=1)
+    always = LABELS.index("water")
+    quantized = tiny_classifier(len(LABELS), size=96, seed=2, bias=always, full_integer=True)
+    champion = publish_champion(store, quantized)
+    assert store.get_version(champion).metadata["input"]["dtype"] == "uint8"
+
+    report = run_round(config, force=True)
+    assert report.champion["version"] == champion
+    assert report.champion["problem"] is None
+    evaluation = report.champion["evaluation"]
+    assert evaluation["n"] == 4 * len(LABELS)
+    # It always answers "water": right on exactly the water quarter of the holdout.
+    assert evaluation["per_class"]["water"]["recall"] == 1.0
+    assert evaluation["accuracy"] == round(1 / len(LABELS), 4)
+    assert f"champion {champion}" in report.reason and "chance" not in report.reason

@@ -1,4 +1,4 @@
-"""The replica: configuration, clients, model watcher and handler, made once per process.
+"""The predict function's per-process state: configuration, clients, model watcher, handler.
 
 Made lazily on the first request (the readiness probe's, usually), because servers such as
 gunicorn import the function before forking its worker and threads do not survive a fork.
@@ -16,14 +16,16 @@ from functions.predict.fetch import ImageFetcher
 from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
-from lensflow.config import Config
-from lensflow.s3 import s3_client
+from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
 from model_store import ModelStore
 
 _STARTED = time.time()
 
 
-class Replica:
+class PredictApp:
+    """This process's predict function: configuration, clients, model watcher and handler."""
+
     def __init__(self, config: Config):
         self.config = config
         logging.basicConfig(
@@ -64,17 +66,17 @@ class Replica:
         }
 
 
-_replica: Replica | None = None
+_replica: PredictApp | None = None
 _pid: int | None = None
 _lock = threading.Lock()
 
 
-def replica() -> Replica:
+def replica() -> PredictApp:
     """This process's replica, made on first use."""
     global _replica, _pid
     if _replica is None or _pid != os.getpid():
         with _lock:
             if _replica is None or _pid != os.getpid():
-                _replica = Replica(Config.from_env())
+                _replica = PredictApp(Config.from_env())
                 _pid = os.getpid()
     return _replica

@@ -23,8 +23,8 @@ from functions.predict.errors import Rejected
 from functions.predict.fetch import ImageFetcher
 from functions.predict.sink import PredictionProducer, ProduceError
 from functions.predict.watcher import ModelWatcher
-from lensflow.config import Config
-from lensflow.imaging import ImageError, decode_image
+from lensflow_core.imaging import ImageError, decode_image
+from lensflow_core.settings import Config
 
 log = logging.getLogger("lensflow.predict")
 

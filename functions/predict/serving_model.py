@@ -1,40 +1,15 @@
-"""A model version ready to serve: LiteRT interpreters, labels and input spec.
+"""A model version ready to serve: its identity, labels and the shared LiteRT runtime.
 
-LiteRT interpreters are not thread-safe, so each request borrows one from a small pool
-and returns it; no interpreter is ever used by two threads at once.
+Inference itself is ``lensflow_core.runtime.LiteModel`` (the same code that validates and
+evaluates models); this adds what a prediction event names: model, version, digest, labels.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from dataclasses import dataclass
-
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 from PIL import Image
 
-from lensflow.preprocess import to_input
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    height: int
-    width: int
-    dtype: str
-    scale: float
-    offset: float
-
-    @classmethod
-    def from_metadata(cls, metadata: dict) -> InputSpec:
-        spec = metadata["input"]
-        return cls(
-            int(spec["height"]),
-            int(spec["width"]),
-            str(spec.get("dtype", "float32")),
-            float(spec.get("scale", 1 / 255)),
-            float(spec.get("offset", 0.0)),
-        )
+from lensflow_core.runtime import InputSpec, LiteModel
 
 
 class ServingModel:
@@ -55,19 +30,11 @@ class ServingModel:
         self.sha256 = sha256
         self.labels = labels
         self.spec = spec
-        self._model = model
-        self._idle: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
-        self._created = 0
-        self._max = max(1, max_interpreters)
-        self._lock = threading.Lock()
-        first = self._new_interpreter()
-        # The same for every interpreter of this model: looked up once, not per request.
-        self._input = first.get_input_details()[0]["index"]
-        self._output = first.get_output_details()[0]
-        outputs = int(np.prod(self._output["shape"][1:]))
-        if outputs != len(labels):
-            raise ValueError(f"{len(labels)} labels for a model with {outputs} outputs")
-        self._idle.put(first)
+        self.runtime = LiteModel(model, spec, max_interpreters=max_interpreters)
+        if self.runtime.outputs != len(labels):
+            raise ValueError(
+                f"{len(labels)} labels for a model with {self.runtime.outputs} outputs"
+            )
 
     @property
     def identity(self) -> dict[str, str]:
@@ -75,46 +42,9 @@ class ServingModel:
 
     def warm(self) -> None:
         """One inference on a blank image, so the first real request pays no set-up."""
-        blank = Image.new("RGB", (self.spec.width, self.spec.height))
-        self.predict(blank, top_k=1)
+        self.predict(Image.new("RGB", (self.spec.width, self.spec.height)), top_k=1)
 
     def predict(self, image: Image.Image, top_k: int = 3) -> list[dict[str, float | str]]:
-        batch = self.tensor(image)
-        scores = self.invoke(batch)
+        scores = self.runtime.classify(image)
         order = np.argsort(scores)[::-1][:top_k]
         return [{"label": self.labels[i], "score": round(float(scores[i]), 6)} for i in order]
-
-    def tensor(self, image: Image.Image) -> np.ndarray:
-        if self.spec.dtype == "uint8":
-            resized = image.resize((self.spec.width, self.spec.height), Image.BILINEAR)
-            return np.asarray(resized, dtype=np.uint8)[np.newaxis, ...]
-        return to_input(image, self.spec.height, self.spec.width, self.spec.scale, self.spec.offset)
-
-    def invoke(self, batch: np.ndarray) -> np.ndarray:
-        interpreter = self._borrow()
-        try:
-            interpreter.set_tensor(self._input, batch)
-            interpreter.invoke()
-            scores = interpreter.get_tensor(self._output["index"]).reshape(-1).astype(np.float32)
-        finally:
-            self._idle.put(interpreter)
-        if self._output["dtype"] == np.uint8:  # quantized output: dequantize
-            scale, zero = self._output["quantization"]
-            scores = (scores - zero) * scale
-        return scores
-
-    def _borrow(self) -> Interpreter:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            if self._created < self._max:
-                return self._new_interpreter()
-        return self._idle.get()
-
-    def _new_interpreter(self) -> Interpreter:
-        interpreter = Interpreter(model_content=self._model, num_threads=1)
-        interpreter.allocate_tensors()
-        self._created += 1
-        return interpreter

@@ -16,7 +16,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from functions.predict.serving_model import InputSpec, ServingModel
+from functions.predict.serving_model import ServingModel
+from lensflow_core.runtime import InputSpec
 from model_store import (
     ModelStore,
     ModelStoreError,

@@ -2,7 +2,7 @@
 
 ``labeled/<class>/<anything>`` trains, ``holdout/<class>/<anything>`` judges. Objects are
 listed with one paginated LIST per split and fetched with parallel GETs.
-``seed_training_data`` fills a bucket with synthetic aerial scenes (tests, demo, bench).
+(``lensflow.seeding`` fills a bucket with synthetic scenes for the demo, tests and bench.)
 """
 
 from __future__ import annotations
@@ -12,13 +12,9 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lensflow import scenes
-from lensflow.config import Config
-
 LABELED = "labeled"
 HOLDOUT = "holdout"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-HOLDOUT_SEED_OFFSET = 1_000  # holdout scenes use seed + this: never the training scenes
 FETCH_THREADS = 16
 
 
@@ -92,30 +88,3 @@ def upload(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(put, jobs))
     return len(jobs)
-
-
-def seed_training_data(
-    config: Config,
-    n_labeled_per_class: int,
-    n_holdout_per_class: int,
-    seed: int = 0,
-    *,
-    s3=None,
-    size: tuple[int, int] = scenes.DEFAULT_SIZE,
-) -> dict[str, int]:
-    """Upload synthetic scenes of every class to the train bucket (created if missing).
-
-    Idempotent: the same arguments write the same keys and bytes, and a bigger
-    ``n_labeled_per_class`` with the same seed adds images to the ones already there.
-    """
-    from lensflow.s3 import s3_client
-    from lensflow.services import ensure_buckets
-
-    s3 = s3 or s3_client(config)
-    ensure_buckets(s3, [config.train_bucket])
-    labeled = scenes.labelled_set(n_labeled_per_class, seed, size)
-    holdout = scenes.labelled_set(n_holdout_per_class, seed + HOLDOUT_SEED_OFFSET, size)
-    return {
-        LABELED: upload(s3, config.train_bucket, LABELED, labeled, f"scene-{seed}"),
-        HOLDOUT: upload(s3, config.train_bucket, HOLDOUT, holdout, f"scene-{seed}"),
-    }

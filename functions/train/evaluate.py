@@ -1,7 +1,8 @@
 """Score a ``.tflite`` artifact on labelled images, exactly as the predict function sees them.
 
-LiteRT runs the model; ``lensflow.imaging.decode_image`` and ``lensflow.preprocess.to_input``
-prepare every image, the same two calls the predict function makes. No TensorFlow.
+``lensflow_core.imaging.decode_image`` decodes every image and ``lensflow_core.runtime``
+feeds it to LiteRT, the same two steps the predict function takes, quantized models
+included. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 
-from lensflow.config import SETTINGS
-from lensflow.imaging import decode_image
-from lensflow.preprocess import to_input
+from lensflow_core.imaging import decode_image
+from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE, LiteModel
+from lensflow_core.settings import default
 
-DEFAULT_MAX_PIXELS = int(next(s.default for s in SETTINGS if s.name == "LENSFLOW_MAX_IMAGE_PIXELS"))
+DEFAULT_MAX_PIXELS = int(default("LENSFLOW_MAX_IMAGE_PIXELS"))
 
 
 @dataclass
@@ -39,49 +39,26 @@ class Evaluation:
         return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "n": self.n}
 
 
-def predict_tflite(
+def predict_classes(
     model: bytes,
-    inputs: np.ndarray,
+    blobs: Sequence[bytes],
+    *,
+    scale: float = DEFAULT_SCALE,
+    offset: float = DEFAULT_OFFSET,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     num_threads: int = 2,
 ) -> np.ndarray:
-    """Class indices LiteRT predicts for each float32 input of shape [n, h, w, 3]."""
-    interpreter = Interpreter(model_content=model, num_threads=num_threads)
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    predicted = np.empty(len(inputs), dtype=np.int64)
-    for i in range(len(inputs)):
-        interpreter.set_tensor(inp["index"], inputs[i : i + 1])
-        interpreter.invoke()
-        predicted[i] = int(np.argmax(interpreter.get_tensor(out["index"])[0]))
-    return predicted
+    """Class indices LiteRT predicts for encoded images ``blobs``, the predict function's way.
 
-
-def input_shape(model: bytes) -> tuple[int, int]:
-    """(height, width) of the model's input."""
-    interpreter = Interpreter(model_content=model)
-    _, h, w, _ = (int(d) for d in interpreter.get_input_details()[0]["shape"])
-    return h, w
-
-
-def prepare(
-    blobs: Sequence[bytes],
-    height: int,
-    width: int,
-    scale: float = 1 / 255,
-    offset: float = 0.0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> np.ndarray:
-    """Encoded images -> float32 [n, height, width, 3], exactly the predict function's way.
-
-    Raises ``lensflow.imaging.ImageError`` for an image that does not decode.
+    Raises ``lensflow_core.imaging.ImageError`` for an image that does not decode.
     """
-    out = np.empty((len(blobs), height, width, 3), np.float32)
-    side = max(height, width)
+    runtime = LiteModel(model, scale=scale, offset=offset, num_threads=num_threads)
+    side = max(runtime.spec.height, runtime.spec.width)
+    predicted = np.empty(len(blobs), dtype=np.int64)
     for i, data in enumerate(blobs):
         image = decode_image(data, (side, side), max_pixels=max_pixels)
-        out[i] = to_input(image, height, width, scale, offset)[0]
-    return out
+        predicted[i] = int(np.argmax(runtime.classify(image)))
+    return predicted
 
 
 def score(truth: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> Evaluation:
@@ -123,8 +100,8 @@ def evaluate_tflite(
     blobs: Sequence[bytes],
     classes: Sequence[str],
     *,
-    scale: float = 1 / 255,
-    offset: float = 0.0,
+    scale: float = DEFAULT_SCALE,
+    offset: float = DEFAULT_OFFSET,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Evaluation:
     """Score ``model`` on encoded images ``blobs`` whose true class names are ``classes``.
@@ -133,8 +110,7 @@ def evaluate_tflite(
     not know counts as a miss. Metrics are reported over the union of both label sets.
     """
     start = time.perf_counter()
-    h, w = input_shape(model)
-    predicted_idx = predict_tflite(model, prepare(blobs, h, w, scale, offset, max_pixels))
+    predicted_idx = predict_classes(model, blobs, scale=scale, offset=offset, max_pixels=max_pixels)
     labels = list(model_labels) + sorted(set(classes) - set(model_labels))
     index = {label: i for i, label in enumerate(labels)}
     truth = [index[c] for c in classes]

@@ -21,7 +21,7 @@ import functions_framework
 
 from functions.train.round import run_round
 from functions.train.trigger import parse_trigger, store_unavailable
-from lensflow.config import Config
+from lensflow_core.settings import Config
 
 log = logging.getLogger("lensflow.train")
 

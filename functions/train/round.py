@@ -21,9 +21,9 @@ import numpy as np
 
 from functions.train import dataset
 from functions.train.evaluate import Evaluation, evaluate_tflite
-from lensflow.config import Config
-from lensflow.imaging import ImageError, decode_image
-from lensflow.preprocess import to_input
+from lensflow_core.imaging import ImageError, decode_image
+from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE, to_input
+from lensflow_core.settings import Config
 from model_store import (
     NO_POINTER,
     ConflictError,
@@ -106,7 +106,7 @@ def run_round(
 
     Raises model_store.StoreUnavailableError / botocore errors when S3 cannot be reached.
     """
-    from lensflow.s3 import s3_client
+    from lensflow_core.s3 import s3_client
 
     s3 = s3 or s3_client(config)
     store = store or ModelStore.from_config(config, s3)
@@ -411,8 +411,8 @@ def _evaluate_champion(
             champion.labels,
             blobs,
             classes,
-            scale=float(spec.get("scale", 1 / 255)),
-            offset=float(spec.get("offset", 0.0)),
+            scale=float(spec.get("scale", DEFAULT_SCALE)),
+            offset=float(spec.get("offset", DEFAULT_OFFSET)),
             max_pixels=config.max_image_pixels,
         ), None
     except (IntegrityError, InvalidModelError, ValueError, RuntimeError) as exc:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+from lensflow.cli import eventing, functions, models, stack, train
 from lensflow.cli.output import CliError, fail
 
-# Modules under lensflow.cli that add verbs. Each exposes ``register(subparsers)`` and sets
-# ``func`` on its parsers; ``func(args) -> int`` returns the exit code.
-VERB_MODULES = ("models", "functions", "eventing", "train", "stack")
+# Modules that add verbs. Each exposes ``register(subparsers)`` and sets ``func`` on its
+# parsers; ``func(args) -> int`` returns the exit code.
+VERB_MODULES = (models, functions, eventing, train, stack)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for name in VERB_MODULES:
-        try:
-            module = importlib.import_module(f"lensflow.cli.{name}")
-        except ModuleNotFoundError as exc:  # a verb group not written yet
-            if exc.name != f"lensflow.cli.{name}":
-                raise
-            continue
+    for module in VERB_MODULES:
         module.register(sub)
     return parser
 

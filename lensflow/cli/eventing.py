@@ -8,8 +8,14 @@ import logging
 import signal
 import sys
 
-from lensflow.cli.output import CliError, add_json_flag, emit
-from lensflow.config import Config
+from eventing.delivery import DeliverySpec
+from eventing.dispatcher import Dispatcher
+from eventing.predictions import read_predictions
+from eventing.producer import ProduceError
+from eventing.topics import ensure_topics, topic_specs
+from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.upload import upload_files
+from lensflow_core.settings import Config
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +61,10 @@ def register(subparsers) -> None:
     dispatch.set_defaults(func=cmd_dispatch)
 
 
-def _config() -> Config:
-    try:
-        return Config.from_env()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-
-
 def _ensure_topics(config: Config) -> None:
     """Best effort: on a managed cluster topics exist already and we may lack the right."""
-    from eventing.topics import ensure_topics
-
     try:
-        ensure_topics(config, timeout_s=10)
+        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics), timeout_s=10)
     except Exception as exc:  # noqa: BLE001 - the real operation will say what is wrong
         log.warning("could not check or create topics: %s", exc)
 
@@ -75,9 +72,7 @@ def _ensure_topics(config: Config) -> None:
 def cmd_upload(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from eventing.producer import PublishError, upload_files
-
-    config = _config()
+    config = load_config()
     _ensure_topics(config)
     try:
         events = upload_files(config, args.files, args.bucket, args.prefix)
@@ -85,7 +80,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
         raise CliError(f"no such file: {exc.filename}") from None
     except (ClientError, BotoCoreError) as exc:
         raise CliError(f"upload failed: {exc}") from None
-    except PublishError as exc:
+    except ProduceError as exc:
         raise CliError(f"uploaded, but the event was not published: {exc}") from None
     rows = [
         {
@@ -107,12 +102,14 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_predictions_tail(args: argparse.Namespace) -> int:
-    from eventing.predictions import read_predictions
-
-    config = _config()
+    config = load_config()
     try:
         for prediction in read_predictions(
-            config, follow=args.follow, from_beginning=args.from_beginning, last=args.lines
+            config.kafka_bootstrap,
+            config.topic_predictions,
+            follow=args.follow,
+            from_beginning=args.from_beginning,
+            last=args.lines,
         ):
             if args.json:  # one JSON object per line: a stream, not a document
                 print(json.dumps(prediction.as_dict(), sort_keys=True, default=str), flush=True)
@@ -124,20 +121,21 @@ def cmd_predictions_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
-    from eventing.delivery import DeliverySpec
-    from eventing.dispatcher import Dispatcher
-
-    config = _config()
+    config = load_config()
     logging.getLogger("eventing").setLevel(config.log_level.upper())
+    _ensure_topics(config)
     try:
         delivery = DeliverySpec(args.retry, args.backoff_policy, args.backoff_delay, args.timeout)
         dispatcher = Dispatcher(
-            config,
+            config.kafka_bootstrap,
+            config.topic_images,
             args.sink,
-            delivery,
+            source=config.kafkasource_ce_source,
+            group_id=args.group or config.source_name,  # the KafkaSource's name
+            dead_letter_topic=config.topic_dlq,
+            delivery=delivery,
             ordering=args.ordering,
             max_in_flight=args.max_in_flight,
-            group_id=args.group,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

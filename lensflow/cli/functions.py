@@ -4,42 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-from pathlib import Path
 
 from lensflow.cli.output import CliError, add_json_flag
-from lensflow.config import PREDICT_PORT, TRAIN_PORT
+from lensflow.process import function_command
+from lensflow_core.settings import PREDICT_PORT, TRAIN_PORT
 
-FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
 DEFAULT_PORTS = {"predict": PREDICT_PORT, "train": TRAIN_PORT}
-
-
-def function_command(name: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The functions-framework command line that serves function ``name``."""
-    binary = Path(sys.executable).with_name("functions-framework")
-    if not binary.exists():
-        found = shutil.which("functions-framework")
-        if not found:
-            raise CliError("functions-framework is not installed (run `make install`)")
-        binary = Path(found)
-    source = FUNCTIONS_DIR / name / "main.py"
-    return [
-        str(binary),
-        "--source",
-        str(source),
-        "--target",
-        name,
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
 
 
 def serve(args: argparse.Namespace) -> int:
     port = args.port or DEFAULT_PORTS[args.function]
-    command = function_command(args.function, port, args.host)
+    try:
+        command = function_command(args.function, port, args.host)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from None
     print(f"serving {args.function} on http://{args.host}:{port}", file=sys.stderr, flush=True)
     os.execv(command[0], command)  # the same server a Knative container runs
     return 0  # not reached

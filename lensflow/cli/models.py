@@ -8,8 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from lensflow.cli.output import CliError, add_json_flag, emit
-from lensflow.config import Config
+from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from model_store import ModelStore, ModelStoreError, Pointer, StoreUnavailableError, parse_labels
 
 
@@ -23,7 +22,7 @@ def operator() -> str:
 
 
 def _store() -> ModelStore:
-    return ModelStore.from_config(Config.from_env())
+    return ModelStore.from_config(load_config())
 
 
 def _pointer_line(pointer: Pointer) -> str:

@@ -10,8 +10,11 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from lensflow.cli.output import CliError, add_json_flag, emit
-from lensflow.config import Config
+from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.demo import DemoOptions, run_demo, summary_text
+from lensflow.simulate import Burst, Plan, Simulator
+from lensflow.stack import EmbeddedStack
+from lensflow_core.settings import Config
 
 
 def register(subparsers) -> None:
@@ -105,18 +108,9 @@ def _flight_options(
 
 
 def _bursts(args: argparse.Namespace):
-    from lensflow.simulate import Burst
-
     texts = args.default_bursts if args.burst is None else args.burst
     try:
         return tuple(Burst.parse(t) for t in texts if t.lower() != "none")
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _config() -> Config:
-    try:
-        return Config.from_env()
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
@@ -154,9 +148,7 @@ def _quiet_console() -> None:
 
 
 def _start_stack(**kwargs):
-    from lensflow.stack import EmbeddedStack
-
-    _config()  # a bad setting fails here with one line
+    load_config()  # a bad setting fails here with one line
     _quiet_console()
     stack = EmbeddedStack(None, **kwargs)
     try:
@@ -217,8 +209,6 @@ def _up_text(stack, info: dict) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lensflow.demo import DemoOptions, run_demo, summary_text
-
     options = DemoOptions(
         duration_s=args.duration,
         drones=args.drones,
@@ -234,23 +224,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_options(options.drones, options.rate, options.duration_s, options.labelled_fraction)
     live = not args.json and sys.stdout.isatty()
     say = (lambda text: None) if args.json else (lambda text: print(text, flush=True))
-    _config()
-    _quiet_console()
-    from lensflow.stack import EmbeddedStack
-
-    stack = EmbeddedStack(None, idle_s=options.idle_s, max_replicas=options.max_replicas)
+    stack = None
     with _signals_stop():
         try:
             say("starting the embedded stack (S3, Kafka, dispatcher, scale-to-zero predict)")
-            try:
-                stack.start()
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                raise CliError(
-                    f"the embedded stack did not start: {exc} (logs: {stack.log_dir})"
-                ) from None
-            summary = run_demo(None, options, live=live, say=say, stack=stack)
+            stack = _start_stack(idle_s=options.idle_s, max_replicas=options.max_replicas)
+            summary = run_demo(stack, options, live=live, say=say)
         except KeyboardInterrupt:
             say("interrupted: stopping everything")
             return 130
@@ -259,8 +238,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise CliError(f"demo failed: {exc} (logs: {stack.log_dir})") from None
         finally:
-            with _uninterruptible():
-                stack.stop()
+            if stack is not None:
+                with _uninterruptible():
+                    stack.stop()
     emit(args, summary, summary_text(summary))
     return 0 if summary["missing"] == 0 else 1
 
@@ -273,8 +253,6 @@ def _check_options(drones: int, rate: float, duration: float, fraction: float) -
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from lensflow.simulate import Plan, Simulator
-
     _check_options(args.drones, args.rate, args.duration, args.labelled_fraction)
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
@@ -290,7 +268,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         prefix=args.prefix.strip("/") or "drones",
     )
-    config = _config()
+    config = load_config()
     _check_reachable(config)
     simulator = Simulator(config, plan)
     stop = threading.Event()
@@ -348,7 +326,7 @@ def _check_reachable(config: Config) -> None:
     """Fail with one line if the image bucket or the broker is not there."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from lensflow.s3 import s3_client
+    from lensflow_core.s3 import s3_client
 
     bucket = config.image_buckets[0]
     try:
@@ -358,10 +336,10 @@ def _check_reachable(config: Config) -> None:
             f"image bucket {bucket} at {config.s3_endpoint or 'AWS S3'} is not "
             f"reachable ({exc}); is `lensflow up` running?"
         ) from None
-    from eventing.topics import ensure_topics
+    from eventing.topics import ensure_topics, topic_specs
 
     try:
-        ensure_topics(config, timeout_s=5)
+        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics), timeout_s=5)
     except Exception as exc:  # noqa: BLE001
         raise CliError(
             f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); is `lensflow up` running?"

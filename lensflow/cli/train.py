@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from lensflow.cli.output import CliError, add_json_flag, emit
-from lensflow.config import Config
+from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow_core.settings import Config
 
 DEFAULT_INTERVAL_S = 300.0
 
@@ -111,10 +111,7 @@ def run_once(config: Config, force: bool, show_progress: bool) -> dict[str, Any]
 
 
 def train(args: argparse.Namespace) -> int:
-    try:
-        config = Config.from_env()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    config = load_config()
     show_progress = not args.quiet and sys.stderr.isatty()
     if args.once:
         report = run_once(config, args.force, show_progress)

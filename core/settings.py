@@ -1,4 +1,4 @@
-"""lensflow configuration: every setting is an environment variable.
+"""lensflow settings: every setting is an environment variable.
 
 This module is the single source of truth for names and defaults. The README's
 configuration table, the Knative manifests and the code all derive from
@@ -98,6 +98,11 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
+def default(name: str) -> str:
+    """The default of setting ``name``."""
+    return _BY_NAME[name].default
+
+
 def _get(env: Mapping[str, str], name: str) -> str:
     value = env.get(name)
     return _BY_NAME[name].default if value is None else value
@@ -169,6 +174,11 @@ class Config:
             log_level=get("LENSFLOW_LOG_LEVEL"),
             env=dict(env),
         )
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        """(images, predictions, dead-letter) topic names."""
+        return self.topic_images, self.topic_predictions, self.topic_dlq
 
     @property
     def kafkasource_ce_source(self) -> str:

@@ -1,0 +1,200 @@
+"""The one LiteRT runtime: how lensflow loads, feeds and reads a ``.tflite`` classifier.
+
+Used to validate a model before it is stored (``describe``), to serve it (the predict
+function) and to score it on the holdout (the train function), so the three can never
+disagree about pixels or numbers. numpy, Pillow and LiteRT only: never TensorFlow.
+
+- Input: the picture resized (bilinear) to the model's input, then ``pixels * scale +
+  offset`` (``InputSpec``, from the version's metadata). A quantized input (uint8/int8)
+  gets those values quantized with the tensor's own scale and zero point; a float16
+  input gets them cast.
+- Output: scores as float32; a quantized output is dequantized the same way.
+- LiteRT interpreters are not thread-safe: a ``LiteModel`` lends each call an
+  interpreter of its own from a small pool, so ``scores`` is safe from many threads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+from PIL import Image
+
+DEFAULT_SCALE = 1 / 255
+DEFAULT_OFFSET = 0.0
+_QUANTIZED = (np.uint8, np.int8)
+
+
+class ModelError(ValueError):
+    """The bytes are not a single-input image classifier that LiteRT can run."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    height: int
+    width: int
+    dtype: str = "float32"
+    scale: float = DEFAULT_SCALE
+    offset: float = DEFAULT_OFFSET
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> InputSpec:
+        spec = metadata["input"]
+        return cls(
+            int(spec["height"]),
+            int(spec["width"]),
+            str(spec.get("dtype", "float32")),
+            float(spec.get("scale", DEFAULT_SCALE)),
+            float(spec.get("offset", DEFAULT_OFFSET)),
+        )
+
+
+def to_input(
+    image: Image.Image,
+    height: int,
+    width: int,
+    scale: float = DEFAULT_SCALE,
+    offset: float = DEFAULT_OFFSET,
+) -> np.ndarray:
+    """``image`` as a float32 batch of one, shape ``[1, height, width, 3]``.
+
+    RGB, resized (bilinear) to the model's input, then ``pixels * scale + offset``.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32)
+    return (pixels * np.float32(scale) + np.float32(offset))[np.newaxis, ...]
+
+
+def quantize(values: np.ndarray, dtype, quantization: tuple[float, int]) -> np.ndarray:
+    """Real ``values`` as the integers a quantized tensor holds (round, clip)."""
+    scale, zero = quantization
+    info = np.iinfo(dtype)
+    if not scale:  # no quantization parameters: the model takes raw pixels
+        return np.clip(np.rint(values / DEFAULT_SCALE) + info.min, info.min, info.max).astype(dtype)
+    return np.clip(np.rint(values / scale + zero), info.min, info.max).astype(dtype)
+
+
+def dequantize(values: np.ndarray, quantization: tuple[float, int]) -> np.ndarray:
+    scale, zero = quantization
+    values = values.astype(np.float32)
+    return (values - zero) * np.float32(scale) if scale else values
+
+
+def _interpreter(model: bytes, num_threads: int) -> Interpreter:
+    interpreter = Interpreter(model_content=model, num_threads=num_threads)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def describe(model: bytes) -> dict:
+    """Load ``model`` in LiteRT, run it once on zeros, and describe its input and output.
+
+    Raises ``ModelError`` when it does not load, is not a single-input image classifier,
+    or does not run.
+    """
+    try:
+        interpreter = _interpreter(model, 1)
+        inputs = interpreter.get_input_details()
+        outputs = interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(
+                f"expected one input and one output, found {len(inputs)} and {len(outputs)}"
+            )
+        shape = [int(d) for d in inputs[0]["shape"]]
+        if len(shape) != 4 or shape[3] not in (1, 3):
+            raise ModelError(f"input shape {shape} is not [1, height, width, 1|3]")
+        interpreter.set_tensor(inputs[0]["index"], np.zeros(shape, dtype=inputs[0]["dtype"]))
+        interpreter.invoke()
+        out = interpreter.get_tensor(outputs[0]["index"])
+    except ModelError:
+        raise
+    except Exception as exc:  # LiteRT raises ValueError/RuntimeError for bad flatbuffers
+        raise ModelError(f"model does not load in LiteRT: {exc}") from None
+    return {
+        "input_shape": shape,
+        "input_dtype": np.dtype(inputs[0]["dtype"]).name,
+        "output_size": int(np.prod(out.shape[1:])) if out.ndim > 1 else int(out.size),
+        "output_dtype": np.dtype(outputs[0]["dtype"]).name,
+    }
+
+
+class LiteModel:
+    """One loaded ``.tflite`` classifier: image in, float32 scores out.
+
+    ``spec`` gives the normalisation (and the size, which must be the model's); without
+    it the size comes from the model and the normalisation is ``scale`` and ``offset``. Up to
+    ``max_interpreters`` interpreters are made on demand, ``num_threads`` each.
+    """
+
+    def __init__(
+        self,
+        model: bytes,
+        spec: InputSpec | None = None,
+        *,
+        scale: float = DEFAULT_SCALE,
+        offset: float = DEFAULT_OFFSET,
+        max_interpreters: int = 1,
+        num_threads: int = 1,
+    ):
+        self._model = model
+        self._num_threads = num_threads
+        self._idle: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
+        self._max = max(1, max_interpreters)
+        self._lock = threading.Lock()
+        self.created = 0
+        first = self._new_interpreter()
+        # The same for every interpreter of this model: looked up once, not per call.
+        self._input = first.get_input_details()[0]
+        self._output = first.get_output_details()[0]
+        _, height, width, _ = (int(d) for d in self._input["shape"])
+        dtype = np.dtype(self._input["dtype"]).name
+        self.spec = spec or InputSpec(height, width, dtype, scale, offset)
+        self.outputs = int(np.prod(self._output["shape"][1:]))
+        self._idle.put(first)
+
+    def tensor(self, image: Image.Image) -> np.ndarray:
+        """``image`` as this model's input: a batch of one in the input tensor's dtype."""
+        values = to_input(
+            image, self.spec.height, self.spec.width, self.spec.scale, self.spec.offset
+        )
+        dtype = self._input["dtype"]
+        if dtype in _QUANTIZED:
+            return quantize(values, dtype, self._input["quantization"])
+        return values.astype(dtype, copy=False)
+
+    def scores(self, batch: np.ndarray) -> np.ndarray:
+        """float32 scores, one per output, for a batch of one made by ``tensor``."""
+        interpreter = self._borrow()
+        try:
+            interpreter.set_tensor(self._input["index"], batch)
+            interpreter.invoke()
+            raw = interpreter.get_tensor(self._output["index"]).reshape(-1)
+        finally:
+            self._idle.put(interpreter)
+        if self._output["dtype"] in _QUANTIZED:
+            return dequantize(raw, self._output["quantization"])
+        return raw.astype(np.float32)
+
+    def classify(self, image: Image.Image) -> np.ndarray:
+        return self.scores(self.tensor(image))
+
+    def _borrow(self) -> Interpreter:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self.created < self._max:
+                return self._new_interpreter()
+        return self._idle.get()
+
+    def _new_interpreter(self) -> Interpreter:
+        interpreter = _interpreter(self._model, self._num_threads)
+        self.created += 1
+        return interpreter
