@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): predict, end to end, training, Knative autoscaling."""

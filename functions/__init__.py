@@ -1,0 +1,1 @@
+"""The two functions lensflow deploys: predict (serving) and train (a training round)."""

