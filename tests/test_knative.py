@@ -121,26 +121,27 @@ def test_every_object_validates_against_the_pinned_crds(docs: tuple[Doc, ...]) -
     assert not {k: v for k, v in problems.items() if v}, problems
 
 
-def _set(path: str, value: Any) -> Callable[[Doc], None]:
-    """Set a dotted path (list indexes as numbers) in a document."""
+def _parent(doc: Doc, path: str) -> tuple[Any, str | int]:
+    """The node holding the last key of a dotted path (list indexes as numbers), and that key."""
+    *parents, last = path.split(".")
+    node: Any = doc
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node, int(last) if isinstance(node, list) else last
 
+
+def _set(path: str, value: Any) -> Callable[[Doc], None]:
     def mutate(doc: Doc) -> None:
-        *parents, last = path.split(".")
-        node: Any = doc
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[int(last) if isinstance(node, list) else last] = value
+        node, key = _parent(doc, path)
+        node[key] = value
 
     return mutate
 
 
 def _rename(path: str, new: str) -> Callable[[Doc], None]:
     def mutate(doc: Doc) -> None:
-        *parents, last = path.split(".")
-        node: Any = doc
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[new] = node.pop(last)
+        node, key = _parent(doc, path)
+        node[new] = node.pop(key)
 
     return mutate
 
@@ -327,23 +328,28 @@ def autoscaling(ksvc: Doc) -> dict[str, str]:
     return {k[len(prefix) :]: v for k, v in annotations.items() if k.startswith(prefix)}
 
 
+def check_autoscaling(ksvc: Doc) -> None:
+    """Serving's validation of the autoscaling annotations and containerConcurrency."""
+    a = autoscaling(ksvc)
+    assert set(a) <= AUTOSCALING_KEYS, f"unknown autoscaling keys: {set(a) - AUTOSCALING_KEYS}"
+    assert all(isinstance(v, str) for v in a.values()), "annotation values are strings"
+    cls = a.get("class", "kpa.autoscaling.knative.dev")
+    assert cls in METRICS and a.get("metric", "concurrency") in METRICS[cls]
+    low, high = int(a.get("min-scale", "0")), int(a.get("max-scale", "0"))
+    assert low >= 0 and high >= 0 and (high == 0 or low <= high)
+    assert float(a["target"]) >= 0.01
+    assert 1 <= float(a.get("target-utilization-percentage", "70")) <= 100
+    assert 6 <= go_duration(a.get("window", "60s")) <= 3600
+    assert 1 <= float(a.get("panic-window-percentage", "10")) <= 100
+    assert 110 <= float(a.get("panic-threshold-percentage", "200")) <= 1000
+    assert go_duration(a.get("scale-to-zero-pod-retention-period", "0s")) >= 0
+    cc = pod_spec(ksvc)["containerConcurrency"]
+    assert 0 <= cc <= CONTAINER_CONCURRENCY_MAX
+
+
 def test_autoscaling_annotations_pass_the_webhook_rules(docs: tuple[Doc, ...]) -> None:
     for ksvc in of_kind(docs, "Service", "serving.knative.dev"):
-        a = autoscaling(ksvc)
-        assert set(a) <= AUTOSCALING_KEYS, f"unknown autoscaling keys: {set(a) - AUTOSCALING_KEYS}"
-        assert all(isinstance(v, str) for v in a.values()), "annotation values are strings"
-        cls = a.get("class", "kpa.autoscaling.knative.dev")
-        assert cls in METRICS and a.get("metric", "concurrency") in METRICS[cls]
-        low, high = int(a.get("min-scale", "0")), int(a.get("max-scale", "0"))
-        assert low >= 0 and high >= 0 and (high == 0 or low <= high)
-        assert float(a["target"]) >= 0.01
-        assert 1 <= float(a.get("target-utilization-percentage", "70")) <= 100
-        assert 6 <= go_duration(a.get("window", "60s")) <= 3600
-        assert 1 <= float(a.get("panic-window-percentage", "10")) <= 100
-        assert 110 <= float(a.get("panic-threshold-percentage", "200")) <= 1000
-        assert go_duration(a.get("scale-to-zero-pod-retention-period", "0s")) >= 0
-        cc = pod_spec(ksvc)["containerConcurrency"]
-        assert 0 <= cc <= CONTAINER_CONCURRENCY_MAX
+        check_autoscaling(ksvc)
 
 
 def test_broken_autoscaling_annotations_fail_those_rules() -> None:
@@ -353,7 +359,7 @@ def test_broken_autoscaling_annotations_fail_those_rules() -> None:
         "autoscaling.knative.dev/max-scale"
     )
     with pytest.raises(AssertionError, match="maxScale"):
-        test_autoscaling_annotations_pass_the_webhook_rules((ksvc,))
+        check_autoscaling(ksvc)
 
 
 def longest_request_s(docs: tuple[Doc, ...], ksvc: Doc) -> float:
