@@ -20,7 +20,11 @@ from typing import Any
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-_fields: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("log_fields", default={})
+_EMPTY: dict[str, Any] = {}  # never mutated: every change sets a new dict
+_fields: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "log_fields",
+    default=_EMPTY,  # noqa: B039
+)
 
 
 @contextlib.contextmanager

@@ -17,9 +17,21 @@ from prometheus_client.registry import Collector
 
 COUNTERS = (
     ("delivered", "lensflow_dispatcher_delivered", "Events the sink took (2xx)"),
-    ("retried", "lensflow_dispatcher_retries", "Delivery attempts retried (5xx, 404, 408, 409, 429, network)"),
-    ("dead_lettered", "lensflow_dispatcher_dead_lettered", "Events written to the dead-letter topic"),
-    ("failed", "lensflow_dispatcher_held_back", "Events neither delivered nor dead-lettered (their commit is held)"),
+    (
+        "retried",
+        "lensflow_dispatcher_retries",
+        "Delivery attempts retried (5xx, 404, 408, 409, 429, network)",
+    ),
+    (
+        "dead_lettered",
+        "lensflow_dispatcher_dead_lettered",
+        "Events written to the dead-letter topic",
+    ),
+    (
+        "failed",
+        "lensflow_dispatcher_held_back",
+        "Events neither delivered nor dead-lettered (their commit is held)",
+    ),
 )
 
 
@@ -56,7 +68,9 @@ class DispatcherCollector(Collector):
         yield lag
 
 
-def dispatcher_registry(stats: Callable[[], dict[str, Any] | None], topic: str) -> CollectorRegistry:
+def dispatcher_registry(
+    stats: Callable[[], dict[str, Any] | None], topic: str
+) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(DispatcherCollector(stats, topic))
     return registry

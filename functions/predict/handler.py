@@ -144,7 +144,9 @@ class PredictHandler:
         except ProduceError as exc:
             raise Rejected(503, str(exc)) from None
         t4 = time.perf_counter()
-        for stage, seconds in zip(metrics.STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for stage, seconds in zip(
+            metrics.STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
+        ):
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
         top = predictions[0]["label"] if predictions else "none"
         metrics.predicted(model.name, top)

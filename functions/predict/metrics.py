@@ -33,7 +33,9 @@ MAX_CLASSES = 100
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUESTS = Counter(
-    "lensflow_predict_requests", "Events answered by the predict function, by HTTP status", ["status"]
+    "lensflow_predict_requests",
+    "Events answered by the predict function, by HTTP status",
+    ["status"],
 )
 STAGE_SECONDS = Histogram(
     "lensflow_predict_stage_seconds",

@@ -44,7 +44,9 @@ def train(request: flask.Request) -> flask.Response:
         if request.path.rstrip("/") == "/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-            return flask.Response(generate_latest(REGISTRY), 200, {"Content-Type": CONTENT_TYPE_LATEST})
+            return flask.Response(
+                generate_latest(REGISTRY), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+            )
         return _reply(200, {"status": "ok", **_state})
     if request.method != "POST":
         return _reply(405, {"error": "POST a trigger (CloudEvent or plain), or GET /healthz"})
