@@ -106,6 +106,11 @@ SETTINGS: tuple[Setting, ...] = (
         "LENSFLOW_NAMESPACE", "default", "namespace used in `ce-source` by the local dispatcher"
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
+    Setting(
+        "LENSFLOW_LOG_FORMAT",
+        "text",
+        "log lines as `text` or `json` (with trace id, event id, object key, model version)",
+    ),
 )
 
 QUANTIZATIONS = ("float32", "float16", "int8")
@@ -152,6 +157,7 @@ class Config:
     train_quantization: str
     batch_delay_ms: float
     batch_max: int
+    log_format: str
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -173,6 +179,9 @@ class Config:
                 f"LENSFLOW_TRAIN_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, "
                 f"not {quantization!r}"
             )
+        log_format = get("LENSFLOW_LOG_FORMAT").strip().lower()
+        if log_format not in ("text", "json"):
+            raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
         return cls(
             kafka_bootstrap=get("LENSFLOW_KAFKA_BOOTSTRAP"),
             s3_endpoint=get("LENSFLOW_S3_ENDPOINT") or None,
@@ -199,6 +208,7 @@ class Config:
             train_quantization=quantization,
             batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
             batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
+            log_format=log_format,
             env=dict(env),
         )
 
