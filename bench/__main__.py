@@ -17,6 +17,7 @@ BENCHMARKS = {
     "predict": "bench.predict_bench",
     "isolated": "bench.isolated_bench",
     "quant": "bench.quant_bench",
+    "gap": "bench.gap_bench",
     "e2e": "bench.e2e_bench",
     "train": "bench.train_bench",
     "knative_autoscaler": "bench.knative_autoscaler",
