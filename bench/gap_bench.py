@@ -5,6 +5,7 @@ Every variant is a predict replica pinned alone to the first CPU (as in
 same backlogs; the ratio to the bare loop on that CPU moves by what the suspect cost:
 
 - ``baseline``: the replica as shipped (one interpreter per usable CPU), batching off;
+- ``stages``: the baseline with each request's stages timed in thread CPU time;
 - ``interpreters_3``: as many interpreters as the old sizing made on a 2-CPU machine
   (``min(THREADS, os.cpu_count()) + 1``), though it may use one CPU;
 - ``no_s3``: the image GET replaced by the same bytes from memory;
@@ -51,8 +52,44 @@ import lensflow_core.cpus as _cpus
 _cpus.usable_cpus = lambda *args, **kwargs: 3
 """
 
+# Thread CPU time of each stage of every request (a request runs on one thread, so
+# time.thread_time() deltas are exact), summed; /stats reports them as stage_cpu_s.
+STAGE_CPU = """
+import collections, json, threading, time
+import gunicorn.workers.gthread as _gthread
+import functions.predict.app as _app
+import functions.predict.fetch as _fetch
+import functions.predict.handler as _handler
+import functions.predict.sink as _sink
+import lensflow_core.runtime as _runtime
+_cpu = collections.Counter()
+_lock = threading.Lock()
+def _timed(owner, name, label):
+    original = getattr(owner, name)
+    def timed(*args, **kwargs):
+        started = time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with _lock:
+                _cpu[label] += time.thread_time() - started
+    setattr(owner, name, timed)
+_timed(_gthread.ThreadWorker, "handle", "request: all of it (gunicorn, Flask, function)")
+_timed(_handler.PredictHandler, "handle", "function handler")
+_timed(_handler.PredictHandler, "_parse_cloudevent", "CloudEvent parse")
+_timed(_fetch.ImageFetcher, "fetch", "S3 GET")
+_timed(_handler, "decode_image", "decode")
+_timed(_runtime.LiteModel, "tensor", "resize + normalise")
+_timed(_runtime.LiteModel, "scores", "invoke")
+_timed(_handler, "prediction_event", "prediction event")
+_timed(_sink.PredictionProducer, "send", "Kafka produce + ack")
+_stats = _app.PredictApp.metrics
+_app.PredictApp.metrics = lambda self: {**_stats(self), "stage_cpu_s": dict(_cpu)}
+"""
+
 SPECS = (
     Spec("baseline", env=OFF),
+    Spec("stages", env=OFF, prelude=STAGE_CPU),
     Spec("interpreters_3", env=OFF, prelude=THREE_INTERPRETERS),
     Spec("no_s3", env=OFF, prelude=NO_S3),
     Spec("no_kafka_ack", env=OFF, prelude=NO_KAFKA_ACK),
