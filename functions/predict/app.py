@@ -19,6 +19,7 @@ from functions.predict.watcher import ModelWatcher
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
+from model_store.labelqueue import LabelQueue
 
 _STARTED = time.time()
 
@@ -40,7 +41,10 @@ class PredictApp:
         )
         self.watcher.start()
         producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
-        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
+        queue = None
+        if config.label_queue_max > 0:
+            queue = LabelQueue(s3, config.train_bucket, config.label_queue_max)
+        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer, queue)
 
     def health(self) -> dict:
         model = self.watcher.model
@@ -57,6 +61,8 @@ class PredictApp:
             "requests": {str(k): v for k, v in self.handler.stats.statuses.items()},
             "predictions": self.handler.stats.predictions,
             "skipped": self.handler.stats.skipped,
+            "uncertain": self.handler.stats.uncertain,
+            "label_queue": dict(self.handler.stats.queue),
             "model_checks": stats.checks,
             "model_swaps": stats.swaps,
             "model_refusals": stats.refusals,

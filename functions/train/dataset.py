@@ -12,19 +12,23 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-LABELED = "labeled"
-HOLDOUT = "holdout"
+from model_store.labelqueue import HOLDOUT, LABELED
+
+__all__ = ["HOLDOUT", "LABELED", "Split", "fetch", "list_split", "upload"]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FETCH_THREADS = 16
 
 
 @dataclass
 class Split:
-    """The images of one split: parallel lists of class names and object keys (and bodies)."""
+    """The images of one split: parallel lists of class names, object keys, ETags (and
+    bodies)."""
 
     name: str
     classes: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    etags: list[str] = field(default_factory=list)
     blobs: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -52,6 +56,7 @@ def list_split(s3, bucket: str, split: str) -> Split:
                 continue
             out.classes.append(parts[1])
             out.keys.append(key)
+            out.etags.append(obj.get("ETag", "").strip('"'))
     return out
 
 
