@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json and plots, print a summary.
 
-`python -m bench [NAME ...]` runs only the named ones (predict, e2e, train,
+`python -m bench [NAME ...]` runs only the named ones (predict, e2e, train, learning,
 knative_autoscaler); `summary.json` gathers the latest result of every benchmark.
 """
 
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "predict": "bench.predict_bench",
     "e2e": "bench.e2e_bench",
     "train": "bench.train_bench",
+    "learning": "bench.learning_bench",
     "knative_autoscaler": "bench.knative_autoscaler",
 }
 
