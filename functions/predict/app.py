@@ -42,9 +42,11 @@ class PredictApp:
         producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
         self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
 
-    def health(self) -> dict:
-        model = self.watcher.model
-        return {"ok": True, "model": model.identity if model else None}
+    def health(self) -> tuple[int, dict]:
+        """Readiness: 200 once serving the pointer's model (or no pointer exists yet);
+        503 before the first pointer read and while the store cannot be read."""
+        ready, body = self.watcher.ready()
+        return (200 if ready else 503), body
 
     def metrics(self) -> dict:
         model = self.watcher.model
@@ -60,6 +62,7 @@ class PredictApp:
             "model_checks": stats.checks,
             "model_swaps": stats.swaps,
             "model_refusals": stats.refusals,
+            "model_refusal_retries": stats.refusal_retries,
             "last_refusal": stats.last_refusal,
             "store_errors": stats.store_errors,
             "last_store_error": stats.last_error,

@@ -10,6 +10,10 @@ import flask
 import functions_framework
 
 from functions.predict.app import replica
+from functions.predict.errors import Rejected
+from functions.predict.limits import json_server_errors, read_body
+
+json_server_errors()  # here, in the server process, before gunicorn forks its worker
 
 
 @functions_framework.http
@@ -18,6 +22,16 @@ def predict(request: flask.Request) -> flask.Response:
     if request.method == "GET":
         if request.path.rstrip("/") == "/metrics":
             return flask.jsonify(current.metrics())
-        return flask.jsonify(current.health())
-    reply = current.handler.handle(dict(request.headers), request.get_data())
+        status, body = current.health()
+        return flask.jsonify(body), status
+    try:
+        body = read_body(request.stream, request.content_length, current.config.max_event_bytes)
+    except Rejected as exc:
+        reply = current.handler.reject(exc)
+        # The rest of the body stays unread: close the connection rather than drain it.
+        # A streamed response, because functions-framework reads the whole request body
+        # after every other response (its ``read_request`` after-request hook).
+        headers = {**reply.headers, "Connection": "close"}
+        return flask.Response(iter([reply.body]), reply.status, headers)
+    reply = current.handler.handle(dict(request.headers), body)
     return flask.Response(reply.body, reply.status, reply.headers)
