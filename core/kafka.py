@@ -12,4 +12,11 @@ from typing import Any
 
 def client_settings(bootstrap: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Settings for a confluent-kafka client of ``bootstrap``, with ``extra`` on top."""
-    return {"bootstrap.servers": bootstrap, **(extra or {})}
+    return {
+        "bootstrap.servers": bootstrap,
+        # Topics exist only as eventing.topics.ensure_topics creates them: a client must
+        # never auto-create one with the broker's defaults (see eventing.producer for the
+        # guard against brokers that auto-create on produce regardless).
+        "allow.auto.create.topics": False,
+        **(extra or {}),
+    }
