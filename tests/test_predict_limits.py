@@ -213,7 +213,7 @@ def test_readiness_waits_for_the_pointers_model_and_metrics_stay_up(
             s3.put_object(Bucket=config.model_bucket, Key=key, Body=tiny_models["first"])
             health = wait_health(server.url, lambda r: r.status_code == 200, timeout_s=15)
             assert health.json()["model"]["version"] == "v1"
-            metrics = requests.get(f"{server.url}/metrics", timeout=5).json()
+            metrics = requests.get(f"{server.url}/stats", timeout=5).json()
             assert metrics["model_refusals"] == 1
             # the store goes away: not ready, but /metrics (liveness) still answers
             s3_server.stop()

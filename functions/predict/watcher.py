@@ -23,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from functions.predict import metrics
+from functions.predict.batcher import Batcher
 from functions.predict.serving_model import ServingModel
 from lensflow_core.runtime import InputSpec
 from model_store import (
@@ -64,10 +66,17 @@ class WatcherStats:
 
 
 class ModelWatcher:
-    def __init__(self, store: ModelStore, ttl_s: float, max_interpreters: int = 4):
+    def __init__(
+        self,
+        store: ModelStore,
+        ttl_s: float,
+        max_interpreters: int = 4,
+        batcher: Batcher | None = None,
+    ):
         self.store = store
         self.ttl_s = max(ttl_s, 0.05)
         self.max_interpreters = max_interpreters
+        self.batcher = batcher
         self.stats = WatcherStats()
         self._model: ServingModel | None = None
         self._etag: str | None = None
@@ -171,6 +180,8 @@ class ModelWatcher:
             self._etag = pointer.etag
             self._target = pointer
             self.stats.swaps += 1
+            metrics.MODEL_SWAPS.inc()
+            metrics.serving(candidate.name, candidate.version, candidate.sha256)
             self.stats.last_error = None
             log.info(
                 "serving %s %s (sha256 %s)",
@@ -199,6 +210,7 @@ class ModelWatcher:
                 labels,
                 InputSpec.from_metadata(info.metadata),
                 self.max_interpreters,
+                self.batcher,
             )
             model.warm()
         except (ValueError, RuntimeError, KeyError, IndexError) as exc:
@@ -214,6 +226,7 @@ class ModelWatcher:
             previous.retry_at = time.monotonic() + previous.delay_s
             return
         self.stats.refusals += 1
+        metrics.MODEL_REFUSALS.inc()
         self.stats.refused[pointer.etag or ""] = Refusal(reason)
         serving = self._model.version if self._model else "nothing"
         log.error(
@@ -234,6 +247,7 @@ class ModelWatcher:
         self._store_ok = False
         first_of_outage = self.stats.last_error is None
         self.stats.store_errors += 1
+        metrics.STORE_ERRORS.inc()
         self.stats.last_error = str(exc)
         # once per outage at warning level; every poll would flood the log
         log.log(
