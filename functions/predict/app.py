@@ -2,6 +2,8 @@
 
 Made lazily on the first request (the readiness probe's, usually), because servers such as
 gunicorn import the function before forking its worker and threads do not survive a fork.
+The replica is not ready until its Kafka producer's brokers have answered (a refused TLS
+handshake or login keeps it not-ready, with the reason in /healthz and the log).
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from functions.predict.fetch import ImageFetcher
 from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
+from lensflow_core.kafka import KafkaSetupError, connect
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
 
 _STARTED = time.time()
+KAFKA_RECHECK_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class PredictApp:
@@ -31,6 +37,8 @@ class PredictApp:
         logging.basicConfig(
             level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        # First, so that settings that cannot work fail before any thread starts.
+        producer = PredictionProducer(config.kafka, config.topic_predictions)
         s3 = s3_client(config, timeout_s=5.0, retries=1)
         threads = int(os.environ.get("THREADS", (os.cpu_count() or 1) * 4))
         self.watcher = ModelWatcher(
@@ -39,12 +47,30 @@ class PredictApp:
             max_interpreters=min(threads, os.cpu_count() or 1) + 1,
         )
         self.watcher.start()
-        producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
+        self.kafka_problem: str | None = "checking the connection to Kafka"
+        threading.Thread(target=self._check_kafka, name="kafka-check", daemon=True).start()
         self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
+
+    def _check_kafka(self) -> None:
+        """Until the brokers answer: record why not (once in the log per new reason)."""
+        while True:
+            try:
+                connect(self.config.kafka, timeout_s=10.0)
+            except KafkaSetupError as exc:
+                if str(exc) != self.kafka_problem:
+                    log.error("not ready: %s", exc)
+                self.kafka_problem = str(exc)
+                time.sleep(KAFKA_RECHECK_S)
+                continue
+            self.kafka_problem = None
+            return
 
     def health(self) -> dict:
         model = self.watcher.model
-        return {"ok": True, "model": model.identity if model else None}
+        health = {"ok": self.kafka_problem is None, "model": model.identity if model else None}
+        if self.kafka_problem is not None:
+            health["reason"] = self.kafka_problem
+        return health
 
     def metrics(self) -> dict:
         model = self.watcher.model
