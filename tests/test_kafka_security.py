@@ -306,6 +306,7 @@ def run_cli(monkeypatch, capfd, env: dict[str, str], argv: list[str]) -> tuple[i
         (["upload", "--json", "{image}"], {}, "LENSFLOW_KAFKA_SASL_PASSWORD"),
         (["predictions", "tail", "--json"], {}, "LENSFLOW_KAFKA_SASL_PASSWORD"),
         (["dispatch", "--json", "--sink", "http://127.0.0.1:1"], {}, "LENSFLOW_KAFKA_SASL"),
+        (["dlq", "list", "--json"], {}, "LENSFLOW_KAFKA_SASL_PASSWORD"),
         (
             ["upload", "{image}"],
             {"LENSFLOW_KAFKA_SASL_PASSWORD": ""},

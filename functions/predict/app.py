@@ -19,6 +19,7 @@ from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
 from lensflow_core.kafka import KafkaSetupError, connect
+from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
@@ -34,9 +35,7 @@ class PredictApp:
 
     def __init__(self, config: Config):
         self.config = config
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(config.log_level, config.log_format)
         # First, so that settings that cannot work fail before any thread starts.
         producer = PredictionProducer(config.kafka, config.topic_predictions)
         s3 = s3_client(config, timeout_s=5.0, retries=1)

@@ -1,7 +1,9 @@
 """The predict function: a KafkaSource CloudEvent about an upload in, a prediction out.
 
 Served by functions-framework (`functions-framework --target predict --source ...`, or
-`lensflow serve predict`). GET /healthz and GET /metrics report on the replica.
+`lensflow serve predict`). GET /healthz says whether the replica is ready, GET /metrics
+is Prometheus text exposition (answered without touching the store: the liveness probe),
+GET /stats the replica's counters as JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import flask
 import functions_framework
 
+from functions.predict import metrics
 from functions.predict.app import replica
 from lensflow_core.kafka import KafkaSetupError
 
@@ -21,6 +24,9 @@ _last_setup_error: str | None = None
 @functions_framework.http
 def predict(request: flask.Request) -> flask.Response:
     global _last_setup_error
+    if request.method == "GET" and request.path.rstrip("/") == "/metrics":
+        body, content_type = metrics.exposition()
+        return flask.Response(body, 200, {"Content-Type": content_type})
     try:
         current = replica()
     except (KafkaSetupError, ValueError, OSError) as exc:  # settings that cannot work
@@ -29,7 +35,7 @@ def predict(request: flask.Request) -> flask.Response:
             _last_setup_error = str(exc)
         return flask.make_response(flask.jsonify({"ok": False, "reason": str(exc)}), 503)
     if request.method == "GET":
-        if request.path.rstrip("/") == "/metrics":
+        if request.path.rstrip("/") == "/stats":
             return flask.jsonify(current.metrics())
         health = current.health()
         return flask.make_response(flask.jsonify(health), 200 if health["ok"] else 503)
