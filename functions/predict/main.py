@@ -41,5 +41,6 @@ def predict(request: flask.Request) -> flask.Response:
         return flask.make_response(flask.jsonify(health), 200 if health["ok"] else 503)
     if current.kafka_problem is not None:  # the event could not be produced: retry later
         return flask.make_response(flask.jsonify({"error": current.kafka_problem}), 503)
-    reply = current.handler.handle(dict(request.headers), request.get_data())
+    with current.coming():
+        reply = current.handler.handle(dict(request.headers), request.get_data())
     return flask.Response(reply.body, reply.status, reply.headers)
