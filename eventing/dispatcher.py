@@ -60,7 +60,7 @@ from eventing.delivery import DeliverySpec, Sink, as_sink, deliver
 from eventing.offsets import OffsetTracker
 from eventing.producer import ProduceError, make_producer, produce_and_wait
 from eventing.topics import DLQ_PARTITIONS, IMAGES_PARTITIONS, TopicSpec, ensure_topics
-from lensflow_core.kafka import client_settings
+from lensflow_core.kafka import KafkaConnection, client_settings, connect
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: KafkaConnection | str,
         topic: str,
         sink: str | Callable[[], str] | Sink,
         *,
@@ -241,8 +241,11 @@ class Dispatcher:
 
     def run(self) -> None:
         """Dispatch until ``stop()`` (or SIGTERM/Ctrl-C handled by the caller)."""
+        # Both connect first: a refused TLS handshake or login stops here, on one line.
         if self._create_topics:
             ensure_topics(self.bootstrap, self._topics)
+        else:
+            connect(self.bootstrap)
         threading.Thread(target=self._keep_topics, name="dispatcher-topics", daemon=True).start()
         own_dlq = self._dlq is None
         if own_dlq:
