@@ -94,6 +94,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
     Setting(
+        "LENSFLOW_DASHBOARD_TOKEN",
+        "",
+        "token that allows flip and rollback from the dashboard (empty: they are off)",
+        secret=True,
+    ),
+    Setting(
         "LENSFLOW_LOG_FORMAT",
         "text",
         "log lines as `text` or `json` (with trace id, event id, object key, model version)",
@@ -140,6 +146,7 @@ class Config:
     namespace: str
     log_level: str
     log_format: str
+    dashboard_token: str = field(repr=False)
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -182,6 +189,7 @@ class Config:
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),
             log_format=log_format,
+            dashboard_token=get("LENSFLOW_DASHBOARD_TOKEN"),
             env=dict(env),
         )
 
