@@ -34,6 +34,7 @@ def test_contract_variables_all_exist():
         "LENSFLOW_S3_ACCESS_KEY",
         "LENSFLOW_S3_SECRET_KEY",
         "LENSFLOW_DASHBOARD_TOKEN",
+        "LENSFLOW_KAFKA_SASL_PASSWORD",
     }
 
 

@@ -400,9 +400,12 @@ def _check_reachable(config: Config) -> None:
             f"reachable ({exc}); is `lensflow up` running?"
         ) from None
     from eventing.topics import ensure_topics, topic_specs
+    from lensflow_core.kafka import KafkaSetupError
 
     try:
-        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics), timeout_s=5)
+        ensure_topics(config.kafka, topic_specs(*config.topics), timeout_s=5)
+    except KafkaSetupError as exc:
+        raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001
         raise CliError(
             f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); is `lensflow up` running?"
