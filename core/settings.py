@@ -148,6 +148,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
     Setting(
+        "LENSFLOW_DASHBOARD_TOKEN",
+        "",
+        "token that allows flip and rollback from the dashboard (empty: they are off)",
+        secret=True,
+    ),
+    Setting(
         "LENSFLOW_LOG_FORMAT",
         "text",
         "log lines as `text` or `json` (with trace id, event id, object key, model version)",
@@ -203,6 +209,7 @@ class Config:
     batch_delay_ms: float
     batch_max: int
     log_format: str
+    dashboard_token: str = field(repr=False)
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -258,6 +265,7 @@ class Config:
             batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
             batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
             log_format=log_format,
+            dashboard_token=get("LENSFLOW_DASHBOARD_TOKEN"),
             env=dict(env),
         )
 

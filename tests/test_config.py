@@ -33,6 +33,7 @@ def test_contract_variables_all_exist():
     assert secrets == {
         "LENSFLOW_S3_ACCESS_KEY",
         "LENSFLOW_S3_SECRET_KEY",
+        "LENSFLOW_DASHBOARD_TOKEN",
         "LENSFLOW_KAFKA_SASL_PASSWORD",
     }
 
