@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lensflow_core.kafka import KafkaConnection
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -35,6 +37,30 @@ SETTINGS: tuple[Setting, ...] = (
         "Kafka bootstrap servers (`host:port,...`)",
     ),
     Setting(
+        "LENSFLOW_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` (see docs/security.md)",
+    ),
+    Setting(
+        "LENSFLOW_KAFKA_SASL_MECHANISM",
+        "SCRAM-SHA-512",
+        "`SCRAM-SHA-512`, `SCRAM-SHA-256` or `PLAIN` (with a `SASL_*` protocol)",
+    ),
+    Setting("LENSFLOW_KAFKA_SASL_USERNAME", "", "Kafka user (with a `SASL_*` protocol)"),
+    Setting(
+        "LENSFLOW_KAFKA_SASL_PASSWORD",
+        "",
+        "Kafka user's password (with a `SASL_*` protocol)",
+        secret=True,
+    ),
+    Setting(
+        "LENSFLOW_KAFKA_CA_FILE",
+        "",
+        "PEM file of the CA that signed the brokers' certificates (empty: the system's)",
+    ),
+    Setting("LENSFLOW_KAFKA_CERT_FILE", "", "client certificate (PEM) for mTLS"),
+    Setting("LENSFLOW_KAFKA_KEY_FILE", "", "client certificate's key (PEM) for mTLS"),
+    Setting(
         "LENSFLOW_S3_ENDPOINT",
         f"http://127.0.0.1:{EMBEDDED_S3_PORT}",
         "S3/MinIO endpoint URL; empty means AWS S3",
@@ -42,6 +68,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LENSFLOW_S3_ACCESS_KEY", "lensflow", "S3 access key", secret=True),
     Setting("LENSFLOW_S3_SECRET_KEY", "lensflow-secret", "S3 secret key", secret=True),
     Setting("LENSFLOW_S3_REGION", "us-east-1", "S3 region"),
+    Setting(
+        "LENSFLOW_S3_CA_BUNDLE",
+        "",
+        "PEM file of the CAs to trust for an https S3 endpoint (empty: the system's)",
+    ),
     Setting(
         "LENSFLOW_IMAGE_BUCKETS",
         "drone-images",
@@ -68,6 +99,16 @@ SETTINGS: tuple[Setting, ...] = (
         "LENSFLOW_MAX_IMAGE_PIXELS",
         str(64_000_000),
         "largest decoded image (width x height) accepted",
+    ),
+    Setting(
+        "LENSFLOW_MAX_EVENT_BYTES",
+        str(1024 * 1024),
+        "largest request body (event) the predict function reads; larger is 413",
+    ),
+    Setting(
+        "LENSFLOW_DECODE_BUDGET_MB",
+        "512",
+        "memory a predict replica may spend on image decodes at once (see docs/autoscaling.md)",
     ),
     Setting(
         "LENSFLOW_TRAIN_METRIC",
@@ -108,6 +149,19 @@ SETTINGS: tuple[Setting, ...] = (
         "most images queued for labelling per model version (0: no queue)",
     ),
     Setting(
+        "LENSFLOW_TRAIN_QUANTIZATION",
+        "float32",
+        "what a round publishes: `float32`, `float16` (half-size weights) or `int8` "
+        "(full-integer, uint8 in and out); judged as published",
+    ),
+    Setting(
+        "LENSFLOW_BATCH_DELAY_MS",
+        "2",
+        "longest a predict replica holds a request to batch it with others on their way "
+        "(0: no batching)",
+    ),
+    Setting("LENSFLOW_BATCH_MAX", "4", "most images a predict replica runs in one invoke"),
+    Setting(
         "LENSFLOW_SOURCE_NAME",
         "lensflow-images",
         "KafkaSource name used in `ce-source` by the local dispatcher",
@@ -116,7 +170,20 @@ SETTINGS: tuple[Setting, ...] = (
         "LENSFLOW_NAMESPACE", "default", "namespace used in `ce-source` by the local dispatcher"
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
+    Setting(
+        "LENSFLOW_DASHBOARD_TOKEN",
+        "",
+        "token that allows flip and rollback from the dashboard (empty: they are off)",
+        secret=True,
+    ),
+    Setting(
+        "LENSFLOW_LOG_FORMAT",
+        "text",
+        "log lines as `text` or `json` (with trace id, event id, object key, model version)",
+    ),
 )
+
+QUANTIZATIONS = ("float32", "float16", "int8")
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
@@ -136,10 +203,12 @@ class Config:
     """Resolved settings. Build with ``Config.from_env()``."""
 
     kafka_bootstrap: str
+    kafka: KafkaConnection  # bootstrap, TLS and SASL: what every Kafka client is made from
     s3_endpoint: str | None
     s3_access_key: str = field(repr=False)  # credentials never reach a log line
     s3_secret_key: str = field(repr=False)
     s3_region: str
+    s3_ca_bundle: str | None
     image_buckets: tuple[str, ...]
     model_bucket: str
     model_name: str
@@ -150,6 +219,8 @@ class Config:
     pointer_ttl_s: float
     max_image_bytes: int
     max_image_pixels: int
+    max_event_bytes: int
+    decode_budget_mb: int
     train_metric: str
     train_margin: float
     train_min_new: int
@@ -161,6 +232,11 @@ class Config:
     source_name: str
     namespace: str
     log_level: str
+    train_quantization: str
+    batch_delay_ms: float
+    batch_max: int
+    log_format: str
+    dashboard_token: str = field(repr=False)
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -181,12 +257,23 @@ class Config:
             raise ValueError(
                 f"LENSFLOW_TRAIN_BACKBONE must be one of {', '.join(BACKBONES)}, not {backbone!r}"
             )
+        quantization = get("LENSFLOW_TRAIN_QUANTIZATION")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"LENSFLOW_TRAIN_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, "
+                f"not {quantization!r}"
+            )
+        log_format = get("LENSFLOW_LOG_FORMAT").strip().lower()
+        if log_format not in ("text", "json"):
+            raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
         return cls(
             kafka_bootstrap=get("LENSFLOW_KAFKA_BOOTSTRAP"),
+            kafka=KafkaConnection.from_env(env, get("LENSFLOW_KAFKA_BOOTSTRAP")),
             s3_endpoint=get("LENSFLOW_S3_ENDPOINT") or None,
             s3_access_key=get("LENSFLOW_S3_ACCESS_KEY"),
             s3_secret_key=get("LENSFLOW_S3_SECRET_KEY"),
             s3_region=get("LENSFLOW_S3_REGION"),
+            s3_ca_bundle=get("LENSFLOW_S3_CA_BUNDLE") or None,
             image_buckets=buckets,
             model_bucket=get("LENSFLOW_MODEL_BUCKET"),
             model_name=get("LENSFLOW_MODEL_NAME"),
@@ -197,6 +284,8 @@ class Config:
             pointer_ttl_s=float(get("LENSFLOW_POINTER_TTL_S")),
             max_image_bytes=int(get("LENSFLOW_MAX_IMAGE_BYTES")),
             max_image_pixels=int(get("LENSFLOW_MAX_IMAGE_PIXELS")),
+            max_event_bytes=int(get("LENSFLOW_MAX_EVENT_BYTES")),
+            decode_budget_mb=int(get("LENSFLOW_DECODE_BUDGET_MB")),
             train_metric=metric,
             train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
             train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),
@@ -208,6 +297,11 @@ class Config:
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),
+            train_quantization=quantization,
+            batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
+            batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
+            log_format=log_format,
+            dashboard_token=get("LENSFLOW_DASHBOARD_TOKEN"),
             env=dict(env),
         )
 

@@ -19,11 +19,14 @@ from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
 
 from eventing.contracts import BadEvent, ObjectEvent, parse_notification, prediction_event
+from eventing.tracing import TraceContext, incoming_trace, span
+from functions.predict import metrics
 from functions.predict.errors import Rejected
 from functions.predict.fetch import ImageFetcher
 from functions.predict.sink import PredictionProducer, ProduceError
 from functions.predict.watcher import ModelWatcher
-from lensflow_core.imaging import ImageError, decode_image
+from lensflow_core.imaging import DecodeBudget, ImageError, decode_image
+from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
 from model_store.labelqueue import TRAINING_PREFIXES, LabelQueue, is_uncertain
 
@@ -65,21 +68,42 @@ class PredictHandler:
         self.producer = producer
         self.queue = queue
         self.stats = HandlerStats()
+        # concurrent decodes share this much memory (docs/autoscaling.md, "Memory")
+        self.decode_budget = DecodeBudget(config.decode_budget_mb * 1024 * 1024)
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        with log_fields():  # trace id, event id, key and model version, once known
+            return self._answer(headers, body)
+
+    def _answer(self, headers: dict[str, str], body: bytes) -> Reply:
         try:
             reply = self._handle(headers, body)
         except Rejected as exc:
-            log.warning("answering %d: %s", exc.status, exc.reason)
-            reply = Reply.json(exc.status, {"error": exc.reason, "status": exc.status})
+            return self.reject(exc)
         except Exception as exc:  # a bug: 500, which Knative retries and then dead-letters
             log.exception("unexpected failure")
             reply = Reply.json(500, {"error": f"internal error: {type(exc).__name__}"})
         self.stats.statuses[reply.status] += 1
+        metrics.REQUESTS.labels(str(reply.status)).inc()
+        return reply
+
+    def reject(self, exc: Rejected) -> Reply:
+        """The JSON answer to a refused request (also for requests refused before the
+        handler saw them, such as an oversized body)."""
+        log.warning("answering %d: %s", exc.status, exc.reason)
+        reply = Reply.json(exc.status, {"error": exc.reason, "status": exc.status})
+        self.stats.statuses[reply.status] += 1
+        metrics.REQUESTS.labels(str(reply.status)).inc()
         return reply
 
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
         event = self._parse_cloudevent(headers, body)
+        parent = incoming_trace(event.get_attributes(), headers)
+        with span("lensflow.predict", parent, {"cloudevents.event_id": event["id"]}) as trace:
+            bind(trace_id=trace.trace_id, event_id=event["id"])
+            return self._handle_event(event, trace)
+
+    def _handle_event(self, event: CloudEvent, trace: TraceContext) -> Reply:
         try:
             records = parse_notification(event.data)
         except BadEvent as exc:
@@ -88,7 +112,7 @@ class PredictHandler:
         if not created:
             self.stats.skipped += 1
             return Reply.json(200, {"skipped": f"{records[0].event_name} is not predicted"})
-        outputs = [self._predict(record, event["id"]) for record in created]
+        outputs = [self._predict(record, event["id"], trace) for record in created]
         self.stats.predictions += len(outputs)
         predicted, data = outputs[-1]
         out_headers, out_body = to_binary(predicted, data_marshaller=lambda _: data)
@@ -100,22 +124,34 @@ class PredictHandler:
         except CloudEventError as exc:
             raise Rejected(400, f"not a CloudEvent: {exc}") from None
 
-    def _predict(self, record: ObjectEvent, source_event_id: str) -> tuple[CloudEvent, bytes]:
+    def _predict(
+        self, record: ObjectEvent, source_event_id: str, trace: TraceContext
+    ) -> tuple[CloudEvent, bytes]:
         """The prediction event for ``record``, produced to Kafka; and its serialised data."""
+        bind(object_key=record.path)
         limit = self.config.max_image_bytes
         if record.bucket not in self.config.image_buckets:
             raise Rejected(422, f"bucket {record.bucket!r} is not in LENSFLOW_IMAGE_BUCKETS")
+        if {".", ".."} & set(record.key.split("/")):
+            # S3 and MinIO refuse such names: permanent, never "store unreachable"
+            raise Rejected(422, f"key {record.key!r} has a '.' or '..' path segment")
         if record.size is not None and record.size > limit:
             raise Rejected(413, f"object is {record.size} bytes, over the limit of {limit}")
         model = self.watcher.model  # this request stays on this version
         if model is None:
             raise Rejected(503, "no model is being served yet")
+        bind(model_version=model.version)
         t0 = time.perf_counter()
         data, etag = self.fetcher.fetch(record.bucket, record.key)
         t1 = time.perf_counter()
         side = max(model.spec.height, model.spec.width)
         try:
-            image = decode_image(data, (side, side), max_pixels=self.config.max_image_pixels)
+            image = decode_image(
+                data,
+                (side, side),
+                max_pixels=self.config.max_image_pixels,
+                budget=self.decode_budget,
+            )
         except ImageError as exc:
             raise Rejected(exc.status, f"{record.path}: {exc.reason}") from None
         t2 = time.perf_counter()
@@ -134,11 +170,20 @@ class PredictHandler:
             timings_ms={"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "invoke": _ms(t3 - t2)},
             uncertain=uncertain,
         )
+        event["traceparent"] = trace.traceparent
         data = json.dumps(event.data).encode()  # once, for the topic and the reply
         try:
             self.producer.send(event, data)
         except ProduceError as exc:
             raise Rejected(503, str(exc)) from None
+        t4 = time.perf_counter()
+        for stage, seconds in zip(
+            metrics.STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
+        ):
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+        top = predictions[0]["label"] if predictions else "none"
+        metrics.predicted(model.name, top)
+        log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
         return event, data
 
     def _queue(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
@@ -154,6 +199,7 @@ class PredictHandler:
             log.warning("could not queue %s for labelling: %s", record.path, exc)
             outcome = "error"
         self.stats.queue[outcome] += 1
+        metrics.LABEL_QUEUE.labels(outcome).inc()
 
 
 def _ms(seconds: float) -> float:

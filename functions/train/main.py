@@ -5,7 +5,8 @@ Served by functions-framework (`functions-framework --target train --source ...`
 plain POST (JSON body optional; ``{"force": true}`` trains even without new data).
 One round at a time per replica: a trigger that arrives while a round runs gets 200 with
 ``{"skipped": ...}`` (a 409 would make Knative retry it). 503 when S3 cannot be reached.
-GET /healthz reports whether a round is running and the last outcome.
+GET /healthz reports whether a round is running and the last outcome; GET /metrics the
+rounds' Prometheus metrics (``functions.train.metrics``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import flask
 import functions_framework
 
+from functions.train.metrics import RoundMetrics
 from functions.train.round import run_round
 from functions.train.trigger import parse_trigger, store_unavailable
 from lensflow_core.settings import Config
@@ -27,6 +29,7 @@ log = logging.getLogger("lensflow.train")
 
 _round_lock = threading.Lock()
 _state: dict[str, Any] = {"running": False, "last": None, "rounds": 0}
+_metrics = RoundMetrics()
 
 
 def _reply(status: int, payload: dict[str, Any]) -> flask.Response:
@@ -38,6 +41,12 @@ def _reply(status: int, payload: dict[str, Any]) -> flask.Response:
 @functions_framework.http
 def train(request: flask.Request) -> flask.Response:
     if request.method == "GET":
+        if request.path.rstrip("/") == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+            return flask.Response(
+                generate_latest(REGISTRY), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+            )
         return _reply(200, {"status": "ok", **_state})
     if request.method != "POST":
         return _reply(405, {"error": "POST a trigger (CloudEvent or plain), or GET /healthz"})
@@ -53,6 +62,7 @@ def train(request: flask.Request) -> flask.Response:
         config = Config.from_env()
         report = run_round(config, force=trigger["force"])
     except Exception as exc:
+        _metrics.record(None, time.perf_counter() - started, failed=True)
         if store_unavailable(exc):
             log.warning("train round: object store unavailable: %s", exc)
             return _reply(503, {"error": f"object store unavailable: {exc}", "trigger": trigger})
@@ -62,6 +72,7 @@ def train(request: flask.Request) -> flask.Response:
         _state["running"] = False
         _round_lock.release()
     result = report.to_dict()
+    _metrics.record(result, time.perf_counter() - started)
     _state["rounds"] += 1
     _state["last"] = {
         "round_id": report.round_id,

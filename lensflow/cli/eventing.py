@@ -9,12 +9,14 @@ import signal
 import sys
 
 from eventing.delivery import DeliverySpec
+from eventing.dispatcher_metrics import dispatcher_registry, serve_metrics
 from eventing.predictions import read_predictions
 from eventing.producer import ProduceError
 from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow.stack import dispatcher_for
 from lensflow.upload import upload_files
+from lensflow_core.kafka import KafkaSetupError, connect
 from lensflow_core.settings import Config
 
 log = logging.getLogger(__name__)
@@ -57,14 +59,24 @@ def register(subparsers) -> None:
         "--timeout", type=float, default=600.0, metavar="S", help="per-request timeout"
     )
     dispatch.add_argument("--group", help="consumer group (default: LENSFLOW_SOURCE_NAME)")
+    dispatch.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="serve Prometheus metrics on http://127.0.0.1:P/metrics",
+    )
     add_json_flag(dispatch)
     dispatch.set_defaults(func=cmd_dispatch)
 
 
 def _ensure_topics(config: Config) -> None:
-    """Best effort: on a managed cluster topics exist already and we may lack the right."""
+    """Connect (a refused login or TLS handshake stops the verb), then create the topics:
+    best effort, as on a managed cluster they exist already and we may lack the right."""
     try:
-        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics), timeout_s=10)
+        ensure_topics(config.kafka, topic_specs(*config.topics), timeout_s=10)
+    except KafkaSetupError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the real operation will say what is wrong
         log.warning("could not check or create topics: %s", exc)
 
@@ -103,9 +115,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 def cmd_predictions_tail(args: argparse.Namespace) -> int:
     config = load_config()
+    connect(config.kafka)
     try:
         for prediction in read_predictions(
-            config.kafka_bootstrap,
+            config.kafka,
             config.topic_predictions,
             follow=args.follow,
             from_beginning=args.from_beginning,
@@ -140,6 +153,13 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     def stop(_signum, _frame) -> None:
         dispatcher.stop()
 
+    metrics_server = None
+    if args.metrics_port is not None:
+        registry = dispatcher_registry(dispatcher.stats, config.topic_images)
+        try:
+            metrics_server = serve_metrics(registry, args.metrics_port)
+        except OSError as exc:
+            raise CliError(f"cannot serve metrics on port {args.metrics_port}: {exc}") from None
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     if not args.json:
         print(
@@ -154,6 +174,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics_server is not None:
+            metrics_server.shutdown()
     stats = dispatcher.stats()
     emit(
         args,

@@ -97,31 +97,40 @@ def report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_once(config: Config, force: bool, show_progress: bool) -> dict[str, Any]:
+def run_once(
+    config: Config, force: bool, show_progress: bool, metrics_file: str | None = None
+) -> dict[str, Any]:
     from botocore.exceptions import BotoCoreError
 
+    from functions.train.metrics import write_textfile
     from functions.train.round import run_round
     from model_store import ModelStoreError
 
+    started = time.perf_counter()
     try:
         with progress_display(show_progress) as progress:
-            return run_round(config, progress=progress, force=force).to_dict()
+            report = run_round(config, progress=progress, force=force).to_dict()
     except (ModelStoreError, BotoCoreError) as exc:
+        if metrics_file:
+            write_textfile(metrics_file, None, time.perf_counter() - started)
         raise CliError(f"training round failed: {exc}") from None
+    if metrics_file:
+        write_textfile(metrics_file, report, time.perf_counter() - started)
+    return report
 
 
 def train(args: argparse.Namespace) -> int:
     config = load_config()
     show_progress = not args.quiet and sys.stderr.isatty()
     if args.once:
-        report = run_once(config, args.force, show_progress)
+        report = run_once(config, args.force, show_progress, args.metrics_file)
         emit(args, report, report_text(report))
         return 0
     if args.interval <= 0:
         raise CliError("--interval must be positive")
     while True:
         started = time.monotonic()
-        report = run_once(config, args.force, show_progress)
+        report = run_once(config, args.force, show_progress, args.metrics_file)
         if args.json:
             print(json.dumps(report, sort_keys=True, default=str), flush=True)
         else:
@@ -145,5 +154,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"seconds between rounds without --once (default {DEFAULT_INTERVAL_S:.0f})",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write the round's Prometheus metrics here (node-exporter textfile, e.g. *.prom)",
+    )
     add_json_flag(parser)
     parser.set_defaults(func=train)
