@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -21,6 +21,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+
+def _bind_threads() -> None:
+    """TensorFlow's pools sized as the training Job's CPU allows (``job.bind_threads`` sets
+    these variables from the Job's CPU limit before this module is imported)."""
+    for name, setter in (
+        ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
+        ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
+    ):
+        try:
+            setter(int(os.environ[name]))
+        except (KeyError, ValueError):
+            pass
+        except RuntimeError:  # TensorFlow already ran in this process: its pools stay
+            pass
+
+
+_bind_threads()
 
 INPUT_SIZE = (96, 96)  # height, width
 INPUT_SPEC = {"scale": 1 / 255, "offset": 0.0}
@@ -71,6 +89,18 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def batches(
+    images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int, rng
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Augmented float32 batches (``pixels * scale + offset``) of uint8 ``images`` in
+    ``order``: one batch of floats at a time, never the whole set."""
+    scale, offset = np.float32(INPUT_SPEC["scale"]), np.float32(INPUT_SPEC["offset"])
+    for start in range(0, len(order), batch_size):
+        idx = np.sort(order[start : start + batch_size])  # sorted: a faster gather
+        x = augment(images[idx], rng).astype(np.float32) * scale + offset
+        yield x, labels[idx]
+
+
 def train(
     model: keras.Model,
     images: np.ndarray,
@@ -81,7 +111,7 @@ def train(
     batch_size: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Fit ``model`` on float32 ``images`` [n, 96, 96, 3] and int ``labels``; per-epoch logs.
+    """Fit ``model`` on uint8 RGB ``images`` [n, 96, 96, 3] and int ``labels``; per-epoch logs.
 
     The default batch size is 32, smaller for small sets (at least ~10 steps per epoch).
     """
@@ -95,8 +125,13 @@ def train(
             peak * (0.55 + 0.45 * math.cos(math.pi * epoch / epochs))
         )
         order = rng.permutation(len(images))
-        x, y = augment(images[order], rng), labels[order]
-        result = model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+        steps = math.ceil(len(images) / batch_size)
+        result = model.fit(
+            batches(images, labels, order, batch_size, rng),
+            epochs=1,
+            steps_per_epoch=steps,
+            verbose=0,
+        )
         logs = {k: float(v[-1]) for k, v in result.history.items()}
         history.append(logs)
         if progress is not None:

@@ -98,16 +98,16 @@ def report_text(report: dict[str, Any]) -> str:
 
 
 def run_once(config: Config, force: bool, show_progress: bool) -> dict[str, Any]:
-    from botocore.exceptions import BotoCoreError
+    """One round by the training Job's own entry point (``functions.train.job.run_job``)."""
+    from functions.train.job import EXIT_OK, run_job
+    from functions.train.trigger import Trigger
 
-    from functions.train.round import run_round
-    from model_store import ModelStoreError
-
-    try:
-        with progress_display(show_progress) as progress:
-            return run_round(config, progress=progress, force=force).to_dict()
-    except (ModelStoreError, BotoCoreError) as exc:
-        raise CliError(f"training round failed: {exc}") from None
+    trigger = Trigger("manual", force, type="lensflow train", source="lensflow/cli")
+    with progress_display(show_progress) as progress:
+        code, report = run_job(config, trigger, progress=progress)
+    if code != EXIT_OK:
+        raise CliError(f"training round failed: {report['reason']}")
+    return report
 
 
 def train(args: argparse.Namespace) -> int:
