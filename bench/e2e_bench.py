@@ -20,11 +20,11 @@ from pathlib import Path
 from bench.common import cpu_seconds, mobilenet_v2_tflite, percentile, serving_stack, write_json
 from bench.predict_bench import bare_loop
 from eventing.contracts import ObjectEvent
-from eventing.dispatcher import Dispatcher
 from eventing.predictions import TopicReader, parse_prediction
 from eventing.producer import make_producer, publish_object_event
 from lensflow.replicas import ReplicaPool
 from lensflow.scenes import CLASSES, scene_jpeg
+from lensflow.stack import dispatcher_for
 from lensflow_core.settings import Config
 
 THROUGHPUT_IMAGES = int(os.environ.get("LENSFLOW_BENCH_E2E_IMAGES", "400"))
@@ -133,16 +133,7 @@ def run(out_dir: Path) -> dict:
         watcher = PredictionWatcher(config).start()
         producer = make_producer(config.kafka_bootstrap)
         pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
-        dispatcher = Dispatcher(
-            config.kafka_bootstrap,
-            config.topic_images,
-            pool,
-            source=config.kafkasource_ce_source,
-            group_id=config.source_name,
-            dead_letter_topic=config.topic_dlq,
-            ordering="unordered",
-            max_in_flight=4,
-        )
+        dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
         try:
             # 1. throughput: a backlog drained as fast as the chain allows
             events = put_photos(s3, bucket, "throughput", photos, THROUGHPUT_IMAGES)

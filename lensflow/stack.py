@@ -69,6 +69,20 @@ def kafkasource_settings(path: Path = KAFKASOURCE_MANIFEST) -> tuple[str, Delive
     )
 
 
+def dispatcher_for(config: Config, sink, **options: Any) -> Dispatcher:
+    """A ``Dispatcher`` of ``config``'s images topic to ``sink``, named as the KafkaSource
+    ``config.source_name`` would be (its ce-source; its name as the default group)."""
+    options.setdefault("group_id", config.source_name)
+    return Dispatcher(
+        config.kafka_bootstrap,
+        config.topic_images,
+        sink,
+        source=config.kafkasource_ce_source,
+        dead_letter_topic=config.topic_dlq,
+        **options,
+    )
+
+
 def _loopback_address(host: str | None, port: int | None) -> tuple[str, int] | None:
     if host in LOOPBACK and port:
         return ("127.0.0.1" if host == "localhost" else host), port
@@ -162,12 +176,9 @@ class EmbeddedStack:
             self.env, function="predict", log_dir=pool_log, **self._pool_options
         ).start()
         if self.dispatch:
-            self.dispatcher = Dispatcher(
-                self.config.kafka_bootstrap,
-                self.config.topic_images,
+            self.dispatcher = dispatcher_for(
+                self.config,
                 self.pool,
-                source=self.config.kafkasource_ce_source,
-                dead_letter_topic=self.config.topic_dlq,
                 delivery=self.delivery,
                 ordering=self.ordering,
                 max_in_flight=self.max_in_flight,

@@ -17,21 +17,12 @@ def test_readme_table_is_the_generated_one():
 
 # The variables the public contract (CONTRACT.md, Configuration) names: fixed for users.
 CONTRACT_VARIABLES = {
-    "LENSFLOW_KAFKA_BOOTSTRAP",
-    "LENSFLOW_S3_ENDPOINT",
-    "LENSFLOW_S3_ACCESS_KEY",
-    "LENSFLOW_S3_SECRET_KEY",
-    "LENSFLOW_S3_REGION",
-    "LENSFLOW_IMAGE_BUCKETS",
-    "LENSFLOW_MODEL_BUCKET",
-    "LENSFLOW_MODEL_NAME",
-    "LENSFLOW_TRAIN_BUCKET",
-    "LENSFLOW_TOPIC_IMAGES",
-    "LENSFLOW_TOPIC_PREDICTIONS",
-    "LENSFLOW_TOPIC_DLQ",
-    "LENSFLOW_POINTER_TTL_S",
-    "LENSFLOW_MAX_IMAGE_BYTES",
-    "LENSFLOW_MAX_IMAGE_PIXELS",
+    f"LENSFLOW_{name}"
+    for name in (
+        "KAFKA_BOOTSTRAP S3_ENDPOINT S3_ACCESS_KEY S3_SECRET_KEY S3_REGION IMAGE_BUCKETS "
+        "MODEL_BUCKET MODEL_NAME TRAIN_BUCKET TOPIC_IMAGES TOPIC_PREDICTIONS TOPIC_DLQ "
+        "POINTER_TTL_S MAX_IMAGE_BYTES MAX_IMAGE_PIXELS"
+    ).split()
 }
 
 
@@ -45,6 +36,7 @@ def test_contract_variables_all_exist():
 def test_defaults_and_overrides():
     config = Config.from_env({})
     assert config.train_bucket == config.image_buckets[0] == "drone-images"
+    assert config.topics == ("images", "predictions", "images-dlq")  # the contract's defaults
     assert (
         config.kafkasource_ce_source
         == "/apis/v1/namespaces/default/kafkasources/lensflow-images#images"

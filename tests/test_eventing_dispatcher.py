@@ -19,6 +19,7 @@ from eventing.delivery import DeliverySpec
 from eventing.dispatcher import Dispatcher
 from eventing.topics import ensure_topics, topic_specs
 from lensflow.process import free_port
+from lensflow.stack import dispatcher_for
 from lensflow_core.settings import Config
 from tests.kafka_reading import read_topic
 
@@ -89,16 +90,7 @@ def dispatchers():
 
     def make(config: Config, sink, **kwargs) -> Dispatcher:
         kwargs.setdefault("delivery", FAST)
-        kwargs.setdefault("group_id", config.source_name)
-        dispatcher = Dispatcher(
-            config.kafka_bootstrap,
-            config.topic_images,
-            sink,
-            source=config.kafkasource_ce_source,
-            dead_letter_topic=config.topic_dlq,
-            **kwargs,
-        )
-        made.append(dispatcher.start())
+        made.append(dispatcher_for(config, sink, **kwargs).start())
         return made[-1]
 
     yield make

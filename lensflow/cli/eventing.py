@@ -9,11 +9,11 @@ import signal
 import sys
 
 from eventing.delivery import DeliverySpec
-from eventing.dispatcher import Dispatcher
 from eventing.predictions import read_predictions
 from eventing.producer import ProduceError
 from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.stack import dispatcher_for
 from lensflow.upload import upload_files
 from lensflow_core.settings import Config
 
@@ -126,13 +126,10 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     _ensure_topics(config)
     try:
         delivery = DeliverySpec(args.retry, args.backoff_policy, args.backoff_delay, args.timeout)
-        dispatcher = Dispatcher(
-            config.kafka_bootstrap,
-            config.topic_images,
+        dispatcher = dispatcher_for(
+            config,
             args.sink,
-            source=config.kafkasource_ce_source,
-            group_id=args.group or config.source_name,  # the KafkaSource's name
-            dead_letter_topic=config.topic_dlq,
+            group_id=args.group or config.source_name,
             delivery=delivery,
             ordering=args.ordering,
             max_in_flight=args.max_in_flight,
