@@ -131,6 +131,7 @@ def train(
             epochs=1,
             steps_per_epoch=steps,
             verbose=0,
+            shuffle=False,  # shuffled by ``order`` already
         )
         logs = {k: float(v[-1]) for k, v in result.history.items()}
         history.append(logs)
