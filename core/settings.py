@@ -105,6 +105,11 @@ SETTINGS: tuple[Setting, ...] = (
         "LENSFLOW_NAMESPACE", "default", "namespace used in `ce-source` by the local dispatcher"
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
+    Setting(
+        "LENSFLOW_LOG_FORMAT",
+        "text",
+        "log lines as `text` or `json` (with trace id, event id, object key, model version)",
+    ),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -148,6 +153,7 @@ class Config:
     source_name: str
     namespace: str
     log_level: str
+    log_format: str
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -163,6 +169,9 @@ class Config:
         metric = get("LENSFLOW_TRAIN_METRIC")
         if metric not in ("accuracy", "macro_f1"):
             raise ValueError(f"LENSFLOW_TRAIN_METRIC must be accuracy or macro_f1, not {metric!r}")
+        log_format = get("LENSFLOW_LOG_FORMAT").strip().lower()
+        if log_format not in ("text", "json"):
+            raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
         return cls(
             kafka_bootstrap=get("LENSFLOW_KAFKA_BOOTSTRAP"),
             s3_endpoint=get("LENSFLOW_S3_ENDPOINT") or None,
@@ -188,6 +197,7 @@ class Config:
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),
+            log_format=log_format,
             env=dict(env),
         )
 

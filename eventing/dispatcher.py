@@ -172,6 +172,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._counts = {DELIVERED: 0, DEAD_LETTERED: 0, FAILED: 0, ABORTED: 0, "retried": 0}
         self._lag: int | None = None
+        self._lag_by_partition: dict[int, int] = {}
         self._snapshot: dict[str, Any] = {"in_flight": 0, "buffered": 0, "partitions": []}
         self.error: BaseException | None = None
 
@@ -214,6 +215,7 @@ class Dispatcher:
                 "aborted": self._counts[ABORTED],
                 "retried": self._counts["retried"],
                 "lag": self._lag,
+                "lag_by_partition": dict(self._lag_by_partition),
                 **self._snapshot,
             }
 
@@ -414,18 +416,20 @@ class Dispatcher:
             state.offsets.committed = None  # try again at the next commit
 
     def _update_stats(self, with_lag: bool) -> None:
-        lag = self._lag
+        lag, by_partition = self._lag, self._lag_by_partition
         if with_lag and self._consumer is not None:
-            lag = 0
+            by_partition = {}
             for number, state in self._partitions.items():
                 _low, high = self._consumer.get_watermark_offsets(
                     TopicPartition(self.topic, number), cached=True
                 )
                 point = state.offsets.commit_point()
                 if high is not None and high >= 0 and point is not None and point != OFFSET_INVALID:
-                    lag += max(high - point, 0)
+                    by_partition[number] = max(high - point, 0)
+            lag = sum(by_partition.values())
         with self._lock:
             self._lag = lag
+            self._lag_by_partition = by_partition
             self._snapshot = {
                 "in_flight": self._in_flight,
                 "buffered": sum(len(s.waiting) for s in self._partitions.values()),

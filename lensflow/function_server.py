@@ -46,7 +46,12 @@ class FunctionServer(ChildProcess):
         self.stop()
 
     def metrics(self) -> dict:
-        return requests.get(f"{self.url}/metrics", timeout=10).json()
+        """The replica's counters (``GET /stats``, JSON)."""
+        return requests.get(f"{self.url}/stats", timeout=10).json()
+
+    def prometheus(self) -> str:
+        """``GET /metrics``: Prometheus text exposition."""
+        return requests.get(f"{self.url}/metrics", timeout=10).text
 
 
 def knative_request(

@@ -229,7 +229,8 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
     policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
     ksvc = one(docs, "Service", "lensflow-predict", "serving.knative.dev")
     job = one(docs, "JobSink", "lensflow-train")["spec"]["job"]["spec"]["template"]
-    allowed = {"knative-serving", "knative-eventing", "kourier-system"}
+    allowed = {"knative-serving", "knative-eventing", "kourier-system", "monitoring"}
+    scrape_port = int(ksvc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
 
     predict = policies["lensflow-predict-ingress"]
     assert predict["podSelector"]["matchLabels"].items() <= (
@@ -243,8 +244,17 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
             assert set(peer) == {"namespaceSelector"}, peer
             (name,) = peer["namespaceSelector"]["matchLabels"].values()
             seen.add(name)
+        names = {
+            peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for peer in rule["from"]
+        }
         for port in rule.get("ports", []):
-            assert port["port"] in (8012, 8013), "queue-proxy's serving ports only"
+            if names == {"monitoring"}:
+                assert port["port"] == scrape_port, "Prometheus: the scrape port only"
+            else:
+                assert port["port"] in (8012, 8013), "queue-proxy's serving ports only"
+        if names == {"monitoring"}:
+            assert rule.get("ports"), "Prometheus may reach the scrape port only"
     assert seen == allowed
 
     train = policies["lensflow-train-ingress"]

@@ -6,7 +6,6 @@ gunicorn import the function before forking its worker and threads do not surviv
 
 from __future__ import annotations
 
-import logging
 import os
 import resource
 import threading
@@ -16,6 +15,7 @@ from functions.predict.fetch import ImageFetcher
 from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
+from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
@@ -28,9 +28,7 @@ class PredictApp:
 
     def __init__(self, config: Config):
         self.config = config
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(config.log_level, config.log_format)
         s3 = s3_client(config, timeout_s=5.0, retries=1)
         threads = int(os.environ.get("THREADS", (os.cpu_count() or 1) * 4))
         self.watcher = ModelWatcher(

@@ -19,11 +19,14 @@ from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
 
 from eventing.contracts import BadEvent, ObjectEvent, parse_notification, prediction_event
+from eventing.tracing import TraceContext, continue_or_start
+from functions.predict import metrics
 from functions.predict.errors import Rejected
 from functions.predict.fetch import ImageFetcher
 from functions.predict.sink import PredictionProducer, ProduceError
 from functions.predict.watcher import ModelWatcher
 from lensflow_core.imaging import ImageError, decode_image
+from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
 
 log = logging.getLogger("lensflow.predict")
@@ -62,6 +65,10 @@ class PredictHandler:
         self.stats = HandlerStats()
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        with log_fields():  # trace id, event id, key and model version, once known
+            return self._answer(headers, body)
+
+    def _answer(self, headers: dict[str, str], body: bytes) -> Reply:
         try:
             reply = self._handle(headers, body)
         except Rejected as exc:
@@ -71,10 +78,13 @@ class PredictHandler:
             log.exception("unexpected failure")
             reply = Reply.json(500, {"error": f"internal error: {type(exc).__name__}"})
         self.stats.statuses[reply.status] += 1
+        metrics.REQUESTS.labels(str(reply.status)).inc()
         return reply
 
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
         event = self._parse_cloudevent(headers, body)
+        trace, _arrived = continue_or_start(event.get_attributes(), headers)
+        bind(trace_id=trace.trace_id, event_id=event["id"])
         try:
             records = parse_notification(event.data)
         except BadEvent as exc:
@@ -83,7 +93,7 @@ class PredictHandler:
         if not created:
             self.stats.skipped += 1
             return Reply.json(200, {"skipped": f"{records[0].event_name} is not predicted"})
-        outputs = [self._predict(record, event["id"]) for record in created]
+        outputs = [self._predict(record, event["id"], trace) for record in created]
         self.stats.predictions += len(outputs)
         predicted, data = outputs[-1]
         out_headers, out_body = to_binary(predicted, data_marshaller=lambda _: data)
@@ -95,8 +105,11 @@ class PredictHandler:
         except CloudEventError as exc:
             raise Rejected(400, f"not a CloudEvent: {exc}") from None
 
-    def _predict(self, record: ObjectEvent, source_event_id: str) -> tuple[CloudEvent, bytes]:
+    def _predict(
+        self, record: ObjectEvent, source_event_id: str, trace: TraceContext
+    ) -> tuple[CloudEvent, bytes]:
         """The prediction event for ``record``, produced to Kafka; and its serialised data."""
+        bind(object_key=record.path)
         limit = self.config.max_image_bytes
         if record.bucket not in self.config.image_buckets:
             raise Rejected(422, f"bucket {record.bucket!r} is not in LENSFLOW_IMAGE_BUCKETS")
@@ -105,6 +118,7 @@ class PredictHandler:
         model = self.watcher.model  # this request stays on this version
         if model is None:
             raise Rejected(503, "no model is being served yet")
+        bind(model_version=model.version)
         t0 = time.perf_counter()
         data, etag = self.fetcher.fetch(record.bucket, record.key)
         t1 = time.perf_counter()
@@ -123,11 +137,20 @@ class PredictHandler:
             source_event_id=source_event_id,
             timings_ms={"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "invoke": _ms(t3 - t2)},
         )
+        event["traceparent"] = trace.traceparent
         data = json.dumps(event.data).encode()  # once, for the topic and the reply
         try:
             self.producer.send(event, data)
         except ProduceError as exc:
             raise Rejected(503, str(exc)) from None
+        t4 = time.perf_counter()
+        for stage, seconds in zip(
+            metrics.STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
+        ):
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+        top = predictions[0]["label"] if predictions else "none"
+        metrics.predicted(model.name, top)
+        log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
         return event, data
 
 

@@ -16,6 +16,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from functions.predict import metrics
 from functions.predict.serving_model import ServingModel
 from lensflow_core.runtime import InputSpec
 from model_store import (
@@ -108,6 +109,8 @@ class ModelWatcher:
             self._model = candidate
             self._etag = pointer.etag
             self.stats.swaps += 1
+            metrics.MODEL_SWAPS.inc()
+            metrics.serving(candidate.name, candidate.version, candidate.sha256)
             self.stats.last_error = None
             log.info(
                 "serving %s %s (sha256 %s)",
@@ -144,6 +147,7 @@ class ModelWatcher:
 
     def _refuse(self, pointer: Pointer, reason: str) -> None:
         self.stats.refusals += 1
+        metrics.MODEL_REFUSALS.inc()
         self.stats.last_refusal = f"{pointer.version}: {reason}"
         self.stats.refused[pointer.etag or ""] = reason
         serving = self._model.version if self._model else "nothing"
@@ -152,6 +156,7 @@ class ModelWatcher:
     def _store_error(self, exc: Exception) -> None:
         first_of_outage = self.stats.last_error is None
         self.stats.store_errors += 1
+        metrics.STORE_ERRORS.inc()
         self.stats.last_error = str(exc)
         # once per outage at warning level; every poll would flood the log
         log.log(

@@ -7,7 +7,8 @@ data ``{"reason": ..., "force": ...}``, or a plain JSON body; empty means
 answers 202 at once, so no request waits for a round and ``GET /healthz`` keeps answering
 while one runs. One child at a time: a POST while one runs answers 200 ``{"skipped": ...}``
 (a 409 would be retried); across replicas the model store's lease keeps rounds apart.
-A request that is not a training request answers 400 and starts nothing.
+A request that is not a training request answers 400 and starts nothing. ``GET /metrics``:
+the rounds' Prometheus metrics (``functions.train.metrics``), counted as each child ends.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import flask
 import functions_framework
 from cloudevents.conversion import to_json
 
+from functions.train.metrics import RoundMetrics
 from functions.train.trigger import TriggerError, request_event, trigger_of
 
 log = logging.getLogger("lensflow.train")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"running": None, "last": None, "rounds": 0}
+_metrics = RoundMetrics()
 
 
 def _reply(status: int, payload: dict[str, Any]) -> flask.Response:
@@ -60,6 +63,8 @@ def _start_round(event_json: bytes) -> dict[str, Any]:
             report = json.loads(out.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
             report = {}
+        seconds = time.time() - running["started_at"]
+        _metrics.record(report or None, seconds, failed=proc.returncode != 0)
         with _lock:
             _state["running"] = None
             _state["rounds"] += 1
@@ -70,7 +75,7 @@ def _start_round(event_json: bytes) -> dict[str, Any]:
                 "outcome": report.get("outcome", "failed"),
                 "reason": report.get("reason", f"lensflow-train-job exited {proc.returncode}"),
                 "pointer": report.get("pointer"),
-                "seconds": round(time.time() - running["started_at"], 3),
+                "seconds": round(seconds, 3),
             }
         log.info("train round ended (exit %s): %s", proc.returncode, _state["last"]["reason"])
 
@@ -81,6 +86,12 @@ def _start_round(event_json: bytes) -> dict[str, Any]:
 @functions_framework.http
 def train(request: flask.Request) -> flask.Response:
     if request.method == "GET":
+        if request.path.rstrip("/") == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+            return flask.Response(
+                generate_latest(REGISTRY), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+            )
         with _lock:
             return _reply(200, {"status": "ok", **_state})
     if request.method != "POST":

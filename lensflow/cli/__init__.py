@@ -6,12 +6,12 @@ import argparse
 import logging
 import sys
 
-from lensflow.cli import eventing, functions, models, stack, train
+from lensflow.cli import dlq, eventing, functions, models, stack, train
 from lensflow.cli.output import CliError, fail
 
 # Modules that add verbs. Each exposes ``register(subparsers)`` and sets ``func`` on its
 # parsers; ``func(args) -> int`` returns the exit code.
-VERB_MODULES = (models, functions, eventing, train, stack)
+VERB_MODULES = (models, functions, eventing, dlq, train, stack)
 
 
 def build_parser() -> argparse.ArgumentParser:

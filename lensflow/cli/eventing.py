@@ -9,6 +9,7 @@ import signal
 import sys
 
 from eventing.delivery import DeliverySpec
+from eventing.dispatcher_metrics import dispatcher_registry, serve_metrics
 from eventing.predictions import read_predictions
 from eventing.producer import ProduceError
 from eventing.topics import ensure_topics, topic_specs
@@ -57,6 +58,13 @@ def register(subparsers) -> None:
         "--timeout", type=float, default=600.0, metavar="S", help="per-request timeout"
     )
     dispatch.add_argument("--group", help="consumer group (default: LENSFLOW_SOURCE_NAME)")
+    dispatch.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="serve Prometheus metrics on http://127.0.0.1:P/metrics",
+    )
     add_json_flag(dispatch)
     dispatch.set_defaults(func=cmd_dispatch)
 
@@ -140,6 +148,13 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     def stop(_signum, _frame) -> None:
         dispatcher.stop()
 
+    metrics_server = None
+    if args.metrics_port is not None:
+        registry = dispatcher_registry(dispatcher.stats, config.topic_images)
+        try:
+            metrics_server = serve_metrics(registry, args.metrics_port)
+        except OSError as exc:
+            raise CliError(f"cannot serve metrics on port {args.metrics_port}: {exc}") from None
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     if not args.json:
         print(
@@ -154,6 +169,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics_server is not None:
+            metrics_server.shutdown()
     stats = dispatcher.stats()
     emit(
         args,

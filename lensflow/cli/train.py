@@ -97,14 +97,20 @@ def report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_once(config: Config, force: bool, show_progress: bool) -> dict[str, Any]:
+def run_once(
+    config: Config, force: bool, show_progress: bool, metrics_file: str | None = None
+) -> dict[str, Any]:
     """One round by the training Job's own entry point (``functions.train.job.run_job``)."""
     from functions.train.job import EXIT_OK, run_job
+    from functions.train.metrics import write_textfile
     from functions.train.trigger import Trigger
 
     trigger = Trigger("manual", force, type="lensflow train", source="lensflow/cli")
+    started = time.perf_counter()
     with progress_display(show_progress) as progress:
         code, report = run_job(config, trigger, progress=progress)
+    if metrics_file:
+        write_textfile(metrics_file, report, time.perf_counter() - started)
     if code != EXIT_OK:
         raise CliError(f"training round failed: {report['reason']}")
     return report
@@ -114,14 +120,14 @@ def train(args: argparse.Namespace) -> int:
     config = load_config()
     show_progress = not args.quiet and sys.stderr.isatty()
     if args.once:
-        report = run_once(config, args.force, show_progress)
+        report = run_once(config, args.force, show_progress, args.metrics_file)
         emit(args, report, report_text(report))
         return 0
     if args.interval <= 0:
         raise CliError("--interval must be positive")
     while True:
         started = time.monotonic()
-        report = run_once(config, args.force, show_progress)
+        report = run_once(config, args.force, show_progress, args.metrics_file)
         if args.json:
             print(json.dumps(report, sort_keys=True, default=str), flush=True)
         else:
@@ -145,5 +151,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"seconds between rounds without --once (default {DEFAULT_INTERVAL_S:.0f})",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="write the round's Prometheus metrics here (node-exporter textfile, e.g. *.prom)",
+    )
     add_json_flag(parser)
     parser.set_defaults(func=train)
