@@ -80,6 +80,8 @@ def test_a_ping_starts_the_job_answers_202_and_healthz_answers_while_it_runs(cli
     state = wait_idle(client)
     assert state["rounds"] == 1 and state["last"]["exit_code"] == 0
     assert state["last"]["outcome"] == "skipped" and "no holdout" in state["last"]["reason"]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'lensflow_train_rounds_total{outcome="skipped"}' in metrics  # counted as it ended
 
 
 def test_structured_ping_and_plain_post(client, env):

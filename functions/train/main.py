@@ -27,14 +27,14 @@ import flask
 import functions_framework
 from cloudevents.conversion import to_json
 
-from functions.train.metrics import RoundMetrics
+from functions.train.metrics import process_metrics
 from functions.train.trigger import TriggerError, request_event, trigger_of
 
 log = logging.getLogger("lensflow.train")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"running": None, "last": None, "rounds": 0}
-_metrics = RoundMetrics()
+_metrics = process_metrics()
 
 
 def _reply(status: int, payload: dict[str, Any]) -> flask.Response:
