@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark, write bench/results/*.json and plots, print a summary.
 
-`python -m bench [NAME ...]` runs only the named ones (predict, e2e, train,
-knative_autoscaler); `summary.json` gathers the latest result of every benchmark.
+`python -m bench [NAME ...]` runs only the named ones (predict, isolated, quant, e2e,
+train, knative_autoscaler); `summary.json` gathers the latest result of every benchmark.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 OUT = Path(__file__).parent / "results"
 BENCHMARKS = {
     "predict": "bench.predict_bench",
+    "isolated": "bench.isolated_bench",
+    "quant": "bench.quant_bench",
     "e2e": "bench.e2e_bench",
     "train": "bench.train_bench",
     "knative_autoscaler": "bench.knative_autoscaler",

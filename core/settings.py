@@ -97,6 +97,19 @@ SETTINGS: tuple[Setting, ...] = (
         "(the default fits the training Job's 3Gi; docs/training.md)",
     ),
     Setting(
+        "LENSFLOW_TRAIN_QUANTIZATION",
+        "float32",
+        "what a round publishes: `float32`, `float16` (half-size weights) or `int8` "
+        "(full-integer, uint8 in and out); judged as published",
+    ),
+    Setting(
+        "LENSFLOW_BATCH_DELAY_MS",
+        "2",
+        "longest a predict replica holds a request to batch it with others on their way "
+        "(0: no batching)",
+    ),
+    Setting("LENSFLOW_BATCH_MAX", "4", "most images a predict replica runs in one invoke"),
+    Setting(
         "LENSFLOW_SOURCE_NAME",
         "lensflow-images",
         "KafkaSource name used in `ce-source` by the local dispatcher",
@@ -111,6 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
         "log lines as `text` or `json` (with trace id, event id, object key, model version)",
     ),
 )
+
+QUANTIZATIONS = ("float32", "float16", "int8")
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
@@ -153,6 +168,9 @@ class Config:
     source_name: str
     namespace: str
     log_level: str
+    train_quantization: str
+    batch_delay_ms: float
+    batch_max: int
     log_format: str
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -169,6 +187,12 @@ class Config:
         metric = get("LENSFLOW_TRAIN_METRIC")
         if metric not in ("accuracy", "macro_f1"):
             raise ValueError(f"LENSFLOW_TRAIN_METRIC must be accuracy or macro_f1, not {metric!r}")
+        quantization = get("LENSFLOW_TRAIN_QUANTIZATION")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"LENSFLOW_TRAIN_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, "
+                f"not {quantization!r}"
+            )
         log_format = get("LENSFLOW_LOG_FORMAT").strip().lower()
         if log_format not in ("text", "json"):
             raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
@@ -197,6 +221,9 @@ class Config:
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),
+            train_quantization=quantization,
+            batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
+            batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
             log_format=log_format,
             env=dict(env),
         )

@@ -47,6 +47,17 @@ def test_publish_refuses_models_that_do_not_load_or_fit_their_labels(store, tiny
     assert store.list_versions() == []
 
 
+def test_publish_refuses_a_model_the_runtime_cannot_feed_saying_why(store):
+    from tests.tflite_models import unfeedable_classifiers
+
+    models = unfeedable_classifiers()
+    with pytest.raises(InvalidModelError, match="input type int16 is not one the runtime"):
+        store.publish(models["int16"], LABELS)
+    with pytest.raises(InvalidModelError, match="uint8 without a quantization scale"):
+        store.publish(models["no_scale"], LABELS)
+    assert store.list_versions() == []
+
+
 def test_concurrent_publishers_get_distinct_versions(store, tiny_models):
     results: list[str] = []
     threads = [

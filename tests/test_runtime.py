@@ -44,3 +44,42 @@ def test_float_input_is_the_decoded_picture_normalised():
     model = LiteModel(tiny_classifier(size=32, seed=1), InputSpec(32, 32, scale=2 / 255, offset=-1))
     image = decode_image(blob, (32, 32), max_pixels=64_000_000)
     assert np.array_equal(model.tensor(image), to_input(image, 32, 32, 2 / 255, -1.0))
+
+
+def _pictures(count: int) -> list:
+    return [scenes.render_scene(scenes.CLASSES[i % 6], i, (64, 48)) for i in range(count)]
+
+
+def test_a_batch_scores_each_picture_as_it_scores_alone(twins):
+    for model_bytes in twins:  # float32, and uint8 in and out
+        model = LiteModel(model_bytes)
+        assert model.batchable
+        tensors = [model.tensor(image) for image in _pictures(7)]
+        alone = np.stack([model.scores(t) for t in tensors])
+        for size in (2, 3, 7):
+            batched = model.scores_batch(np.concatenate(tensors[:size]))
+            assert batched.shape == (size, 3) and batched.dtype == np.float32
+            assert np.allclose(batched, alone[:size], atol=1e-5), (batched, alone[:size])
+
+
+def test_a_model_whose_batch_is_fixed_runs_batches_one_picture_at_a_time():
+    from tests.tflite_models import fixed_batch_classifier
+
+    model = LiteModel(fixed_batch_classifier(seed=3))
+    assert not model.batchable  # its signature says batch 1, not -1
+    tensors = [model.tensor(image) for image in _pictures(4)]
+    alone = np.stack([model.scores(t) for t in tensors])
+    assert np.array_equal(model.scores_batch(np.concatenate(tensors)), alone)
+    assert len({tuple(np.round(row, 4)) for row in alone}) > 1  # the pictures differ
+
+
+def test_models_the_runtime_cannot_feed_are_refused_with_the_reason():
+    from tests.tflite_models import unfeedable_classifiers
+
+    models = unfeedable_classifiers()
+    with pytest.raises(ModelError, match="input type int16 is not one the runtime can feed"):
+        describe(models["int16"])
+    with pytest.raises(ModelError, match="uint8 without a quantization scale"):
+        describe(models["no_scale"])
+    with pytest.raises(ModelError, match="int16"):
+        LiteModel(models["int16"])  # and never loaded for serving or scoring either

@@ -218,3 +218,44 @@ def test_a_full_integer_champion_is_scored_on_the_holdout_like_any_other(env):
     assert evaluation["per_class"]["water"]["recall"] == 1.0
     assert evaluation["accuracy"] == round(1 / len(LABELS), 4)
     assert f"champion {champion}" in report.reason and "chance" not in report.reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization,dtype", [("float16", "float32"), ("int8", "uint8")])
+def test_a_quantized_challenger_is_judged_and_served_as_published(env, quantization, dtype):
+    """The round converts as LENSFLOW_TRAIN_QUANTIZATION says, scores that very artifact,
+    publishes it, and the predict function's runtime serves it with the same answers."""
+    from functions.predict.serving_model import ServingModel
+    from functions.train.evaluate import evaluate_tflite
+    from lensflow_core.imaging import decode_image
+    from lensflow_core.runtime import InputSpec
+
+    config = train_config(env, LENSFLOW_TRAIN_QUANTIZATION=quantization, LENSFLOW_TRAIN_EPOCHS="3")
+    store = ModelStore.from_config(config)
+    seed_training_data(config, 12, 4, seed=1)
+    report = run_round(config, force=True)
+    assert report.challenger["quantization"] == quantization
+    info = store.get_version(report.challenger["version"])
+    assert info.metadata["input"]["dtype"] == dtype
+    assert info.metadata["metrics"]["quantization"] == quantization
+
+    stored = store.read_file(info.version, "model.tflite")
+    holdout = dataset.list_split(s3_client(config), config.train_bucket, dataset.HOLDOUT)
+    dataset.fetch(s3_client(config), config.train_bucket, holdout)
+    again = evaluate_tflite(stored, info.labels, holdout.blobs, holdout.classes)
+    assert again.confusion == report.challenger["evaluation"]["confusion"]
+
+    served = ServingModel(
+        config.model_name,
+        info.version,
+        info.sha256,
+        stored,
+        info.labels,
+        InputSpec.from_metadata(info.metadata),
+    )
+    tops = [
+        served.predict(decode_image(blob, (96, 96), max_pixels=10**8), top_k=1)[0]["label"]
+        for blob in holdout.blobs
+    ]
+    right = sum(top == truth for top, truth in zip(tops, holdout.classes, strict=True))
+    assert right / len(tops) == pytest.approx(again.accuracy, abs=1e-4)

@@ -6,15 +6,18 @@ gunicorn import the function before forking its worker and threads do not surviv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import threading
 import time
 
+from functions.predict.batcher import Batcher
 from functions.predict.fetch import ImageFetcher
 from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
+from lensflow_core.cpus import usable_cpus
 from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
@@ -30,15 +33,26 @@ class PredictApp:
         self.config = config
         configure_logging(config.log_level, config.log_format)
         s3 = s3_client(config, timeout_s=5.0, retries=1)
-        threads = int(os.environ.get("THREADS", (os.cpu_count() or 1) * 4))
+        # Inference is scheduled by cores: one interpreter (one thread) per CPU this
+        # replica may use (affinity, cgroup quota: the container's CPU limit); the
+        # server's THREADS only wait on I/O. More interpreters than CPUs only take turns.
+        self.cpus = usable_cpus()
+        self.batcher = None
+        if config.batch_delay_ms > 0 and config.batch_max > 1:
+            self.batcher = Batcher(self.cpus, config.batch_max, config.batch_delay_ms / 1000)
         self.watcher = ModelWatcher(
             ModelStore.from_config(config, s3=s3),
             config.pointer_ttl_s,
-            max_interpreters=min(threads, os.cpu_count() or 1) + 1,
+            max_interpreters=self.cpus,
+            batcher=self.batcher,
         )
         self.watcher.start()
         producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
         self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
+
+    def coming(self):
+        """Around a request: lets the batcher wait for it (``Batcher.coming``)."""
+        return self.batcher.coming() if self.batcher else contextlib.nullcontext()
 
     def health(self) -> dict:
         model = self.watcher.model
@@ -55,6 +69,8 @@ class PredictApp:
             "requests": {str(k): v for k, v in self.handler.stats.statuses.items()},
             "predictions": self.handler.stats.predictions,
             "skipped": self.handler.stats.skipped,
+            "cpus": self.cpus,
+            "batches": vars(self.batcher.stats) if self.batcher else None,
             "model_checks": stats.checks,
             "model_swaps": stats.swaps,
             "model_refusals": stats.refusals,

@@ -25,5 +25,6 @@ def predict(request: flask.Request) -> flask.Response:
         if request.path.rstrip("/") == "/stats":
             return flask.jsonify(current.metrics())
         return flask.jsonify(current.health())
-    reply = current.handler.handle(dict(request.headers), request.get_data())
+    with current.coming():
+        reply = current.handler.handle(dict(request.headers), request.get_data())
     return flask.Response(reply.body, reply.status, reply.headers)

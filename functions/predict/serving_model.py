@@ -1,7 +1,8 @@
 """A model version ready to serve: its identity, labels and the shared LiteRT runtime.
 
 Inference itself is ``lensflow_core.runtime.LiteModel`` (the same code that validates and
-evaluates models); this adds what a prediction event names: model, version, digest, labels.
+evaluates models), directly or through the replica's ``Batcher``; this adds what a
+prediction event names: model, version, digest, labels.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from functions.predict.batcher import Batcher
 from lensflow_core.runtime import InputSpec, LiteModel
 
 
@@ -24,12 +26,14 @@ class ServingModel:
         labels: list[str],
         spec: InputSpec,
         max_interpreters: int = 4,
+        batcher: Batcher | None = None,
     ):
         self.name = name
         self.version = version
         self.sha256 = sha256
         self.labels = labels
         self.spec = spec
+        self.batcher = batcher
         self.runtime = LiteModel(model, spec, max_interpreters=max_interpreters)
         if self.runtime.outputs != len(labels):
             raise ValueError(
@@ -45,6 +49,10 @@ class ServingModel:
         self.predict(Image.new("RGB", (self.spec.width, self.spec.height)), top_k=1)
 
     def predict(self, image: Image.Image, top_k: int = 3) -> list[dict[str, float | str]]:
-        scores = self.runtime.classify(image)
+        tensor = self.runtime.tensor(image)
+        if self.batcher is None:
+            scores = self.runtime.scores(tensor)
+        else:
+            scores = self.batcher.scores(self.runtime, tensor)
         order = np.argsort(scores)[::-1][:top_k]
         return [{"label": self.labels[i], "score": round(float(scores[i]), 6)} for i in order]

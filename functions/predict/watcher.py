@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from functions.predict import metrics
+from functions.predict.batcher import Batcher
 from functions.predict.serving_model import ServingModel
 from lensflow_core.runtime import InputSpec
 from model_store import (
@@ -45,10 +46,17 @@ class WatcherStats:
 
 
 class ModelWatcher:
-    def __init__(self, store: ModelStore, ttl_s: float, max_interpreters: int = 4):
+    def __init__(
+        self,
+        store: ModelStore,
+        ttl_s: float,
+        max_interpreters: int = 4,
+        batcher: Batcher | None = None,
+    ):
         self.store = store
         self.ttl_s = max(ttl_s, 0.05)
         self.max_interpreters = max_interpreters
+        self.batcher = batcher
         self.stats = WatcherStats()
         self._model: ServingModel | None = None
         self._etag: str | None = None
@@ -139,6 +147,7 @@ class ModelWatcher:
                 labels,
                 InputSpec.from_metadata(info.metadata),
                 self.max_interpreters,
+                self.batcher,
             )
             model.warm()
         except (ValueError, RuntimeError, KeyError, IndexError) as exc:

@@ -89,16 +89,23 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def as_input(images: np.ndarray) -> np.ndarray:
+    """Pictures as the model takes them (float32): uint8 pixels (``dataset.load``) become
+    ``pixels * scale + offset``; float pictures are taken as already normalised."""
+    if images.dtype == np.uint8:
+        scale, offset = np.float32(INPUT_SPEC["scale"]), np.float32(INPUT_SPEC["offset"])
+        return images.astype(np.float32) * scale + offset
+    return images.astype(np.float32, copy=False)
+
+
 def batches(
     images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int, rng
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Augmented float32 batches (``pixels * scale + offset``) of uint8 ``images`` in
-    ``order``: one batch of floats at a time, never the whole set."""
-    scale, offset = np.float32(INPUT_SPEC["scale"]), np.float32(INPUT_SPEC["offset"])
+    """Augmented float32 batches of ``images`` in ``order``: one batch of floats at a
+    time, never a float copy of the whole set."""
     for start in range(0, len(order), batch_size):
         idx = np.sort(order[start : start + batch_size])  # sorted: a faster gather
-        x = augment(images[idx], rng).astype(np.float32) * scale + offset
-        yield x, labels[idx]
+        yield as_input(augment(images[idx], rng)), labels[idx]
 
 
 def train(
@@ -111,7 +118,8 @@ def train(
     batch_size: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Fit ``model`` on uint8 RGB ``images`` [n, 96, 96, 3] and int ``labels``; per-epoch logs.
+    """Fit ``model`` on ``images`` [n, 96, 96, 3] (uint8 pixels, or float pictures as the
+    model takes them: ``as_input``) and int ``labels``; per-epoch logs.
 
     The default batch size is 32, smaller for small sets (at least ~10 steps per epoch).
     """
@@ -160,8 +168,37 @@ def load_weights(model: keras.Model, data: bytes) -> None:
             model.load_weights(path)
 
 
-def to_tflite(model: keras.Model) -> bytes:
-    """Float32 TFLite flatbuffer: input [1, 96, 96, 3] float32, output softmax float32."""
+REPRESENTATIVE_IMAGES = 200  # calibration pictures for full-integer quantization
+
+
+def to_tflite(
+    model: keras.Model, quantization: str = "float32", representative: np.ndarray | None = None
+) -> bytes:
+    """The TFLite flatbuffer to serve: input [1, 96, 96, 3], softmax output.
+
+    ``quantization``: ``float32``; ``float16`` (weights stored as float16, float32 in and
+    out); ``int8`` (full-integer: int8 weights and activations, uint8 input and output,
+    calibrated on ``representative``: pictures as ``train`` takes them).
+    """
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quantization == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization == "int8":
+        if representative is None or not len(representative):
+            raise ValueError("int8 quantization needs representative pictures")
+        picks = np.random.default_rng(0).permutation(len(representative))[:REPRESENTATIVE_IMAGES]
+
+        def calibration():
+            for i in picks:
+                yield [as_input(representative[i : i + 1])]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = calibration
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    elif quantization != "float32":
+        raise ValueError(f"unknown quantization {quantization!r}")
     with contextlib.redirect_stdout(io.StringIO()):  # keras prints "Saved artifact at ..."
         return converter.convert()

