@@ -221,7 +221,7 @@ def run(out_dir: Path) -> dict:
         variants = [Variant(name, env, all_cpus) for name in VARIANTS]
         sink_url = [""]
         watcher = PredictionWatcher(config).start()
-        producer = make_producer(config.kafka_bootstrap)
+        producer = make_producer(config.kafka)
         dispatcher = dispatcher_for(
             config,
             lambda: sink_url[0],

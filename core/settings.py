@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lensflow_core.kafka import KafkaConnection
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -34,6 +36,30 @@ SETTINGS: tuple[Setting, ...] = (
         "Kafka bootstrap servers (`host:port,...`)",
     ),
     Setting(
+        "LENSFLOW_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` (see docs/security.md)",
+    ),
+    Setting(
+        "LENSFLOW_KAFKA_SASL_MECHANISM",
+        "SCRAM-SHA-512",
+        "`SCRAM-SHA-512`, `SCRAM-SHA-256` or `PLAIN` (with a `SASL_*` protocol)",
+    ),
+    Setting("LENSFLOW_KAFKA_SASL_USERNAME", "", "Kafka user (with a `SASL_*` protocol)"),
+    Setting(
+        "LENSFLOW_KAFKA_SASL_PASSWORD",
+        "",
+        "Kafka user's password (with a `SASL_*` protocol)",
+        secret=True,
+    ),
+    Setting(
+        "LENSFLOW_KAFKA_CA_FILE",
+        "",
+        "PEM file of the CA that signed the brokers' certificates (empty: the system's)",
+    ),
+    Setting("LENSFLOW_KAFKA_CERT_FILE", "", "client certificate (PEM) for mTLS"),
+    Setting("LENSFLOW_KAFKA_KEY_FILE", "", "client certificate's key (PEM) for mTLS"),
+    Setting(
         "LENSFLOW_S3_ENDPOINT",
         f"http://127.0.0.1:{EMBEDDED_S3_PORT}",
         "S3/MinIO endpoint URL; empty means AWS S3",
@@ -41,6 +67,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LENSFLOW_S3_ACCESS_KEY", "lensflow", "S3 access key", secret=True),
     Setting("LENSFLOW_S3_SECRET_KEY", "lensflow-secret", "S3 secret key", secret=True),
     Setting("LENSFLOW_S3_REGION", "us-east-1", "S3 region"),
+    Setting(
+        "LENSFLOW_S3_CA_BUNDLE",
+        "",
+        "PEM file of the CAs to trust for an https S3 endpoint (empty: the system's)",
+    ),
     Setting(
         "LENSFLOW_IMAGE_BUCKETS",
         "drone-images",
@@ -119,6 +150,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
     Setting(
+        "LENSFLOW_DASHBOARD_TOKEN",
+        "",
+        "token that allows flip and rollback from the dashboard (empty: they are off)",
+        secret=True,
+    ),
+    Setting(
         "LENSFLOW_LOG_FORMAT",
         "text",
         "log lines as `text` or `json` (with trace id, event id, object key, model version)",
@@ -145,10 +182,12 @@ class Config:
     """Resolved settings. Build with ``Config.from_env()``."""
 
     kafka_bootstrap: str
+    kafka: KafkaConnection  # bootstrap, TLS and SASL: what every Kafka client is made from
     s3_endpoint: str | None
     s3_access_key: str = field(repr=False)  # credentials never reach a log line
     s3_secret_key: str = field(repr=False)
     s3_region: str
+    s3_ca_bundle: str | None
     image_buckets: tuple[str, ...]
     model_bucket: str
     model_name: str
@@ -172,6 +211,7 @@ class Config:
     batch_delay_ms: float
     batch_max: int
     log_format: str
+    dashboard_token: str = field(repr=False)
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -198,10 +238,12 @@ class Config:
             raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
         return cls(
             kafka_bootstrap=get("LENSFLOW_KAFKA_BOOTSTRAP"),
+            kafka=KafkaConnection.from_env(env, get("LENSFLOW_KAFKA_BOOTSTRAP")),
             s3_endpoint=get("LENSFLOW_S3_ENDPOINT") or None,
             s3_access_key=get("LENSFLOW_S3_ACCESS_KEY"),
             s3_secret_key=get("LENSFLOW_S3_SECRET_KEY"),
             s3_region=get("LENSFLOW_S3_REGION"),
+            s3_ca_bundle=get("LENSFLOW_S3_CA_BUNDLE") or None,
             image_buckets=buckets,
             model_bucket=get("LENSFLOW_MODEL_BUCKET"),
             model_name=get("LENSFLOW_MODEL_NAME"),
@@ -225,6 +267,7 @@ class Config:
             batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
             batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
             log_format=log_format,
+            dashboard_token=get("LENSFLOW_DASHBOARD_TOKEN"),
             env=dict(env),
         )
 

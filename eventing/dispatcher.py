@@ -53,7 +53,7 @@ from eventing.delivery import DeliverySpec, Sink, as_sink, deliver
 from eventing.offsets import OffsetTracker
 from eventing.producer import ProduceError, make_producer, produce_and_wait
 from eventing.topics import DLQ_PARTITIONS, IMAGES_PARTITIONS, TopicSpec, ensure_topics
-from lensflow_core.kafka import client_settings
+from lensflow_core.kafka import KafkaConnection, client_settings, connect
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: KafkaConnection | str,
         topic: str,
         sink: str | Callable[[], str] | Sink,
         *,
@@ -223,6 +223,7 @@ class Dispatcher:
 
     def run(self) -> None:
         """Dispatch until ``stop()`` (or SIGTERM/Ctrl-C handled by the caller)."""
+        # Both connect first: a refused TLS handshake or login stops here, on one line.
         if self._create_topics:
             ensure_topics(
                 self.bootstrap,
@@ -231,6 +232,8 @@ class Dispatcher:
                     TopicSpec(self.dead_letter_topic, DLQ_PARTITIONS),
                 ],
             )
+        else:
+            connect(self.bootstrap)
         own_dlq = self._dlq is None
         if own_dlq:
             self._dlq = make_producer(

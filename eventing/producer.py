@@ -23,14 +23,14 @@ from cloudevents.kafka import KafkaMessage
 from confluent_kafka import KafkaException, Producer
 
 from eventing.contracts import ObjectEvent, notification_record
-from lensflow_core.kafka import client_settings
+from lensflow_core.kafka import KafkaConnection, client_settings
 
 
 class ProduceError(RuntimeError):
     """The broker did not confirm a record: it may not have been written."""
 
 
-def make_producer(bootstrap: str, **overrides: Any) -> Producer:
+def make_producer(bootstrap: KafkaConnection | str, **overrides: Any) -> Producer:
     """A producer that waits for all in-sync replicas and gives up after 15 s.
 
     The short delivery timeout is deliberate: a person running ``lensflow upload``

@@ -89,7 +89,7 @@ class PredictionWatcher:
 
     def _run(self) -> None:
         reader = TopicReader(
-            self.config.kafka_bootstrap,
+            self.config.kafka,
             self.config.topic_predictions,
             from_end=True,
             group="lensflow-demo-watch",

@@ -86,5 +86,7 @@ class KafkaBroker(Server):
     def answers(self) -> bool:
         from confluent_kafka.admin import AdminClient
 
-        AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+        from lensflow_core.kafka import client_settings
+
+        AdminClient(client_settings(self.bootstrap)).list_topics(timeout=2)
         return True

@@ -74,7 +74,7 @@ def dispatcher_for(config: Config, sink, **options: Any) -> Dispatcher:
     ``config.source_name`` would be (its ce-source; its name as the default group)."""
     options.setdefault("group_id", config.source_name)
     return Dispatcher(
-        config.kafka_bootstrap,
+        config.kafka,
         config.topic_images,
         sink,
         source=config.kafkasource_ce_source,
@@ -170,7 +170,7 @@ class EmbeddedStack:
             [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
         )
         ensure_buckets(s3_client(self.config), list(buckets))
-        ensure_topics(self.config.kafka_bootstrap, topic_specs(*self.config.topics))
+        ensure_topics(self.config.kafka, topic_specs(*self.config.topics))
         pool_log = self.log_dir
         self.pool = ReplicaPool(
             self.env, function="predict", log_dir=pool_log, **self._pool_options

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
 from model_store.errors import (
     ConflictError,
@@ -34,6 +34,11 @@ def translate(exc: Exception, what: str) -> ModelStoreError:
         if status >= 500 or status == 0:
             return StoreUnavailableError(f"{what}: object store answered {status or code}")
         return ModelStoreError(f"{what}: {code or status}")
+    if isinstance(exc, SSLError):
+        return StoreUnavailableError(
+            f"{what}: TLS with the object store failed; is LENSFLOW_S3_CA_BUNDLE the CA "
+            f"that signed its certificate? ({' '.join(str(exc).split())})"
+        )
     if isinstance(exc, BotoCoreError):
         return StoreUnavailableError(f"{what}: object store unreachable ({type(exc).__name__})")
     raise exc

@@ -192,9 +192,14 @@ def test_two_gunicorn_workers_add_up_in_multiprocess_mode(
         statuses: list[int] = []
 
         def post(i: int) -> None:
-            reply = put_and_notify(
-                server.url, config, s3, bucket, f"mp/{i}.jpg", scene_jpeg("field", i, (96, 96))
-            )
+            # a worker is ready once its own Kafka check passed: 503 until then, retried
+            for _ in range(50):
+                reply = put_and_notify(
+                    server.url, config, s3, bucket, f"mp/{i}.jpg", scene_jpeg("field", i, (96, 96))
+                )
+                if reply.status_code != 503:
+                    break
+                time.sleep(0.2)
             statuses.append(reply.status_code)
 
         threads = [threading.Thread(target=post, args=(i,)) for i in range(sent)]

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import requests
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
 from eventing.predictions import read_predictions
@@ -233,6 +234,12 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind(sig, tiny_models):
     try:
         banner = [proc.stdout.readline() for _ in range(3)]
         assert "is up" in banner[0] and env["LENSFLOW_KAFKA_BOOTSTRAP"] in banner[1]
+        while "dashboard" not in banner[-1]:
+            banner.append(proc.stdout.readline())
+        assert any("model      NONE YET" in line for line in banner)  # an empty store, said
+        dashboard = banner[-1].split()[-1]
+        state = requests.get(f"{dashboard}api/state", timeout=10).json()
+        assert state["no_model"] is True and state["pointer"] is None
         # a second shell can use it: one upload gets a prediction (a replica starts)
         config = EmbeddedStack(env, log_dir=None).config
         stack = type("Running", (), {"config": config})()
@@ -249,5 +256,6 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind(sig, tiny_models):
             proc.kill()
     assert proc.returncode == 0, err
     assert "export LENSFLOW_TOPIC_IMAGES=" in out and "SECRET" not in out
+    assert "the model store is empty" in err
     time.sleep(0.5)
     assert processes_with(tag) == []

@@ -2,11 +2,14 @@
 
 Made lazily on the first request (the readiness probe's, usually), because servers such as
 gunicorn import the function before forking its worker and threads do not survive a fork.
+The replica is not ready until its Kafka producer's brokers have answered (a refused TLS
+handshake or login keeps it not-ready, with the reason in /healthz and the log).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import threading
@@ -18,12 +21,16 @@ from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
 from lensflow_core.cpus import usable_cpus
+from lensflow_core.kafka import KafkaSetupError, connect
 from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
 
 _STARTED = time.time()
+KAFKA_RECHECK_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class PredictApp:
@@ -32,6 +39,8 @@ class PredictApp:
     def __init__(self, config: Config):
         self.config = config
         configure_logging(config.log_level, config.log_format)
+        # First, so that settings that cannot work fail before any thread starts.
+        producer = PredictionProducer(config.kafka, config.topic_predictions)
         s3 = s3_client(config, timeout_s=5.0, retries=1)
         # Inference is scheduled by cores: one interpreter (one thread) per CPU this
         # replica may use (affinity, cgroup quota: the container's CPU limit); the
@@ -47,8 +56,23 @@ class PredictApp:
             batcher=self.batcher,
         )
         self.watcher.start()
-        producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
+        self.kafka_problem: str | None = "checking the connection to Kafka"
+        threading.Thread(target=self._check_kafka, name="kafka-check", daemon=True).start()
         self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
+
+    def _check_kafka(self) -> None:
+        """Until the brokers answer: record why not (once in the log per new reason)."""
+        while True:
+            try:
+                connect(self.config.kafka, timeout_s=10.0)
+            except KafkaSetupError as exc:
+                if str(exc) != self.kafka_problem:
+                    log.error("not ready: %s", exc)
+                self.kafka_problem = str(exc)
+                time.sleep(KAFKA_RECHECK_S)
+                continue
+            self.kafka_problem = None
+            return
 
     def coming(self):
         """Around a request: lets the batcher wait for it (``Batcher.coming``)."""
@@ -56,7 +80,10 @@ class PredictApp:
 
     def health(self) -> dict:
         model = self.watcher.model
-        return {"ok": True, "model": model.identity if model else None}
+        health = {"ok": self.kafka_problem is None, "model": model.identity if model else None}
+        if self.kafka_problem is not None:
+            health["reason"] = self.kafka_problem
+        return health
 
     def metrics(self) -> dict:
         model = self.watcher.model

@@ -8,23 +8,39 @@ GET /stats the replica's counters as JSON.
 
 from __future__ import annotations
 
+import logging
+
 import flask
 import functions_framework
 
 from functions.predict import metrics
 from functions.predict.app import replica
+from lensflow_core.kafka import KafkaSetupError
+
+log = logging.getLogger(__name__)
+_last_setup_error: str | None = None
 
 
 @functions_framework.http
 def predict(request: flask.Request) -> flask.Response:
+    global _last_setup_error
     if request.method == "GET" and request.path.rstrip("/") == "/metrics":
         body, content_type = metrics.exposition()
         return flask.Response(body, 200, {"Content-Type": content_type})
-    current = replica()
+    try:
+        current = replica()
+    except (KafkaSetupError, ValueError, OSError) as exc:  # settings that cannot work
+        if str(exc) != _last_setup_error:
+            log.error("cannot start: %s", exc)
+            _last_setup_error = str(exc)
+        return flask.make_response(flask.jsonify({"ok": False, "reason": str(exc)}), 503)
     if request.method == "GET":
         if request.path.rstrip("/") == "/stats":
             return flask.jsonify(current.metrics())
-        return flask.jsonify(current.health())
+        health = current.health()
+        return flask.make_response(flask.jsonify(health), 200 if health["ok"] else 503)
+    if current.kafka_problem is not None:  # the event could not be produced: retry later
+        return flask.make_response(flask.jsonify({"error": current.kafka_problem}), 503)
     with current.coming():
         reply = current.handler.handle(dict(request.headers), request.get_data())
     return flask.Response(reply.body, reply.status, reply.headers)

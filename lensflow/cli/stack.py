@@ -10,8 +10,10 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from lensflow.cli.dashboard import DEFAULT_PORT as DEFAULT_DASHBOARD_PORT
+from lensflow.cli.dashboard import start_dashboard
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
-from lensflow.demo import DemoOptions, run_demo, summary_text
+from lensflow.demo import DemoOptions, ensure_model, run_demo, summary_text
 from lensflow.simulate import Burst, Plan, Simulator
 from lensflow.stack import EmbeddedStack
 from lensflow_core.settings import Config
@@ -28,6 +30,11 @@ def register(subparsers) -> None:
         default=None,
         metavar="S",
         help="run a training round every S seconds (the PingSource stand-in)",
+    )
+    up.add_argument(
+        "--seed-model",
+        action="store_true",
+        help="with an empty model store, train a first model on synthetic scenes (as the demo)",
     )
     add_json_flag(up)
     up.set_defaults(func=cmd_up)
@@ -71,6 +78,14 @@ def _stack_options(parser: argparse.ArgumentParser, idle: float = 30.0) -> None:
         metavar="S",
         help=f"scale predict to zero after S idle seconds ({idle:g})",
     )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        metavar="P",
+        help=f"the live dashboard's port on 127.0.0.1 ({DEFAULT_DASHBOARD_PORT}; taken: any free one)",
+    )
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
 
 
 def _flight_options(
@@ -165,8 +180,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack = _start_stack(
             max_replicas=args.max_replicas, idle_s=args.idle, train_every_s=args.train_every
         )
+        dashboard = None
         try:
-            info = {**stack.describe(), "exports": stack.exports()}
+            model = _model_at_start(stack, args.seed_model, quiet=args.json)
+            if not args.no_dashboard:
+                dashboard = start_dashboard(stack.config, stack, args.dashboard_port)
+            info = {
+                **stack.describe(),
+                "exports": stack.exports(),
+                "model": model,
+                "dashboard": dashboard.url if dashboard else None,
+            }
             emit(args, info, _up_text(stack, info))
             sys.stdout.flush()
             threading.Event().wait()  # until Ctrl-C or SIGTERM
@@ -175,8 +199,38 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print("\nstopping...", file=sys.stderr)
         finally:
             with _uninterruptible():
+                if dashboard is not None:
+                    dashboard.stop()
                 stack.stop()
     return 0
+
+
+def _model_at_start(stack, seed: bool, quiet: bool) -> str | None:
+    """The version served; with ``seed`` and an empty store, a first model trained now.
+    An empty store is said out loud: events would otherwise wait on 503s and end up
+    as dead letters (replayable: ``lensflow dlq replay --reason "no model"``)."""
+    from model_store import ModelStore, ModelStoreError
+
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        pointer = ModelStore.from_config(stack.config).current()
+    except ModelStoreError as exc:
+        say(f"warning: cannot read the model store: {exc}")
+        return None
+    if pointer is not None:
+        return pointer.version
+    if seed:
+        try:
+            return ensure_model(stack, say)["version"]
+        except Exception as exc:  # noqa: BLE001 - one line, as every verb fails
+            raise CliError(f"could not seed a first model: {exc}") from None
+    say(
+        "warning: the model store is empty: uploads are answered 503 (no model yet), retried, "
+        "then dead-lettered as replayable. Start with --seed-model, or publish one with "
+        "`lensflow models publish FILE --labels FILE --promote`, then "
+        '`lensflow dlq replay --reason "no model"`.'
+    )
+    return None
 
 
 def _up_text(stack, info: dict) -> str:
@@ -196,6 +250,8 @@ def _up_text(stack, info: dict) -> str:
             if stack.timer
             else "on demand (`lensflow train --once`)"
         ),
+        f"  model      {info['model'] or 'NONE YET: uploads wait, then dead-letter (--seed-model)'}",
+        f"  dashboard  {info['dashboard'] or 'off'}",
         f"  started    {started}; logs in {info['logs']}",
         "",
         "In a second shell (credentials: the defaults, or your LENSFLOW_S3_* variables):",
@@ -224,12 +280,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_options(options.drones, options.rate, options.duration_s, options.labelled_fraction)
     live = not args.json and sys.stdout.isatty()
     say = (lambda text: None) if args.json else (lambda text: print(text, flush=True))
-    stack = None
+    stack = dashboard = None
     with _signals_stop():
         try:
             say("starting the embedded stack (S3, Kafka, dispatcher, scale-to-zero predict)")
             stack = _start_stack(idle_s=options.idle_s, max_replicas=options.max_replicas)
+            if not args.no_dashboard:
+                dashboard = start_dashboard(stack.config, stack, args.dashboard_port)
+                say(f"live dashboard: {dashboard.url}")
             summary = run_demo(stack, options, live=live, say=say)
+            if dashboard is not None:
+                summary["dashboard"] = dashboard.url
         except KeyboardInterrupt:
             say("interrupted: stopping everything")
             return 130
@@ -238,8 +299,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise CliError(f"demo failed: {exc} (logs: {stack.log_dir})") from None
         finally:
-            if stack is not None:
-                with _uninterruptible():
+            with _uninterruptible():
+                if dashboard is not None:
+                    dashboard.stop()
+                if stack is not None:
                     stack.stop()
     emit(args, summary, summary_text(summary))
     return 0 if summary["missing"] == 0 else 1
@@ -337,9 +400,12 @@ def _check_reachable(config: Config) -> None:
             f"reachable ({exc}); is `lensflow up` running?"
         ) from None
     from eventing.topics import ensure_topics, topic_specs
+    from lensflow_core.kafka import KafkaSetupError
 
     try:
-        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics), timeout_s=5)
+        ensure_topics(config.kafka, topic_specs(*config.topics), timeout_s=5)
+    except KafkaSetupError as exc:
+        raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001
         raise CliError(
             f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); is `lensflow up` running?"
