@@ -133,6 +133,11 @@ def test_dead_letters_are_listed_by_reason_and_replayed_once(pipeline, capsys, t
     )
     predicted = read_topic(config, config.topic_predictions, 2, timeout_s=20)
     assert sorted(m.key() for m in predicted) == sorted(originals)
+    # the records' traceparent header went through the dispatcher (kafkaheadertraceparent)
+    # and the function onto the predictions
+    for message in predicted:
+        carried = dict(message.headers())["ce_traceparent"].decode()
+        assert carried.split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
     # a re-run replays nothing; the list says they were replayed
     code, again = run(capsys, "dlq", "replay", "--reason", "no model")
     assert code == 0 and again["replayed"] == []

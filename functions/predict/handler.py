@@ -19,7 +19,7 @@ from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
 
 from eventing.contracts import BadEvent, ObjectEvent, parse_notification, prediction_event
-from eventing.tracing import TraceContext, continue_or_start
+from eventing.tracing import TraceContext, incoming_trace, span
 from functions.predict import metrics
 from functions.predict.errors import Rejected
 from functions.predict.fetch import ImageFetcher
@@ -83,8 +83,12 @@ class PredictHandler:
 
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
         event = self._parse_cloudevent(headers, body)
-        trace, _arrived = continue_or_start(event.get_attributes(), headers)
-        bind(trace_id=trace.trace_id, event_id=event["id"])
+        parent = incoming_trace(event.get_attributes(), headers)
+        with span("lensflow.predict", parent, {"cloudevents.event_id": event["id"]}) as trace:
+            bind(trace_id=trace.trace_id, event_id=event["id"])
+            return self._handle_event(event, trace)
+
+    def _handle_event(self, event: CloudEvent, trace: TraceContext) -> Reply:
         try:
             records = parse_notification(event.data)
         except BadEvent as exc:
