@@ -100,6 +100,16 @@ SETTINGS: tuple[Setting, ...] = (
         "largest decoded image (width x height) accepted",
     ),
     Setting(
+        "LENSFLOW_MAX_EVENT_BYTES",
+        str(1024 * 1024),
+        "largest request body (event) the predict function reads; larger is 413",
+    ),
+    Setting(
+        "LENSFLOW_DECODE_BUDGET_MB",
+        "512",
+        "memory a predict replica may spend on image decodes at once (see docs/autoscaling.md)",
+    ),
+    Setting(
         "LENSFLOW_TRAIN_METRIC",
         "macro_f1",
         "metric a challenger must win on: `accuracy` or `macro_f1`",
@@ -198,6 +208,8 @@ class Config:
     pointer_ttl_s: float
     max_image_bytes: int
     max_image_pixels: int
+    max_event_bytes: int
+    decode_budget_mb: int
     train_metric: str
     train_margin: float
     train_min_new: int
@@ -254,6 +266,8 @@ class Config:
             pointer_ttl_s=float(get("LENSFLOW_POINTER_TTL_S")),
             max_image_bytes=int(get("LENSFLOW_MAX_IMAGE_BYTES")),
             max_image_pixels=int(get("LENSFLOW_MAX_IMAGE_PIXELS")),
+            max_event_bytes=int(get("LENSFLOW_MAX_EVENT_BYTES")),
+            decode_budget_mb=int(get("LENSFLOW_DECODE_BUDGET_MB")),
             train_metric=metric,
             train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
             train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),

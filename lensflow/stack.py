@@ -3,8 +3,11 @@
 ``EmbeddedStack(env)`` is a context manager. Starting it:
 
 1. starts S3 (moto) and Kafka (Tansu) on the configured loopback ports, unless the
-   configuration points elsewhere or something already listens there (then it is used,
-   not started: ``LENSFLOW_*`` can name real MinIO and Kafka);
+   configuration points elsewhere or the caller names them ``external`` (then they are
+   used, not started: ``LENSFLOW_*`` or ``up --kafka/--s3`` name real MinIO and Kafka).
+   Both embedded servers keep their data **in memory only**: a restart loses every
+   topic, offset and object. A loopback port that something else already listens on is
+   an error, never silently adopted (it may be an orphan of another run);
 2. creates the image, train and model buckets and the three topics;
 3. starts the predict function's ``ReplicaPool`` (scale to zero) and the dispatcher (the
    KafkaSource stand-in) delivering the images topic to it, with the ordering, delivery
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -106,6 +109,16 @@ def embedded_s3_address(config: Config) -> tuple[str, int] | None:
     return _loopback_address(url.hostname, url.port)
 
 
+class ServerPortTaken(RuntimeError):
+    """An embedded server's port is in use by a process this stack did not start."""
+
+
+IN_MEMORY = {
+    "kafka": "Tansu with its memory storage engine",
+    "s3": "moto, in memory",
+}
+
+
 class EmbeddedStack:
     """S3, Kafka, buckets, topics, the predict pool, the dispatcher, a training timer."""
 
@@ -123,6 +136,7 @@ class EmbeddedStack:
         group_id: str | None = None,
         train_every_s: float | None = None,
         dispatch: bool = True,
+        external: Collection[str] = (),
     ):
         self.env = dict(os.environ if env is None else env)
         self.config = Config.from_env(self.env)
@@ -139,6 +153,7 @@ class EmbeddedStack:
             max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
         )
         self.servers: list[Server] = []
+        self.use_external = set(external)  # servers the caller says are running already
         self.external: dict[str, str] = {}  # what we use but did not start
         self.pool: ReplicaPool | None = None
         self.train_job: ChildProcess | None = None  # the round running now, if any
@@ -183,7 +198,7 @@ class EmbeddedStack:
                 ordering=self.ordering,
                 max_in_flight=self.max_in_flight,
                 group_id=self.group_id,
-                create_topics=False,
+                topics=topic_specs(*self.config.topics),  # recreated if the broker loses them
             ).start()
         if self.train_every_s:
             self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
@@ -193,11 +208,18 @@ class EmbeddedStack:
     def _start_server(
         self, name: str, address: tuple[str, int] | None, kind: type[Server], configured: str
     ) -> None:
-        if address is None or port_open(*address):
+        if address is None or name in self.use_external:
             self.external[name] = configured
             log.info("%s: using %s (not started here)", name, configured)
             return
         host, port = address
+        if port_open(host, port):
+            flag = "--kafka" if name == "kafka" else "--s3"
+            raise ServerPortTaken(
+                f"{host}:{port}, where the embedded {name} server would listen, is taken by "
+                f"a process lensflow did not start; stop it, or pass {flag} {configured} "
+                "to use it as an external server"
+            )
         server = kind(host=host, port=port, log_dir=self.log_dir)
         self.servers.append(server)  # before start(): stop() must find it whatever happens
         server.start()
@@ -310,6 +332,8 @@ class EmbeddedStack:
             "kafka": self.config.kafka_bootstrap,
             "s3": self.config.s3_endpoint,
             "started": [s.name for s in self.servers],
+            # what loses its data when the stack stops (said at start; see README)
+            "in_memory": {s.name: IN_MEMORY[s.name] for s in self.servers if s.name in IN_MEMORY},
             "external": dict(self.external),
             "image_buckets": list(self.config.image_buckets),
             "train_bucket": self.config.train_bucket,
