@@ -149,6 +149,18 @@ SETTINGS: tuple[Setting, ...] = (
         "most images queued for labelling per model version (0: no queue)",
     ),
     Setting(
+        "LENSFLOW_TRAIN_LEASE_TTL_S",
+        "3600",
+        "how long a round's lease (`<model>/lock.json`) holds off other rounds (seconds; "
+        "at least the training Job's activeDeadlineSeconds)",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_MAX_IMAGES",
+        "40000",
+        "most labelled plus holdout images a round loads; a larger round is refused "
+        "(the default fits the training Job's 3Gi; docs/training.md)",
+    ),
+    Setting(
         "LENSFLOW_TRAIN_QUANTIZATION",
         "float32",
         "what a round publishes: `float32`, `float16` (half-size weights) or `int8` "
@@ -229,6 +241,8 @@ class Config:
     uncertain_top1: float
     uncertain_margin: float
     label_queue_max: int
+    train_lease_ttl_s: float
+    train_max_images: int
     source_name: str
     namespace: str
     log_level: str
@@ -294,6 +308,8 @@ class Config:
             uncertain_top1=float(get("LENSFLOW_UNCERTAIN_TOP1")),
             uncertain_margin=float(get("LENSFLOW_UNCERTAIN_MARGIN")),
             label_queue_max=int(get("LENSFLOW_LABEL_QUEUE_MAX")),
+            train_lease_ttl_s=float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
+            train_max_images=int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),

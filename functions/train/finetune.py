@@ -1,9 +1,10 @@
 """Rounds on the pretrained backbone (``LENSFLOW_TRAIN_BACKBONE=mobilenet_v2_imagenet``).
 
-The model: raw 8-bit RGB pixels in, a ``Normalization`` layer holding the backbone's own
-mean and std (so the version's metadata says ``scale`` 1, ``offset`` 0 and the predict
-function feeds pixels unchanged), torchvision's MobileNetV2 at 96x96 (small enough to
-train on 2 cores: about 55 MFLOPs a picture, a quarter of 224x224), a new softmax head.
+The model: RGB in [0, 1] like the small CNN (``pixels / 255``: the version's metadata says
+``scale`` 1/255, ``offset`` 0, and the predict function applies exactly that), then a
+``Normalization`` layer holding the backbone's own mean and std, torchvision's MobileNetV2
+at 96x96 (small enough to train on 2 cores: about 55 MFLOPs a picture, a quarter of
+224x224), a new softmax head.
 
 Two phases:
 
@@ -33,23 +34,22 @@ HEAD_PASSES = 4  # passes over every (picture, orientation) feature per epoch
 
 
 def input_spec(preprocessing: dict) -> dict:
-    """The version's ``input`` metadata: pixels unchanged; the normalisation, recorded
-    for readers, is done by the model's first layer."""
+    """The version's ``input`` metadata: pixels / 255 as for every lensflow model; the
+    backbone's normalisation, recorded for readers, is the model's first layer."""
     return {
-        "scale": 1.0,
-        "offset": 0.0,
+        **M.INPUT_SPEC,
         "normalisation": {**preprocessing, "in_model": True, "backbone": B.NAME},
     }
 
 
 def build(num_classes: int, weights: dict[str, np.ndarray] | None, preprocessing: dict, seed=0):
-    """(model, classifier): ``model`` takes raw pixels; ``classifier`` is the normalised-input
-    backbone-and-head inside it (``set_trainable_blocks`` works on it)."""
+    """(model, classifier): ``model`` takes RGB in [0, 1]; ``classifier`` is the
+    normalised-input backbone-and-head inside it (``set_trainable_blocks`` works on it)."""
     h, w = INPUT_SIZE
     classifier = B.build_classifier(weights, num_classes, input_size=h, seed=seed)
-    mean = [m * 255.0 for m in preprocessing["mean"]]
-    variance = [(s * 255.0) ** 2 for s in preprocessing["std"]]
-    inputs = keras.Input((h, w, 3), dtype="float32", name="pixels")
+    mean = list(preprocessing["mean"])
+    variance = [s**2 for s in preprocessing["std"]]
+    inputs = keras.Input((h, w, 3), dtype="float32", name="image")
     x = keras.layers.Normalization(mean=mean, variance=variance, name="backbone_normalisation")(
         inputs
     )
@@ -57,31 +57,35 @@ def build(num_classes: int, weights: dict[str, np.ndarray] | None, preprocessing
     return model, classifier
 
 
-def _normalise(model, images: np.ndarray) -> np.ndarray:
-    return model.get_layer("backbone_normalisation")(images).numpy()
+ORIENTATIONS = tuple((k, flip) for k in range(4) for flip in (False, True))  # 8 symmetries
 
 
-def _orientations(images: np.ndarray) -> list[np.ndarray]:
-    """The 8 symmetries of a square picture: an aerial photo has no "up"."""
-    out = []
-    for k in range(4):
-        turned = np.rot90(images, k, axes=(1, 2))
-        out += [turned, turned[:, :, ::-1]]
-    return out
+def _orient(images: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    turned = np.rot90(images, k, axes=(1, 2))
+    return turned[:, :, ::-1] if flip else turned
 
 
-def features(classifier, normalised: np.ndarray, batch_size: int = 96) -> np.ndarray:
-    """The backbone's pooled features of normalised pictures (inference mode). One traced
-    graph called per batch: about twice as fast as ``Model.predict`` here."""
+def features(model, classifier, images: np.ndarray, batch_size: int = 96) -> np.ndarray:
+    """The backbone's pooled features (inference mode) of uint8 ``images`` in each of the 8
+    orientations of a square picture (an aerial photo has no "up"): ``[8 * n, 1280]``,
+    orientation-major. Computed a batch at a time (never a float copy of the whole set)
+    with one traced graph: about twice as fast as ``Model.predict`` here."""
     import tensorflow as tf
 
+    normalise = model.get_layer("backbone_normalisation")
     pooled = keras.Model(classifier.input, classifier.get_layer("pool").output)
-    spec = tf.TensorSpec([None, *normalised.shape[1:]], tf.float32)
-    run = tf.function(lambda batch: pooled(batch, training=False), input_signature=[spec])
-    chunks = [
-        run(normalised[i : i + batch_size]).numpy() for i in range(0, len(normalised), batch_size)
-    ]
-    return np.concatenate(chunks) if chunks else np.zeros((0, B.FEATURES), np.float32)
+    spec = tf.TensorSpec([None, *images.shape[1:]], tf.float32)
+    run = tf.function(
+        lambda batch: pooled(normalise(batch), training=False), input_signature=[spec]
+    )
+    out = np.empty((len(ORIENTATIONS) * len(images), B.FEATURES), np.float32)
+    row = 0
+    for k, flip in ORIENTATIONS:
+        for i in range(0, len(images), batch_size):
+            batch = M.as_input(np.ascontiguousarray(_orient(images[i : i + batch_size], k, flip)))
+            out[row : row + len(batch)] = run(batch).numpy()
+            row += len(batch)
+    return out
 
 
 def train_head(
@@ -95,9 +99,8 @@ def train_head(
 ) -> list[dict[str, float]]:
     """Phase 1: the backbone frozen, the head trained on cached pooled features."""
     B.set_trainable_blocks(classifier, 0)
-    normalised = _normalise(model, images)
-    feats = features(classifier, np.concatenate(_orientations(normalised)))
-    ys = np.tile(labels, 8)
+    feats = features(model, classifier, images)
+    ys = np.tile(labels, len(ORIENTATIONS))
     f_in = keras.Input((B.FEATURES,), name="features")
     dropout, dense = classifier.get_layer("head_dropout"), classifier.get_layer("probabilities")
     head = keras.Model(f_in, dense(dropout(f_in)), name="head")
