@@ -198,11 +198,6 @@ def _run(  # noqa: C901 (one story, told in order)
             )
             return
 
-    say("load", f"fetching {len(labeled)} labelled and {len(holdout)} holdout images")
-    dataset.fetch(s3, bucket, labeled)
-    dataset.fetch(s3, bucket, holdout)
-    clock.lap("fetch_s")
-
     total = len(labeled) + len(holdout)
     if total > config.train_max_images:
         report.reason = (
