@@ -107,8 +107,8 @@ def test_head_first_then_fine_tune_and_lies_are_not_promoted(env):
     meta = store.get_version(v1).metadata
     assert meta["metrics"]["arch"].startswith(B.NAME) and meta["metrics"]["backbone"] == B.NAME
     assert meta["input"]["height"] == 96 and meta["input"]["dtype"] == "float32"
-    # the model normalises: predict feeds 8-bit pixels unchanged
-    assert (meta["input"]["scale"], meta["input"]["offset"]) == (1.0, 0.0)
+    # the model normalises: predict feeds pixels / 255 like for every model
+    assert (meta["input"]["scale"], meta["input"]["offset"]) == (1 / 255, 0.0)
     assert meta["input"]["normalisation"]["in_model"] is True
     assert meta["input"]["normalisation"]["std"] == list(B.STD)
     assert first.challenger["evaluation"]["macro_f1"] >= 0.6  # 8 labels a class
