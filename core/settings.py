@@ -126,6 +126,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("LENSFLOW_TRAIN_EPOCHS", "8", "training epochs per round"),
     Setting(
+        "LENSFLOW_TRAIN_LEASE_TTL_S",
+        "3600",
+        "how long a round's lease (`<model>/lock.json`) holds off other rounds (seconds; "
+        "at least the training Job's activeDeadlineSeconds)",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_MAX_IMAGES",
+        "40000",
+        "most labelled plus holdout images a round loads; a larger round is refused "
+        "(the default fits the training Job's 3Gi; docs/training.md)",
+    ),
+    Setting(
         "LENSFLOW_TRAIN_QUANTIZATION",
         "float32",
         "what a round publishes: `float32`, `float16` (half-size weights) or `int8` "
@@ -202,6 +214,8 @@ class Config:
     train_margin: float
     train_min_new: int
     train_epochs: int
+    train_lease_ttl_s: float
+    train_max_images: int
     source_name: str
     namespace: str
     log_level: str
@@ -258,6 +272,8 @@ class Config:
             train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
             train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),
             train_epochs=int(get("LENSFLOW_TRAIN_EPOCHS")),
+            train_lease_ttl_s=float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
+            train_max_images=int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),

@@ -155,15 +155,18 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         cwd: Path = ROOT,
+        stdout_path: Path | None = None,
     ):
         self.name = name
         self.command = command
         self.env = dict(os.environ if env is None else env)
         self.log_path = log_path
+        self.stdout_path = stdout_path  # stdout apart from the log (a command's result)
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
         self._log_file = None
+        self._stdout_file = None
         self._stopped = False
 
     def spawn(self) -> ChildProcess:
@@ -171,13 +174,16 @@ class ChildProcess:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        if self.stdout_path is not None:
+            self._stdout_file = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in stop()
+        log_file = self._log_file or subprocess.DEVNULL
         self.started_at = time.monotonic()
         self.proc = _SPAWNER.popen(
             self.command,
             env=self.env,
             cwd=self.cwd,
-            stdout=self._log_file or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
+            stdout=self._stdout_file or log_file,
+            stderr=log_file if self._stdout_file else subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -248,5 +254,6 @@ class ChildProcess:
             except ProcessLookupError:
                 pass
             proc.poll()
-        if self._log_file is not None and not self._log_file.closed:
-            self._log_file.close()
+        for file in (self._log_file, self._stdout_file):
+            if file is not None and not file.closed:
+                file.close()
