@@ -20,6 +20,7 @@ BENCHMARKS = {
     "e2e": "bench.e2e_bench",
     "train": "bench.train_bench",
     "knative_autoscaler": "bench.knative_autoscaler",
+    "faults": "bench.faults",
 }
 
 
