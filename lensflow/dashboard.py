@@ -111,7 +111,7 @@ class DashboardState:
         while not self._stop.is_set():
             try:
                 with TopicReader(
-                    self.config.kafka_bootstrap,
+                    self.config.kafka,
                     self.config.topic_predictions,
                     last=50,
                     group="lensflow-dashboard",
@@ -206,7 +206,7 @@ class DashboardState:
     def _dead_letters(self) -> list[dict[str, Any]] | None:
         try:
             letters = read_dead_letters(
-                self.config.kafka_bootstrap,
+                self.config.kafka,
                 self.config.topic_dlq,
                 self.config.topic_images,
                 timeout_s=3.0,
