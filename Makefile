@@ -40,7 +40,7 @@ knative-check: install
 	$(BIN)/python knative/render_config.py --check
 	kubectl kustomize knative/overlays/dev > /dev/null
 	kubectl kustomize knative/overlays/prod > /dev/null
-	$(BIN)/python -m pytest -q tests/test_knative.py
+	$(BIN)/python -m pytest -q tests/test_knative.py tests/test_knative_security.py tests/test_knative_deploy_doc.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache var

@@ -144,6 +144,10 @@ def client_settings(
     settings: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap,
         "security.protocol": kafka.security_protocol.lower(),
+        # Topics exist only as eventing.topics.ensure_topics creates them: no client may
+        # auto-create one with the broker's defaults (Tansu honours this flag, and then
+        # creates nothing, not even on a produce to a topic it lost).
+        "allow.auto.create.topics": False,
     }
     if kafka.sasl:
         settings |= {

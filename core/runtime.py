@@ -56,6 +56,15 @@ class InputSpec:
         )
 
 
+def resize(image: Image.Image, height: int, width: int) -> Image.Image:
+    """``image`` as RGB of the model's input size (bilinear): the pixels every model sees."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    return image
+
+
 def to_input(
     image: Image.Image,
     height: int,
@@ -67,11 +76,7 @@ def to_input(
 
     RGB, resized (bilinear) to the model's input, then ``pixels * scale + offset``.
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32)
+    pixels = np.asarray(resize(image, height, width), dtype=np.float32)
     return (pixels * np.float32(scale) + np.float32(offset))[np.newaxis, ...]
 
 

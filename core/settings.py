@@ -100,6 +100,16 @@ SETTINGS: tuple[Setting, ...] = (
         "largest decoded image (width x height) accepted",
     ),
     Setting(
+        "LENSFLOW_MAX_EVENT_BYTES",
+        str(1024 * 1024),
+        "largest request body (event) the predict function reads; larger is 413",
+    ),
+    Setting(
+        "LENSFLOW_DECODE_BUDGET_MB",
+        "512",
+        "memory a predict replica may spend on image decodes at once (see docs/autoscaling.md)",
+    ),
+    Setting(
         "LENSFLOW_TRAIN_METRIC",
         "macro_f1",
         "metric a challenger must win on: `accuracy` or `macro_f1`",
@@ -115,6 +125,18 @@ SETTINGS: tuple[Setting, ...] = (
         "fewest labelled images new since the champion's round to train again",
     ),
     Setting("LENSFLOW_TRAIN_EPOCHS", "8", "training epochs per round"),
+    Setting(
+        "LENSFLOW_TRAIN_LEASE_TTL_S",
+        "3600",
+        "how long a round's lease (`<model>/lock.json`) holds off other rounds (seconds; "
+        "at least the training Job's activeDeadlineSeconds)",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_MAX_IMAGES",
+        "40000",
+        "most labelled plus holdout images a round loads; a larger round is refused "
+        "(the default fits the training Job's 3Gi; docs/training.md)",
+    ),
     Setting(
         "LENSFLOW_TRAIN_QUANTIZATION",
         "float32",
@@ -186,10 +208,14 @@ class Config:
     pointer_ttl_s: float
     max_image_bytes: int
     max_image_pixels: int
+    max_event_bytes: int
+    decode_budget_mb: int
     train_metric: str
     train_margin: float
     train_min_new: int
     train_epochs: int
+    train_lease_ttl_s: float
+    train_max_images: int
     source_name: str
     namespace: str
     log_level: str
@@ -240,10 +266,14 @@ class Config:
             pointer_ttl_s=float(get("LENSFLOW_POINTER_TTL_S")),
             max_image_bytes=int(get("LENSFLOW_MAX_IMAGE_BYTES")),
             max_image_pixels=int(get("LENSFLOW_MAX_IMAGE_PIXELS")),
+            max_event_bytes=int(get("LENSFLOW_MAX_EVENT_BYTES")),
+            decode_budget_mb=int(get("LENSFLOW_DECODE_BUDGET_MB")),
             train_metric=metric,
             train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
             train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),
             train_epochs=int(get("LENSFLOW_TRAIN_EPOCHS")),
+            train_lease_ttl_s=float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
+            train_max_images=int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),

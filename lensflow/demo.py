@@ -278,7 +278,7 @@ def _run(
     flight = threading.Thread(target=fly, name="flight", daemon=True)
     trainer = threading.Thread(target=train_mid_flight, name="mid-flight-training", daemon=True)
     flight.start()
-    if options.train_mid_flight and stack.train_pool is not None:
+    if options.train_mid_flight:
         trainer.start()
     try:
         _watch(stack, simulator, watcher, state, flight, trainer, live, say)

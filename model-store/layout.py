@@ -36,6 +36,10 @@ def pointer_key(name: str) -> str:
     return f"{name}/current.json"
 
 
+def lease_key(name: str) -> str:
+    return f"{name}/lock.json"
+
+
 def history_prefix(name: str) -> str:
     return f"{name}/history/"
 

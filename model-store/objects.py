@@ -102,6 +102,16 @@ class Objects:
         body = json.dumps(value, indent=2, sort_keys=True).encode()
         return self.put(key, body, content_type="application/json", **conditions)
 
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete ``key``; with ``if_match`` only while its ETag is still that one."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match:
+            kwargs["IfMatch"] = if_match
+        try:
+            self.s3.delete_object(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"delete s3://{self.bucket}/{key}") from None
+
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []
         try:

@@ -525,8 +525,13 @@ def test_dockerfile(function: str) -> None:
     assert f"['optional-dependencies']['{function}']" in text
     other = "train" if function == "predict" else "predict"
     assert f"['{other}']" not in text and ".[train]" not in text and ".[predict]" not in text
-    assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
-    assert f"--source functions/{function}/main.py --target {function}" in text
+    if function == "predict":
+        assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
+        assert "--source functions/predict/main.py --target predict" in text
+    else:  # the JobSink's Job: the command the manifest names, made in the image
+        assert text.rstrip().endswith('CMD ["lensflow-train-job"]')
+        assert "> /opt/venv/bin/lensflow-train-job" in text and "lensflow-train-job --help" in text
+        assert "-m functions.train.job" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("0", "root"), "the image runs as a non-root user"
     # dependencies are installed before the code is copied (cache-friendly layers)

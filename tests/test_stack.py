@@ -14,7 +14,7 @@ from eventing.predictions import read_predictions
 from eventing.producer import make_producer, publish_object_event, wait_acked
 from lensflow.process import free_port, port_open
 from lensflow.scenes import scene_jpeg
-from lensflow.stack import EmbeddedStack
+from lensflow.stack import EmbeddedStack, ServerPortTaken
 from lensflow_core.s3 import s3_client
 from model_store import ModelStore
 from tests.conftest import LABELS, make_env
@@ -87,10 +87,14 @@ def test_stack_starts_and_stops_without_leaving_processes(tmp_path):
     assert (tmp_path / "kafka.log").exists() and (tmp_path / "stack.log").exists()
 
 
-def test_stack_uses_servers_it_finds_instead_of_starting_them(s3_server, kafka_broker, tmp_path):
+def test_stack_uses_external_servers_only_when_told(s3_server, kafka_broker, tmp_path):
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
-    with EmbeddedStack(env, log_dir=tmp_path, dispatch=False) as stack:
-        assert stack.describe()["started"] == []
+    # something listens where the embedded servers would: an error, never adopted
+    with pytest.raises(ServerPortTaken, match="--kafka"):
+        EmbeddedStack(env, log_dir=tmp_path, dispatch=False).start()
+    stack = EmbeddedStack(env, log_dir=tmp_path, dispatch=False, external={"kafka", "s3"})
+    with stack:
+        assert stack.describe()["started"] == [] and stack.describe()["in_memory"] == {}
         assert set(stack.external) == {"kafka", "s3"}
     assert s3_server.running and kafka_broker.running
 

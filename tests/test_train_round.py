@@ -65,8 +65,11 @@ def test_seeding_is_additive_and_listing_counts_per_class(config):
     labeled = dataset.list_split(s3, config.train_bucket, dataset.LABELED)
     assert labeled.counts == {cls: 3 for cls in LABELS}
     assert labeled.labels == LABELS
-    dataset.fetch(s3, config.train_bucket, labeled)
-    assert all(blob[:2] == b"\xff\xd8" for blob in labeled.blobs)  # JPEG
+    pictures = dataset.load(s3, config.train_bucket, labeled, [(96, 96)], config.max_image_pixels)
+    assert pictures.classes == labeled.classes and pictures.undecodable == []
+    array = pictures.arrays[(96, 96)]
+    assert array.shape == (len(labeled), 96, 96, 3) and array.dtype.name == "uint8"
+    assert all(image.std() > 0 for image in array)  # every row holds a decoded scene
 
 
 @pytest.mark.slow
@@ -237,9 +240,10 @@ def test_a_quantized_challenger_is_judged_and_served_as_published(env, quantizat
     assert info.metadata["metrics"]["quantization"] == quantization
 
     stored = store.read_file(info.version, "model.tflite")
-    holdout = dataset.list_split(s3_client(config), config.train_bucket, dataset.HOLDOUT)
-    dataset.fetch(s3_client(config), config.train_bucket, holdout)
-    again = evaluate_tflite(stored, info.labels, holdout.blobs, holdout.classes)
+    s3 = s3_client(config)
+    holdout = dataset.list_split(s3, config.train_bucket, dataset.HOLDOUT)
+    blobs = [s3.get_object(Bucket=config.train_bucket, Key=k)["Body"].read() for k in holdout.keys]
+    again = evaluate_tflite(stored, info.labels, blobs, holdout.classes)
     assert again.confusion == report.challenger["evaluation"]["confusion"]
 
     served = ServingModel(
@@ -252,7 +256,7 @@ def test_a_quantized_challenger_is_judged_and_served_as_published(env, quantizat
     )
     tops = [
         served.predict(decode_image(blob, (96, 96), max_pixels=10**8), top_k=1)[0]["label"]
-        for blob in holdout.blobs
+        for blob in blobs
     ]
     right = sum(top == truth for top, truth in zip(tops, holdout.classes, strict=True))
     assert right / len(tops) == pytest.approx(again.accuracy, abs=1e-4)

@@ -78,12 +78,14 @@ class PredictApp:
         """Around a request: lets the batcher wait for it (``Batcher.coming``)."""
         return self.batcher.coming() if self.batcher else contextlib.nullcontext()
 
-    def health(self) -> dict:
-        model = self.watcher.model
-        health = {"ok": self.kafka_problem is None, "model": model.identity if model else None}
+    def health(self) -> tuple[int, dict]:
+        """Readiness: 200 once serving the pointer's model (or no pointer exists yet);
+        503 before the first pointer read, while the store cannot be read, or while
+        Kafka cannot be used as configured."""
+        ready, body = self.watcher.ready()
         if self.kafka_problem is not None:
-            health["reason"] = self.kafka_problem
-        return health
+            ready, body = False, {**body, "ready": False, "reason": self.kafka_problem}
+        return (200 if ready else 503), body
 
     def metrics(self) -> dict:
         model = self.watcher.model
@@ -101,6 +103,7 @@ class PredictApp:
             "model_checks": stats.checks,
             "model_swaps": stats.swaps,
             "model_refusals": stats.refusals,
+            "model_refusal_retries": stats.refusal_retries,
             "last_refusal": stats.last_refusal,
             "store_errors": stats.store_errors,
             "last_store_error": stats.last_error,

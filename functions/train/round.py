@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 
 from functions.train import dataset
-from functions.train.evaluate import Evaluation, evaluate_tflite
-from lensflow_core.imaging import ImageError, decode_image
-from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE, to_input
+from functions.train.evaluate import Evaluation, evaluate_pictures
+from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE
 from lensflow_core.settings import Config
 from model_store import (
     NO_POINTER,
@@ -181,20 +180,31 @@ def _run(  # noqa: C901 (one story, told in order)
         )
         return
 
-    say("load", f"fetching {len(labeled)} labelled and {len(holdout)} holdout images")
-    dataset.fetch(s3, bucket, labeled)
-    dataset.fetch(s3, bucket, holdout)
-    clock.lap("fetch_s")
+    total = len(labeled) + len(holdout)
+    if total > config.train_max_images:
+        report.reason = (
+            f"{total} labelled and holdout images, over LENSFLOW_TRAIN_MAX_IMAGES "
+            f"({config.train_max_images}), the most a round holds in the training Job's "
+            "memory: raise the Job's memory limit and the setting together (docs/training.md)"
+        )
+        return
 
     from functions.train import model as M  # TensorFlow: only now, only here
 
     clock.lap("import_s")
+    sizes = [M.INPUT_SIZE, *([size] if (size := _input_size(champion)) else [])]
+    say("load", f"fetching and decoding {len(labeled)} labelled and {len(holdout)} holdout images")
+    train_set = dataset.load(s3, bucket, labeled, [M.INPUT_SIZE], config.max_image_pixels)
+    judge = dataset.load(s3, bucket, holdout, sizes, config.max_image_pixels)
+    clock.lap("load_s")
     labels = labeled.labels
-    x, y, bad = _training_arrays(labeled, labels, config.max_image_pixels)
-    holdout_blobs, holdout_classes, bad_holdout = _decodable(holdout, config.max_image_pixels)
-    report.data["skipped_undecodable"] = {"labeled": bad, "holdout": bad_holdout}
-    clock.lap("decode_s")
-    if len(set(y.tolist())) < 2 or not holdout_blobs:
+    index = {label: i for i, label in enumerate(labels)}
+    x, y = train_set.arrays[M.INPUT_SIZE], np.array([index[c] for c in train_set.classes])
+    report.data["skipped_undecodable"] = {
+        "labeled": train_set.undecodable,
+        "holdout": judge.undecodable,
+    }
+    if len(set(y.tolist())) < 2 or not len(judge):
         report.reason = "too few decodable images: need two labelled classes and a holdout"
         return
 
@@ -225,18 +235,18 @@ def _run(  # noqa: C901 (one story, told in order)
     weights = M.weights_bytes(keras_model)
     clock.lap("convert_s")
 
-    say(
-        "evaluate",
-        f"evaluating challenger and champion on {len(holdout_blobs)} holdout images (LiteRT)",
-    )
-    chall_eval = evaluate_tflite(
-        tflite, labels, holdout_blobs, holdout_classes, max_pixels=config.max_image_pixels
+    say("evaluate", f"evaluating challenger and champion on {len(judge)} holdout images (LiteRT)")
+    chall_eval = evaluate_pictures(
+        tflite,
+        labels,
+        judge.arrays[M.INPUT_SIZE],
+        judge.classes,
+        scale=M.INPUT_SPEC["scale"],
+        offset=M.INPUT_SPEC["offset"],
     )
     champ_eval, champ_problem = None, None
     if champion is not None:
-        champ_eval, champ_problem = _evaluate_champion(
-            store, champion, holdout_blobs, holdout_classes, config
-        )
+        champ_eval, champ_problem = _evaluate_champion(store, champion, judge)
     clock.lap("evaluate_s")
 
     report.challenger = {
@@ -261,7 +271,7 @@ def _run(  # noqa: C901 (one story, told in order)
     metrics = {
         **chall_eval.summary(),
         "labeled_images": len(labeled),
-        "holdout_images": len(holdout_blobs),
+        "holdout_images": len(judge),
         "arch": M.ARCH,
         "quantization": quantization,
         "round_id": report.round_id,
@@ -350,36 +360,13 @@ def _champion(store: ModelStore, version: str) -> VersionInfo | None:
         return None
 
 
-def _training_arrays(split: dataset.Split, labels: list[str], max_pixels: int):
-    """float32 [n, 96, 96, 3] and int labels of the images that decode; the keys that do not."""
-    from functions.train.model import INPUT_SIZE, INPUT_SPEC
-
-    h, w = INPUT_SIZE
-    index = {label: i for i, label in enumerate(labels)}
-    x = np.empty((len(split), h, w, 3), np.float32)
-    y, bad = [], []
-    for key, cls, data in zip(split.keys, split.classes, split.blobs, strict=True):
-        try:
-            image = decode_image(data, (max(h, w), max(h, w)), max_pixels=max_pixels)
-        except ImageError:
-            bad.append(key)
-            continue
-        x[len(y)] = to_input(image, h, w, INPUT_SPEC["scale"], INPUT_SPEC["offset"])[0]
-        y.append(index[cls])
-    return x[: len(y)], np.array(y, dtype=np.int64), bad
-
-
-def _decodable(split: dataset.Split, max_pixels: int) -> tuple[list[bytes], list[str], list[str]]:
-    blobs, classes, bad = [], [], []
-    for key, cls, data in zip(split.keys, split.classes, split.blobs, strict=True):
-        try:
-            decode_image(data, (96, 96), max_pixels=max_pixels)
-        except ImageError:
-            bad.append(key)
-            continue
-        blobs.append(data)
-        classes.append(cls)
-    return blobs, classes, bad
+def _input_size(info: VersionInfo | None) -> dataset.Size | None:
+    """(height, width) a stored version takes, from its metadata."""
+    try:
+        spec = info.metadata["input"]  # type: ignore[union-attr]
+        return int(spec["height"]), int(spec["width"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _warm_start(
@@ -403,20 +390,22 @@ def _warm_start(
 
 
 def _evaluate_champion(
-    store, champion: VersionInfo, blobs, classes, config
+    store, champion: VersionInfo, judge: dataset.Pictures
 ) -> tuple[Evaluation | None, str | None]:
     """The champion's holdout metrics, or why it could not be evaluated."""
     spec = champion.metadata.get("input", {})
+    size = _input_size(champion)
+    if size is None:
+        return None, f"champion {champion.version} has no input size in its metadata"
     try:
         model = store.read_file(champion.version, "model.tflite")
-        return evaluate_tflite(
+        return evaluate_pictures(
             model,
             champion.labels,
-            blobs,
-            classes,
+            judge.arrays[size],
+            judge.classes,
             scale=float(spec.get("scale", DEFAULT_SCALE)),
             offset=float(spec.get("offset", DEFAULT_OFFSET)),
-            max_pixels=config.max_image_pixels,
         ), None
     except (IntegrityError, InvalidModelError, ValueError, RuntimeError) as exc:
         return None, f"champion {champion.version} could not be evaluated: {exc}"
