@@ -22,6 +22,7 @@ BENCHMARKS = {
     "train": "bench.train_bench",
     "learning": "bench.learning_bench",
     "knative_autoscaler": "bench.knative_autoscaler",
+    "faults": "bench.faults",
 }
 
 
