@@ -60,7 +60,7 @@ class PredictionWatcher:
 
     def _run(self) -> None:
         with TopicReader(
-            self.config.kafka_bootstrap, self.config.topic_predictions, group="bench-watcher"
+            self.config.kafka, self.config.topic_predictions, group="bench-watcher"
         ) as reader:
             while not self._stop.is_set():
                 for message in reader.poll(0.2):
@@ -131,7 +131,7 @@ def run(out_dir: Path) -> dict:
         result["bare_c2_images_per_s"] = bare["images_per_s"]
 
         watcher = PredictionWatcher(config).start()
-        producer = make_producer(config.kafka_bootstrap)
+        producer = make_producer(config.kafka)
         pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
         dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
         try:

@@ -348,7 +348,7 @@ def measure(
         variants = [Variant(spec, env, all_cpus) for spec in specs]
         sink_url = [""]
         watcher = PredictionWatcher(config).start()
-        producer = make_producer(config.kafka_bootstrap)
+        producer = make_producer(config.kafka)
         dispatcher = dispatcher_for(
             config,
             lambda: sink_url[0],

@@ -56,6 +56,15 @@ class InputSpec:
         )
 
 
+def resize(image: Image.Image, height: int, width: int) -> Image.Image:
+    """``image`` as RGB of the model's input size (bilinear): the pixels every model sees."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    return image
+
+
 def to_input(
     image: Image.Image,
     height: int,
@@ -67,17 +76,13 @@ def to_input(
 
     RGB, resized (bilinear) to the model's input, then ``pixels * scale + offset``.
     """
-    values = pixels(image, height, width).astype(np.float32)
-    return (values * np.float32(scale) + np.float32(offset))[np.newaxis, ...]
+    pixels = np.asarray(resize(image, height, width), dtype=np.float32)
+    return (pixels * np.float32(scale) + np.float32(offset))[np.newaxis, ...]
 
 
 def pixels(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """``image`` as uint8 RGB ``[height, width, 3]``, resized (bilinear) if need be."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    """``image`` as uint8 RGB ``[height, width, 3]`` of the model's input size."""
+    return np.asarray(resize(image, height, width), dtype=np.uint8)
 
 
 def quantize(values: np.ndarray, dtype, quantization: tuple[float, int]) -> np.ndarray:

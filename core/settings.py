@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lensflow_core.kafka import KafkaConnection
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -26,6 +28,7 @@ EMBEDDED_KAFKA_PORT = 19092
 EMBEDDED_S3_PORT = 19000
 PREDICT_PORT = 8080
 TRAIN_PORT = 8081
+BACKBONES = ("none", "mobilenet_v2_imagenet")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -34,6 +37,30 @@ SETTINGS: tuple[Setting, ...] = (
         "Kafka bootstrap servers (`host:port,...`)",
     ),
     Setting(
+        "LENSFLOW_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` (see docs/security.md)",
+    ),
+    Setting(
+        "LENSFLOW_KAFKA_SASL_MECHANISM",
+        "SCRAM-SHA-512",
+        "`SCRAM-SHA-512`, `SCRAM-SHA-256` or `PLAIN` (with a `SASL_*` protocol)",
+    ),
+    Setting("LENSFLOW_KAFKA_SASL_USERNAME", "", "Kafka user (with a `SASL_*` protocol)"),
+    Setting(
+        "LENSFLOW_KAFKA_SASL_PASSWORD",
+        "",
+        "Kafka user's password (with a `SASL_*` protocol)",
+        secret=True,
+    ),
+    Setting(
+        "LENSFLOW_KAFKA_CA_FILE",
+        "",
+        "PEM file of the CA that signed the brokers' certificates (empty: the system's)",
+    ),
+    Setting("LENSFLOW_KAFKA_CERT_FILE", "", "client certificate (PEM) for mTLS"),
+    Setting("LENSFLOW_KAFKA_KEY_FILE", "", "client certificate's key (PEM) for mTLS"),
+    Setting(
         "LENSFLOW_S3_ENDPOINT",
         f"http://127.0.0.1:{EMBEDDED_S3_PORT}",
         "S3/MinIO endpoint URL; empty means AWS S3",
@@ -41,6 +68,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LENSFLOW_S3_ACCESS_KEY", "lensflow", "S3 access key", secret=True),
     Setting("LENSFLOW_S3_SECRET_KEY", "lensflow-secret", "S3 secret key", secret=True),
     Setting("LENSFLOW_S3_REGION", "us-east-1", "S3 region"),
+    Setting(
+        "LENSFLOW_S3_CA_BUNDLE",
+        "",
+        "PEM file of the CAs to trust for an https S3 endpoint (empty: the system's)",
+    ),
     Setting(
         "LENSFLOW_IMAGE_BUCKETS",
         "drone-images",
@@ -69,6 +101,16 @@ SETTINGS: tuple[Setting, ...] = (
         "largest decoded image (width x height) accepted",
     ),
     Setting(
+        "LENSFLOW_MAX_EVENT_BYTES",
+        str(1024 * 1024),
+        "largest request body (event) the predict function reads; larger is 413",
+    ),
+    Setting(
+        "LENSFLOW_DECODE_BUDGET_MB",
+        "512",
+        "memory a predict replica may spend on image decodes at once (see docs/autoscaling.md)",
+    ),
+    Setting(
         "LENSFLOW_TRAIN_METRIC",
         "macro_f1",
         "metric a challenger must win on: `accuracy` or `macro_f1`",
@@ -81,9 +123,43 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "LENSFLOW_TRAIN_MIN_NEW",
         "20",
-        "fewest labelled images new since the champion's round to train again",
+        "fewest labelled entries (key, ETag, class) new or changed since the champion's "
+        "round to train again",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_BACKBONE",
+        "none",
+        "what rounds train on: `none` (a small CNN from scratch) or `mobilenet_v2_imagenet` "
+        "(the pretrained backbone stored by `lensflow models backbone import`)",
     ),
     Setting("LENSFLOW_TRAIN_EPOCHS", "8", "training epochs per round"),
+    Setting(
+        "LENSFLOW_UNCERTAIN_TOP1",
+        "0.6",
+        "a prediction whose top-1 score is below this is queued for labelling (`to-label/`)",
+    ),
+    Setting(
+        "LENSFLOW_UNCERTAIN_MARGIN",
+        "0.2",
+        "a prediction whose top-1 leads the second by less than this is queued for labelling",
+    ),
+    Setting(
+        "LENSFLOW_LABEL_QUEUE_MAX",
+        "500",
+        "most images queued for labelling per model version (0: no queue)",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_LEASE_TTL_S",
+        "3600",
+        "how long a round's lease (`<model>/lock.json`) holds off other rounds (seconds; "
+        "at least the training Job's activeDeadlineSeconds)",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_MAX_IMAGES",
+        "40000",
+        "most labelled plus holdout images a round loads; a larger round is refused "
+        "(the default fits the training Job's 3Gi; docs/training.md)",
+    ),
     Setting(
         "LENSFLOW_TRAIN_QUANTIZATION",
         "float32",
@@ -106,6 +182,12 @@ SETTINGS: tuple[Setting, ...] = (
         "LENSFLOW_NAMESPACE", "default", "namespace used in `ce-source` by the local dispatcher"
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
+    Setting(
+        "LENSFLOW_DASHBOARD_TOKEN",
+        "",
+        "token that allows flip and rollback from the dashboard (empty: they are off)",
+        secret=True,
+    ),
     Setting(
         "LENSFLOW_LOG_FORMAT",
         "text",
@@ -133,10 +215,12 @@ class Config:
     """Resolved settings. Build with ``Config.from_env()``."""
 
     kafka_bootstrap: str
+    kafka: KafkaConnection  # bootstrap, TLS and SASL: what every Kafka client is made from
     s3_endpoint: str | None
     s3_access_key: str = field(repr=False)  # credentials never reach a log line
     s3_secret_key: str = field(repr=False)
     s3_region: str
+    s3_ca_bundle: str | None
     image_buckets: tuple[str, ...]
     model_bucket: str
     model_name: str
@@ -147,10 +231,18 @@ class Config:
     pointer_ttl_s: float
     max_image_bytes: int
     max_image_pixels: int
+    max_event_bytes: int
+    decode_budget_mb: int
     train_metric: str
     train_margin: float
     train_min_new: int
     train_epochs: int
+    train_backbone: str
+    uncertain_top1: float
+    uncertain_margin: float
+    label_queue_max: int
+    train_lease_ttl_s: float
+    train_max_images: int
     source_name: str
     namespace: str
     log_level: str
@@ -158,6 +250,7 @@ class Config:
     batch_delay_ms: float
     batch_max: int
     log_format: str
+    dashboard_token: str = field(repr=False)
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -173,6 +266,11 @@ class Config:
         metric = get("LENSFLOW_TRAIN_METRIC")
         if metric not in ("accuracy", "macro_f1"):
             raise ValueError(f"LENSFLOW_TRAIN_METRIC must be accuracy or macro_f1, not {metric!r}")
+        backbone = get("LENSFLOW_TRAIN_BACKBONE")
+        if backbone not in BACKBONES:
+            raise ValueError(
+                f"LENSFLOW_TRAIN_BACKBONE must be one of {', '.join(BACKBONES)}, not {backbone!r}"
+            )
         quantization = get("LENSFLOW_TRAIN_QUANTIZATION")
         if quantization not in QUANTIZATIONS:
             raise ValueError(
@@ -184,10 +282,12 @@ class Config:
             raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
         return cls(
             kafka_bootstrap=get("LENSFLOW_KAFKA_BOOTSTRAP"),
+            kafka=KafkaConnection.from_env(env, get("LENSFLOW_KAFKA_BOOTSTRAP")),
             s3_endpoint=get("LENSFLOW_S3_ENDPOINT") or None,
             s3_access_key=get("LENSFLOW_S3_ACCESS_KEY"),
             s3_secret_key=get("LENSFLOW_S3_SECRET_KEY"),
             s3_region=get("LENSFLOW_S3_REGION"),
+            s3_ca_bundle=get("LENSFLOW_S3_CA_BUNDLE") or None,
             image_buckets=buckets,
             model_bucket=get("LENSFLOW_MODEL_BUCKET"),
             model_name=get("LENSFLOW_MODEL_NAME"),
@@ -198,10 +298,18 @@ class Config:
             pointer_ttl_s=float(get("LENSFLOW_POINTER_TTL_S")),
             max_image_bytes=int(get("LENSFLOW_MAX_IMAGE_BYTES")),
             max_image_pixels=int(get("LENSFLOW_MAX_IMAGE_PIXELS")),
+            max_event_bytes=int(get("LENSFLOW_MAX_EVENT_BYTES")),
+            decode_budget_mb=int(get("LENSFLOW_DECODE_BUDGET_MB")),
             train_metric=metric,
             train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
             train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),
             train_epochs=int(get("LENSFLOW_TRAIN_EPOCHS")),
+            train_backbone=backbone,
+            uncertain_top1=float(get("LENSFLOW_UNCERTAIN_TOP1")),
+            uncertain_margin=float(get("LENSFLOW_UNCERTAIN_MARGIN")),
+            label_queue_max=int(get("LENSFLOW_LABEL_QUEUE_MAX")),
+            train_lease_ttl_s=float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
+            train_max_images=int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),
@@ -209,6 +317,7 @@ class Config:
             batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
             batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
             log_format=log_format,
+            dashboard_token=get("LENSFLOW_DASHBOARD_TOKEN"),
             env=dict(env),
         )
 

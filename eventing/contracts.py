@@ -110,7 +110,10 @@ def notification_record(event: ObjectEvent) -> tuple[bytes, bytes]:
 def parse_notification(data: Any) -> list[ObjectEvent]:
     """The S3 records of a MinIO notification (bytes, str or parsed JSON). Raises BadEvent."""
     if isinstance(data, (bytes, bytearray, memoryview)):
-        data = bytes(data).decode("utf-8", errors="strict") if data else ""
+        try:
+            data = bytes(data).decode("utf-8", errors="strict") if data else ""
+        except UnicodeDecodeError as exc:
+            raise BadEvent(f"event data is not UTF-8 (byte {exc.start})") from None
     if isinstance(data, str):
         try:
             data = json.loads(data)
@@ -129,15 +132,25 @@ def _parse_record(record: Any) -> ObjectEvent:
         name = record["eventName"]
         bucket = record["s3"]["bucket"]["name"]
         obj = record["s3"]["object"]
-        key = unquote_plus(obj["key"])
-    except (KeyError, TypeError):
+        raw_key = obj["key"]
+    except (KeyError, TypeError, IndexError):
         raise BadEvent("record lacks eventName, s3.bucket.name or s3.object.key") from None
-    if not isinstance(name, str) or not isinstance(bucket, str) or not bucket or not key:
+    if not isinstance(obj, dict):
+        raise BadEvent("record's s3.object is not a JSON object")
+    for field_name, value in (("eventName", name), ("s3.bucket.name", bucket), ("key", raw_key)):
+        if not isinstance(value, str):
+            raise BadEvent(f"record's {field_name} is {type(value).__name__}, not a string")
+    key = unquote_plus(raw_key)
+    if not bucket or not key:
         raise BadEvent("record has an empty bucket or key")
     size = obj.get("size")
-    if size is not None and (not isinstance(size, int) or size < 0):
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise BadEvent(f"record has an invalid object size {size!r}")
+    for optional in ("eTag", "contentType"):
+        if obj.get(optional) is not None and not isinstance(obj[optional], str):
+            raise BadEvent(f"record's s3.object.{optional} is not a string")
     meta = obj.get("userMetadata") or {}
+    event_time = record.get("eventTime")
     return ObjectEvent(
         event_name=name,
         bucket=bucket,
@@ -146,7 +159,7 @@ def _parse_record(record: Any) -> ObjectEvent:
         size=size,
         content_type=obj.get("contentType"),
         user_metadata=meta if isinstance(meta, dict) else {},
-        event_time=record.get("eventTime"),
+        event_time=event_time if isinstance(event_time, str) else None,
     )
 
 
@@ -233,13 +246,16 @@ def prediction_event(
     predictions: list[dict[str, Any]],
     source_event_id: str,
     timings_ms: dict[str, float] | None = None,
+    uncertain: bool = False,
 ) -> CloudEvent:
-    """The ``io.lensflow.image.predicted`` event for one image."""
+    """The ``io.lensflow.image.predicted`` event for one image; ``uncertain``: the model
+    was unsure enough that the image was queued for labelling."""
     data = {
         "image": {"bucket": image.bucket, "key": image.key, "etag": image.etag},
         "model": model,
         "predictions": predictions,
         "source_event_id": source_event_id,
+        "uncertain": uncertain,
     }
     if timings_ms:
         data["timings_ms"] = timings_ms

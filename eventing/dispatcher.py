@@ -24,6 +24,12 @@ How it works, and why:
 - On a rebalance, revoked partitions get a short grace to finish what is in flight,
   their finished prefix is committed, and their state is dropped. Whatever was not
   finished is redelivered to the next owner: at-least-once, duplicates allowed.
+- Broker restarts: lost partitions and an unknown member id are librdkafka's to rejoin;
+  what kept the old dispatcher idle was a broker that came back *empty* (Tansu in
+  memory): the topic was gone, so the group assigned nothing. A keeper thread checks
+  every ``topic_check_s`` that the topics exist and recreates missing ones with
+  ``ensure_topics`` (the one way topics are made), and metadata is refreshed every few
+  seconds so that the consumer sees the topic again and rejoins within seconds.
 
 The sink is a URL, a callable returning the URL at each attempt, or any object with
 ``post(headers, body, timeout_s) -> (status, body)`` and ``url`` (see
@@ -46,14 +52,15 @@ from typing import Any
 from cloudevents.conversion import to_binary
 from cloudevents.kafka import KafkaMessage
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from eventing.contracts import kafkasource_event
 from eventing.deadletter import annotate, kafka_binary, raw_data
-from eventing.delivery import DeliverySpec, Sink, as_sink, deliver
+from eventing.delivery import MAX_WAITING_S, DeliverySpec, Sink, as_sink, deliver
 from eventing.offsets import OffsetTracker
 from eventing.producer import ProduceError, make_producer, produce_and_wait
 from eventing.topics import DLQ_PARTITIONS, IMAGES_PARTITIONS, TopicSpec, ensure_topics
-from lensflow_core.kafka import client_settings
+from lensflow_core.kafka import KafkaConnection, client_settings, connect
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +114,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: KafkaConnection | str,
         topic: str,
         sink: str | Callable[[], str] | Sink,
         *,
@@ -124,6 +131,9 @@ class Dispatcher:
         revoke_grace_s: float = 2.0,
         shutdown_grace_s: float = 10.0,
         dead_letter_timeout_s: float = 10.0,
+        max_waiting_s: float = MAX_WAITING_S,
+        topics: list[TopicSpec] | None = None,
+        topic_check_s: float = 2.0,
     ):
         if ordering not in ORDERINGS:
             raise ValueError(f"ordering must be ordered or unordered, not {ordering!r}")
@@ -142,7 +152,15 @@ class Dispatcher:
         self.revoke_grace_s = revoke_grace_s
         self.shutdown_grace_s = shutdown_grace_s
         self.dead_letter_timeout_s = dead_letter_timeout_s
+        self.max_waiting_s = max_waiting_s  # how long a sink may say "waiting" (delivery.py)
         self._create_topics = create_topics
+        # the topics to keep existing: the images and dead-letter topics unless told
+        self._topics = topics or [
+            TopicSpec(topic, IMAGES_PARTITIONS),
+            TopicSpec(dead_letter_topic, DLQ_PARTITIONS),
+        ]
+        self.topic_check_s = topic_check_s
+        self._missing_logged: set[str] = set()
         self._consumer_settings = client_settings(bootstrap) | {
             "group.id": self.group_id,
             "client.id": f"{self.group_id}-dispatcher",
@@ -153,6 +171,8 @@ class Dispatcher:
             # early when records arrive, so the default 500 ms would add up to 500 ms of
             # latency per event; 50 ms costs a few idle fetches a second.
             "fetch.wait.max.ms": 50,
+            # A topic recreated after a broker restart is seen (and joined) within this.
+            "topic.metadata.refresh.interval.ms": 2000,
             "on_commit": self._on_commit,
             **(consumer_settings or {}),
         }
@@ -223,14 +243,12 @@ class Dispatcher:
 
     def run(self) -> None:
         """Dispatch until ``stop()`` (or SIGTERM/Ctrl-C handled by the caller)."""
+        # Both connect first: a refused TLS handshake or login stops here, on one line.
         if self._create_topics:
-            ensure_topics(
-                self.bootstrap,
-                [
-                    TopicSpec(self.topic, IMAGES_PARTITIONS),
-                    TopicSpec(self.dead_letter_topic, DLQ_PARTITIONS),
-                ],
-            )
+            ensure_topics(self.bootstrap, self._topics)
+        else:
+            connect(self.bootstrap)
+        threading.Thread(target=self._keep_topics, name="dispatcher-topics", daemon=True).start()
         own_dlq = self._dlq is None
         if own_dlq:
             self._dlq = make_producer(
@@ -437,6 +455,31 @@ class Dispatcher:
                 "committed": {n: s.offsets.committed for n, s in self._partitions.items()},
             }
 
+    def _keep_topics(self) -> None:
+        """Recreate missing topics (a broker back empty), or say once that they are
+        missing when this dispatcher may not create them."""
+        admin = AdminClient(client_settings(self.bootstrap))
+        while not self._stopping.wait(self.topic_check_s):
+            try:
+                existing = admin.list_topics(timeout=self.topic_check_s).topics
+            except KafkaException:
+                continue  # broker unreachable: librdkafka reconnects; check again later
+            missing = [spec for spec in self._topics if spec.name not in existing]
+            if not missing:
+                self._missing_logged.clear()
+                continue
+            names = [spec.name for spec in missing]
+            if not self._create_topics:
+                if set(names) - self._missing_logged:
+                    log.error("topic(s) %s do not exist: nothing to dispatch", names)
+                    self._missing_logged.update(names)
+                continue
+            log.warning("topic(s) %s missing (broker restarted empty?): recreating", names)
+            try:
+                ensure_topics(self.bootstrap, missing, timeout_s=self.topic_check_s * 2)
+            except KafkaException as exc:
+                log.warning("recreating %s failed (will retry): %s", names, exc)
+
     # --- rebalance callbacks (called inside consume(), on the loop thread) ----------------
 
     def _on_assign(self, consumer, partitions) -> None:
@@ -504,7 +547,15 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - a CloudEvent record we cannot read
             return self._dead_letter_raw(record, f"not a readable CloudEvent: {exc}")
         headers, body = to_binary(event, data_marshaller=raw_data)
-        result = deliver(self.sink, headers, body, self.delivery, self._stopping, self._retried)
+        result = deliver(
+            self.sink,
+            headers,
+            body,
+            self.delivery,
+            self._stopping,
+            self._retried,
+            max_waiting_s=self.max_waiting_s,
+        )
         if result.delivered:
             return DELIVERED
         if result.aborted:

@@ -35,6 +35,7 @@ from confluent_kafka import Producer
 from eventing.contracts import KAFKA_EVENT_TYPE
 from eventing.predictions import TopicReader
 from eventing.producer import produce_and_wait
+from lensflow_core.kafka import KafkaConnection
 
 ERROR_HEADER = "lensflow-error"  # a raw record the dispatcher could not read (dispatcher.py)
 HEADER_PREFIX = "kafkaheader"
@@ -184,7 +185,7 @@ def parse_dead_letter(message: Any, images_topic: str) -> DeadLetter:
 
 
 def read_dead_letters(
-    bootstrap: str, topic: str, images_topic: str, timeout_s: float = 10.0
+    bootstrap: KafkaConnection | str, topic: str, images_topic: str, timeout_s: float = 10.0
 ) -> list[DeadLetter]:
     """Every dead letter on ``topic`` now, oldest first per partition."""
     letters: list[DeadLetter] = []

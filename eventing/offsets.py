@@ -46,3 +46,30 @@ class OffsetTracker:
         if point is None or (self.committed is not None and point <= self.committed):
             return None
         return point
+
+
+def group_lag(bootstrap: str, topic: str, group_id: str, timeout_s: float = 5.0) -> int:
+    """Records of ``topic`` that consumer group ``group_id`` has not committed yet: the
+    sum over partitions of the high watermark minus the committed offset (everything,
+    for a partition the group never committed). Asks the broker now, nothing cached;
+    raises ``KafkaException`` when it cannot."""
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+    from lensflow_core.kafka import client_settings
+
+    consumer = Consumer(client_settings(bootstrap, {"group.id": group_id}))
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        if metadata.error is not None:
+            if metadata.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return 0
+            raise KafkaException(metadata.error)
+        partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+        lag = 0
+        for tp in consumer.committed(partitions, timeout=timeout_s):
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+            done = tp.offset if tp.offset >= 0 else low
+            lag += max(high - done, 0)
+        return lag
+    finally:
+        consumer.close()

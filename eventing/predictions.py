@@ -19,7 +19,7 @@ from cloudevents.kafka import KafkaMessage, from_binary, from_structured
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from eventing.contracts import is_cloudevent_record
-from lensflow_core.kafka import client_settings
+from lensflow_core.kafka import KafkaConnection, client_settings
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class TopicReader:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: KafkaConnection | str,
         topic: str,
         *,
         from_end: bool = False,
@@ -193,7 +193,7 @@ class TopicReader:
 
 
 def read_predictions(
-    bootstrap: str,
+    bootstrap: KafkaConnection | str,
     topic: str,
     *,
     follow: bool = False,

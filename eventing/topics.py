@@ -17,9 +17,9 @@ import logging
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
-from lensflow_core.kafka import client_settings
+from lensflow_core.kafka import KafkaConnection, connect
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,16 @@ def topic_specs(
 
 
 def ensure_topics(
-    bootstrap: str, specs: list[TopicSpec], timeout_s: float = 15.0
+    bootstrap: KafkaConnection | str, specs: list[TopicSpec], timeout_s: float = 15.0
 ) -> dict[str, str]:
     """Create the topics that do not exist yet; ``{name: "created" | "exists"}``.
 
     An existing topic is left as it is, even with another partition count (changing it
     would move keys between partitions and break per-key ordering); a warning says so.
-    Any other failure raises ``KafkaException``.
+    Brokers that do not answer, or refuse TLS or the login, raise ``KafkaSetupError``
+    (one line naming the setting); any other failure raises ``KafkaException``.
     """
-    admin = AdminClient(client_settings(bootstrap))
+    admin = connect(bootstrap, timeout_s)
     existing = admin.list_topics(timeout=timeout_s).topics
     result: dict[str, str] = {}
     wanted = []

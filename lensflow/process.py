@@ -5,12 +5,19 @@ whatever it forked: gunicorn workers, Tansu's threads), sends its output to a lo
 waits until it is ready with one poll loop (``wait_ready``), and stops it with SIGTERM,
 then SIGKILL. Tansu, moto, ``lensflow serve`` servers and the replica pool's replicas
 are all ``ChildProcess``es.
+
+No orphans: on Linux every child asks the kernel for SIGKILL when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``), so even a ``kill -9`` of ``lensflow up`` takes the broker,
+S3 and every replica with it. The kernel sends that signal when the *thread* that forked
+the child exits, not the process; so every child is forked by one long-lived spawner
+thread (``_Spawner``), never by a short-lived worker that happens to start a replica.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -19,11 +26,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 
 import requests
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS_DIR = ROOT / "functions"
@@ -82,6 +92,58 @@ def function_command(name: str, port: int, host: str = "127.0.0.1") -> list[str]
     ]
 
 
+def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+class _Spawner:
+    """Forks every child from one daemon thread that lives as long as the process, so
+    that PR_SET_PDEATHSIG fires when the process dies, not when some thread ends."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], subprocess.Popen], Future]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        kwargs["preexec_fn"] = _die_with_parent(os.getpid())
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, name="spawner", daemon=True)
+                self._thread.start()
+            done: Future[subprocess.Popen] = Future()
+            self._jobs.put((lambda: subprocess.Popen(*args, **kwargs), done))
+        return done.result()
+
+    def _run(self) -> None:
+        jobs = self._jobs
+        while True:
+            start, done = jobs.get()
+            try:
+                done.set_result(start())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
+
+
 class ChildProcess:
     """One command in its own process group. ``proc`` is the ``Popen`` while it runs."""
 
@@ -93,15 +155,18 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         cwd: Path = ROOT,
+        stdout_path: Path | None = None,
     ):
         self.name = name
         self.command = command
         self.env = dict(os.environ if env is None else env)
         self.log_path = log_path
+        self.stdout_path = stdout_path  # stdout apart from the log (a command's result)
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
         self._log_file = None
+        self._stdout_file = None
         self._stopped = False
 
     def spawn(self) -> ChildProcess:
@@ -109,13 +174,16 @@ class ChildProcess:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        if self.stdout_path is not None:
+            self._stdout_file = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in stop()
+        log_file = self._log_file or subprocess.DEVNULL
         self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
+        self.proc = _SPAWNER.popen(
             self.command,
             env=self.env,
             cwd=self.cwd,
-            stdout=self._log_file or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
+            stdout=self._stdout_file or log_file,
+            stderr=log_file if self._stdout_file else subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -186,5 +254,6 @@ class ChildProcess:
             except ProcessLookupError:
                 pass
             proc.poll()
-        if self._log_file is not None and not self._log_file.closed:
-            self._log_file.close()
+        for file in (self._log_file, self._stdout_file):
+            if file is not None and not file.closed:
+                file.close()

@@ -164,9 +164,7 @@ class Simulator:
         self.config = config
         self.plan = plan
         self.s3 = s3 or s3_client(config)
-        self.producer = producer or make_producer(
-            config.kafka_bootstrap, **{"client.id": "lensflow-drones"}
-        )
+        self.producer = producer or make_producer(config.kafka, **{"client.id": "lensflow-drones"})
         self.photos: list[Photo] = []
         self.acks: list = []  # one future per published record
         self.progress = Progress(0, per_drone=[0] * plan.drones)

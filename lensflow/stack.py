@@ -3,15 +3,19 @@
 ``EmbeddedStack(env)`` is a context manager. Starting it:
 
 1. starts S3 (moto) and Kafka (Tansu) on the configured loopback ports, unless the
-   configuration points elsewhere or something already listens there (then it is used,
-   not started: ``LENSFLOW_*`` can name real MinIO and Kafka);
+   configuration points elsewhere or the caller names them ``external`` (then they are
+   used, not started: ``LENSFLOW_*`` or ``up --kafka/--s3`` name real MinIO and Kafka).
+   Both embedded servers keep their data **in memory only**: a restart loses every
+   topic, offset and object. A loopback port that something else already listens on is
+   an error, never silently adopted (it may be an orphan of another run);
 2. creates the image, train and model buckets and the three topics;
 3. starts the predict function's ``ReplicaPool`` (scale to zero) and the dispatcher (the
    KafkaSource stand-in) delivering the images topic to it, with the ordering, delivery
    spec and consumer group read from the KafkaSource manifest
    (``knative/base/kafkasource-images.yaml``);
 4. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
-   POST to the train function, itself a scale-to-zero pool of at most one replica.
+   round, run as the JobSink runs it: ``lensflow-train-job`` as a child process on the
+   event a PingSource sends (``train_round``).
 
 Logs go to ``var/logs/`` in the checkout (one file per process, ``stack.log`` for the
 dispatcher and pools). Stopping ends everything it started, in reverse order, also
@@ -23,21 +27,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from cloudevents.conversion import to_binary
+from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent
 
 from eventing.delivery import DeliverySpec
 from eventing.dispatcher import Dispatcher
+from eventing.offsets import group_lag
 from eventing.topics import ensure_topics, topic_specs
-from lensflow.process import port_open
+from lensflow.process import ChildProcess, port_open
 from lensflow.replicas import PREDICT_CONCURRENCY, ReplicaPool
 from lensflow.services import KafkaBroker, S3Server, Server
 from lensflow_core.s3 import ensure_buckets, s3_client
@@ -50,7 +59,8 @@ DEFAULT_LOG_DIR = ROOT / "var" / "logs"
 
 KAFKASOURCE_MANIFEST = ROOT / "knative" / "base" / "kafkasource-images.yaml"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-TRAIN_FUNCTION = ROOT / "functions" / "train" / "main.py"
+TRAIN_JOB = [sys.executable, "-m", "functions.train.job"]  # what `lensflow-train-job` runs
+DRAIN_QUIET_S = 0.5  # a drain ends once nothing was left, nor arrived, for this long
 
 
 def kafkasource_settings(path: Path = KAFKASOURCE_MANIFEST) -> tuple[str, DeliverySpec, str]:
@@ -69,7 +79,7 @@ def dispatcher_for(config: Config, sink, **options: Any) -> Dispatcher:
     ``config.source_name`` would be (its ce-source; its name as the default group)."""
     options.setdefault("group_id", config.source_name)
     return Dispatcher(
-        config.kafka_bootstrap,
+        config.kafka,
         config.topic_images,
         sink,
         source=config.kafkasource_ce_source,
@@ -101,6 +111,16 @@ def embedded_s3_address(config: Config) -> tuple[str, int] | None:
     return _loopback_address(url.hostname, url.port)
 
 
+class ServerPortTaken(RuntimeError):
+    """An embedded server's port is in use by a process this stack did not start."""
+
+
+IN_MEMORY = {
+    "kafka": "Tansu with its memory storage engine",
+    "s3": "moto, in memory",
+}
+
+
 class EmbeddedStack:
     """S3, Kafka, buckets, topics, the predict pool, the dispatcher, a training timer."""
 
@@ -118,6 +138,7 @@ class EmbeddedStack:
         group_id: str | None = None,
         train_every_s: float | None = None,
         dispatch: bool = True,
+        external: Collection[str] = (),
     ):
         self.env = dict(os.environ if env is None else env)
         self.config = Config.from_env(self.env)
@@ -134,9 +155,12 @@ class EmbeddedStack:
             max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
         )
         self.servers: list[Server] = []
+        self.left_undone: int | None = None  # after stop(count_left=True)
+        self.use_external = set(external)  # servers the caller says are running already
         self.external: dict[str, str] = {}  # what we use but did not start
         self.pool: ReplicaPool | None = None
-        self.train_pool: ReplicaPool | None = None
+        self.train_job: ChildProcess | None = None  # the round running now, if any
+        self._train_lock = threading.Lock()
         self.timer: TrainingTimer | None = None
         self.dispatcher = None
         self._log_handler: logging.Handler | None = None
@@ -164,7 +188,7 @@ class EmbeddedStack:
             [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
         )
         ensure_buckets(s3_client(self.config), list(buckets))
-        ensure_topics(self.config.kafka_bootstrap, topic_specs(*self.config.topics))
+        ensure_topics(self.config.kafka, topic_specs(*self.config.topics))
         pool_log = self.log_dir
         self.pool = ReplicaPool(
             self.env, function="predict", log_dir=pool_log, **self._pool_options
@@ -177,48 +201,85 @@ class EmbeddedStack:
                 ordering=self.ordering,
                 max_in_flight=self.max_in_flight,
                 group_id=self.group_id,
-                create_topics=False,
+                topics=topic_specs(*self.config.topics),  # recreated if the broker loses them
             ).start()
-        if TRAIN_FUNCTION.exists():
-            self.train_pool = ReplicaPool(
-                self.env,
-                function="train",
-                max_replicas=1,
-                target_concurrency=1,
-                idle_s=5.0,
-                startup_timeout_s=120.0,
-                log_dir=pool_log,
-                threads=1,
-            ).start()
-            if self.train_every_s:
-                self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
+        if self.train_every_s:
+            self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
         self.started_at = time.monotonic()
         log.info("embedded stack up: %s", self.describe())
 
     def _start_server(
         self, name: str, address: tuple[str, int] | None, kind: type[Server], configured: str
     ) -> None:
-        if address is None or port_open(*address):
+        if address is None or name in self.use_external:
             self.external[name] = configured
             log.info("%s: using %s (not started here)", name, configured)
             return
         host, port = address
+        if port_open(host, port):
+            flag = "--kafka" if name == "kafka" else "--s3"
+            raise ServerPortTaken(
+                f"{host}:{port}, where the embedded {name} server would listen, is taken by "
+                f"a process lensflow did not start; stop it, or pass {flag} {configured} "
+                "to use it as an external server"
+            )
         server = kind(host=host, port=port, log_dir=self.log_dir)
         self.servers.append(server)  # before start(): stop() must find it whatever happens
         server.start()
 
-    def stop(self) -> None:
-        """Stop everything this stack started, last first. Safe to call twice."""
+    def backlog(self) -> int:
+        """Acknowledged records of the images topic the dispatcher has not finished
+        (delivered or dead-lettered), asked of the broker now."""
+        return group_lag(self.config.kafka_bootstrap, self.config.topic_images, self.group_id)
+
+    def drain(self, timeout_s: float, progress: Callable[[int], None] | None = None) -> int:
+        """Before stopping: keep dispatching until every record the broker acknowledged
+        is done and nothing new arrived for a moment, or ``timeout_s`` passed. Returns
+        the records left (0: drained); ``progress(left)`` is called as it goes. Raises
+        ``KafkaException`` when the broker cannot say."""
+        if self.dispatcher is None:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        quiet_since: float | None = None
+        while True:
+            left = self.backlog()
+            now = time.monotonic()
+            if left:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= DRAIN_QUIET_S:
+                return 0
+            if now >= deadline:
+                return left
+            if progress is not None:
+                progress(left)
+            time.sleep(0.25)
+
+    def stop(self, count_left: bool = False) -> None:
+        """Stop everything this stack started, last first. Safe to call twice.
+
+        ``count_left``: once the dispatcher has stopped, ask the broker what is left
+        undone (``self.left_undone``, None if it could not say) and stop an embedded
+        broker right after, so that it acknowledges as little as possible unseen.
+        """
         errors: list[BaseException] = []
         steps: list[tuple[str, Callable[[], None]]] = []
         if self.timer is not None:
             steps.append(("training timer", self.timer.stop))
         if self.dispatcher is not None:
             steps.append(("dispatcher", self.dispatcher.stop))
-        for pool in (self.train_pool, self.pool):
-            if pool is not None:
-                steps.append((f"{pool.function} pool", pool.stop))
-        for server in reversed(self.servers):
+            if count_left:
+                steps.append(("backlog", self._count_left))
+        servers = list(reversed(self.servers))
+        if count_left:  # the broker first: it takes no record after the count
+            steps += [(server.name, server.stop) for server in servers if server.name == "kafka"]
+            servers = [server for server in servers if server.name != "kafka"]
+        if self.train_job is not None:
+            steps.append(("training round", self.train_job.stop))
+        if self.pool is not None:
+            steps.append(("predict pool", self.pool.stop))
+        for server in servers:
             steps.append((server.name, server.stop))
         for name, step in steps:
             try:
@@ -226,9 +287,13 @@ class EmbeddedStack:
             except BaseException as exc:  # noqa: BLE001 - stop the rest regardless
                 log.warning("stopping %s: %s", name, exc)
                 errors.append(exc)
-        self.timer = self.dispatcher = self.pool = self.train_pool = None
+        self.timer = self.dispatcher = self.pool = self.train_job = None
         self.servers = []
         self._close_log()
+
+    def _count_left(self) -> None:
+        self.left_undone = None
+        self.left_undone = self.backlog()
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()
@@ -260,22 +325,43 @@ class EmbeddedStack:
     # --- training -------------------------------------------------------------------------
 
     def train_round(
-        self, reason: str = "schedule", *, force: bool = False, timeout_s: float = 600.0
+        self, reason: str = "schedule", *, force: bool = False, timeout_s: float = 3600.0
     ) -> dict[str, Any]:
-        """One POST to the train function, as the PingSource sends it; its JSON reply
-        (the round's report). ``force`` trains even without enough new data."""
-        if self.train_pool is None:
-            raise RuntimeError("the train function is not available")
+        """One round as a JobSink Job runs it: ``lensflow-train-job`` in a child process on
+        the event a PingSource sends; the round's report. ``force`` trains even without
+        enough new data. RuntimeError if the round fails (the report's reason says why)."""
         data: dict[str, Any] = {"reason": reason, **({"force": True} if force else {})}
-        headers, body = ping_event(self.config, data)
-        status, reply = self.train_pool.post(headers, body, timeout_s)
+        with self._train_lock:  # one round at a time from here; the lease guards the rest
+            folder = Path(tempfile.mkdtemp(prefix="lensflow-train-"))
+            try:
+                (folder / "event").write_bytes(ping_event(self.config, data))
+                self.train_job = job = ChildProcess(
+                    "train",
+                    [*TRAIN_JOB, "--event", str(folder / "event")],
+                    env=self.env,
+                    log_path=self.log_dir / "train.log" if self.log_dir else None,
+                    stdout_path=folder / "report.json",
+                )
+                job.spawn()
+                try:
+                    code = job.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(
+                        f"training round still running after {timeout_s:.0f} s"
+                    ) from None
+                finally:
+                    job.stop()
+                    self.train_job = None
+                text = (folder / "report.json").read_text().strip()
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
         try:
-            result = json.loads(reply) if reply else {}
+            report = json.loads(text.splitlines()[-1]) if text else {}
         except ValueError:
-            result = {"body": reply.decode(errors="replace")[:500]}
-        if status >= 300:
-            raise RuntimeError(f"training round answered {status}: {result}")
-        return result if isinstance(result, dict) else {"result": result}
+            report = {"reason": text[-500:]}
+        if code != 0:
+            raise RuntimeError(f"training round failed (exit {code}): {report.get('reason', '?')}")
+        return report
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -293,6 +379,8 @@ class EmbeddedStack:
             "kafka": self.config.kafka_bootstrap,
             "s3": self.config.s3_endpoint,
             "started": [s.name for s in self.servers],
+            # what loses its data when the stack stops (said at start; see README)
+            "in_memory": {s.name: IN_MEMORY[s.name] for s in self.servers if s.name in IN_MEMORY},
             "external": dict(self.external),
             "image_buckets": list(self.config.image_buckets),
             "train_bucket": self.config.train_bucket,
@@ -309,16 +397,17 @@ class EmbeddedStack:
     def pids(self) -> dict[str, list[int]]:
         """Process ids of every child process running now (tests check none survive)."""
         pids = {s.name: [s.proc.pid] for s in self.servers if s.proc is not None}
-        for pool in (self.pool, self.train_pool):
-            if pool is not None:
-                pids[pool.function] = [r.proc.pid for r in pool.replicas()]
+        if self.pool is not None:
+            pids[self.pool.function] = [r.proc.pid for r in self.pool.replicas()]
+        if self.train_job is not None and self.train_job.pid is not None:
+            pids["train"] = [self.train_job.pid]
         return pids
 
     def stats(self) -> dict[str, Any]:
         return {
             "dispatcher": self.dispatcher.stats() if self.dispatcher else None,
             "predict": self.pool.stats() if self.pool else None,
-            "train": self.train_pool.stats() if self.train_pool else None,
+            "train": self.timer.stats() if self.timer else None,
             "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
         }
 
@@ -337,8 +426,9 @@ EXPORTED = {
 }
 
 
-def ping_event(config: Config, data: dict[str, Any]) -> tuple[dict[str, str], bytes]:
-    """The binary-mode CloudEvent a PingSource POSTs (``contentType: application/json``)."""
+def ping_event(config: Config, data: dict[str, Any]) -> bytes:
+    """The event a PingSource sends (``contentType: application/json``), as the JobSink
+    mounts it for the Job: structured CloudEvent JSON."""
     event = CloudEvent(
         {
             "type": "dev.knative.sources.ping",
@@ -347,7 +437,7 @@ def ping_event(config: Config, data: dict[str, Any]) -> tuple[dict[str, str], by
         },
         data,
     )
-    return to_binary(event)
+    return to_json(event)
 
 
 class TrainingTimer:
@@ -368,7 +458,10 @@ class TrainingTimer:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._thread.join(1.0)  # a round in progress ends with the train pool
+        self._thread.join(1.0)  # a round in progress ends with its child process
+
+    def stats(self) -> dict[str, Any]:
+        return {"every_s": self.every_s, "rounds": self.rounds, "last": self.last}
 
     def _run(self) -> None:
         while not self._stopping.wait(self.every_s):

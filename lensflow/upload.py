@@ -50,7 +50,7 @@ def upload_files(
     bucket = bucket or config.image_buckets[0]
     s3 = s3 or s3_client(config)
     own_producer = producer is None
-    producer = producer or make_producer(config.kafka_bootstrap)
+    producer = producer or make_producer(config.kafka)
     events: list[ObjectEvent] = []
     acks = []
     try:

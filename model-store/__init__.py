@@ -10,6 +10,7 @@ from model_store.errors import (
     StoreUnavailableError,
 )
 from model_store.integrity import parse_labels, sha256_hex
+from model_store.lease import Lease, LeaseFile, LeaseHeldError
 from model_store.pointer import Pointer, PointerFile
 from model_store.store import NO_POINTER, ModelStore, VersionInfo
 
@@ -17,6 +18,9 @@ __all__ = [
     "ConflictError",
     "IntegrityError",
     "InvalidModelError",
+    "Lease",
+    "LeaseFile",
+    "LeaseHeldError",
     "ModelStore",
     "ModelStoreError",
     "NO_POINTER",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
 from model_store.errors import (
     ConflictError,
@@ -34,6 +34,11 @@ def translate(exc: Exception, what: str) -> ModelStoreError:
         if status >= 500 or status == 0:
             return StoreUnavailableError(f"{what}: object store answered {status or code}")
         return ModelStoreError(f"{what}: {code or status}")
+    if isinstance(exc, SSLError):
+        return StoreUnavailableError(
+            f"{what}: TLS with the object store failed; is LENSFLOW_S3_CA_BUNDLE the CA "
+            f"that signed its certificate? ({' '.join(str(exc).split())})"
+        )
     if isinstance(exc, BotoCoreError):
         return StoreUnavailableError(f"{what}: object store unreachable ({type(exc).__name__})")
     raise exc
@@ -96,6 +101,16 @@ class Objects:
     def put_json(self, key: str, value: dict, **conditions: Any) -> str:
         body = json.dumps(value, indent=2, sort_keys=True).encode()
         return self.put(key, body, content_type="application/json", **conditions)
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete ``key``; with ``if_match`` only while its ETag is still that one."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match:
+            kwargs["IfMatch"] = if_match
+        try:
+            self.s3.delete_object(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise translate(exc, f"delete s3://{self.bucket}/{key}") from None
 
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []

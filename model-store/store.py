@@ -16,6 +16,7 @@ from model_store.errors import (
     PinnedError,
 )
 from model_store.integrity import check_labels, inspect_model, parse_labels, sha256_hex
+from model_store.lease import LeaseFile
 from model_store.objects import Objects
 from model_store.pointer import Pointer, PointerFile, utc_now
 
@@ -244,6 +245,10 @@ class ModelStore:
             record, _ = self.objects.get_json(key)
             records.append(record)
         return records
+
+    def lease(self, ttl_s: float) -> LeaseFile:
+        """The training lease of this model (``<name>/lock.json``), ``ttl_s`` long."""
+        return LeaseFile(self.objects, self.name, ttl_s)
 
     # --- internals -----------------------------------------------------------------------
 

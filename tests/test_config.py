@@ -30,7 +30,12 @@ def test_contract_variables_all_exist():
     names = {s.name for s in SETTINGS}
     assert CONTRACT_VARIABLES <= names, CONTRACT_VARIABLES - names
     secrets = {s.name for s in SETTINGS if s.secret}
-    assert secrets == {"LENSFLOW_S3_ACCESS_KEY", "LENSFLOW_S3_SECRET_KEY"}
+    assert secrets == {
+        "LENSFLOW_S3_ACCESS_KEY",
+        "LENSFLOW_S3_SECRET_KEY",
+        "LENSFLOW_DASHBOARD_TOKEN",
+        "LENSFLOW_KAFKA_SASL_PASSWORD",
+    }
 
 
 def test_defaults_and_overrides():

@@ -51,18 +51,6 @@ from tests.knative_manifests import (
 
 DEFAULTS = {s.name: s.default for s in config.SETTINGS}
 SECRET_NAMES = {s.name for s in config.SETTINGS if s.secret}
-# Issue 14's names for Kafka TLS/SASL and the S3 CA bundle, fixed by the issue: the manifests
-# use them before lensflow_core.settings lists them (it will; then this set can go).
-SECURITY_ENV = {
-    "LENSFLOW_KAFKA_SECURITY_PROTOCOL",
-    "LENSFLOW_KAFKA_SASL_MECHANISM",
-    "LENSFLOW_KAFKA_SASL_USERNAME",
-    "LENSFLOW_KAFKA_SASL_PASSWORD",
-    "LENSFLOW_KAFKA_CA_FILE",
-    "LENSFLOW_KAFKA_CERT_FILE",
-    "LENSFLOW_KAFKA_KEY_FILE",
-    "LENSFLOW_S3_CA_BUNDLE",
-}
 S3_SECRET_ENV = {"LENSFLOW_S3_ACCESS_KEY", "LENSFLOW_S3_SECRET_KEY"}
 EXPECTED_PARTITIONS = {"images": 6, "predictions": 3, "images-dlq": 1}
 KAFKA_TOPIC_CLUSTER_LABEL = "strimzi.io/cluster"
@@ -238,7 +226,7 @@ def test_config_map_names_and_topics_match_config(docs: tuple[Doc, ...]) -> None
 def test_every_lensflow_env_name_exists_in_settings(docs: tuple[Doc, ...]) -> None:
     text = yaml.safe_dump_all(docs) + (KNATIVE / "s3-secret.template.yaml").read_text()
     used = set(re.findall(r"\bLENSFLOW_[A-Z0-9_]+", text))
-    known = set(DEFAULTS) | SECURITY_ENV
+    known = set(DEFAULTS)
     assert used and used <= known, f"unknown: {used - known}"
 
 
@@ -258,8 +246,8 @@ def test_each_workload_gets_the_config_and_its_own_s3_secret(
             "name": f"lensflow-s3-{role}",
             "key": name,
         }
-    literal = [n for n, e in env.items() if n in SECRET_NAMES | SECURITY_ENV and "value" in e]
-    assert not set(literal) & (SECRET_NAMES | {"LENSFLOW_KAFKA_SASL_PASSWORD"}), literal
+    literal = [n for n, e in env.items() if n in SECRET_NAMES and "value" in e]
+    assert not literal, literal
     template = yaml.safe_load((KNATIVE / "s3-secret.template.yaml").read_text())
     assert template["metadata"]["name"] == "lensflow-s3-${S3_ROLE}"
     assert set(template["stringData"]) == S3_SECRET_ENV <= SECRET_NAMES
@@ -537,8 +525,13 @@ def test_dockerfile(function: str) -> None:
     assert f"['optional-dependencies']['{function}']" in text
     other = "train" if function == "predict" else "predict"
     assert f"['{other}']" not in text and ".[train]" not in text and ".[predict]" not in text
-    assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
-    assert f"--source functions/{function}/main.py --target {function}" in text
+    if function == "predict":
+        assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
+        assert "--source functions/predict/main.py --target predict" in text
+    else:  # the JobSink's Job: the command the manifest names, made in the image
+        assert text.rstrip().endswith('CMD ["lensflow-train-job"]')
+        assert "> /opt/venv/bin/lensflow-train-job" in text and "lensflow-train-job --help" in text
+        assert "-m functions.train.job" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("0", "root"), "the image runs as a non-root user"
     # dependencies are installed before the code is copied (cache-friendly layers)

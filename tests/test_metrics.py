@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -192,9 +193,14 @@ def test_two_gunicorn_workers_add_up_in_multiprocess_mode(
         statuses: list[int] = []
 
         def post(i: int) -> None:
-            reply = put_and_notify(
-                server.url, config, s3, bucket, f"mp/{i}.jpg", scene_jpeg("field", i, (96, 96))
-            )
+            # a worker is ready once its own Kafka check passed: 503 until then, retried
+            for _ in range(50):
+                reply = put_and_notify(
+                    server.url, config, s3, bucket, f"mp/{i}.jpg", scene_jpeg("field", i, (96, 96))
+                )
+                if reply.status_code != 503:
+                    break
+                time.sleep(0.2)
             statuses.append(reply.status_code)
 
         threads = [threading.Thread(target=post, args=(i,)) for i in range(sent)]
@@ -265,3 +271,40 @@ def test_training_round_metrics_from_the_report(tmp_path):
     written = path.read_text()
     assert value(written, "lensflow_train_last_promoted") == 1
     assert value(written, "lensflow_train_round_duration_seconds_sum") == 12.5
+
+
+def test_opentelemetry_export_is_off_by_default_and_on_with_otel_variables(capsys):
+    import subprocess
+    import sys
+
+    from eventing.tracing import span
+
+    probe = (
+        "import sys; from eventing.tracing import new_trace, span\n"
+        "with span('x', new_trace()) as t: pass\n"
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported'\n"
+        "print(t.traceparent)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert parse_traceparent(out.stdout.strip()) is not None
+
+    parent = new_trace()
+    capsys.readouterr()
+    with span(
+        "lensflow.predict",
+        parent,
+        {"cloudevents.event_id": "e-1"},
+        env={"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "lensflow-test"},
+    ) as mine:
+        pass
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["context"]["trace_id"] == f"0x{parent.trace_id}"
+    assert exported["context"]["span_id"] == f"0x{mine.span_id}"
+    assert exported["parent_id"] == f"0x{parent.span_id}"
+    assert exported["attributes"]["cloudevents.event_id"] == "e-1"
+    assert exported["resource"]["attributes"]["service.name"] == "lensflow-test"
+    assert mine.trace_id == parent.trace_id and mine.sampled

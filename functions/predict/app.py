@@ -2,11 +2,14 @@
 
 Made lazily on the first request (the readiness probe's, usually), because servers such as
 gunicorn import the function before forking its worker and threads do not survive a fork.
+The replica is not ready until its Kafka producer's brokers have answered (a refused TLS
+handshake or login keeps it not-ready, with the reason in /healthz and the log).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import threading
@@ -18,12 +21,17 @@ from functions.predict.handler import PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
 from lensflow_core.cpus import usable_cpus
+from lensflow_core.kafka import KafkaSetupError, connect
 from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
+from model_store.labelqueue import LabelQueue
 
 _STARTED = time.time()
+KAFKA_RECHECK_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class PredictApp:
@@ -32,6 +40,8 @@ class PredictApp:
     def __init__(self, config: Config):
         self.config = config
         configure_logging(config.log_level, config.log_format)
+        # First, so that settings that cannot work fail before any thread starts.
+        producer = PredictionProducer(config.kafka, config.topic_predictions)
         s3 = s3_client(config, timeout_s=5.0, retries=1)
         # Inference is scheduled by cores: one interpreter (one thread) per CPU this
         # replica may use (affinity, cgroup quota: the container's CPU limit); the
@@ -47,16 +57,39 @@ class PredictApp:
             batcher=self.batcher,
         )
         self.watcher.start()
-        producer = PredictionProducer(config.kafka_bootstrap, config.topic_predictions)
-        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
+        self.kafka_problem: str | None = "checking the connection to Kafka"
+        threading.Thread(target=self._check_kafka, name="kafka-check", daemon=True).start()
+        queue = None
+        if config.label_queue_max > 0:
+            queue = LabelQueue(s3, config.train_bucket, config.label_queue_max)
+        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer, queue)
+
+    def _check_kafka(self) -> None:
+        """Until the brokers answer: record why not (once in the log per new reason)."""
+        while True:
+            try:
+                connect(self.config.kafka, timeout_s=10.0)
+            except KafkaSetupError as exc:
+                if str(exc) != self.kafka_problem:
+                    log.error("not ready: %s", exc)
+                self.kafka_problem = str(exc)
+                time.sleep(KAFKA_RECHECK_S)
+                continue
+            self.kafka_problem = None
+            return
 
     def coming(self):
         """Around a request: lets the batcher wait for it (``Batcher.coming``)."""
         return self.batcher.coming() if self.batcher else contextlib.nullcontext()
 
-    def health(self) -> dict:
-        model = self.watcher.model
-        return {"ok": True, "model": model.identity if model else None}
+    def health(self) -> tuple[int, dict]:
+        """Readiness: 200 once serving the pointer's model (or no pointer exists yet);
+        503 before the first pointer read, while the store cannot be read, or while
+        Kafka cannot be used as configured."""
+        ready, body = self.watcher.ready()
+        if self.kafka_problem is not None:
+            ready, body = False, {**body, "ready": False, "reason": self.kafka_problem}
+        return (200 if ready else 503), body
 
     def metrics(self) -> dict:
         model = self.watcher.model
@@ -69,11 +102,14 @@ class PredictApp:
             "requests": {str(k): v for k, v in self.handler.stats.statuses.items()},
             "predictions": self.handler.stats.predictions,
             "skipped": self.handler.stats.skipped,
+            "uncertain": self.handler.stats.uncertain,
+            "label_queue": dict(self.handler.stats.queue),
             "cpus": self.cpus,
             "batches": vars(self.batcher.stats) if self.batcher else None,
             "model_checks": stats.checks,
             "model_swaps": stats.swaps,
             "model_refusals": stats.refusals,
+            "model_refusal_retries": stats.refusal_retries,
             "last_refusal": stats.last_refusal,
             "store_errors": stats.store_errors,
             "last_store_error": stats.last_error,

@@ -34,8 +34,10 @@ class ImageFetcher:
             if exc.code in _FORBIDDEN:
                 raise Rejected(422, f"{path} cannot be read: {exc.code}") from None
             raise Rejected(503, f"object store answered {exc.code}") from None
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise Rejected(503, f"object store unreachable: {type(exc).__name__}") from None
+        except ValueError as exc:  # the client refuses the name itself: permanent
+            raise Rejected(422, f"{path} is not a valid object name: {exc}") from None
         try:
             declared = int(response.headers.get("Content-Length") or 0)
             if declared > self.limit:

@@ -19,17 +19,19 @@ from cloudevents.exceptions import GenericException as CloudEventError
 from cloudevents.http import CloudEvent, from_http
 
 from eventing.contracts import BadEvent, ObjectEvent, parse_notification, prediction_event
-from eventing.tracing import TraceContext, continue_or_start
+from eventing.tracing import TraceContext, incoming_trace, span
 from functions.predict import metrics
 from functions.predict.errors import Rejected
 from functions.predict.fetch import ImageFetcher
 from functions.predict.sink import PredictionProducer, ProduceError
 from functions.predict.watcher import ModelWatcher
-from lensflow_core.imaging import ImageError, decode_image
+from lensflow_core.imaging import DecodeBudget, ImageError, decode_image
 from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
+from model_store.labelqueue import TRAINING_PREFIXES, LabelQueue, is_uncertain
 
 log = logging.getLogger("lensflow.predict")
+NO_MODEL_RETRY_AFTER_S = 2
 
 
 @dataclass
@@ -48,6 +50,8 @@ class HandlerStats:
     statuses: Counter = field(default_factory=Counter)
     predictions: int = 0
     skipped: int = 0
+    uncertain: int = 0
+    queue: Counter = field(default_factory=Counter)  # recorded, duplicate, full, error
 
 
 class PredictHandler:
@@ -57,12 +61,16 @@ class PredictHandler:
         fetcher: ImageFetcher,
         watcher: ModelWatcher,
         producer: PredictionProducer,
+        queue: LabelQueue | None = None,
     ):
         self.config = config
         self.fetcher = fetcher
         self.watcher = watcher
         self.producer = producer
+        self.queue = queue
         self.stats = HandlerStats()
+        # concurrent decodes share this much memory (docs/autoscaling.md, "Memory")
+        self.decode_budget = DecodeBudget(config.decode_budget_mb * 1024 * 1024)
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
         with log_fields():  # trace id, event id, key and model version, once known
@@ -72,8 +80,7 @@ class PredictHandler:
         try:
             reply = self._handle(headers, body)
         except Rejected as exc:
-            log.warning("answering %d: %s", exc.status, exc.reason)
-            reply = Reply.json(exc.status, {"error": exc.reason, "status": exc.status})
+            return self.reject(exc)
         except Exception as exc:  # a bug: 500, which Knative retries and then dead-letters
             log.exception("unexpected failure")
             reply = Reply.json(500, {"error": f"internal error: {type(exc).__name__}"})
@@ -81,10 +88,28 @@ class PredictHandler:
         metrics.REQUESTS.labels(str(reply.status)).inc()
         return reply
 
+    def reject(self, exc: Rejected) -> Reply:
+        """The JSON answer to a refused request (also for requests refused before the
+        handler saw them, such as an oversized body)."""
+        log.warning("answering %d: %s", exc.status, exc.reason)
+        payload = {"error": exc.reason, "status": exc.status}
+        if exc.waiting:
+            payload["waiting"] = exc.waiting
+        reply = Reply.json(exc.status, payload)
+        if exc.waiting:
+            reply.headers["Retry-After"] = str(NO_MODEL_RETRY_AFTER_S)
+        self.stats.statuses[reply.status] += 1
+        metrics.REQUESTS.labels(str(reply.status)).inc()
+        return reply
+
     def _handle(self, headers: dict[str, str], body: bytes) -> Reply:
         event = self._parse_cloudevent(headers, body)
-        trace, _arrived = continue_or_start(event.get_attributes(), headers)
-        bind(trace_id=trace.trace_id, event_id=event["id"])
+        parent = incoming_trace(event.get_attributes(), headers)
+        with span("lensflow.predict", parent, {"cloudevents.event_id": event["id"]}) as trace:
+            bind(trace_id=trace.trace_id, event_id=event["id"])
+            return self._handle_event(event, trace)
+
+    def _handle_event(self, event: CloudEvent, trace: TraceContext) -> Reply:
         try:
             records = parse_notification(event.data)
         except BadEvent as exc:
@@ -113,29 +138,43 @@ class PredictHandler:
         limit = self.config.max_image_bytes
         if record.bucket not in self.config.image_buckets:
             raise Rejected(422, f"bucket {record.bucket!r} is not in LENSFLOW_IMAGE_BUCKETS")
+        if {".", ".."} & set(record.key.split("/")):
+            # S3 and MinIO refuse such names: permanent, never "store unreachable"
+            raise Rejected(422, f"key {record.key!r} has a '.' or '..' path segment")
         if record.size is not None and record.size > limit:
             raise Rejected(413, f"object is {record.size} bytes, over the limit of {limit}")
         model = self.watcher.model  # this request stays on this version
         if model is None:
-            raise Rejected(503, "no model is being served yet")
+            raise Rejected(503, "no model is being served yet", waiting="no_model")
         bind(model_version=model.version)
         t0 = time.perf_counter()
         data, etag = self.fetcher.fetch(record.bucket, record.key)
         t1 = time.perf_counter()
         side = max(model.spec.height, model.spec.width)
         try:
-            image = decode_image(data, (side, side), max_pixels=self.config.max_image_pixels)
+            image = decode_image(
+                data,
+                (side, side),
+                max_pixels=self.config.max_image_pixels,
+                budget=self.decode_budget,
+            )
         except ImageError as exc:
             raise Rejected(exc.status, f"{record.path}: {exc.reason}") from None
         t2 = time.perf_counter()
         predictions = model.predict(image)
         t3 = time.perf_counter()
+        uncertain = is_uncertain(
+            predictions, self.config.uncertain_top1, self.config.uncertain_margin
+        )
+        if uncertain:
+            self._queue(record, etag, model.identity, predictions)
         event = prediction_event(
             image=ObjectEvent(record.event_name, record.bucket, record.key, etag),
             model=model.identity,
             predictions=predictions,
             source_event_id=source_event_id,
             timings_ms={"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "invoke": _ms(t3 - t2)},
+            uncertain=uncertain,
         )
         event["traceparent"] = trace.traceparent
         data = json.dumps(event.data).encode()  # once, for the topic and the reply
@@ -152,6 +191,21 @@ class PredictHandler:
         metrics.predicted(model.name, top)
         log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
         return event, data
+
+    def _queue(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        """Queue an uncertain image for labelling; never fails the prediction."""
+        self.stats.uncertain += 1
+        if self.queue is None or (
+            record.bucket == self.queue.bucket and record.key.startswith(TRAINING_PREFIXES)
+        ):
+            return  # no queue, or already training data
+        try:
+            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
+        except Exception as exc:  # noqa: BLE001 - the prediction matters more than its record
+            log.warning("could not queue %s for labelling: %s", record.path, exc)
+            outcome = "error"
+        self.stats.queue[outcome] += 1
+        metrics.LABEL_QUEUE.labels(outcome).inc()
 
 
 def _ms(seconds: float) -> float:

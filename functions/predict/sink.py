@@ -10,12 +10,13 @@ from cloudevents.abstract import AnyCloudEvent
 from cloudevents.kafka import to_binary
 
 from eventing.producer import ProduceError, make_producer, produce_and_wait
+from lensflow_core.kafka import KafkaConnection
 
 __all__ = ["PredictionProducer", "ProduceError"]
 
 
 class PredictionProducer:
-    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 10.0):
+    def __init__(self, bootstrap: KafkaConnection | str, topic: str, timeout_s: float = 10.0):
         self.topic = topic
         self.timeout_s = timeout_s
         self._producer = make_producer(

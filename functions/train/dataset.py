@@ -1,7 +1,10 @@
 """Labelled images in the train bucket, ImageFolder style.
 
 ``labeled/<class>/<anything>`` trains, ``holdout/<class>/<anything>`` judges. Objects are
-listed with one paginated LIST per split and fetched with parallel GETs.
+listed with one paginated LIST per split, then streamed by ``load``: parallel GETs, each
+image decoded once, as the predict function decodes it, straight into preallocated uint8
+arrays at the models' input sizes, and its bytes dropped. A round holds
+``n x height x width x 3`` bytes per input size, never the objects themselves.
 (``lensflow.seeding`` fills a bucket with synthetic scenes for the demo, tests and bench.)
 """
 
@@ -12,20 +15,26 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-LABELED = "labeled"
-HOLDOUT = "holdout"
+import numpy as np
+
+from lensflow_core.imaging import ImageError, decode_image
+from lensflow_core.runtime import resize
+from model_store.labelqueue import HOLDOUT, LABELED
+
+__all__ = ["HOLDOUT", "LABELED", "Pictures", "Split", "list_split", "load", "upload"]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FETCH_THREADS = 16
 
 
 @dataclass
 class Split:
-    """The images of one split: parallel lists of class names and object keys (and bodies)."""
+    """The images of one split: parallel lists of class names, object keys and ETags."""
 
     name: str
     classes: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
-    blobs: list[bytes] = field(default_factory=list)
+    etags: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -52,18 +61,70 @@ def list_split(s3, bucket: str, split: str) -> Split:
                 continue
             out.classes.append(parts[1])
             out.keys.append(key)
+            out.etags.append(obj.get("ETag", "").strip('"'))
     return out
 
 
-def fetch(s3, bucket: str, split: Split, threads: int = FETCH_THREADS) -> Split:
-    """``split`` with every object's body, fetched in parallel."""
+Size = tuple[int, int]  # (height, width)
 
-    def get(key: str) -> bytes:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+@dataclass
+class Pictures:
+    """A split decoded: per input size a uint8 array ``[n, height, width, 3]`` (RGB, resized
+    as ``lensflow_core.runtime`` resizes), the class of each row, the keys that did not decode."""
+
+    classes: list[str]
+    arrays: dict[Size, np.ndarray]
+    undecodable: list[str]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def load(
+    s3,
+    bucket: str,
+    split: Split,
+    sizes: Iterable[Size],
+    max_pixels: int,
+    threads: int = FETCH_THREADS,
+) -> Pictures:
+    """Fetch every image of ``split`` and decode it once into arrays of each of ``sizes``.
+
+    At most ``threads`` objects' bytes are alive at a time: each is dropped once decoded.
+    Raises botocore errors when the store cannot be read.
+    """
+    sizes = list(dict.fromkeys(sizes))
+    n = len(split)
+    arrays = {size: np.empty((n, *size, 3), np.uint8) for size in sizes}
+    decoded = np.zeros(n, dtype=bool)
+
+    def one(i: int) -> None:
+        data = s3.get_object(Bucket=bucket, Key=split.keys[i])["Body"].read()
+        try:
+            for side in sorted({max(size) for size in sizes}):  # as predict decodes for each
+                image = decode_image(data, (side, side), max_pixels=max_pixels)
+                for size in sizes:
+                    if max(size) == side:
+                        arrays[size][i] = np.asarray(resize(image, *size))
+        except ImageError:
+            return
+        decoded[i] = True
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        split.blobs = list(pool.map(get, split.keys))
-    return split
+        for _ in pool.map(one, range(n)):
+            pass
+    keep = np.flatnonzero(decoded)
+    if len(keep) < n:  # close the gaps in place: no second copy of the arrays
+        for array in arrays.values():
+            for row, i in enumerate(keep):
+                array[row] = array[i]
+        arrays = {size: array[: len(keep)] for size, array in arrays.items()}
+    return Pictures(
+        [split.classes[i] for i in keep],
+        arrays,
+        [split.keys[i] for i in np.flatnonzero(~decoded)],
+    )
 
 
 def upload(

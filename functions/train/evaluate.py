@@ -2,7 +2,8 @@
 
 ``lensflow_core.imaging.decode_image`` decodes every image and ``lensflow_core.runtime``
 feeds it to LiteRT, the same two steps the predict function takes, quantized models
-included. No TensorFlow.
+included. A round's holdout arrives already decoded and resized to the model's input
+(``dataset.load``, the same decode and resize): ``evaluate_pictures``. No TensorFlow.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE, LiteModel
@@ -58,6 +60,28 @@ def predict_classes(
     for i, data in enumerate(blobs):
         image = decode_image(data, (side, side), max_pixels=max_pixels)
         predicted[i] = int(np.argmax(runtime.classify(image)))
+    return predicted
+
+
+def predict_pictures(
+    model: bytes,
+    images: np.ndarray,
+    *,
+    scale: float = DEFAULT_SCALE,
+    offset: float = DEFAULT_OFFSET,
+    num_threads: int = 2,
+) -> np.ndarray:
+    """Class indices LiteRT predicts for uint8 RGB ``images`` [n, height, width, 3] already
+    at the model's input size (what ``dataset.load`` makes)."""
+    runtime = LiteModel(model, scale=scale, offset=offset, num_threads=num_threads)
+    if images.shape[1:3] != (runtime.spec.height, runtime.spec.width):
+        raise ValueError(
+            f"images are {images.shape[1]}x{images.shape[2]}, the model takes "
+            f"{runtime.spec.height}x{runtime.spec.width}"
+        )
+    predicted = np.empty(len(images), dtype=np.int64)
+    for i, pixels in enumerate(images):
+        predicted[i] = int(np.argmax(runtime.classify(Image.fromarray(pixels))))
     return predicted
 
 
@@ -110,10 +134,31 @@ def evaluate_tflite(
     not know counts as a miss. Metrics are reported over the union of both label sets.
     """
     start = time.perf_counter()
-    predicted_idx = predict_classes(model, blobs, scale=scale, offset=offset, max_pixels=max_pixels)
+    predicted = predict_classes(model, blobs, scale=scale, offset=offset, max_pixels=max_pixels)
+    return _evaluation(predicted, model_labels, classes, start)
+
+
+def evaluate_pictures(
+    model: bytes,
+    model_labels: Sequence[str],
+    images: np.ndarray,
+    classes: Sequence[str],
+    *,
+    scale: float = DEFAULT_SCALE,
+    offset: float = DEFAULT_OFFSET,
+) -> Evaluation:
+    """``evaluate_tflite`` on images decoded and resized to the model's input already."""
+    start = time.perf_counter()
+    predicted = predict_pictures(model, images, scale=scale, offset=offset)
+    return _evaluation(predicted, model_labels, classes, start)
+
+
+def _evaluation(
+    predicted: np.ndarray, model_labels: Sequence[str], classes: Sequence[str], start: float
+) -> Evaluation:
     labels = list(model_labels) + sorted(set(classes) - set(model_labels))
     index = {label: i for i, label in enumerate(labels)}
     truth = [index[c] for c in classes]
-    result = score(truth, [int(p) for p in predicted_idx], labels)
+    result = score(truth, [int(p) for p in predicted], labels)
     result.seconds = round(time.perf_counter() - start, 3)
     return result

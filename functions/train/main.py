@@ -1,41 +1,86 @@
-"""The train function: a PingSource tick (or any POST) in, one training round's report out.
+"""The train function over HTTP (`lensflow serve train`): a trigger in, a round started, 202.
 
-Served by functions-framework (`functions-framework --target train --source ...`, or
-`lensflow serve train`). Accepts a PingSource CloudEvent in binary or structured mode, or a
-plain POST (JSON body optional; ``{"force": true}`` trains even without new data).
-One round at a time per replica: a trigger that arrives while a round runs gets 200 with
-``{"skipped": ...}`` (a 409 would make Knative retry it). 503 when S3 cannot be reached.
-GET /healthz reports whether a round is running and the last outcome; GET /metrics the
-rounds' Prometheus metrics (``functions.train.metrics``).
+On Knative a round is a JobSink Job (``job.py``), never an HTTP request. This server is
+for running rounds by HTTP elsewhere: a POST (a CloudEvent, binary or structured, with
+data ``{"reason": ..., "force": ...}``, or a plain JSON body; empty means
+``{"reason": "manual"}``) starts ``lensflow-train-job`` as a child process on that event and
+answers 202 at once, so no request waits for a round and ``GET /healthz`` keeps answering
+while one runs. One child at a time: a POST while one runs answers 200 ``{"skipped": ...}``
+(a 409 would be retried); across replicas the model store's lease keeps rounds apart.
+A request that is not a training request answers 400 and starts nothing. ``GET /metrics``:
+the rounds' Prometheus metrics (``functions.train.metrics``), counted as each child ends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import flask
 import functions_framework
+from cloudevents.conversion import to_json
 
-from functions.train.metrics import RoundMetrics
-from functions.train.round import run_round
-from functions.train.trigger import parse_trigger, store_unavailable
-from lensflow_core.settings import Config
+from functions.train.metrics import process_metrics
+from functions.train.trigger import TriggerError, request_event, trigger_of
 
 log = logging.getLogger("lensflow.train")
 
-_round_lock = threading.Lock()
-_state: dict[str, Any] = {"running": False, "last": None, "rounds": 0}
-_metrics = RoundMetrics()
+_lock = threading.Lock()
+_state: dict[str, Any] = {"running": None, "last": None, "rounds": 0}
+_metrics = process_metrics()
 
 
 def _reply(status: int, payload: dict[str, Any]) -> flask.Response:
     return flask.Response(
         json.dumps(payload, default=str), status, {"Content-Type": "application/json"}
     )
+
+
+def _start_round(event_json: bytes) -> dict[str, Any]:
+    """``lensflow-train-job`` on this event in a child; a thread records how it ended."""
+    folder = Path(tempfile.mkdtemp(prefix="lensflow-train-"))
+    event_file = folder / "event"
+    event_file.write_bytes(event_json)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "functions.train.job", "--event", str(event_file)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    running = {"pid": proc.pid, "started_at": round(time.time(), 3)}
+
+    def wait() -> None:
+        out, _ = proc.communicate()
+        event_file.unlink(missing_ok=True)
+        folder.rmdir()
+        try:
+            report = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            report = {}
+        seconds = time.time() - running["started_at"]
+        _metrics.record(report or None, seconds, failed=proc.returncode != 0)
+        with _lock:
+            _state["running"] = None
+            _state["rounds"] += 1
+            _state["last"] = {
+                **running,
+                "exit_code": proc.returncode,
+                "round_id": report.get("round_id"),
+                "outcome": report.get("outcome", "failed"),
+                "reason": report.get("reason", f"lensflow-train-job exited {proc.returncode}"),
+                "pointer": report.get("pointer"),
+                "seconds": round(seconds, 3),
+            }
+        log.info("train round ended (exit %s): %s", proc.returncode, _state["last"]["reason"])
+
+    threading.Thread(target=wait, name="train-round", daemon=True).start()
+    return running
 
 
 @functions_framework.http
@@ -47,38 +92,21 @@ def train(request: flask.Request) -> flask.Response:
             return flask.Response(
                 generate_latest(REGISTRY), 200, {"Content-Type": CONTENT_TYPE_LATEST}
             )
-        return _reply(200, {"status": "ok", **_state})
+        with _lock:
+            return _reply(200, {"status": "ok", **_state})
     if request.method != "POST":
-        return _reply(405, {"error": "POST a trigger (CloudEvent or plain), or GET /healthz"})
+        return _reply(
+            405, {"error": "POST a training request (CloudEvent or JSON), or GET /healthz"}
+        )
     try:
-        trigger = parse_trigger(request)
-    except ValueError as exc:
+        event = request_event(request)
+    except TriggerError as exc:
         return _reply(400, {"error": str(exc)})
-    if not _round_lock.acquire(blocking=False):
-        return _reply(200, {"skipped": "a round is already running", "trigger": trigger})
-    _state["running"] = True
-    started = time.perf_counter()
-    try:
-        config = Config.from_env()
-        report = run_round(config, force=trigger["force"])
-    except Exception as exc:
-        _metrics.record(None, time.perf_counter() - started, failed=True)
-        if store_unavailable(exc):
-            log.warning("train round: object store unavailable: %s", exc)
-            return _reply(503, {"error": f"object store unavailable: {exc}", "trigger": trigger})
-        log.exception("train round failed")
-        return _reply(500, {"error": f"{type(exc).__name__}: {exc}", "trigger": trigger})
-    finally:
-        _state["running"] = False
-        _round_lock.release()
-    result = report.to_dict()
-    _metrics.record(result, time.perf_counter() - started)
-    _state["rounds"] += 1
-    _state["last"] = {
-        "round_id": report.round_id,
-        "outcome": report.outcome,
-        "reason": report.reason,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    log.info("train round %s: %s", report.round_id, report.reason)
-    return _reply(200, {**result, "trigger": trigger})
+    trigger = trigger_of(event).to_dict()
+    with _lock:
+        if _state["running"] is not None:
+            return _reply(
+                200, {"skipped": "a round is already running", "trigger": trigger, **_state}
+            )
+        _state["running"] = _start_round(to_json(event))
+        return _reply(202, {"accepted": True, "round": _state["running"], "trigger": trigger})

@@ -9,6 +9,7 @@ textfile (``write_textfile``). The round's JSON report holds the same numbers.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -68,6 +69,13 @@ class RoundMetrics:
             for metric in ("accuracy", "macro_f1"):
                 if isinstance(evaluation.get(metric), (int, float)):
                     self.score.labels(role, metric).set(evaluation[metric])
+
+
+@functools.cache
+def process_metrics() -> RoundMetrics:
+    """The round metrics on the process registry, made once however often the function's
+    module is loaded (functions-framework loads its source anew for every app)."""
+    return RoundMetrics()
 
 
 def write_textfile(path: str, report: dict[str, Any] | None, seconds: float) -> None:

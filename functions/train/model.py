@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -21,6 +21,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+
+def _bind_threads() -> None:
+    """TensorFlow's pools sized as the training Job's CPU allows (``job.bind_threads`` sets
+    these variables from the Job's CPU limit before this module is imported)."""
+    for name, setter in (
+        ("TF_NUM_INTRAOP_THREADS", tf.config.threading.set_intra_op_parallelism_threads),
+        ("TF_NUM_INTEROP_THREADS", tf.config.threading.set_inter_op_parallelism_threads),
+    ):
+        try:
+            setter(int(os.environ[name]))
+        except (KeyError, ValueError):
+            pass
+        except RuntimeError:  # TensorFlow already ran in this process: its pools stay
+            pass
+
+
+_bind_threads()
 
 INPUT_SIZE = (96, 96)  # height, width
 INPUT_SPEC = {"scale": 1 / 255, "offset": 0.0}
@@ -71,6 +89,25 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def as_input(images: np.ndarray) -> np.ndarray:
+    """Pictures as the model takes them (float32): uint8 pixels (``dataset.load``) become
+    ``pixels * scale + offset``; float pictures are taken as already normalised."""
+    if images.dtype == np.uint8:
+        scale, offset = np.float32(INPUT_SPEC["scale"]), np.float32(INPUT_SPEC["offset"])
+        return images.astype(np.float32) * scale + offset
+    return images.astype(np.float32, copy=False)
+
+
+def batches(
+    images: np.ndarray, labels: np.ndarray, order: np.ndarray, batch_size: int, rng
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Augmented float32 batches of ``images`` in ``order``: one batch of floats at a
+    time, never a float copy of the whole set."""
+    for start in range(0, len(order), batch_size):
+        idx = np.sort(order[start : start + batch_size])  # sorted: a faster gather
+        yield as_input(augment(images[idx], rng)), labels[idx]
+
+
 def train(
     model: keras.Model,
     images: np.ndarray,
@@ -81,7 +118,8 @@ def train(
     batch_size: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, float]]:
-    """Fit ``model`` on float32 ``images`` [n, 96, 96, 3] and int ``labels``; per-epoch logs.
+    """Fit ``model`` on ``images`` [n, 96, 96, 3] (uint8 pixels, or float pictures as the
+    model takes them: ``as_input``) and int ``labels``; per-epoch logs.
 
     The default batch size is 32, smaller for small sets (at least ~10 steps per epoch).
     """
@@ -95,8 +133,14 @@ def train(
             peak * (0.55 + 0.45 * math.cos(math.pi * epoch / epochs))
         )
         order = rng.permutation(len(images))
-        x, y = augment(images[order], rng), labels[order]
-        result = model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+        steps = math.ceil(len(images) / batch_size)
+        result = model.fit(
+            batches(images, labels, order, batch_size, rng),
+            epochs=1,
+            steps_per_epoch=steps,
+            verbose=0,
+            shuffle=False,  # shuffled by ``order`` already
+        )
         logs = {k: float(v[-1]) for k, v in result.history.items()}
         history.append(logs)
         if progress is not None:
@@ -134,7 +178,7 @@ def to_tflite(
 
     ``quantization``: ``float32``; ``float16`` (weights stored as float16, float32 in and
     out); ``int8`` (full-integer: int8 weights and activations, uint8 input and output,
-    calibrated on ``representative``: float32 pictures as the model takes them).
+    calibrated on ``representative``: pictures as ``train`` takes them).
     """
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantization == "float16":
@@ -147,7 +191,7 @@ def to_tflite(
 
         def calibration():
             for i in picks:
-                yield [representative[i : i + 1]]
+                yield [as_input(representative[i : i + 1])]
 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = calibration

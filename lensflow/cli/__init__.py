@@ -6,12 +6,13 @@ import argparse
 import logging
 import sys
 
-from lensflow.cli import dlq, eventing, functions, models, stack, train
+from lensflow.cli import dashboard, dlq, eventing, functions, label, models, stack, train
 from lensflow.cli.output import CliError, fail
+from lensflow_core.kafka import KafkaSetupError
 
 # Modules that add verbs. Each exposes ``register(subparsers)`` and sets ``func`` on its
 # parsers; ``func(args) -> int`` returns the exit code.
-VERB_MODULES = (models, functions, eventing, dlq, train, stack)
+VERB_MODULES = (models, functions, eventing, dlq, train, label, stack, dashboard)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CliError as exc:
         return fail(args, str(exc), exc.code)
+    except KafkaSetupError as exc:  # its message names the LENSFLOW_KAFKA_* setting to fix
+        return fail(args, str(exc))
     except KeyboardInterrupt:
         return 130
 

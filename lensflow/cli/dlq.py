@@ -19,6 +19,7 @@ from eventing.dlq import (
 )
 from eventing.producer import ProduceError, make_producer
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow_core.kafka import connect
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 
@@ -75,7 +76,8 @@ def _letters(args: argparse.Namespace, config: Config):
     except ValueError as exc:
         raise CliError(str(exc)) from None
     try:
-        letters = read_dead_letters(config.kafka_bootstrap, config.topic_dlq, config.topic_images)
+        connect(config.kafka)  # a refused login or TLS handshake: said at once, on one line
+        letters = read_dead_letters(config.kafka, config.topic_dlq, config.topic_images)
     except Exception as exc:  # noqa: BLE001 - one line, as every verb fails
         raise CliError(
             f"cannot read {config.topic_dlq} at {config.kafka_bootstrap}: {exc}"
@@ -149,7 +151,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     producer = (
         None
         if args.dry_run
-        else make_producer(config.kafka_bootstrap, **{"client.id": "lensflow-dlq-replay"})
+        else make_producer(config.kafka, **{"client.id": "lensflow-dlq-replay"})
     )
     try:
         outcome = replay(

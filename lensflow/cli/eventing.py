@@ -16,6 +16,7 @@ from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow.stack import dispatcher_for
 from lensflow.upload import upload_files
+from lensflow_core.kafka import KafkaSetupError, connect
 from lensflow_core.settings import Config
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,12 @@ def register(subparsers) -> None:
 
 
 def _ensure_topics(config: Config) -> None:
-    """Best effort: on a managed cluster topics exist already and we may lack the right."""
+    """Connect (a refused login or TLS handshake stops the verb), then create the topics:
+    best effort, as on a managed cluster they exist already and we may lack the right."""
     try:
-        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics), timeout_s=10)
+        ensure_topics(config.kafka, topic_specs(*config.topics), timeout_s=10)
+    except KafkaSetupError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the real operation will say what is wrong
         log.warning("could not check or create topics: %s", exc)
 
@@ -111,9 +115,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 def cmd_predictions_tail(args: argparse.Namespace) -> int:
     config = load_config()
+    connect(config.kafka)
     try:
         for prediction in read_predictions(
-            config.kafka_bootstrap,
+            config.kafka,
             config.topic_predictions,
             follow=args.follow,
             from_beginning=args.from_beginning,

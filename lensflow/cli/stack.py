@@ -10,8 +10,10 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from lensflow.cli.dashboard import DEFAULT_PORT as DEFAULT_DASHBOARD_PORT
+from lensflow.cli.dashboard import start_dashboard
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
-from lensflow.demo import DemoOptions, run_demo, summary_text
+from lensflow.demo import DemoOptions, ensure_model, run_demo, summary_text
 from lensflow.simulate import Burst, Plan, Simulator
 from lensflow.stack import EmbeddedStack
 from lensflow_core.settings import Config
@@ -29,13 +31,37 @@ def register(subparsers) -> None:
         metavar="S",
         help="run a training round every S seconds (the PingSource stand-in)",
     )
+    up.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        help="use this running (durable) Kafka instead of starting the in-memory one",
+    )
+    up.add_argument(
+        "--s3",
+        metavar="URL",
+        help="use this running (durable) S3/MinIO endpoint instead of starting moto",
+    )
+    up.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="on Ctrl-C/SIGTERM, how long to keep dispatching what the broker already "
+        "acknowledged before stopping (60)",
+    )
+    up.add_argument(
+        "--seed-model",
+        action="store_true",
+        help="with an empty model store, train a first model on synthetic scenes (as the demo)",
+    )
     add_json_flag(up)
     up.set_defaults(func=cmd_up)
 
     demo = subparsers.add_parser(
         "demo", help="start the stack, seed a model, fly simulated drones, summarise, stop"
     )
-    _flight_options(demo, rate=3.0, default_bursts=["10:20:15"])
+    # the demo's labels come through the uncertainty queue, not straight from the drones
+    _flight_options(demo, rate=3.0, default_bursts=["10:20:15"], labelled_fraction=0.0)
     _stack_options(demo, idle=10.0)
     demo.add_argument(
         "--no-train",
@@ -71,10 +97,21 @@ def _stack_options(parser: argparse.ArgumentParser, idle: float = 30.0) -> None:
         metavar="S",
         help=f"scale predict to zero after S idle seconds ({idle:g})",
     )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        metavar="P",
+        help=f"the live dashboard's port on 127.0.0.1 ({DEFAULT_DASHBOARD_PORT}; taken: any free one)",
+    )
+    parser.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
 
 
 def _flight_options(
-    parser: argparse.ArgumentParser, rate: float, default_bursts: list[str]
+    parser: argparse.ArgumentParser,
+    rate: float,
+    default_bursts: list[str],
+    labelled_fraction: float = 0.1,
 ) -> None:
     parser.add_argument("--drones", type=int, default=4, metavar="N", help="drones (4)")
     parser.add_argument(
@@ -100,9 +137,9 @@ def _flight_options(
     parser.add_argument(
         "--labelled-fraction",
         type=float,
-        default=0.1,
+        default=labelled_fraction,
         metavar="F",
-        help="share of photos also stored as labelled training data (0.1)",
+        help=f"share of photos also stored as labelled training data ({labelled_fraction})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the photos and keys (0)")
 
@@ -161,22 +198,124 @@ def _start_stack(**kwargs):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    external = _use_external_servers(args)
     with _signals_stop():
         stack = _start_stack(
-            max_replicas=args.max_replicas, idle_s=args.idle, train_every_s=args.train_every
+            max_replicas=args.max_replicas,
+            idle_s=args.idle,
+            train_every_s=args.train_every,
+            external=external,
         )
+        dashboard = None
+        stopping = False
         try:
-            info = {**stack.describe(), "exports": stack.exports()}
+            model = _model_at_start(stack, args.seed_model, quiet=args.json)
+            if not args.no_dashboard:
+                dashboard = start_dashboard(stack.config, stack, args.dashboard_port)
+            info = {
+                **stack.describe(),
+                "exports": stack.exports(),
+                "model": model,
+                "dashboard": dashboard.url if dashboard else None,
+            }
             emit(args, info, _up_text(stack, info))
             sys.stdout.flush()
             threading.Event().wait()  # until Ctrl-C or SIGTERM
         except KeyboardInterrupt:
-            if not args.json:
-                print("\nstopping...", file=sys.stderr)
+            stopping = True
         finally:
+            if stopping:
+                _drain(stack, args.drain_timeout, quiet=args.json)
             with _uninterruptible():
-                stack.stop()
+                if dashboard is not None:
+                    dashboard.stop()
+                stack.stop(count_left=stopping)
+    if stopping:
+        _check_drained(stack)
     return 0
+
+
+def _use_external_servers(args: argparse.Namespace) -> set[str]:
+    """``--kafka``/``--s3``: point the configuration (and so every replica) at them."""
+    import os
+
+    external = set()
+    if args.kafka:
+        os.environ["LENSFLOW_KAFKA_BOOTSTRAP"] = args.kafka
+        external.add("kafka")
+    if args.s3:
+        os.environ["LENSFLOW_S3_ENDPOINT"] = args.s3
+        external.add("s3")
+    return external
+
+
+def _drain(stack, timeout_s: float, quiet: bool) -> None:
+    """Stop means drained or refused: dispatch what the broker acknowledged, showing
+    how much is left, for at most ``timeout_s``; a second Ctrl-C cuts it short."""
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    say(f"stopping: finishing what the broker acknowledged (at most {timeout_s:g} s)...")
+    shown: list[int] = []
+
+    def progress(left: int) -> None:
+        if not shown or left != shown[-1]:
+            say(f"  {left} acknowledged upload(s) left")
+            shown.append(left)
+
+    try:
+        stack.drain(timeout_s, progress)
+    except KeyboardInterrupt:
+        say("  interrupted: stopping now")
+    except Exception as exc:  # noqa: BLE001 - the count after the stop says what is left
+        say(f"  cannot drain: {exc}")
+
+
+def _check_drained(stack) -> None:
+    left = stack.left_undone
+    durable = "kafka" in stack.external
+    if left == 0:
+        return
+    if left is None:
+        raise CliError(
+            "stopped, but the broker could not say whether acknowledged uploads were left "
+            + ("undone (they stay in the broker)" if durable else "undone (possibly lost)")
+        )
+    raise CliError(
+        f"stopped with {left} acknowledged upload(s) neither predicted nor dead-lettered: "
+        + (
+            f"they stay in the broker at {stack.config.kafka_bootstrap} for the next run"
+            if durable
+            else "lost with the in-memory broker (raise --drain-timeout, or run durably "
+            "with --kafka/--s3)"
+        )
+    )
+
+
+def _model_at_start(stack, seed: bool, quiet: bool) -> str | None:
+    """The version served; with ``seed`` and an empty store, a first model trained now.
+    An empty store is said out loud: events would otherwise wait on 503s and end up
+    as dead letters (replayable: ``lensflow dlq replay --reason "no model"``)."""
+    from model_store import ModelStore, ModelStoreError
+
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        pointer = ModelStore.from_config(stack.config).current()
+    except ModelStoreError as exc:
+        say(f"warning: cannot read the model store: {exc}")
+        return None
+    if pointer is not None:
+        return pointer.version
+    if seed:
+        try:
+            return ensure_model(stack, say)["version"]
+        except Exception as exc:  # noqa: BLE001 - one line, as every verb fails
+            raise CliError(f"could not seed a first model: {exc}") from None
+    say(
+        "warning: the model store is empty: uploads are answered 503 (no model yet), retried, "
+        "then dead-lettered as replayable. Start with --seed-model, or publish one with "
+        "`lensflow models publish FILE --labels FILE --promote`, then "
+        '`lensflow dlq replay --reason "no model"`.'
+    )
+    return None
 
 
 def _up_text(stack, info: dict) -> str:
@@ -196,7 +335,18 @@ def _up_text(stack, info: dict) -> str:
             if stack.timer
             else "on demand (`lensflow train --once`)"
         ),
+        f"  model      {info['model'] or 'NONE YET: uploads wait, then dead-letter (--seed-model)'}",
+        f"  dashboard  {info['dashboard'] or 'off'}",
         f"  started    {started}; logs in {info['logs']}",
+        *(
+            [
+                f"  in memory  {', '.join(info['in_memory'].values())}: a stop or crash loses "
+                "every record, offset and object there; for durable servers use --kafka and "
+                "--s3 (README, 'Durable servers')"
+            ]
+            if info["in_memory"]
+            else []
+        ),
         "",
         "In a second shell (credentials: the defaults, or your LENSFLOW_S3_* variables):",
     ]
@@ -224,12 +374,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_options(options.drones, options.rate, options.duration_s, options.labelled_fraction)
     live = not args.json and sys.stdout.isatty()
     say = (lambda text: None) if args.json else (lambda text: print(text, flush=True))
-    stack = None
+    stack = dashboard = None
     with _signals_stop():
         try:
             say("starting the embedded stack (S3, Kafka, dispatcher, scale-to-zero predict)")
             stack = _start_stack(idle_s=options.idle_s, max_replicas=options.max_replicas)
+            if not args.no_dashboard:
+                dashboard = start_dashboard(stack.config, stack, args.dashboard_port)
+                say(f"live dashboard: {dashboard.url}")
             summary = run_demo(stack, options, live=live, say=say)
+            if dashboard is not None:
+                summary["dashboard"] = dashboard.url
         except KeyboardInterrupt:
             say("interrupted: stopping everything")
             return 130
@@ -238,8 +393,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise CliError(f"demo failed: {exc} (logs: {stack.log_dir})") from None
         finally:
-            if stack is not None:
-                with _uninterruptible():
+            with _uninterruptible():
+                if dashboard is not None:
+                    dashboard.stop()
+                if stack is not None:
                     stack.stop()
     emit(args, summary, summary_text(summary))
     return 0 if summary["missing"] == 0 else 1
@@ -337,9 +494,12 @@ def _check_reachable(config: Config) -> None:
             f"reachable ({exc}); is `lensflow up` running?"
         ) from None
     from eventing.topics import ensure_topics, topic_specs
+    from lensflow_core.kafka import KafkaSetupError
 
     try:
-        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics), timeout_s=5)
+        ensure_topics(config.kafka, topic_specs(*config.topics), timeout_s=5)
+    except KafkaSetupError as exc:
+        raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001
         raise CliError(
             f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); is `lensflow up` running?"

@@ -100,22 +100,19 @@ def report_text(report: dict[str, Any]) -> str:
 def run_once(
     config: Config, force: bool, show_progress: bool, metrics_file: str | None = None
 ) -> dict[str, Any]:
-    from botocore.exceptions import BotoCoreError
-
+    """One round by the training Job's own entry point (``functions.train.job.run_job``)."""
+    from functions.train.job import EXIT_OK, run_job
     from functions.train.metrics import write_textfile
-    from functions.train.round import run_round
-    from model_store import ModelStoreError
+    from functions.train.trigger import Trigger
 
+    trigger = Trigger("manual", force, type="lensflow train", source="lensflow/cli")
     started = time.perf_counter()
-    try:
-        with progress_display(show_progress) as progress:
-            report = run_round(config, progress=progress, force=force).to_dict()
-    except (ModelStoreError, BotoCoreError) as exc:
-        if metrics_file:
-            write_textfile(metrics_file, None, time.perf_counter() - started)
-        raise CliError(f"training round failed: {exc}") from None
+    with progress_display(show_progress) as progress:
+        code, report = run_job(config, trigger, progress=progress)
     if metrics_file:
         write_textfile(metrics_file, report, time.perf_counter() - started)
+    if code != EXIT_OK:
+        raise CliError(f"training round failed: {report['reason']}")
     return report
 
 

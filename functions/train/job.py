@@ -1,0 +1,174 @@
+"""`lensflow-train-job`: the training Job's entry point. One event in, one round, an exit code.
+
+On Knative a PingSource (or an operator) sends an event to the JobSink, which starts a Job
+and mounts the event at ``/etc/jobsink-event/event`` (``--event`` names another file).
+``run_job`` is the one way a round runs: this command, `lensflow train --once` (in
+process), the local stack's timer and `lensflow serve train` (both as a child running this
+command) all call it.
+
+Exit codes:
+
+- 0: the round ran, or was refused (no holdout, too little new data, too many images for
+  the memory, another round holds the lease); the reason is logged and the round's JSON
+  report is printed on stdout either way;
+- 1: the round failed (store unreachable, a bug): the Job's ``backoffLimit`` retries it;
+- 2: no event, or not the expected one: refused with a one-line reason before anything
+  touches the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from functions.train.round import Progress, RoundReport, run_round
+from functions.train.trigger import EVENT_PATH, Trigger, TriggerError, read_event
+from lensflow_core.settings import Config
+from model_store import LeaseHeldError, ModelStore
+
+log = logging.getLogger("lensflow.train")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_EVENT = 0, 1, 2
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def cpu_limit(cpu_max: Path = CPU_MAX) -> int:
+    """Whole CPUs this process may use: its CPU affinity, capped by the cgroup's CPU quota
+    (rounded up). TensorFlow would otherwise size its pools from the node's cores."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def bind_threads() -> int:
+    """Size TensorFlow's and OpenMP's thread pools before TensorFlow starts: from the
+    variables the Job's manifest sets (limits.cpu), else from ``cpu_limit()``."""
+    n = 0
+    for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+        try:
+            n = n or int(os.environ.get(name, ""))
+        except ValueError:
+            pass
+    n = n if n > 0 else cpu_limit()
+    for name in THREAD_VARIABLES:
+        os.environ.setdefault(name, str(n))
+    return n  # functions.train.model hands these to tf.config.threading on import
+
+
+def refused(config: Config, reason: str) -> dict[str, Any]:
+    """The report of a round that did not start."""
+    report = RoundReport(
+        round_id=uuid.uuid4().hex[:12],
+        model=config.model_name,
+        started_at=round(time.time(), 3),
+        metric=config.train_metric,
+        margin=config.train_margin,
+        reason=reason,
+    )
+    return report.to_dict()
+
+
+def run_job(
+    config: Config,
+    trigger: Trigger,
+    *,
+    progress: Progress | None = None,
+    s3=None,
+) -> tuple[int, dict[str, Any]]:
+    """One round under the model store's lease: (exit code, report)."""
+    bind_threads()
+    log.info(
+        "round requested: %s%s (event %s)",
+        trigger.reason,
+        " (force)" if trigger.force else "",
+        trigger.id or "-",
+    )
+    store = ModelStore.from_config(config, s3)
+    lease_file = store.lease(config.train_lease_ttl_s)
+    try:
+        lease = lease_file.acquire()
+    except LeaseHeldError as exc:
+        log.warning("round refused: %s", exc)
+        return EXIT_OK, {**refused(config, str(exc)), "trigger": trigger.to_dict()}
+    except Exception as exc:  # noqa: BLE001 - any failure to take the lease is a failed Job
+        return _failed(config, trigger, "taking the training lease", exc)
+    log.info("lease %s taken (%s)", lease_file.key, lease.describe())
+    try:
+        report = run_round(config, progress=progress, force=trigger.force, s3=s3, store=store)
+    except Exception as exc:  # noqa: BLE001 - a failed round is a failed Job, whatever broke
+        return _failed(config, trigger, "the round", exc)
+    finally:
+        try:
+            lease_file.release(lease)
+        except Exception as exc:  # noqa: BLE001 - it expires by itself
+            log.warning("could not release the lease (it expires at its TTL): %s", exc)
+    level = logging.INFO if report.outcome != "skipped" else logging.WARNING
+    log.log(level, "round %s %s: %s", report.round_id, report.outcome, report.reason)
+    return EXIT_OK, {**report.to_dict(), "trigger": trigger.to_dict()}
+
+
+def _failed(
+    config: Config, trigger: Trigger, doing: str, exc: Exception
+) -> tuple[int, dict[str, Any]]:
+    reason = f"{doing} failed: {type(exc).__name__}: {exc}"
+    log.error("%s", reason, exc_info=not _is_store_error(exc))
+    report = {**refused(config, reason), "outcome": "failed", "trigger": trigger.to_dict()}
+    return EXIT_FAILED, report
+
+
+def _is_store_error(exc: Exception) -> bool:
+    from botocore.exceptions import BotoCoreError
+
+    from model_store import ModelStoreError
+
+    return isinstance(exc, (ModelStoreError, BotoCoreError))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lensflow-train-job",
+        description="Run one training round from a JobSink event and exit (0: ran or refused, 1: failed, 2: bad event).",
+    )
+    parser.add_argument(
+        "--event", default=EVENT_PATH, help=f"the event file (default {EVENT_PATH})"
+    )
+    args = parser.parse_args(argv)
+    try:
+        trigger = read_event(args.event)
+    except TriggerError as exc:
+        print(f"lensflow-train-job: refused: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_EVENT
+    try:
+        config = Config.from_env()
+    except ValueError as exc:
+        print(f"lensflow-train-job: bad configuration: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    code, report = run_job(config, trigger)
+    print(json.dumps(report, sort_keys=True, default=str), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
