@@ -182,7 +182,13 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
             assert server.metrics()["model"]["version"] == "v2"  # still serving
 
 
-def test_live_swap_under_concurrent_load_drops_nothing(kafka_env, tiny_models, tmp_path):
+@pytest.mark.parametrize("batch_delay_ms", ["0", "20"])
+def test_live_swap_under_concurrent_load_drops_nothing(
+    kafka_env, tiny_models, tmp_path, batch_delay_ms
+):
+    """With micro-batching on too: a batch never mixes versions, and every answer is its
+    version's."""
+    kafka_env = {**kafka_env, "LENSFLOW_BATCH_DELAY_MS": batch_delay_ms}
     config, store = start_stack(kafka_env, tiny_models, flip="first")
     s3 = s3_client(config)
     bucket = config.image_buckets[0]
@@ -223,6 +229,8 @@ def test_live_swap_under_concurrent_load_drops_nothing(kafka_env, tiny_models, t
     late = [version for at, _, version, _ in results if at > flipped_at + ttl + 1.0]
     assert late and set(late) == {"v2"}
     assert metrics["model_swaps"] == 2 and metrics["model_refusals"] == 0
+    if batch_delay_ms != "0":  # batches of more than one did run
+        assert metrics["batches"]["images"] > metrics["batches"]["batches"]
 
 
 def test_corrupt_or_mismatched_models_are_refused_and_the_old_one_keeps_serving(
