@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast lint bench knative-check clean
+.PHONY: install demo up test test-fast test-container lint bench knative-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The function images replayed without docker (also part of `make test`; the first run
+# installs the predict image's dependencies into var/container/, later runs reuse them).
+test-container: install
+	$(BIN)/python -m pytest -q -ra -m container
 
 lint: install
 	$(BIN)/ruff check .

@@ -194,8 +194,9 @@ def _run(  # noqa: C901 (one story, told in order)
     clock.lap("import_s")
     sizes = [M.INPUT_SIZE, *([size] if (size := _input_size(champion)) else [])]
     say("load", f"fetching and decoding {len(labeled)} labelled and {len(holdout)} holdout images")
-    train_set = dataset.load(s3, bucket, labeled, [M.INPUT_SIZE], config.max_image_pixels)
-    judge = dataset.load(s3, bucket, holdout, sizes, config.max_image_pixels)
+    limits = {"max_pixels": config.max_image_pixels, "max_bytes": config.max_image_bytes}
+    train_set = dataset.load(s3, bucket, labeled, [M.INPUT_SIZE], **limits)
+    judge = dataset.load(s3, bucket, holdout, sizes, **limits)
     clock.lap("load_s")
     labels = labeled.labels
     index = {label: i for i, label in enumerate(labels)}
