@@ -15,6 +15,7 @@ activator holds a request while a pod starts. ``post`` raises on a network error
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -26,6 +27,13 @@ import requests
 from requests.adapters import HTTPAdapter
 
 RETRYABLE_STATUSES = frozenset({404, 408, 409, 429})
+# A 503 whose JSON says ``{"waiting": REASON}`` (the predict function before any model
+# exists) means "not yet", not "this event failed": the event is held and tried again
+# without spending its retries, for at most MAX_WAITING_S, polling every few seconds.
+# Knative's KafkaSource does not know this and simply retries the 503 per its spec.
+WAITING_KEY = "waiting"
+MAX_WAITING_S = 600.0
+MAX_WAIT_INTERVAL_S = 5.0
 
 
 @runtime_checkable
@@ -151,6 +159,18 @@ class DeliveryResult:
         return max(self.attempts - 1, 0)
 
 
+def waiting_reason(status: int | None, reply: bytes) -> str | None:
+    """The sink's reason to hold events (a 503 with ``{"waiting": ...}``), or None."""
+    if status != 503 or not reply or len(reply) > 4096:
+        return None
+    try:
+        data = json.loads(reply)
+    except ValueError:
+        return None
+    value = data.get(WAITING_KEY) if isinstance(data, dict) else None
+    return str(value) if value else None
+
+
 def deliver(
     sink: Sink,
     headers: Mapping[str, str],
@@ -158,9 +178,14 @@ def deliver(
     spec: DeliverySpec,
     stopping: threading.Event | None = None,
     on_retry: Callable[[int, int | None], None] | None = None,
+    max_waiting_s: float = MAX_WAITING_S,
 ) -> DeliveryResult:
-    """Post until delivered, final, or out of retries. ``stopping`` cuts a backoff short."""
+    """Post until delivered, final, or out of retries. ``stopping`` cuts a backoff short.
+    While the sink says it is waiting (``waiting_reason``), attempts do not count, for at
+    most ``max_waiting_s``."""
     attempt = 0
+    waited = 0.0
+    interval = max(spec.backoff_delay_s, 0.1)
     while True:
         attempt += 1
         status: int | None = None
@@ -172,6 +197,15 @@ def deliver(
             error = f"{type(exc).__name__}: {exc}"
         if status is not None and 200 <= status < 300:
             return DeliveryResult(True, status, reply, attempt)
+        if waited < max_waiting_s and waiting_reason(status, reply) is not None:
+            attempt -= 1  # the sink is not ready for anyone: this one does not count
+            if stopping is not None and stopping.wait(interval):
+                return DeliveryResult(False, status, reply, attempt, error, aborted=True)
+            if stopping is None:
+                time.sleep(interval)
+            waited += interval
+            interval = min(interval * 2, MAX_WAIT_INTERVAL_S)
+            continue
         if not retryable(status) or attempt > spec.retry:
             return DeliveryResult(False, status, reply, attempt, error)
         if on_retry is not None:

@@ -56,7 +56,7 @@ from confluent_kafka.admin import AdminClient
 
 from eventing.contracts import kafkasource_event
 from eventing.deadletter import annotate, kafka_binary, raw_data
-from eventing.delivery import DeliverySpec, Sink, as_sink, deliver
+from eventing.delivery import MAX_WAITING_S, DeliverySpec, Sink, as_sink, deliver
 from eventing.offsets import OffsetTracker
 from eventing.producer import ProduceError, make_producer, produce_and_wait
 from eventing.topics import DLQ_PARTITIONS, IMAGES_PARTITIONS, TopicSpec, ensure_topics
@@ -131,6 +131,7 @@ class Dispatcher:
         revoke_grace_s: float = 2.0,
         shutdown_grace_s: float = 10.0,
         dead_letter_timeout_s: float = 10.0,
+        max_waiting_s: float = MAX_WAITING_S,
         topics: list[TopicSpec] | None = None,
         topic_check_s: float = 2.0,
     ):
@@ -151,6 +152,7 @@ class Dispatcher:
         self.revoke_grace_s = revoke_grace_s
         self.shutdown_grace_s = shutdown_grace_s
         self.dead_letter_timeout_s = dead_letter_timeout_s
+        self.max_waiting_s = max_waiting_s  # how long a sink may say "waiting" (delivery.py)
         self._create_topics = create_topics
         # the topics to keep existing: the images and dead-letter topics unless told
         self._topics = topics or [
@@ -545,7 +547,15 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - a CloudEvent record we cannot read
             return self._dead_letter_raw(record, f"not a readable CloudEvent: {exc}")
         headers, body = to_binary(event, data_marshaller=raw_data)
-        result = deliver(self.sink, headers, body, self.delivery, self._stopping, self._retried)
+        result = deliver(
+            self.sink,
+            headers,
+            body,
+            self.delivery,
+            self._stopping,
+            self._retried,
+            max_waiting_s=self.max_waiting_s,
+        )
         if result.delivered:
             return DELIVERED
         if result.aborted:

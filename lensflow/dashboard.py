@@ -34,6 +34,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from eventing.dlq import group_by_reason, read_dead_letters
+from eventing.offsets import group_lag
 from eventing.predictions import TopicReader, parse_prediction
 from lensflow_core.imaging import ImageError, decode_image
 from lensflow_core.s3 import s3_client
@@ -70,6 +71,7 @@ class DashboardState:
             "versions": [],
             "history": [],
         }
+        self._group_lag: int | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -160,6 +162,8 @@ class DashboardState:
             if tick % slow_every == 0:
                 update.update(self._model_state())
                 update["dead_letters"] = self._dead_letters()
+                if self.stack is None:
+                    self._group_lag = self._standalone_lag()
             tick += 1
             point = {"t": round(time.time(), 1), **self._flow()}
             with self._lock:
@@ -216,9 +220,19 @@ class DashboardState:
             return None
         return group_by_reason(letters)
 
+    def _standalone_lag(self) -> int | None:
+        """Without a stack: the KafkaSource consumer group's lag, asked of the broker."""
+        try:
+            return group_lag(
+                self.config.kafka, self.config.topic_images, self.config.source_name, 3.0
+            )
+        except Exception as exc:  # noqa: BLE001
+            log.debug("dashboard: lag of %s: %s", self.config.source_name, exc)
+            return None
+
     def _flow(self) -> dict[str, Any]:
-        if self.stack is None:
-            return {"lag": None, "replicas": None}
+        if self.stack is None:  # replicas are the cluster's to count (Knative, kubectl)
+            return {"lag": self._group_lag, "replicas": None}
         stats = self.stack.stats()
         dispatcher = stats.get("dispatcher") or {}
         predict = stats.get("predict") or {}

@@ -73,6 +73,8 @@ def test_the_page_shows_predictions_and_flips_only_with_the_token(live):
             "field"
         )
         browser.wait_for("document.getElementById('pointer-version').textContent === 'v1'")
+        # standalone: the KafkaSource group's lag, from the broker (nothing on images yet)
+        browser.wait_for("document.getElementById('lag').textContent === '0'")
         browser.wait_for("document.querySelectorAll('#flip-version option').length === 2")
 
         # without the token: refused, nothing changes

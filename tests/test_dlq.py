@@ -52,9 +52,10 @@ def pipeline(kafka_env, monkeypatch, tmp_path):
     for name, value in kafka_env.items():
         monkeypatch.setenv(name, value)
     config = Config.from_env(kafka_env)
-    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
+    ensure_topics(config.kafka, topic_specs(*config.topics))
     with FunctionServer("predict", kafka_env, tmp_path / "predict.log") as server:
-        dispatcher = dispatcher_for(config, server.url, delivery=NO_RETRY).start()
+        # max_waiting_s=0: as if the wait for a model had run out at once
+        dispatcher = dispatcher_for(config, server.url, delivery=NO_RETRY, max_waiting_s=0).start()
         try:
             yield config, dispatcher
         finally:
@@ -65,7 +66,7 @@ def test_dead_letters_are_listed_by_reason_and_replayed_once(pipeline, capsys, t
     config, dispatcher = pipeline
     s3 = s3_client(config)
     bucket = config.image_buckets[0]
-    producer = Producer(client_settings(config.kafka_bootstrap))
+    producer = Producer(client_settings(config.kafka))
     originals = {}
     for i in range(2):  # good images uploaded before any model exists: 503, dead-lettered
         key = f"early/<script>{i}.jpg"
@@ -169,3 +170,35 @@ def test_since_parses_times_and_ages():
     assert parse_since("1970-01-12T13:46:40Z") == 1_000_000.0
     with pytest.raises(ValueError):
         parse_since("last tuesday")
+
+
+def test_uploads_before_the_first_model_wait_for_it_instead_of_dying(
+    kafka_env, tmp_path, tiny_models
+):
+    config = Config.from_env(kafka_env)
+    ensure_topics(config.kafka, topic_specs(*config.topics))
+    s3 = s3_client(config)
+    bucket = config.image_buckets[0]
+    with FunctionServer("predict", kafka_env, tmp_path / "predict.log") as server:
+        dispatcher = dispatcher_for(config, server.url, delivery=NO_RETRY).start()
+        try:
+            producer = Producer(client_settings(config.kafka))
+            s3.put_object(Bucket=bucket, Key="first.jpg", Body=scene_jpeg("water", 1, (96, 96)))
+            key, value = notification_record(
+                ObjectEvent("s3:ObjectCreated:Put", bucket, "first.jpg", "e", 10)
+            )
+            producer.produce(config.topic_images, key=key, value=value)
+            producer.flush(10)
+            # the function says "no model yet": no retry budget (0 here) is spent, it waits
+            wait_for(lambda: server.metrics()["requests"].get("503", 0) >= 2, 30, "503s")
+            stats = dispatcher.stats()
+            assert stats["dead_lettered"] == 0 and stats["in_flight"] == 1
+            store = ModelStore.from_config(config)
+            store.publish(tiny_models["first"], LABELS)
+            store.flip("v1", reason="test")
+            wait_for(lambda: dispatcher.stats()["delivered"] == 1, 30, "delivered once served")
+            assert dispatcher.stats()["dead_lettered"] == 0
+            predicted = read_topic(config, config.topic_predictions, 1, timeout_s=10)
+            assert [m.key() for m in predicted] == [key]
+        finally:
+            dispatcher.stop()

@@ -30,6 +30,7 @@ from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
 
 log = logging.getLogger("lensflow.predict")
+NO_MODEL_RETRY_AFTER_S = 2
 
 
 @dataclass
@@ -86,7 +87,12 @@ class PredictHandler:
         """The JSON answer to a refused request (also for requests refused before the
         handler saw them, such as an oversized body)."""
         log.warning("answering %d: %s", exc.status, exc.reason)
-        reply = Reply.json(exc.status, {"error": exc.reason, "status": exc.status})
+        payload = {"error": exc.reason, "status": exc.status}
+        if exc.waiting:
+            payload["waiting"] = exc.waiting
+        reply = Reply.json(exc.status, payload)
+        if exc.waiting:
+            reply.headers["Retry-After"] = str(NO_MODEL_RETRY_AFTER_S)
         self.stats.statuses[reply.status] += 1
         metrics.REQUESTS.labels(str(reply.status)).inc()
         return reply
@@ -134,7 +140,7 @@ class PredictHandler:
             raise Rejected(413, f"object is {record.size} bytes, over the limit of {limit}")
         model = self.watcher.model  # this request stays on this version
         if model is None:
-            raise Rejected(503, "no model is being served yet")
+            raise Rejected(503, "no model is being served yet", waiting="no_model")
         bind(model_version=model.version)
         t0 = time.perf_counter()
         data, etag = self.fetcher.fetch(record.bucket, record.key)
