@@ -20,9 +20,10 @@ import numpy as np
 
 from lensflow_core.imaging import ImageError, decode_image
 from lensflow_core.runtime import resize
+from model_store.labelqueue import HOLDOUT, LABELED
 
-LABELED = "labeled"
-HOLDOUT = "holdout"
+__all__ = ["HOLDOUT", "LABELED", "Pictures", "Split", "list_split", "load", "upload"]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FETCH_THREADS = 16  # uploads (seeding)
 # A round's load: its transient memory is at most LOAD_THREADS objects' bytes (each at most
@@ -34,12 +35,13 @@ DECODE_SLOTS = 2  # the training Job's CPUs: more decoders would only hold more 
 
 @dataclass
 class Split:
-    """The images of one split: parallel lists of class names, object keys and sizes."""
+    """The images of one split: parallel lists of class names, object keys, ETags and sizes."""
 
     name: str
     classes: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    etags: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -67,6 +69,7 @@ def list_split(s3, bucket: str, split: str) -> Split:
             out.classes.append(parts[1])
             out.keys.append(key)
             out.sizes.append(int(obj.get("Size", 0)))
+            out.etags.append(obj.get("ETag", "").strip('"'))
     return out
 
 
