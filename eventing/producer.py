@@ -41,9 +41,26 @@ def make_producer(bootstrap: KafkaConnection | str, **overrides: Any) -> Produce
         "linger.ms": 5,
         "message.timeout.ms": 15000,
         "client.id": "lensflow-producer",
+        # A topic the broker does not know fails in a second with "unknown topic" (it is
+        # never auto-created: see lensflow_core.kafka), not after the delivery timeout.
+        "topic.metadata.propagation.max.ms": 1000,
         **overrides,
     }
     return Producer(client_settings(bootstrap, settings))
+
+
+_NO_TOPIC = {"UNKNOWN_TOPIC_OR_PART", "_UNKNOWN_TOPIC", "_UNKNOWN_PARTITION"}
+
+
+def _failure(topic: str, error) -> str:
+    """One line on why a record was not written; a missing topic is said plainly."""
+    name = error.name() if hasattr(error, "name") else ""
+    if name in _NO_TOPIC:
+        return (
+            f"topic {topic} does not exist on the broker (lensflow creates topics only with "
+            f"ensure_topics: `lensflow up`, or the cluster's KafkaTopic): {error}"
+        )
+    return f"{topic}: {error}"
 
 
 def send(
@@ -58,7 +75,7 @@ def send(
 
     def on_delivery(err, _msg) -> None:
         if err is not None:
-            delivered.set_exception(ProduceError(f"{topic} key {key!r}: {err}"))
+            delivered.set_exception(ProduceError(f"{_failure(topic, err)} (key {key!r})"))
         else:
             delivered.set_result(None)
 
@@ -71,7 +88,8 @@ def send(
             on_delivery=on_delivery,
         )
     except (BufferError, KafkaException) as exc:  # both mean "not written"
-        delivered.set_exception(ProduceError(f"could not produce to {topic}: {exc}"))
+        reason = _failure(topic, exc.args[0]) if isinstance(exc, KafkaException) else str(exc)
+        delivered.set_exception(ProduceError(f"could not produce: {reason}"))
     return delivered
 
 

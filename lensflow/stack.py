@@ -44,6 +44,7 @@ from cloudevents.http import CloudEvent
 
 from eventing.delivery import DeliverySpec
 from eventing.dispatcher import Dispatcher
+from eventing.offsets import group_lag
 from eventing.topics import ensure_topics, topic_specs
 from lensflow.process import ChildProcess, port_open
 from lensflow.replicas import PREDICT_CONCURRENCY, ReplicaPool
@@ -59,6 +60,7 @@ DEFAULT_LOG_DIR = ROOT / "var" / "logs"
 KAFKASOURCE_MANIFEST = ROOT / "knative" / "base" / "kafkasource-images.yaml"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TRAIN_JOB = [sys.executable, "-m", "functions.train.job"]  # what `lensflow-train-job` runs
+DRAIN_QUIET_S = 0.5  # a drain ends once nothing was left, nor arrived, for this long
 
 
 def kafkasource_settings(path: Path = KAFKASOURCE_MANIFEST) -> tuple[str, DeliverySpec, str]:
@@ -153,6 +155,7 @@ class EmbeddedStack:
             max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
         )
         self.servers: list[Server] = []
+        self.left_undone: int | None = None  # after stop(count_left=True)
         self.use_external = set(external)  # servers the caller says are running already
         self.external: dict[str, str] = {}  # what we use but did not start
         self.pool: ReplicaPool | None = None
@@ -224,19 +227,59 @@ class EmbeddedStack:
         self.servers.append(server)  # before start(): stop() must find it whatever happens
         server.start()
 
-    def stop(self) -> None:
-        """Stop everything this stack started, last first. Safe to call twice."""
+    def backlog(self) -> int:
+        """Acknowledged records of the images topic the dispatcher has not finished
+        (delivered or dead-lettered), asked of the broker now."""
+        return group_lag(self.config.kafka_bootstrap, self.config.topic_images, self.group_id)
+
+    def drain(self, timeout_s: float, progress: Callable[[int], None] | None = None) -> int:
+        """Before stopping: keep dispatching until every record the broker acknowledged
+        is done and nothing new arrived for a moment, or ``timeout_s`` passed. Returns
+        the records left (0: drained); ``progress(left)`` is called as it goes. Raises
+        ``KafkaException`` when the broker cannot say."""
+        if self.dispatcher is None:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        quiet_since: float | None = None
+        while True:
+            left = self.backlog()
+            now = time.monotonic()
+            if left:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= DRAIN_QUIET_S:
+                return 0
+            if now >= deadline:
+                return left
+            if progress is not None:
+                progress(left)
+            time.sleep(0.25)
+
+    def stop(self, count_left: bool = False) -> None:
+        """Stop everything this stack started, last first. Safe to call twice.
+
+        ``count_left``: once the dispatcher has stopped, ask the broker what is left
+        undone (``self.left_undone``, None if it could not say) and stop an embedded
+        broker right after, so that it acknowledges as little as possible unseen.
+        """
         errors: list[BaseException] = []
         steps: list[tuple[str, Callable[[], None]]] = []
         if self.timer is not None:
             steps.append(("training timer", self.timer.stop))
         if self.dispatcher is not None:
             steps.append(("dispatcher", self.dispatcher.stop))
+            if count_left:
+                steps.append(("backlog", self._count_left))
+        servers = list(reversed(self.servers))
+        if count_left:  # the broker first: it takes no record after the count
+            steps += [(server.name, server.stop) for server in servers if server.name == "kafka"]
+            servers = [server for server in servers if server.name != "kafka"]
         if self.train_job is not None:
             steps.append(("training round", self.train_job.stop))
         if self.pool is not None:
             steps.append(("predict pool", self.pool.stop))
-        for server in reversed(self.servers):
+        for server in servers:
             steps.append((server.name, server.stop))
         for name, step in steps:
             try:
@@ -247,6 +290,10 @@ class EmbeddedStack:
         self.timer = self.dispatcher = self.pool = self.train_job = None
         self.servers = []
         self._close_log()
+
+    def _count_left(self) -> None:
+        self.left_undone = None
+        self.left_undone = self.backlog()
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

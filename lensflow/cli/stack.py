@@ -32,6 +32,24 @@ def register(subparsers) -> None:
         help="run a training round every S seconds (the PingSource stand-in)",
     )
     up.add_argument(
+        "--kafka",
+        metavar="BOOTSTRAP",
+        help="use this running (durable) Kafka instead of starting the in-memory one",
+    )
+    up.add_argument(
+        "--s3",
+        metavar="URL",
+        help="use this running (durable) S3/MinIO endpoint instead of starting moto",
+    )
+    up.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="on Ctrl-C/SIGTERM, how long to keep dispatching what the broker already "
+        "acknowledged before stopping (60)",
+    )
+    up.add_argument(
         "--seed-model",
         action="store_true",
         help="with an empty model store, train a first model on synthetic scenes (as the demo)",
@@ -176,11 +194,16 @@ def _start_stack(**kwargs):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    external = _use_external_servers(args)
     with _signals_stop():
         stack = _start_stack(
-            max_replicas=args.max_replicas, idle_s=args.idle, train_every_s=args.train_every
+            max_replicas=args.max_replicas,
+            idle_s=args.idle,
+            train_every_s=args.train_every,
+            external=external,
         )
         dashboard = None
+        stopping = False
         try:
             model = _model_at_start(stack, args.seed_model, quiet=args.json)
             if not args.no_dashboard:
@@ -195,14 +218,72 @@ def cmd_up(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             threading.Event().wait()  # until Ctrl-C or SIGTERM
         except KeyboardInterrupt:
-            if not args.json:
-                print("\nstopping...", file=sys.stderr)
+            stopping = True
         finally:
+            if stopping:
+                _drain(stack, args.drain_timeout, quiet=args.json)
             with _uninterruptible():
                 if dashboard is not None:
                     dashboard.stop()
-                stack.stop()
+                stack.stop(count_left=stopping)
+    if stopping:
+        _check_drained(stack)
     return 0
+
+
+def _use_external_servers(args: argparse.Namespace) -> set[str]:
+    """``--kafka``/``--s3``: point the configuration (and so every replica) at them."""
+    import os
+
+    external = set()
+    if args.kafka:
+        os.environ["LENSFLOW_KAFKA_BOOTSTRAP"] = args.kafka
+        external.add("kafka")
+    if args.s3:
+        os.environ["LENSFLOW_S3_ENDPOINT"] = args.s3
+        external.add("s3")
+    return external
+
+
+def _drain(stack, timeout_s: float, quiet: bool) -> None:
+    """Stop means drained or refused: dispatch what the broker acknowledged, showing
+    how much is left, for at most ``timeout_s``; a second Ctrl-C cuts it short."""
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    say(f"stopping: finishing what the broker acknowledged (at most {timeout_s:g} s)...")
+    shown: list[int] = []
+
+    def progress(left: int) -> None:
+        if not shown or left != shown[-1]:
+            say(f"  {left} acknowledged upload(s) left")
+            shown.append(left)
+
+    try:
+        stack.drain(timeout_s, progress)
+    except KeyboardInterrupt:
+        say("  interrupted: stopping now")
+    except Exception as exc:  # noqa: BLE001 - the count after the stop says what is left
+        say(f"  cannot drain: {exc}")
+
+
+def _check_drained(stack) -> None:
+    left = stack.left_undone
+    durable = "kafka" in stack.external
+    if left == 0:
+        return
+    if left is None:
+        raise CliError(
+            "stopped, but the broker could not say whether acknowledged uploads were left "
+            + ("undone (they stay in the broker)" if durable else "undone (possibly lost)")
+        )
+    raise CliError(
+        f"stopped with {left} acknowledged upload(s) neither predicted nor dead-lettered: "
+        + (
+            f"they stay in the broker at {stack.config.kafka_bootstrap} for the next run"
+            if durable
+            else "lost with the in-memory broker (raise --drain-timeout, or run durably "
+            "with --kafka/--s3)"
+        )
+    )
 
 
 def _model_at_start(stack, seed: bool, quiet: bool) -> str | None:
@@ -253,6 +334,15 @@ def _up_text(stack, info: dict) -> str:
         f"  serving    {info['serving'] or 'NO MODEL YET: uploads wait, then dead-letter (--seed-model)'}",
         f"  dashboard  {info['dashboard'] or 'off'}",
         f"  started    {started}; logs in {info['logs']}",
+        *(
+            [
+                f"  in memory  {', '.join(info['in_memory'].values())}: a stop or crash loses "
+                "every record, offset and object there; for durable servers use --kafka and "
+                "--s3 (README, 'Durable servers')"
+            ]
+            if info["in_memory"]
+            else []
+        ),
         "",
         "In a second shell (credentials: the defaults, or your LENSFLOW_S3_* variables):",
     ]
