@@ -6,7 +6,12 @@ or ``backoff_delay * n`` (linear) before retry n = 1..retry; any other status of
 more is final at once and the event goes to the dead-letter topic. Redirects are not
 followed: a sink that redirects is misconfigured, and saying so beats guessing.
 
-A *sink* is anything with ``post(headers, body, timeout_s) -> (status, body)`` and a
+``Retry-After`` on a 429 or 503 is honoured as Knative does when the delivery spec sets
+``retryAfterMax``: the pause before the next retry is the larger of the backoff and the
+header's delay, capped at ``retryAfterMax``; without it the header is ignored.
+
+A *sink* is anything with ``post(headers, body, timeout_s) -> (status, body)`` (or
+``(status, body, response_headers)``, which lets ``Retry-After`` through) and a
 ``url`` naming it (used as ``knativeerrordest``). ``HttpSink`` posts over HTTP with a
 ``requests.Session`` per thread; a local replica pool (scale-to-zero stand-in) can be a
 sink too, by starting a replica inside ``post`` when none is running, as Knative's
@@ -21,12 +26,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Protocol, runtime_checkable
 
 import requests
 from requests.adapters import HTTPAdapter
 
 RETRYABLE_STATUSES = frozenset({404, 408, 409, 429})
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 # A 503 whose JSON says ``{"waiting": REASON}`` (the predict function before any model
 # exists) means "not yet", not "this event failed": the event is held and tried again
 # without spending its retries, for at most MAX_WAITING_S, polling every few seconds.
@@ -74,7 +82,9 @@ class HttpSink:
             self._local.session = session
         return session
 
-    def post(self, headers: Mapping[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
+    def post(
+        self, headers: Mapping[str, str], body: bytes, timeout_s: float
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         reply = self._session().post(
             self._resolve(),
             headers=dict(headers),
@@ -82,7 +92,7 @@ class HttpSink:
             timeout=timeout_s,
             allow_redirects=False,
         )
-        return reply.status_code, reply.content
+        return reply.status_code, reply.content, reply.headers
 
 
 def as_sink(target: str | Callable[[], str] | Sink, pool_size: int = 16) -> Sink:
@@ -99,6 +109,7 @@ class DeliverySpec:
     backoff_policy: str = "exponential"
     backoff_delay_s: float = 0.3
     timeout_s: float = 600.0
+    retry_after_max_s: float | None = None  # None: Retry-After is ignored (Knative's default)
 
     def __post_init__(self) -> None:
         if self.backoff_policy not in ("exponential", "linear"):
@@ -114,6 +125,23 @@ class DeliverySpec:
             return self.backoff_delay_s * 2**retry_number
         return self.backoff_delay_s * retry_number
 
+    @property
+    def backoff_budget_s(self) -> float:
+        """Seconds of backoff in all before an event is dead-lettered (attempt time not
+        counted): retry 10, exponential, PT0.3S is 0.3 x (2 + 4 + ... + 1024) = 613.8 s."""
+        return sum(self.delay_s(n) for n in range(1, self.retry + 1))
+
+    def pause_s(self, retry_number: int, status: int | None, retry_after: str | None) -> float:
+        """The pause before retry ``retry_number``: the backoff, or a longer
+        ``Retry-After`` (on 429/503, up to ``retry_after_max_s``) when that is set."""
+        delay = self.delay_s(retry_number)
+        if self.retry_after_max_s is None or status not in RETRY_AFTER_STATUSES:
+            return delay
+        asked = parse_retry_after(retry_after)
+        if asked is None:
+            return delay
+        return max(delay, min(asked, self.retry_after_max_s))
+
     @classmethod
     def from_knative(cls, delivery: Mapping[str, object] | None) -> DeliverySpec:
         """From a manifest's ``delivery`` block: omitted means Knative's defaults, but a
@@ -125,6 +153,11 @@ class DeliverySpec:
             backoff_policy=str(delivery.get("backoffPolicy", "exponential")),
             backoff_delay_s=parse_duration(str(delivery.get("backoffDelay", "PT0.3S"))),
             timeout_s=parse_duration(str(delivery.get("timeout", "PT600S"))),
+            retry_after_max_s=(
+                parse_duration(str(delivery["retryAfterMax"]))
+                if delivery.get("retryAfterMax")
+                else None
+            ),
         )
 
 
@@ -138,6 +171,22 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"not an ISO-8601 duration like PT0.3S: {text!r}")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.now(timezone.utc)).total_seconds(), 0.0)
 
 
 def retryable(status: int | None) -> bool:
@@ -191,8 +240,12 @@ def deliver(
         status: int | None = None
         reply = b""
         error: str | None = None
+        retry_after: str | None = None
         try:
-            status, reply = sink.post(headers, body, spec.timeout_s)
+            answer = sink.post(headers, body, spec.timeout_s)
+            status, reply = answer[0], answer[1]
+            if len(answer) > 2 and answer[2] is not None:
+                retry_after = answer[2].get("Retry-After")
         except Exception as exc:  # noqa: BLE001 - any failure to talk to the sink is "network"
             error = f"{type(exc).__name__}: {exc}"
         if status is not None and 200 <= status < 300:
@@ -210,7 +263,7 @@ def deliver(
             return DeliveryResult(False, status, reply, attempt, error)
         if on_retry is not None:
             on_retry(attempt, status)
-        delay = spec.delay_s(attempt)
+        delay = spec.pause_s(attempt, status, retry_after)
         if stopping is not None:
             if stopping.wait(delay):
                 return DeliveryResult(False, status, reply, attempt, error, aborted=True)

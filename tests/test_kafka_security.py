@@ -137,7 +137,11 @@ def test_librdkafka_settings_for_each_combination(env, expected, files):
     env = {k: v.format(**files) for k, v in env.items()}
     expected = {k: v.format(**files) for k, v in expected.items()}
     settings = settings_of({"LENSFLOW_KAFKA_BOOTSTRAP": "kafka:9093", **env})
-    assert settings == {"bootstrap.servers": "kafka:9093", **expected}
+    assert settings == {
+        "bootstrap.servers": "kafka:9093",
+        "allow.auto.create.topics": False,  # every client, whatever the security
+        **expected,
+    }
 
 
 def test_every_client_kind_starts_from_the_same_settings(files):

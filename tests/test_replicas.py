@@ -73,7 +73,7 @@ def test_cold_start_on_first_event_then_scale_to_zero(ready_env, tmp_path):
     with ReplicaPool(ready_env, idle_s=1.5, log_dir=tmp_path) as pool:
         assert pool.stats()["replicas"] == 0  # nothing runs before the first event
         started = time.monotonic()
-        status, reply = pool.post(headers, body, 30)
+        status, reply, _ = pool.post(headers, body, 30)
         took = time.monotonic() - started
         assert status == 200, reply
         stats = pool.stats()
@@ -81,14 +81,14 @@ def test_cold_start_on_first_event_then_scale_to_zero(ready_env, tmp_path):
         assert stats["last_cold_start_s"] <= took < 30
         pids = stats["pids"]
 
-        status, _ = pool.post(headers, body, 30)  # warm: no new start
+        status, _, _ = pool.post(headers, body, 30)  # warm: no new start
         assert status == 200 and pool.stats()["cold_starts"] == 1
 
         assert pool.wait_for(0, timeout_s=10), pool.stats()  # idle: scaled to zero
         assert pool.stats()["scale_downs"] == 1
         assert gone(pids)
 
-        status, _ = pool.post(headers, body, 30)  # and back from zero
+        status, _, _ = pool.post(headers, body, 30)  # and back from zero
         assert status == 200 and pool.stats()["cold_starts"] == 2
     assert not any(alive(pid) for pid in pool.stats()["pids"] + pids)
 
@@ -133,7 +133,7 @@ def test_killed_replica_is_replaced_and_requests_fail_as_network_errors(ready_en
         os.killpg(victim.proc.pid, signal.SIGKILL)
         time.sleep(0.05)
         try:
-            status, _ = pool.post(headers, body, 30)
+            status, _, _ = pool.post(headers, body, 30)
         except requests.ConnectionError:  # the dead one's connection (or the pool noticed first)
             status = None
         if status is None:

@@ -19,20 +19,22 @@ import numpy as np
 
 from lensflow_core.imaging import ImageError, decode_image
 from lensflow_core.runtime import resize
+from model_store.labelqueue import HOLDOUT, LABELED
 
-LABELED = "labeled"
-HOLDOUT = "holdout"
+__all__ = ["HOLDOUT", "LABELED", "Pictures", "Split", "list_split", "load", "upload"]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FETCH_THREADS = 16
 
 
 @dataclass
 class Split:
-    """The images of one split: parallel lists of class names and object keys."""
+    """The images of one split: parallel lists of class names, object keys and ETags."""
 
     name: str
     classes: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    etags: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -59,6 +61,7 @@ def list_split(s3, bucket: str, split: str) -> Split:
                 continue
             out.classes.append(parts[1])
             out.keys.append(key)
+            out.etags.append(obj.get("ETag", "").strip('"'))
     return out
 
 

@@ -1,0 +1,468 @@
+"""The fault suite (issue 11): inject each fault into a running stack under load, count.
+
+``make test-faults`` (``python -m bench.faults [--repeats N] [SCENARIO...]``) runs every
+scenario ``--repeats`` times (2) and prints, per run: uploads **sent** (acknowledged by
+the broker), **predicted** (a prediction on the predictions topic), **dead-lettered** (on
+the dead-letter topic, not predicted), **duplicates** (predictions beyond the first for
+one upload) and **lost** (acknowledged, neither predicted nor dead-lettered). Objects
+are counted by key, as the issue's injector did. ``make bench`` runs it once per scenario
+(``run(out_dir)`` writes ``bench/results/faults.json``). It takes several minutes, so it
+is not part of ``make test``; the same faults are covered once each by the suite's
+``tests/test_faults.py`` and ``tests/test_predict_limits.py``.
+
+Lost is 0 everywhere except ``broker-restart``: the embedded broker keeps records in
+memory (Tansu's memory engine), so what it had acknowledged and not yet dispatched
+when it was killed is gone with it. That is the documented limit of ``lensflow up``
+without ``--kafka`` (README, "Durable servers").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.common import mobilenet_v2_tflite, write_json
+from eventing.contracts import ObjectEvent, notification_record
+from eventing.predictions import TopicReader
+from eventing.producer import make_producer, send
+from lensflow.process import free_port
+from lensflow.scenes import scene_jpeg
+from lensflow.services import KafkaBroker, S3Server
+from lensflow.stack import EmbeddedStack
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.settings import Config
+from model_store import ModelStore
+
+LABELS = ["field", "forest", "water"]
+UPLOADS = 40
+RATE = 10.0  # uploads per second
+SETTLE_S = 120.0
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    run: int
+    sent: int = 0
+    predicted: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    note: str = ""
+    seconds: float = 0.0
+    checks: dict[str, bool] = field(default_factory=dict)
+
+
+class Watch:
+    """Reads the predictions and dead-letter topics from the start, all the time, and
+    survives the broker restarting (records are told apart by key, partition, offset and
+    timestamp, so re-reading after a reconnect counts nothing twice)."""
+
+    def __init__(self, bootstrap: str, predictions: str, dlq: str):
+        self.seen: dict[str, set[tuple]] = {predictions: set(), dlq: set()}
+        self.predictions, self.dlq = predictions, dlq
+        self._bootstrap = bootstrap
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._read, args=(topic,), daemon=True) for topic in self.seen
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, topic: str) -> None:
+        while not self._stop.is_set():
+            try:
+                with TopicReader(self._bootstrap, topic, timeout_s=3) as reader:
+                    idle_since = time.monotonic()
+                    while not self._stop.is_set():
+                        records = reader.poll(0.2)
+                        for m in records:
+                            if m.key():
+                                self.seen[topic].add(
+                                    (m.key().decode(), m.partition(), m.offset(), m.timestamp()[1])
+                                )
+                        if records:
+                            idle_since = time.monotonic()
+                        elif not reader.partitions or time.monotonic() - idle_since > 3:
+                            break  # topic missing, or maybe recreated: open again
+            except Exception:  # noqa: BLE001 - broker away: try again
+                pass
+            self._stop.wait(0.5)
+
+    def counts(self, sent: list[str]) -> tuple[int, int, int, int]:
+        predictions = Counter(key for key, *_ in self.seen[self.predictions])
+        dead = {key for key, *_ in self.seen[self.dlq]}
+        wanted = set(sent)
+        predicted = {k for k in wanted if predictions[k]}
+        dead_only = (wanted & dead) - predicted
+        duplicates = sum(predictions[k] - 1 for k in predicted)
+        return len(predicted), len(dead_only), duplicates, len(wanted - predicted - dead_only)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+
+
+class Uploads:
+    """``UPLOADS`` images put into S3 up front, their notification records published at
+    ``RATE`` per second in a thread; ``acked`` are the keys the broker acknowledged."""
+
+    def __init__(self, config: Config, prefix: str, bad: Callable[[str], dict] | None = None):
+        self.config = config
+        self.bucket = config.image_buckets[0]
+        s3 = s3_client(config)
+        self.records: list[tuple[str, bytes, bytes, dict]] = []
+        for i in range(UPLOADS):
+            key = f"{prefix}/{i}.jpg"
+            data = scene_jpeg(LABELS[i % 3], i, (320, 240), 85)
+            etag = s3.put_object(Bucket=self.bucket, Key=key, Body=data)["ETag"].strip('"')
+            event = ObjectEvent("s3:ObjectCreated:Put", self.bucket, key, etag, len(data))
+            record_key, value = notification_record(event)
+            self.records.append((f"{self.bucket}/{key}", record_key, value, {}))
+        for name, (value, headers) in (bad(self.bucket) if bad else {}).items():
+            path = f"{self.bucket}/{prefix}/bad-{name}"
+            self.records.append((path, path.encode(), value, headers))
+        self.acked: list[str] = []
+        self.thread = threading.Thread(target=self._publish, daemon=True)
+
+    def start(self) -> Uploads:
+        self.thread.start()
+        return self
+
+    def _publish(self) -> None:
+        producer = make_producer(self.config.kafka_bootstrap, **{"message.timeout.ms": 30000})
+        pending = []
+        for path, key, value, headers in self.records:
+            pending.append((path, send(producer, self.config.topic_images, key, value, headers)))
+            producer.poll(0)
+            time.sleep(1 / RATE)
+        producer.flush(35)
+        self.acked = [path for path, future in pending if future.done() and not future.exception()]
+
+    def join(self) -> list[str]:
+        self.thread.join(60)
+        return self.acked
+
+
+def settle(watch: Watch, sent: list[str], timeout_s: float = SETTLE_S) -> tuple[int, ...]:
+    """Counts once every sent upload is predicted or dead-lettered, or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = watch.counts(sent)
+        if counts[3] == 0 or time.monotonic() > deadline:
+            time.sleep(1.0)  # let late duplicates show
+            return watch.counts(sent)
+        time.sleep(0.5)
+
+
+def env_for(tag: str, s3: str, kafka: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LENSFLOW_S3_ENDPOINT": s3,
+        "LENSFLOW_KAFKA_BOOTSTRAP": kafka,
+        "LENSFLOW_IMAGE_BUCKETS": f"faults-{tag}",
+        "LENSFLOW_MODEL_BUCKET": f"faults-models-{tag}",
+        "LENSFLOW_TOPIC_IMAGES": f"images-{tag}",
+        "LENSFLOW_TOPIC_PREDICTIONS": f"predictions-{tag}",
+        "LENSFLOW_TOPIC_DLQ": f"images-dlq-{tag}",
+        "LENSFLOW_LOG_LEVEL": "WARNING",
+    }
+
+
+def publish_model(config: Config, model: bytes) -> None:
+    store = ModelStore.from_config(config)
+    store.flip(store.publish(model, LABELS, created_by="faults").version)
+
+
+# --- scenarios on an in-process embedded stack ----------------------------------------------
+
+
+def _in_stack(
+    name: str, run: int, model: bytes, fault: Callable[[EmbeddedStack], str], bad=None
+) -> Outcome:
+    tag = f"{name}-{run}-{os.getpid()}"
+    log_dir = Path(tempfile.mkdtemp(prefix=f"faults-{name}-"))
+    with contextlib.ExitStack() as servers:
+        if fault is durable_broker_restart:  # external servers: S3, Tansu writing into it
+            s3 = servers.enter_context(S3Server(log_dir=log_dir))
+            durable_on = Config.from_env({"LENSFLOW_S3_ENDPOINT": s3.endpoint})
+            ensure_buckets(s3_client(durable_on), ["tansu"])
+            broker = KafkaBroker(log_dir=log_dir, durable_on=durable_on).start()
+            env = env_for(tag, s3.endpoint, broker.bootstrap)
+            stack = EmbeddedStack(env, log_dir=log_dir, idle_s=60, external={"kafka", "s3"})
+            stack.durable_broker = broker  # type: ignore[attr-defined]
+            servers.callback(lambda: stack.durable_broker.stop())
+        else:
+            env = env_for(tag, f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+            stack = EmbeddedStack(env, log_dir=log_dir, idle_s=60)
+        return _run_in(stack, name, run, model, fault, bad)
+
+
+def _run_in(stack: EmbeddedStack, name: str, run: int, model: bytes, fault, bad) -> Outcome:
+    outcome = Outcome(name, run)
+    started = time.monotonic()
+    with stack:
+        config = stack.config
+        publish_model(config, model)
+        stack.dispatcher.wait_assigned(30)
+        watch = Watch(config.kafka_bootstrap, config.topic_predictions, config.topic_dlq)
+        try:
+            uploads = Uploads(config, name, bad).start()
+            time.sleep(1.5)  # mid-stream
+            outcome.note = fault(stack)
+            sent = uploads.join()
+            counts = settle(watch, sent)
+        finally:
+            watch.close()
+    outcome.sent = len(sent)
+    outcome.predicted, outcome.dead_lettered, outcome.duplicates, outcome.lost = counts
+    outcome.seconds = round(time.monotonic() - started, 1)
+    return outcome
+
+
+def _server(stack: EmbeddedStack, name: str):
+    return next(s for s in stack.servers if s.name == name)
+
+
+def broker_restart(stack: EmbeddedStack) -> str:
+    broker = _server(stack, "kafka")
+    os.killpg(broker.pid, signal.SIGKILL)
+    broker.proc.wait(10)
+    time.sleep(1.0)
+    again = KafkaBroker(port=broker.port, log_dir=stack.log_dir / "restarted").start()
+    stack.servers.append(again)  # stopped with the stack
+    return "kill -9 of the in-memory broker, back empty 1 s later: lost = its memory"
+
+
+def durable_broker_restart(stack: EmbeddedStack) -> str:
+    broker = stack.durable_broker
+    os.killpg(broker.pid, signal.SIGKILL)
+    broker.proc.wait(10)
+    time.sleep(1.0)
+    stack.durable_broker = KafkaBroker(
+        port=broker.port, log_dir=stack.log_dir / "restarted", durable_on=broker.durable_on
+    ).start()
+    return "kill -9 of Tansu on its S3 storage engine, back 1 s later: nothing lost"
+
+
+def freeze(name: str, seconds: float = 10.0) -> Callable[[EmbeddedStack], str]:
+    def fault(stack: EmbeddedStack) -> str:
+        server = _server(stack, name)
+        os.kill(server.pid, signal.SIGSTOP)
+        time.sleep(seconds)
+        os.kill(server.pid, signal.SIGCONT)
+        return f"SIGSTOP of {name} for {seconds:g} s"
+
+    return fault
+
+
+def kill_replicas(stack: EmbeddedStack) -> str:
+    replicas = stack.pool.replicas()
+    for replica in replicas:
+        os.killpg(replica.proc.pid, signal.SIGKILL)
+    return f"kill -9 of {len(replicas)} predict replica(s)"
+
+
+def hostile_records(bucket: str) -> dict[str, tuple[bytes, dict]]:
+    _, good = notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, "k.jpg", "e", 9))
+
+    def with_key(key) -> bytes:
+        data = json.loads(good)
+        data["Records"][0]["s3"]["object"]["key"] = key
+        return json.dumps(data).encode()
+
+    return {
+        "not-utf8": (b'{"Records": "\xff\xfe"}', {}),
+        "key-is-5": (with_key(5), {}),
+        "dot-dot": (with_key("a/../b.jpg"), {}),
+        "10kb-header": (good, {"x-big": b"x" * 10_000}),
+        "not-json": (b"{nope", {}),
+    }
+
+
+def hostile(stack: EmbeddedStack) -> str:
+    return "5 hostile records among the uploads: each must be dead-lettered, not lost"
+
+
+# --- scenarios on `lensflow up` as a subprocess, against servers it does not own --------------
+
+
+def _up(env: dict[str, str], kafka: KafkaBroker, s3: S3Server) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lensflow",
+            "up",
+            "--no-dashboard",
+            "--kafka",
+            kafka.bootstrap,
+            "--s3",
+            s3.endpoint,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    while not lines or lines[-1].strip():  # its summary ends with an empty line
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"lensflow up did not start: {proc.stderr.read()[-500:]}")
+        lines.append(line)
+    return proc
+
+
+def _processes_with(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if text.encode() in Path(f"/proc/{entry}/environ").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _with_up(name: str, run: int, model: bytes, stop_signal: int) -> Outcome:
+    tag = f"{name}-{run}-{os.getpid()}"
+    outcome = Outcome(name, run)
+    started = time.monotonic()
+    with S3Server() as s3, KafkaBroker() as kafka:
+        env = env_for(tag, s3.endpoint, kafka.bootstrap)
+        config = Config.from_env(env)
+        ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+        publish_model(config, model)
+        proc = _up(env, kafka, s3)
+        watch = Watch(config.kafka_bootstrap, config.topic_predictions, config.topic_dlq)
+        restarted = None
+        try:
+            uploads = Uploads(config, name).start()
+            time.sleep(1.5)
+            proc.send_signal(stop_signal)
+            proc.wait(120)
+            tagged = f"faults-{tag}"
+            time.sleep(2.0)
+            orphans = [p for p in _processes_with(tagged) if p != proc.pid]
+            outcome.checks["no process left behind"] = not orphans
+            if stop_signal == signal.SIGKILL:
+                restarted = _up(env, kafka, s3)  # a new `up` resumes from the commits
+                outcome.note = "kill -9 of `up` mid-upload, then `up` again: at-least-once"
+            else:
+                outcome.checks["exit 0 (drained)"] = proc.returncode == 0
+                outcome.note = f"SIGTERM mid-upload: drained, exit {proc.returncode}"
+            sent = uploads.join()
+            counts = settle(watch, sent)
+        finally:
+            watch.close()
+            for p in (proc, restarted):
+                if p is not None and p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(120)
+    outcome.sent = len(sent)
+    outcome.predicted, outcome.dead_lettered, outcome.duplicates, outcome.lost = counts
+    outcome.seconds = round(time.monotonic() - started, 1)
+    return outcome
+
+
+SCENARIOS: dict[str, Callable[[int, bytes], Outcome]] = {
+    "broker-restart": lambda run, model: _in_stack("broker-restart", run, model, broker_restart),
+    "broker-restart-durable": lambda run, model: _in_stack(
+        "broker-restart-durable", run, model, durable_broker_restart
+    ),
+    "broker-frozen": lambda run, model: _in_stack("broker-frozen", run, model, freeze("kafka")),
+    "s3-frozen": lambda run, model: _in_stack("s3-frozen", run, model, freeze("s3")),
+    "replicas-killed": lambda run, model: _in_stack("replicas-killed", run, model, kill_replicas),
+    "hostile-records": lambda run, model: _in_stack(
+        "hostile-records", run, model, hostile, hostile_records
+    ),
+    "sigterm-up": lambda run, model: _with_up("sigterm-up", run, model, signal.SIGTERM),
+    "kill-9-up": lambda run, model: _with_up("kill-9-up", run, model, signal.SIGKILL),
+}
+IN_MEMORY_LIMIT = {"broker-restart"}  # lost may be > 0: documented
+
+
+def run_suite(names: list[str], repeats: int, say=print) -> list[Outcome]:
+    model = mobilenet_v2_tflite(len(LABELS), size=96)
+    outcomes = []
+    say(
+        f"{'scenario':<16} {'run':>3} {'sent':>5} {'predicted':>9} {'dead-lettered':>13} "
+        f"{'duplicates':>10} {'lost':>5}  note"
+    )
+    for name in names:
+        for run in range(1, repeats + 1):
+            outcome = SCENARIOS[name](run, model)
+            outcomes.append(outcome)
+            failed = [check for check, ok in outcome.checks.items() if not ok]
+            say(
+                f"{name:<16} {run:>3} {outcome.sent:>5} {outcome.predicted:>9} "
+                f"{outcome.dead_lettered:>13} {outcome.duplicates:>10} {outcome.lost:>5}  "
+                f"{outcome.note}" + (f"  FAILED: {', '.join(failed)}" if failed else "")
+            )
+    return outcomes
+
+
+def verdict(outcomes: list[Outcome]) -> list[str]:
+    """What went wrong: loss outside the documented limit, a failed check."""
+    problems = []
+    for o in outcomes:
+        if o.lost and o.scenario not in IN_MEMORY_LIMIT:
+            problems.append(f"{o.scenario} run {o.run}: {o.lost} lost")
+        problems += [f"{o.scenario} run {o.run}: {c}" for c, ok in o.checks.items() if not ok]
+        if o.scenario == "hostile-records" and o.dead_lettered < 5:
+            problems.append(f"hostile-records run {o.run}: {o.dead_lettered} dead-lettered, not 5")
+    return problems
+
+
+def run(out_dir: Path) -> dict:
+    """``make bench``: each scenario once."""
+    outcomes = run_suite(list(SCENARIOS), repeats=1)
+    problems = verdict(outcomes)
+    result = {
+        "uploads_per_run": UPLOADS,
+        "rate_per_s": RATE,
+        "runs": [asdict(o) for o in outcomes],
+        "problems": problems,
+        "targets": {"no loss outside the in-memory broker restart": not problems},
+    }
+    write_json(out_dir, "faults", result)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__)
+    parser.add_argument("scenarios", nargs="*", help=f"any of {', '.join(SCENARIOS)} (all)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # the table is the output; logs go to var/
+    names = args.scenarios or list(SCENARIOS)
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}")
+    outcomes = run_suite(names, args.repeats, say=lambda text: print(text, flush=True))
+    problems = verdict(outcomes)
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    print("lost is 0 everywhere but the in-memory broker restart" if not problems else "")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
