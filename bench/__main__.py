@@ -18,6 +18,7 @@ BENCHMARKS = {
     "predict": "bench.predict_bench",
     "isolated": "bench.isolated_bench",
     "quant": "bench.quant_bench",
+    "gap": "bench.gap_bench",
     "e2e": "bench.e2e_bench",
     "train": "bench.train_bench",
     "train_memory": "bench.train_memory_bench",
