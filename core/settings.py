@@ -28,6 +28,7 @@ EMBEDDED_KAFKA_PORT = 19092
 EMBEDDED_S3_PORT = 19000
 PREDICT_PORT = 8080
 TRAIN_PORT = 8081
+BACKBONES = ("none", "mobilenet_v2_imagenet")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -122,9 +123,31 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "LENSFLOW_TRAIN_MIN_NEW",
         "20",
-        "fewest labelled images new since the champion's round to train again",
+        "fewest labelled entries (key, ETag, class) new or changed since the champion's "
+        "round to train again",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_BACKBONE",
+        "none",
+        "what rounds train on: `none` (a small CNN from scratch) or `mobilenet_v2_imagenet` "
+        "(the pretrained backbone stored by `lensflow models backbone import`)",
     ),
     Setting("LENSFLOW_TRAIN_EPOCHS", "8", "training epochs per round"),
+    Setting(
+        "LENSFLOW_UNCERTAIN_TOP1",
+        "0.6",
+        "a prediction whose top-1 score is below this is queued for labelling (`to-label/`)",
+    ),
+    Setting(
+        "LENSFLOW_UNCERTAIN_MARGIN",
+        "0.2",
+        "a prediction whose top-1 leads the second by less than this is queued for labelling",
+    ),
+    Setting(
+        "LENSFLOW_LABEL_QUEUE_MAX",
+        "500",
+        "most images queued for labelling per model version (0: no queue)",
+    ),
     Setting(
         "LENSFLOW_TRAIN_LEASE_TTL_S",
         "3600",
@@ -133,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LENSFLOW_TRAIN_MAX_IMAGES",
-        "40000",
+        "30000",
         "most labelled plus holdout images a round loads; a larger round is refused "
         "(the default fits the training Job's 3Gi; docs/training.md)",
     ),
@@ -145,9 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LENSFLOW_BATCH_DELAY_MS",
-        "2",
+        "0",
         "longest a predict replica holds a request to batch it with others on their way "
-        "(0: no batching)",
+        "(0: no batching; 2 is Triton's kind of default, off here: docs/benchmarks.md)",
     ),
     Setting("LENSFLOW_BATCH_MAX", "4", "most images a predict replica runs in one invoke"),
     Setting(
@@ -214,6 +237,10 @@ class Config:
     train_margin: float
     train_min_new: int
     train_epochs: int
+    train_backbone: str
+    uncertain_top1: float
+    uncertain_margin: float
+    label_queue_max: int
     train_lease_ttl_s: float
     train_max_images: int
     source_name: str
@@ -239,6 +266,11 @@ class Config:
         metric = get("LENSFLOW_TRAIN_METRIC")
         if metric not in ("accuracy", "macro_f1"):
             raise ValueError(f"LENSFLOW_TRAIN_METRIC must be accuracy or macro_f1, not {metric!r}")
+        backbone = get("LENSFLOW_TRAIN_BACKBONE")
+        if backbone not in BACKBONES:
+            raise ValueError(
+                f"LENSFLOW_TRAIN_BACKBONE must be one of {', '.join(BACKBONES)}, not {backbone!r}"
+            )
         quantization = get("LENSFLOW_TRAIN_QUANTIZATION")
         if quantization not in QUANTIZATIONS:
             raise ValueError(
@@ -272,6 +304,10 @@ class Config:
             train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
             train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),
             train_epochs=int(get("LENSFLOW_TRAIN_EPOCHS")),
+            train_backbone=backbone,
+            uncertain_top1=float(get("LENSFLOW_UNCERTAIN_TOP1")),
+            uncertain_margin=float(get("LENSFLOW_UNCERTAIN_MARGIN")),
+            label_queue_max=int(get("LENSFLOW_LABEL_QUEUE_MAX")),
             train_lease_ttl_s=float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
             train_max_images=int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
             source_name=get("LENSFLOW_SOURCE_NAME"),

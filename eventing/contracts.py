@@ -246,13 +246,16 @@ def prediction_event(
     predictions: list[dict[str, Any]],
     source_event_id: str,
     timings_ms: dict[str, float] | None = None,
+    uncertain: bool = False,
 ) -> CloudEvent:
-    """The ``io.lensflow.image.predicted`` event for one image."""
+    """The ``io.lensflow.image.predicted`` event for one image; ``uncertain``: the model
+    was unsure enough that the image was queued for labelling."""
     data = {
         "image": {"bucket": image.bucket, "key": image.key, "etag": image.etag},
         "model": model,
         "predictions": predictions,
         "source_event_id": source_event_id,
+        "uncertain": uncertain,
     }
     if timings_ms:
         data["timings_ms"] = timings_ms

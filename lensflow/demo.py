@@ -2,8 +2,12 @@
 
 Start the embedded stack, make sure a model is serving (train a first one on synthetic
 scenes if the store is empty), fly the simulated drones (with a 10x burst), show a live
-table of what happens, optionally run one training round mid-flight so the model version
-changes under load, wait for the backlog to drain, print a summary, stop everything.
+table of what happens, and close the learning loop mid-flight: the predict function queues
+the photos its model is unsure of (``to-label/``), a scripted labeller labels a batch of the
+most uncertain ones with the simulator's ground truth, and a training round learns from
+them; batches continue until a round promotes (or ``label_rounds`` run out), so the model
+version changes under load and the summary says how many labels that took. Then wait for
+the backlog to drain, print a summary, stop everything.
 
 Upload-to-prediction latency is the prediction record's Kafka timestamp (the predict
 function's produce time) minus the moment the drone's upload completed (the notification
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eventing.predictions import TopicReader, parse_prediction
+from lensflow.labeller import label_queued
 from lensflow.seeding import seed_training_data
 from lensflow.simulate import Burst, Plan, Simulator
 from lensflow.stack import EmbeddedStack
@@ -40,8 +45,10 @@ class DemoOptions:
     drones: int = 4
     rate: float = 3.0
     bursts: tuple[Burst, ...] = (Burst(10.0, 20.0, 15.0),)
-    labelled_fraction: float = 0.1
+    labelled_fraction: float = 0.0  # labels come from the queue, not straight from drones
     train_mid_flight: bool = True
+    label_batch: int = 24  # photos the scripted labeller labels before each round
+    label_rounds: int = 3  # batches (and rounds) at most
     train_at: float = 0.25  # when the mid-flight round starts, as a share of the flight
     drain_timeout_s: float = 90.0
     max_replicas: int = 4
@@ -179,6 +186,8 @@ class DemoState:
     peak_replicas: int = 0
     peak_lag: int = 0
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    labels_given: int = 0
+    promoted_after_labels: int | None = None
 
 
 def ensure_model(stack: EmbeddedStack, say: Callable[[str], None]) -> dict[str, Any]:
@@ -257,17 +266,12 @@ def _run(
         result["simulation"] = simulator.run(stop).to_dict()
 
     def train_mid_flight() -> None:
-        # a quarter in: a round takes 10-20 s on a busy laptop, and the new version
-        # should serve a good part of the flight
+        # a quarter in: the queue has filled, a round takes 10-20 s on a busy laptop, and
+        # the new version should serve a good part of the flight
         if stop.wait(options.duration_s * options.train_at):
             return
-        state.training = "round running"
         try:
-            report = stack.train_round("demo: mid-flight", force=True)
-            state.training = f"{report.get('outcome', '?')}: {report.get('pointer') or '-'}"
-            state.rounds.append(
-                {k: report.get(k) for k in ("outcome", "reason", "pointer", "timings")}
-            )
+            close_the_loop(stack, options, state, stop)
         except Exception as exc:  # noqa: BLE001 - the demo goes on without it
             state.training = f"failed: {exc}"
             state.rounds.append({"outcome": "failed", "reason": str(exc)})
@@ -292,6 +296,42 @@ def _run(
     flown = time.monotonic() - state.flight_started
     summary = _summary(stack, watcher, state, result.get("simulation", {}), flown)
     return summary
+
+
+def close_the_loop(
+    stack: EmbeddedStack, options: DemoOptions, state: DemoState, stop: threading.Event
+) -> None:
+    """Label a batch of the most uncertain queued photos, train; again until promoted."""
+    from lensflow_core.s3 import s3_client
+
+    s3 = s3_client(stack.config)
+    store = ModelStore.from_config(stack.config, s3)
+    for _ in range(options.label_rounds):
+        pointer = store.current()
+        known = store.get_version(pointer.version).labels if pointer else None
+        state.training = "labelling the most uncertain photos"
+        got = label_queued(stack.config, s3, options.label_batch, known)
+        state.labels_given += got["labelled"]
+        if not got["labelled"]:
+            state.training = "nothing queued to label"
+            if stop.wait(5):
+                return
+            continue
+        state.training = f"round on {state.labels_given} new labels"
+        report = stack.train_round(f"demo: {state.labels_given} labels from the queue")
+        data = report.get("data") or {}
+        state.training = f"{report.get('outcome', '?')}: {report.get('pointer') or '-'}"
+        state.rounds.append(
+            {
+                **{k: report.get(k) for k in ("outcome", "reason", "pointer", "timings")},
+                "labels_given": state.labels_given,
+                "queued": got["queued"],
+                "new_since_champion": data.get("new_since_champion"),
+            }
+        )
+        if report.get("outcome") == "promoted":
+            state.promoted_after_labels = state.labels_given
+            return
 
 
 def _watch(
@@ -460,6 +500,8 @@ def _summary(
         "latency_s": {k: seen[f"latency_{k}_s"] for k in ("p50", "p95", "max")},
         "model_versions": seen["versions"],
         "training_rounds": state.rounds,
+        "labels_given": state.labels_given,
+        "promoted_after_labels": state.promoted_after_labels,
         "peak_replicas": state.peak_replicas,
         "peak_lag": state.peak_lag,
         "predict": stats["predict"],
@@ -489,5 +531,17 @@ def summary_text(summary: dict[str, Any]) -> str:
         + (", ".join(f"{v} ({n})" for v, n in sorted(summary["model_versions"].items())) or "-"),
     ]
     for report in summary["training_rounds"]:
-        lines.append(f"training round: {report.get('reason') or report.get('outcome')}")
+        given = report.get("labels_given")
+        after = f" (after {given} labels from the queue)" if given else ""
+        lines.append(f"training round{after}: {report.get('reason') or report.get('outcome')}")
+    if summary.get("promoted_after_labels"):
+        lines.append(
+            f"learning loop closed: uncertain photos queued, {summary['promoted_after_labels']} "
+            "labelled by the scripted labeller, and the round they fed promoted a new model"
+        )
+    elif summary.get("labels_given"):
+        lines.append(
+            f"learning loop: {summary['labels_given']} photos labelled from the queue; "
+            "no round promoted yet"
+        )
     return "\n".join(lines)

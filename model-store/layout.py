@@ -46,3 +46,11 @@ def history_prefix(name: str) -> str:
 
 def history_key(name: str, sequence: int, action: str) -> str:
     return f"{name}/history/{sequence:08d}-{action}.json"
+
+
+def backbone_key(name: str, backbone: str, filename: str) -> str:
+    """``<name>/backbones/<backbone>/<filename>``: pretrained weights rounds start from."""
+    for part in (backbone, filename):
+        if not part or "/" in part or part in (".", ".."):
+            raise ValueError(f"not a backbone or file name: {part!r}")
+    return f"{name}/backbones/{backbone}/{filename}"

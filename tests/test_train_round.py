@@ -65,7 +65,14 @@ def test_seeding_is_additive_and_listing_counts_per_class(config):
     labeled = dataset.list_split(s3, config.train_bucket, dataset.LABELED)
     assert labeled.counts == {cls: 3 for cls in LABELS}
     assert labeled.labels == LABELS
-    pictures = dataset.load(s3, config.train_bucket, labeled, [(96, 96)], config.max_image_pixels)
+    pictures = dataset.load(
+        s3,
+        config.train_bucket,
+        labeled,
+        [(96, 96)],
+        config.max_image_pixels,
+        config.max_image_bytes,
+    )
     assert pictures.classes == labeled.classes and pictures.undecodable == []
     array = pictures.arrays[(96, 96)]
     assert array.shape == (len(labeled), 96, 96, 3) and array.dtype.name == "uint8"
@@ -81,7 +88,8 @@ def test_too_little_new_data_changes_nothing_unless_forced(env, untrained_tflite
 
     report = run_round(config)
     assert report.outcome == "skipped"
-    assert "10 labelled images new since" in report.reason
+    # a champion published by hand has no fingerprint: compared by count
+    assert "10 labelled entries new or changed since" in report.reason
     assert report.data["new_since_champion"] == 10
     assert [v.version for v in store.list_versions()] == [champion]
     assert store.current().version == champion
@@ -89,6 +97,45 @@ def test_too_little_new_data_changes_nothing_unless_forced(env, untrained_tflite
     forced = run_round(config, force=True)
     assert forced.outcome != "skipped"
     assert len(store.list_versions()) == 2
+
+
+@pytest.mark.slow
+def test_relabelling_is_new_data_though_the_count_stays(env):
+    """Rounds compare the labelled set by (key, ETag, class): moving images between class
+    folders, or replacing an image's bytes, counts; the same set does not."""
+    config = train_config(env, LENSFLOW_TRAIN_EPOCHS="1", LENSFLOW_TRAIN_MIN_NEW="3")
+    s3 = s3_client(config)
+    store = ModelStore.from_config(config)
+    seed_training_data(config, 4, 3, seed=1)
+    first = run_round(config, force=True)
+    version = first.challenger["version"]
+    meta = store.get_version(version).metadata
+    assert meta["metrics"]["labeled_fingerprint"] == first.data["fingerprint"]
+    assert "fingerprint.json" in meta["files"]
+
+    same = run_round(config)
+    assert same.outcome == "skipped", same.reason
+    assert "0 labelled entries new or changed" in same.reason
+
+    bucket = config.train_bucket
+    keys = dataset.list_split(s3, bucket, dataset.LABELED).keys
+    moved = [k for k in keys if k.startswith("labeled/field/")][:2]  # field -> forest
+    for key in moved:
+        new_key = key.replace("labeled/field/", "labeled/forest/was-field-")
+        s3.copy_object(Bucket=bucket, Key=new_key, CopySource={"Bucket": bucket, "Key": key})
+        s3.delete_object(Bucket=bucket, Key=key)
+    two = run_round(config)
+    assert two.data["labeled_total"] == first.data["labeled_total"]
+    assert two.data["new_since_last_round"] == 2 and two.data["removed_since_last_round"] == 2
+    assert two.outcome == "skipped" and "2 labelled entries" in two.reason
+
+    # one more: an image replaced in place (same key, new bytes)
+    key = dataset.list_split(s3, bucket, dataset.LABELED).keys[-1]
+    s3.put_object(Bucket=bucket, Key=key, Body=scenes.scene_jpeg("water", 77))
+    three = run_round(config)
+    assert three.data["new_since_last_round"] == 3
+    assert three.outcome != "skipped", three.reason
+    assert three.data["fingerprint"] != first.data["fingerprint"]
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
+from model_store.labelqueue import LabelQueue
 
 _STARTED = time.time()
 KAFKA_RECHECK_S = 5.0
@@ -58,7 +59,10 @@ class PredictApp:
         self.watcher.start()
         self.kafka_problem: str | None = "checking the connection to Kafka"
         threading.Thread(target=self._check_kafka, name="kafka-check", daemon=True).start()
-        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer)
+        queue = None
+        if config.label_queue_max > 0:
+            queue = LabelQueue(s3, config.train_bucket, config.label_queue_max)
+        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer, queue)
 
     def _check_kafka(self) -> None:
         """Until the brokers answer: record why not (once in the log per new reason)."""
@@ -98,6 +102,8 @@ class PredictApp:
             "requests": {str(k): v for k, v in self.handler.stats.statuses.items()},
             "predictions": self.handler.stats.predictions,
             "skipped": self.handler.stats.skipped,
+            "uncertain": self.handler.stats.uncertain,
+            "label_queue": dict(self.handler.stats.queue),
             "cpus": self.cpus,
             "batches": vars(self.batcher.stats) if self.batcher else None,
             "model_checks": stats.checks,

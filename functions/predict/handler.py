@@ -28,6 +28,7 @@ from functions.predict.watcher import ModelWatcher
 from lensflow_core.imaging import DecodeBudget, ImageError, decode_image
 from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
+from model_store.labelqueue import TRAINING_PREFIXES, LabelQueue, is_uncertain
 
 log = logging.getLogger("lensflow.predict")
 NO_MODEL_RETRY_AFTER_S = 2
@@ -49,6 +50,8 @@ class HandlerStats:
     statuses: Counter = field(default_factory=Counter)
     predictions: int = 0
     skipped: int = 0
+    uncertain: int = 0
+    queue: Counter = field(default_factory=Counter)  # recorded, duplicate, full, error
 
 
 class PredictHandler:
@@ -58,11 +61,13 @@ class PredictHandler:
         fetcher: ImageFetcher,
         watcher: ModelWatcher,
         producer: PredictionProducer,
+        queue: LabelQueue | None = None,
     ):
         self.config = config
         self.fetcher = fetcher
         self.watcher = watcher
         self.producer = producer
+        self.queue = queue
         self.stats = HandlerStats()
         # concurrent decodes share this much memory (docs/autoscaling.md, "Memory")
         self.decode_budget = DecodeBudget(config.decode_budget_mb * 1024 * 1024)
@@ -158,12 +163,18 @@ class PredictHandler:
         t2 = time.perf_counter()
         predictions = model.predict(image)
         t3 = time.perf_counter()
+        uncertain = is_uncertain(
+            predictions, self.config.uncertain_top1, self.config.uncertain_margin
+        )
+        if uncertain:
+            self._queue(record, etag, model.identity, predictions)
         event = prediction_event(
             image=ObjectEvent(record.event_name, record.bucket, record.key, etag),
             model=model.identity,
             predictions=predictions,
             source_event_id=source_event_id,
             timings_ms={"fetch": _ms(t1 - t0), "decode": _ms(t2 - t1), "invoke": _ms(t3 - t2)},
+            uncertain=uncertain,
         )
         event["traceparent"] = trace.traceparent
         data = json.dumps(event.data).encode()  # once, for the topic and the reply
@@ -180,6 +191,21 @@ class PredictHandler:
         metrics.predicted(model.name, top)
         log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
         return event, data
+
+    def _queue(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        """Queue an uncertain image for labelling; never fails the prediction."""
+        self.stats.uncertain += 1
+        if self.queue is None or (
+            record.bucket == self.queue.bucket and record.key.startswith(TRAINING_PREFIXES)
+        ):
+            return  # no queue, or already training data
+        try:
+            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
+        except Exception as exc:  # noqa: BLE001 - the prediction matters more than its record
+            log.warning("could not queue %s for labelling: %s", record.path, exc)
+            outcome = "error"
+        self.stats.queue[outcome] += 1
+        metrics.LABEL_QUEUE.labels(outcome).inc()
 
 
 def _ms(seconds: float) -> float:

@@ -53,6 +53,12 @@ MODEL_REFUSALS = Counter(
 STORE_ERRORS = Counter(
     "lensflow_predict_model_store_errors", "Model pointer checks that could not reach the store"
 )
+LABEL_QUEUE = Counter(
+    "lensflow_predict_label_queue",
+    "Uncertain predictions offered to the labelling queue, by outcome: recorded, duplicate "
+    "(already queued for this version), full, error (could not be written)",
+    ["outcome"],
+)
 MODEL_INFO = Gauge(
     "lensflow_predict_model_info",
     "1 for the model version a replica serves (0 once swapped out)",

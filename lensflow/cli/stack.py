@@ -60,7 +60,8 @@ def register(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo", help="start the stack, seed a model, fly simulated drones, summarise, stop"
     )
-    _flight_options(demo, rate=3.0, default_bursts=["10:20:15"])
+    # the demo's labels come through the uncertainty queue, not straight from the drones
+    _flight_options(demo, rate=3.0, default_bursts=["10:20:15"], labelled_fraction=0.0)
     _stack_options(demo, idle=10.0)
     demo.add_argument(
         "--no-train",
@@ -107,7 +108,10 @@ def _stack_options(parser: argparse.ArgumentParser, idle: float = 30.0) -> None:
 
 
 def _flight_options(
-    parser: argparse.ArgumentParser, rate: float, default_bursts: list[str]
+    parser: argparse.ArgumentParser,
+    rate: float,
+    default_bursts: list[str],
+    labelled_fraction: float = 0.1,
 ) -> None:
     parser.add_argument("--drones", type=int, default=4, metavar="N", help="drones (4)")
     parser.add_argument(
@@ -133,9 +137,9 @@ def _flight_options(
     parser.add_argument(
         "--labelled-fraction",
         type=float,
-        default=0.1,
+        default=labelled_fraction,
         metavar="F",
-        help="share of photos also stored as labelled training data (0.1)",
+        help=f"share of photos also stored as labelled training data ({labelled_fraction})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the photos and keys (0)")
 
@@ -211,7 +215,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             info = {
                 **stack.describe(),
                 "exports": stack.exports(),
-                "model": model,
+                "serving": model,
                 "dashboard": dashboard.url if dashboard else None,
             }
             emit(args, info, _up_text(stack, info))
@@ -331,7 +335,7 @@ def _up_text(stack, info: dict) -> str:
             if stack.timer
             else "on demand (`lensflow train --once`)"
         ),
-        f"  model      {info['model'] or 'NONE YET: uploads wait, then dead-letter (--seed-model)'}",
+        f"  serving    {info['serving'] or 'NO MODEL YET: uploads wait, then dead-letter (--seed-model)'}",
         f"  dashboard  {info['dashboard'] or 'off'}",
         f"  started    {started}; logs in {info['logs']}",
         *(

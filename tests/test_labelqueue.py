@@ -1,0 +1,235 @@
+"""The labelling queue and labelling, against a real S3 server (and the CLI as people use it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lensflow_core.s3 import s3_client
+from model_store import ModelStore
+from model_store.labelqueue import (
+    LabelQueue,
+    LabelRefused,
+    is_uncertain,
+    label,
+    record_key,
+)
+from tests.conftest import LABELS
+from tests.test_cli_models import lensflow
+
+
+def model(version: str) -> dict[str, str]:
+    return {"name": "aerial", "version": version, "sha256": "ab" * 32}
+
+
+def scores(*values: float) -> list[dict]:
+    return [{"label": LABELS[i], "score": v} for i, v in enumerate(values)]
+
+
+def put(s3, bucket: str, key: str, body: bytes = b"jpeg bytes") -> str:
+    return s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
+
+
+@pytest.fixture
+def world(config):
+    s3 = s3_client(config)
+    bucket = config.image_buckets[0]
+    queue = LabelQueue(s3, config.train_bucket, limit=3)
+    return config, s3, bucket, queue
+
+
+def relabel(world, cls, paths, split="labeled", known=LABELS):
+    config, s3, _, queue = world
+    return label(
+        s3,
+        train_bucket=config.train_bucket,
+        image_buckets=config.image_buckets,
+        known_labels=known,
+        cls=cls,
+        paths=paths,
+        split=split,
+        by="tester",
+        queue=queue,
+    )
+
+
+def test_uncertain_by_top1_or_by_margin():
+    assert not is_uncertain(scores(0.9, 0.05, 0.05), 0.6, 0.2)
+    assert is_uncertain(scores(0.55, 0.25, 0.2), 0.6, 0.2)  # top-1 too low
+    assert is_uncertain(scores(0.62, 0.38, 0.0), 0.6, 0.3)  # too close to the second
+    assert not is_uncertain(scores(0.62, 0.38, 0.0), 0.6, 0.2)
+
+
+def test_an_image_is_queued_once_per_version_and_the_queue_is_bounded(world):
+    config, s3, bucket, queue = world
+    etag = put(s3, bucket, "f/a.jpg")
+    assert queue.offer(bucket, "f/a.jpg", etag, model("v1"), scores(0.4, 0.35, 0.25)) == "recorded"
+    # re-delivery of the same event, by this replica or another: nothing is overwritten
+    first = s3.get_object(Bucket=config.train_bucket, Key=record_key("v1", bucket, "f/a.jpg"))
+    other_replica = LabelQueue(s3, config.train_bucket, limit=3)
+    assert other_replica.offer(bucket, "f/a.jpg", etag, model("v1"), scores(0.5, 0.4, 0.1)) == (
+        "duplicate"
+    )
+    again = s3.get_object(Bucket=config.train_bucket, Key=record_key("v1", bucket, "f/a.jpg"))
+    assert again["ETag"] == first["ETag"]
+    record = json.loads(again["Body"].read())
+    assert record["bucket"] == bucket and record["key"] == "f/a.jpg" and record["etag"] == etag
+    assert record["model"]["version"] == "v1" and [p["label"] for p in record["top"]] == LABELS
+    assert record["top1"] == 0.4 and record["margin"] == pytest.approx(0.05)
+    assert record["recorded_at"].endswith("Z")
+
+    for key in ("f/b.jpg", "f/c.jpg"):
+        assert queue.offer(bucket, key, "e", model("v1"), scores(0.4, 0.3, 0.3)) == "recorded"
+    assert queue.offer(bucket, "f/d.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3)) == "full"
+    # a fresh replica seeds its count from a LIST: the queue is full for it too
+    fresh = LabelQueue(s3, config.train_bucket, limit=3)
+    assert fresh.offer(bucket, "f/e.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3)) == "full"
+    assert queue.size("v1") == 3
+    # the bound is per model version
+    assert queue.offer(bucket, "f/d.jpg", "e", model("v2"), scores(0.4, 0.3, 0.3)) == "recorded"
+
+
+def test_list_is_most_uncertain_first_one_entry_per_image(world):
+    _, s3, bucket, queue = world
+    queue.offer(bucket, "sure-ish.jpg", "e1", model("v1"), scores(0.55, 0.1, 0.35))
+    queue.offer(bucket, "torn.jpg", "e2", model("v1"), scores(0.45, 0.44, 0.11))
+    queue.offer(bucket, "sure-ish.jpg", "e1", model("v2"), scores(0.5, 0.3, 0.2))
+    pending = queue.pending()
+    assert [e.key for e in pending] == ["torn.jpg", "sure-ish.jpg"]
+    assert pending[1].model["version"] == "v2"  # the newest model's opinion
+
+
+def test_labelling_copies_keeps_the_name_and_takes_the_image_off_the_queue(world):
+    config, s3, bucket, queue = world
+    etag = put(s3, bucket, "flights/d1/p-001.jpg", b"photo one")
+    queue.offer(bucket, "flights/d1/p-001.jpg", etag, model("v1"), scores(0.4, 0.3, 0.3))
+    queue.offer(bucket, "flights/d1/p-001.jpg", etag, model("v2"), scores(0.4, 0.3, 0.3))
+    done = relabel(world, "forest", [f"{bucket}/flights/d1/p-001.jpg"])
+    assert [d.target for d in done] == ["labeled/forest/p-001.jpg"] and done[0].dequeued == 2
+    copied = s3.get_object(Bucket=config.train_bucket, Key="labeled/forest/p-001.jpg")
+    assert copied["Body"].read() == b"photo one"
+    assert copied["Metadata"]["labelled-by"] == "tester"
+    assert queue.pending() == []
+    assert s3.head_object(Bucket=bucket, Key="flights/d1/p-001.jpg")  # the original stays
+
+    # again: nothing changes; relabelled as field: it moves
+    assert relabel(world, "forest", [f"s3://{bucket}/flights/d1/p-001.jpg"])[0].unchanged
+    moved = relabel(world, "field", [f"{bucket}/flights/d1/p-001.jpg"])
+    assert moved[0].replaced == ["labeled/forest/p-001.jpg"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=config.train_bucket)["Contents"]]
+    assert "labeled/field/p-001.jpg" in keys and "labeled/forest/p-001.jpg" not in keys
+
+
+@pytest.mark.parametrize(
+    "cls, path, reason",
+    [
+        ("lake", "{bucket}/ok.jpg", "unknown class 'lake'"),
+        ("forest", "{bucket}/missing.jpg", "no such object"),
+        ("forest", "private/ok.jpg", "not one of the image buckets"),
+        ("forest", "{bucket}/labeled/forest/x.jpg", "already a training object"),
+        ("forest", "just-a-name", "not <bucket>/<key>"),
+    ],
+)
+def test_a_bad_image_refuses_the_whole_request(world, cls, path, reason):
+    config, s3, bucket, queue = world
+    etag = put(s3, bucket, "ok.jpg")
+    put(s3, bucket, "good.jpg")
+    queue.offer(bucket, "ok.jpg", etag, model("v1"), scores(0.4, 0.3, 0.3))
+    with pytest.raises(LabelRefused, match=reason):
+        relabel(world, cls, [f"{bucket}/good.jpg", path.format(bucket=bucket)])
+    listed = s3.list_objects_v2(Bucket=config.train_bucket, Prefix="labeled/")
+    assert listed.get("KeyCount", 0) == 0  # not even the good one
+    assert [e.key for e in queue.pending()] == ["ok.jpg"]
+
+
+def test_holdout_and_training_data_never_share_an_image(world):
+    config, s3, bucket, _ = world
+    put(s3, bucket, "a.jpg", b"A")
+    put(s3, bucket, "b.jpg", b"B")
+    relabel(world, "water", [f"{bucket}/a.jpg"], split="holdout")
+    assert s3.head_object(Bucket=config.train_bucket, Key="holdout/water/a.jpg")
+    with pytest.raises(LabelRefused, match="training data or holdout, never both"):
+        relabel(world, "water", [f"{bucket}/a.jpg"])
+    # a different image that happens to share a name with a labelled one is refused too
+    relabel(world, "field", [f"{bucket}/b.jpg"])
+    put(s3, bucket, "other/b.jpg", b"not B")
+    with pytest.raises(LabelRefused, match="already holds a different image"):
+        relabel(world, "field", [f"{bucket}/other/b.jpg"])
+
+
+def test_cli_label_list_and_label(env, tiny_models):
+    from lensflow_core.settings import Config
+
+    config = Config.from_env(env)
+    s3 = s3_client(config)
+    bucket = config.image_buckets[0]
+    queue = LabelQueue(s3, config.train_bucket, limit=10)
+    for i, top in enumerate((0.5, 0.34)):
+        etag = put(s3, bucket, f"day/p{i}.jpg")
+        queue.offer(bucket, f"day/p{i}.jpg", etag, model("v1"), scores(top, 0.33, 0.17))
+
+    out = lensflow(env, "label", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [e["key"] for e in json.loads(out.stdout)] == ["day/p1.jpg", "day/p0.jpg"]
+    text = lensflow(env, "label", "list")
+    assert f"{bucket}/day/p1.jpg" in text.stdout.splitlines()[1]
+
+    out = lensflow(env, "label", "holdout", "forest", f"{bucket}/day/p1.jpg", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["target"] == "holdout/forest/p1.jpg"
+
+    # with a model serving, its labels are the classes there are
+    store = ModelStore.from_config(config)
+    store.flip(store.publish(tiny_models["first"], LABELS).version, reason="test")
+    bad = lensflow(env, "label", "solar_farm", f"{bucket}/day/p0.jpg")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") == 0
+    assert "refused, nothing labelled: unknown class 'solar_farm'" in bad.stderr
+    assert [e.key for e in queue.pending()] == ["day/p0.jpg"]
+    out = lensflow(env, "label", "water", f"{bucket}/day/p0.jpg")
+    assert out.returncode == 0 and "labeled/water/p0.jpg" in out.stdout
+    assert queue.pending() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_bucket", ["same", "missing"])
+def test_the_predict_function_queues_uncertain_images_once(
+    s3_server, kafka_broker, tiny_models, tmp_path, train_bucket
+):
+    """Every prediction of a 3-class model is below a top-1 of 1.01: all are uncertain.
+    A queue that cannot be written (no such bucket) never fails the prediction."""
+    from cloudevents.http import from_http
+
+    from eventing.topics import ensure_topics, topic_specs
+    from lensflow.scenes import scene_jpeg
+    from lensflow_core.s3 import ensure_buckets
+    from lensflow_core.settings import Config
+    from tests.conftest import make_env
+    from tests.functions_harness import FunctionServer, put_and_notify
+
+    extra = {"LENSFLOW_TRAIN_BUCKET": "no-such-train-bucket"} if train_bucket == "missing" else {}
+    env = make_env(
+        s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_UNCERTAIN_TOP1="1.01", **extra
+    )
+    config = Config.from_env(env)
+    s3 = s3_client(config)
+    ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
+    store = ModelStore.from_config(config)
+    store.flip(store.publish(tiny_models["random"], LABELS).version, reason="test")
+    bucket = config.image_buckets[0]
+    photo = scene_jpeg("water", 3, (160, 120), 85)
+    with FunctionServer("predict", env, tmp_path / "predict.log") as server:
+        replies = [
+            put_and_notify(server.url, config, s3, bucket, "day/one.jpg", photo) for _ in (1, 2)
+        ]
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+        assert from_http(reply.headers, reply.content).data["uncertain"] is True
+    if train_bucket == "missing":
+        assert "could not queue" in (tmp_path / "predict.log").read_text()
+        return
+    queued = LabelQueue(s3, config.train_bucket, 10).pending()
+    assert [(e.path, e.model["version"]) for e in queued] == [(f"{bucket}/day/one.jpg", "v1")]
+    assert len(queued[0].top) == 3 and queued[0].etag
