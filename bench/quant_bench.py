@@ -75,35 +75,48 @@ def train_classifier(x: np.ndarray, y: np.ndarray):
 
 
 def bare_loop(models: dict[str, LiteModel], photos: list[bytes], cpu: int) -> dict[str, dict]:
-    """images/s of decode + resize + invoke, and of invoke alone, on one CPU; the models
-    take turns, ``REPEATS`` times, and each figure is the median of its turns."""
+    """Decode + resize + invoke, and invoke alone, on one CPU; the models take turns,
+    ``REPEATS`` times; medians. Both as images/s and as CPU ms per image (this thread's
+    CPU time: what other work on a shared machine takes from the CPU is not counted)."""
     os.sched_setaffinity(0, {cpu})
     tensors = {
         name: m.tensor(decode_image(photos[0], (SIZE, SIZE), max_pixels=10**8))
         for name, m in models.items()
     }
-    loops: dict[str, list[float]] = {name: [] for name in models}
-    invokes: dict[str, list[float]] = {name: [] for name in models}
+    runs: dict[str, dict[str, list[float]]] = {
+        name: {"bare": [], "bare_cpu": [], "invoke": [], "invoke_cpu": []} for name in models
+    }
+
+    def timed(seconds: float, step) -> tuple[float, float]:
+        count, started, cpu_started = 0, time.perf_counter(), time.thread_time()
+        while time.perf_counter() - started < seconds:
+            step(count)
+            count += 1
+        wall, used = time.perf_counter() - started, time.thread_time() - cpu_started
+        return count / wall, 1000 * used / count
+
     for _ in range(REPEATS):
         for name, model in models.items():
-            count, started = 0, time.perf_counter()
-            while time.perf_counter() - started < LOOP_SECONDS:
-                image = decode_image(photos[count % len(photos)], (SIZE, SIZE), max_pixels=10**8)
+
+            def whole(i: int, model=model) -> None:
+                image = decode_image(photos[i % len(photos)], (SIZE, SIZE), max_pixels=10**8)
                 model.classify(image)
-                count += 1
-            loops[name].append(count / (time.perf_counter() - started))
-            count, started = 0, time.perf_counter()
-            while time.perf_counter() - started < LOOP_SECONDS / 2:
-                model.scores(tensors[name])
-                count += 1
-            invokes[name].append(count / (time.perf_counter() - started))
+
+            rate, cpu_ms = timed(LOOP_SECONDS, whole)
+            runs[name]["bare"].append(rate)
+            runs[name]["bare_cpu"].append(cpu_ms)
+            rate, cpu_ms = timed(LOOP_SECONDS / 2, lambda i, n=name: models[n].scores(tensors[n]))
+            runs[name]["invoke"].append(rate)
+            runs[name]["invoke_cpu"].append(cpu_ms)
     return {
         name: {
-            "bare_images_per_s": round(statistics.median(loops[name]), 2),
-            "bare_runs": [round(v, 2) for v in loops[name]],
-            "invoke_per_s": round(statistics.median(invokes[name]), 2),
+            "bare_images_per_s": round(statistics.median(r["bare"]), 2),
+            "bare_runs": [round(v, 2) for v in r["bare"]],
+            "bare_cpu_ms_per_image": round(statistics.median(r["bare_cpu"]), 3),
+            "invoke_per_s": round(statistics.median(r["invoke"]), 2),
+            "invoke_cpu_ms": round(statistics.median(r["invoke_cpu"]), 3),
         }
-        for name in models
+        for name, r in runs.items()
     }
 
 
@@ -146,11 +159,17 @@ def run(out_dir: Path) -> dict:
     f32, i8 = result["float32"], result["int8"]
     result["int8_speedup_bare"] = round(i8["bare_images_per_s"] / f32["bare_images_per_s"], 2)
     result["int8_speedup_invoke"] = round(i8["invoke_per_s"] / f32["invoke_per_s"], 2)
+    # images per CPU-second: the same speed-up with other work on the machine left out
+    result["int8_speedup_bare_cpu"] = round(
+        f32["bare_cpu_ms_per_image"] / i8["bare_cpu_ms_per_image"], 2
+    )
+    result["int8_speedup_invoke_cpu"] = round(f32["invoke_cpu_ms"] / i8["invoke_cpu_ms"], 2)
     result["accuracy_points_lost"] = round(
         100 * (f32["holdout_accuracy"] - i8["holdout_accuracy"]), 2
     )
     result["targets"] = {
-        "int8_bare_loop>=2x_float32": result["int8_speedup_bare"] >= 2.0,
+        "int8_bare_loop>=2x_float32 (images/s)": result["int8_speedup_bare"] >= 2.0,
+        "int8_bare_loop>=2x_float32 (CPU time)": result["int8_speedup_bare_cpu"] >= 2.0,
         "int8_accuracy_within_1_point": result["accuracy_points_lost"] <= 1.0,
     }
     write_json(out_dir, "quant", result)

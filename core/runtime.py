@@ -80,6 +80,11 @@ def to_input(
     return (pixels * np.float32(scale) + np.float32(offset))[np.newaxis, ...]
 
 
+def pixels(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """``image`` as uint8 RGB ``[height, width, 3]`` of the model's input size."""
+    return np.asarray(resize(image, height, width), dtype=np.uint8)
+
+
 def quantize(values: np.ndarray, dtype, quantization: tuple[float, int]) -> np.ndarray:
     """Real ``values`` as the integers a quantized tensor holds (round, clip)."""
     scale, zero = quantization
@@ -203,6 +208,13 @@ class LiteModel:
         dtype = np.dtype(self._input["dtype"]).name
         self.spec = spec or InputSpec(height, width, dtype, scale, offset)
         self.outputs = int(np.prod(self._output["shape"][1:]))
+        # A quantized input takes each 8-bit pixel value to one integer: a 256-entry
+        # table does the normalisation and quantization at once (the same numbers).
+        self._table = None
+        if self._input["dtype"] in _QUANTIZED:
+            levels = np.arange(256, dtype=np.float32)
+            levels = levels * np.float32(self.spec.scale) + np.float32(self.spec.offset)
+            self._table = quantize(levels, self._input["dtype"], self._input["quantization"])
         # -1: the converter left the batch dimension free, so it can be resized.
         signature = self._input.get("shape_signature", self._input["shape"])
         self.batchable = len(signature) > 0 and int(signature[0]) == -1
@@ -210,13 +222,12 @@ class LiteModel:
 
     def tensor(self, image: Image.Image) -> np.ndarray:
         """``image`` as this model's input: a batch of one in the input tensor's dtype."""
+        if self._table is not None:
+            return self._table[pixels(image, self.spec.height, self.spec.width)][np.newaxis]
         values = to_input(
             image, self.spec.height, self.spec.width, self.spec.scale, self.spec.offset
         )
-        dtype = self._input["dtype"]
-        if dtype in _QUANTIZED:
-            return quantize(values, dtype, self._input["quantization"])
-        return values.astype(dtype, copy=False)
+        return values.astype(self._input["dtype"], copy=False)
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         """float32 scores, one per output, for a batch of one made by ``tensor``."""

@@ -156,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LENSFLOW_TRAIN_MAX_IMAGES",
-        "40000",
+        "30000",
         "most labelled plus holdout images a round loads; a larger round is refused "
         "(the default fits the training Job's 3Gi; docs/training.md)",
     ),
@@ -168,9 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LENSFLOW_BATCH_DELAY_MS",
-        "2",
+        "0",
         "longest a predict replica holds a request to batch it with others on their way "
-        "(0: no batching)",
+        "(0: no batching; 2 is Triton's kind of default, off here: docs/benchmarks.md)",
     ),
     Setting("LENSFLOW_BATCH_MAX", "4", "most images a predict replica runs in one invoke"),
     Setting(

@@ -7,7 +7,7 @@ import pytest
 
 from lensflow import scenes
 from lensflow_core.imaging import decode_image
-from lensflow_core.runtime import InputSpec, LiteModel, ModelError, describe, to_input
+from lensflow_core.runtime import InputSpec, LiteModel, ModelError, describe, quantize, to_input
 from tests.tflite_models import tiny_classifier
 
 
@@ -83,3 +83,14 @@ def test_models_the_runtime_cannot_feed_are_refused_with_the_reason():
         describe(models["no_scale"])
     with pytest.raises(ModelError, match="int16"):
         LiteModel(models["int16"])  # and never loaded for serving or scoring either
+
+
+def test_a_quantized_input_is_the_normalised_picture_quantized(twins):
+    """The 256-entry table gives exactly what normalising and then quantizing gives."""
+    model = LiteModel(twins[1], InputSpec(32, 32, "uint8", scale=2 / 255, offset=-1.0))
+    details = model._input  # the tensor's own scale and zero point
+    for image in _pictures(3):
+        expected = quantize(
+            to_input(image, 32, 32, 2 / 255, -1.0), np.uint8, details["quantization"]
+        )
+        assert np.array_equal(model.tensor(image), expected)

@@ -240,7 +240,7 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind(sig, tiny_models):
         assert "is up" in banner[0] and env["LENSFLOW_KAFKA_BOOTSTRAP"] in banner[1]
         while "dashboard" not in banner[-1]:
             banner.append(proc.stdout.readline())
-        assert any("model      NONE YET" in line for line in banner)  # an empty store, said
+        assert any("serving    NO MODEL YET" in line for line in banner)  # an empty store, said
         dashboard = banner[-1].split()[-1]
         state = requests.get(f"{dashboard}api/state", timeout=10).json()
         assert state["no_model"] is True and state["pointer"] is None
