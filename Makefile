@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast test-faults lint bench knative-check clean
+.PHONY: install demo up test test-fast test-container test-faults lint bench knative-check clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
+# The function images replayed without docker (also part of `make test`; the first run
+# installs the predict image's dependencies into var/container/, later runs reuse them).
+test-container: install
+	$(BIN)/python -m pytest -q -ra -m container
 # issue 11's faults injected under load, each scenario twice; a table of sent, predicted,
 # dead-lettered, duplicates and lost (several minutes: not in `make test`; `make bench` runs it once)
 test-faults: install

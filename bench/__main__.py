@@ -1,8 +1,8 @@
 """`make bench`: run every benchmark, write bench/results/*.json and plots, print a summary.
 
 `python -m bench [NAME ...]` runs only the named ones (predict, isolated, quant, e2e,
-train, learning, knative_autoscaler); `summary.json` gathers the latest result of every
-benchmark.
+train, train_memory, learning, knative_autoscaler); `summary.json` gathers the latest result
+of every benchmark.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ BENCHMARKS = {
     "gap": "bench.gap_bench",
     "e2e": "bench.e2e_bench",
     "train": "bench.train_bench",
+    "train_memory": "bench.train_memory_bench",
     "learning": "bench.learning_bench",
     "knative_autoscaler": "bench.knative_autoscaler",
     "faults": "bench.faults",

@@ -156,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LENSFLOW_TRAIN_MAX_IMAGES",
-        "40000",
+        "30000",
         "most labelled plus holdout images a round loads; a larger round is refused "
         "(the default fits the training Job's 3Gi; docs/training.md)",
     ),

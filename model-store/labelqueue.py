@@ -192,6 +192,10 @@ class LabelQueue:
 
     # --- reading and removing (the operator) --------------------------------------------
 
+    def count(self) -> int:
+        """Records in the queue, every model version's (one LIST, no reads)."""
+        return sum(k.endswith(".json") for k in self.objects.list_keys(f"{QUEUE}/"))
+
     def entries(self) -> list[QueueEntry]:
         """Every record in the queue (one per image and model version)."""
         out = []

@@ -117,6 +117,13 @@ def test_the_page_shows_predictions_and_flips_only_with_the_token(live):
                 scene_jpeg("forest", i, (320, 240)),
             )
         browser.wait_for("document.querySelectorAll('#feed .pred').length >= 5")
+        # counts per class add up to what arrived (2 of the always-class-0 model, 3 of v2's)
+        counts = browser.wait_for(
+            "(() => { const c = {}; for (const b of document.querySelectorAll('#counts .bar'))"
+            " c[b.firstChild.textContent] = Number(b.lastChild.textContent);"
+            " return Object.values(c).reduce((a, b) => a + b, 0) >= 5 && c; })()"
+        )
+        assert counts == {"field": 2, "water": 3}
         browser.wait_for(
             "[...document.querySelectorAll('#feed img')].every(i => i.complete && i.naturalWidth > 0)"
         )

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventing.dispatcher_metrics import dispatcher_registry
+from eventing.topics import ensure_topics, topic_specs
 from eventing.tracing import new_trace, parse_traceparent
 from functions.train.metrics import RoundMetrics, write_textfile
 from lensflow.function_server import knative_request
@@ -308,3 +309,49 @@ def test_opentelemetry_export_is_off_by_default_and_on_with_otel_variables(capsy
     assert exported["attributes"]["cloudevents.event_id"] == "e-1"
     assert exported["resource"]["attributes"]["service.name"] == "lensflow-test"
     assert mine.trace_id == parent.trace_id and mine.sampled
+
+
+def test_dispatch_command_serves_its_metrics(kafka_env, tmp_path):
+    import subprocess
+    import sys
+
+    from lensflow.process import free_port
+
+    config = Config.from_env(kafka_env)
+    ensure_topics(config.kafka, topic_specs(*config.topics))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lensflow",
+            "dispatch",
+            "--sink",
+            "http://127.0.0.1:9/",
+            "--metrics-port",
+            str(port),
+            "--group",
+            "metrics-test",
+        ],
+        env={**os.environ, **kafka_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+                if "lensflow_dispatcher_in_flight{" in text:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        topic = config.topic_images
+        assert ("lensflow_dispatcher_delivered_total", (("topic", topic),)) in samples(text)
+        assert value(text, "lensflow_dispatcher_in_flight", topic=topic) == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]

@@ -25,6 +25,7 @@ from model_store import LeaseHeldError, ModelStore
 from tests.conftest import LABELS
 
 JOB = [sys.executable, "-m", "functions.train.job"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def ping(data) -> bytes:
@@ -250,12 +251,20 @@ def test_load_decodes_once_into_uint8_arrays_and_drops_what_does_not_decode(conf
     bucket = config.train_bucket
     dataset.upload(s3, bucket, dataset.HOLDOUT, scenes.labelled_set(2, 7), "h")
     s3.put_object(Bucket=bucket, Key="holdout/field/broken.jpg", Body=b"\xff\xd8 not a jpeg")
+    s3.put_object(Bucket=bucket, Key="holdout/water/huge.jpg", Body=b"\xff\xd8" * 60_000)
     split = dataset.list_split(s3, bucket, dataset.HOLDOUT)
-    pictures = dataset.load(s3, bucket, split, [(32, 32), (96, 96)], config.max_image_pixels)
-    assert pictures.undecodable == ["holdout/field/broken.jpg"]
-    assert len(pictures) == len(split) - 1 == 2 * len(scenes.CLASSES)
+    pictures = dataset.load(
+        s3,
+        bucket,
+        split,
+        [(32, 32), (96, 96)],
+        max_pixels=config.max_image_pixels,
+        max_bytes=100_000,
+    )
+    assert sorted(pictures.undecodable) == ["holdout/field/broken.jpg", "holdout/water/huge.jpg"]
+    assert len(pictures) == len(split) - 2 == 2 * len(scenes.CLASSES)
     assert pictures.classes == [
-        c for c, k in zip(split.classes, split.keys, strict=True) if "broken" not in k
+        c for c, k in zip(split.classes, split.keys, strict=True) if k not in pictures.undecodable
     ]
     assert pictures.arrays[(32, 32)].shape == (len(pictures), 32, 32, 3)
     assert pictures.arrays[(96, 96)].dtype == np.uint8
@@ -268,9 +277,36 @@ def test_holdout_arrays_score_exactly_as_the_encoded_images_do(config, tiny_mode
     items = [(LABELS[i % 3], scenes.scene_jpeg(LABELS[i % 3], i, (300, 200))) for i in range(12)]
     dataset.upload(s3, bucket, dataset.HOLDOUT, items, "h")
     split = dataset.list_split(s3, bucket, dataset.HOLDOUT)
-    pictures = dataset.load(s3, bucket, split, [(32, 32)], config.max_image_pixels)
+    pictures = dataset.load(
+        s3, bucket, split, [(32, 32)], config.max_image_pixels, config.max_image_bytes
+    )
     blobs = [s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in split.keys]
     for model in tiny_models.values():
         from_arrays = evaluate_pictures(model, LABELS, pictures.arrays[(32, 32)], pictures.classes)
         from_blobs = evaluate_tflite(model, LABELS, blobs, split.classes)
         assert from_arrays.confusion == from_blobs.confusion
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_the_lease_outlasts_the_jobs_deadline_and_the_image_bound_fits_its_memory(overlay):
+    """The lease must not expire under a running Job; LENSFLOW_TRAIN_MAX_IMAGES must fit the
+    Job's memory limit by the last measurement (bench/results/train_memory.json)."""
+    from bench.train_memory_bench import HEADROOM
+    from tests.knative_manifests import build, config_map, one, pod_spec
+
+    docs = build(overlay)
+    values = config_map(docs)["data"]
+    jobsink = one(docs, "JobSink", "lensflow-train")
+    deadline = jobsink["spec"]["job"]["spec"]["activeDeadlineSeconds"]
+    assert float(values["LENSFLOW_TRAIN_LEASE_TTL_S"]) >= deadline
+    (container,) = pod_spec(jobsink)["containers"]
+    memory = container["resources"]["limits"]["memory"]
+    assert memory.endswith("Gi")
+    limit_mb = float(memory[:-2]) * 1024
+    measured = json.loads((REPO / "bench" / "results" / "train_memory.json").read_text())
+    need_mb = (
+        measured["base_mb"]
+        + measured["worst_load_buffers_mb"]
+        + int(values["LENSFLOW_TRAIN_MAX_IMAGES"]) * measured["per_image_kb"] / 1024
+    )
+    assert need_mb <= HEADROOM * limit_mb, f"{need_mb:.0f} MB for a {memory} Job"

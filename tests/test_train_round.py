@@ -65,7 +65,14 @@ def test_seeding_is_additive_and_listing_counts_per_class(config):
     labeled = dataset.list_split(s3, config.train_bucket, dataset.LABELED)
     assert labeled.counts == {cls: 3 for cls in LABELS}
     assert labeled.labels == LABELS
-    pictures = dataset.load(s3, config.train_bucket, labeled, [(96, 96)], config.max_image_pixels)
+    pictures = dataset.load(
+        s3,
+        config.train_bucket,
+        labeled,
+        [(96, 96)],
+        config.max_image_pixels,
+        config.max_image_bytes,
+    )
     assert pictures.classes == labeled.classes and pictures.undecodable == []
     array = pictures.arrays[(96, 96)]
     assert array.shape == (len(labeled), 96, 96, 3) and array.dtype.name == "uint8"

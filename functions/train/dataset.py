@@ -10,6 +10,7 @@ arrays at the models' input sizes, and its bytes dropped. A round holds
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,16 +25,22 @@ from model_store.labelqueue import HOLDOUT, LABELED
 __all__ = ["HOLDOUT", "LABELED", "Pictures", "Split", "list_split", "load", "upload"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FETCH_THREADS = 16
+FETCH_THREADS = 16  # uploads (seeding)
+# A round's load: its transient memory is at most LOAD_THREADS objects' bytes (each at most
+# LENSFLOW_MAX_IMAGE_BYTES) plus DECODE_SLOTS decoded pictures (each at most
+# LENSFLOW_MAX_IMAGE_PIXELS x 3 bytes; a JPEG decodes reduced, near the model's size).
+LOAD_THREADS = 8
+DECODE_SLOTS = 2  # the training Job's CPUs: more decoders would only hold more pictures
 
 
 @dataclass
 class Split:
-    """The images of one split: parallel lists of class names, object keys and ETags."""
+    """The images of one split: parallel lists of class names, object keys, ETags and sizes."""
 
     name: str
     classes: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
     etags: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -61,6 +68,7 @@ def list_split(s3, bucket: str, split: str) -> Split:
                 continue
             out.classes.append(parts[1])
             out.keys.append(key)
+            out.sizes.append(int(obj.get("Size", 0)))
             out.etags.append(obj.get("ETag", "").strip('"'))
     return out
 
@@ -87,28 +95,37 @@ def load(
     split: Split,
     sizes: Iterable[Size],
     max_pixels: int,
-    threads: int = FETCH_THREADS,
+    max_bytes: int,
+    threads: int = LOAD_THREADS,
 ) -> Pictures:
     """Fetch every image of ``split`` and decode it once into arrays of each of ``sizes``.
 
-    At most ``threads`` objects' bytes are alive at a time: each is dropped once decoded.
-    Raises botocore errors when the store cannot be read.
+    At most ``threads`` objects' bytes are alive at a time, each dropped once decoded, and
+    at most ``DECODE_SLOTS`` decodes run at once. An object over ``max_bytes`` is not
+    fetched; it and any image that does not decode (or is over ``max_pixels``) are left
+    out and named in ``undecodable``. Raises botocore errors when the store cannot be read.
     """
     sizes = list(dict.fromkeys(sizes))
     n = len(split)
     arrays = {size: np.empty((n, *size, 3), np.uint8) for size in sizes}
     decoded = np.zeros(n, dtype=bool)
+    decoders = threading.Semaphore(DECODE_SLOTS)
 
     def one(i: int) -> None:
-        data = s3.get_object(Bucket=bucket, Key=split.keys[i])["Body"].read()
-        try:
-            for side in sorted({max(size) for size in sizes}):  # as predict decodes for each
-                image = decode_image(data, (side, side), max_pixels=max_pixels)
-                for size in sizes:
-                    if max(size) == side:
-                        arrays[size][i] = np.asarray(resize(image, *size))
-        except ImageError:
+        if split.sizes and split.sizes[i] > max_bytes:
             return
+        data = s3.get_object(Bucket=bucket, Key=split.keys[i])["Body"].read(max_bytes + 1)
+        if len(data) > max_bytes:
+            return
+        with decoders:
+            try:
+                for side in sorted({max(size) for size in sizes}):  # as predict decodes
+                    image = decode_image(data, (side, side), max_pixels=max_pixels)
+                    for size in sizes:
+                        if max(size) == side:
+                            arrays[size][i] = np.asarray(resize(image, *size))
+            except ImageError:
+                return
         decoded[i] = True
 
     with ThreadPoolExecutor(max_workers=threads) as pool:

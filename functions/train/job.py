@@ -121,7 +121,14 @@ def run_job(
             log.warning("could not release the lease (it expires at its TTL): %s", exc)
     level = logging.INFO if report.outcome != "skipped" else logging.WARNING
     log.log(level, "round %s %s: %s", report.round_id, report.outcome, report.reason)
-    return EXIT_OK, {**report.to_dict(), "trigger": trigger.to_dict()}
+    return EXIT_OK, {**report.to_dict(), "trigger": trigger.to_dict(), "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (what the Job's memory limit bounds)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def _failed(

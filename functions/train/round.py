@@ -217,8 +217,9 @@ def _run(  # noqa: C901 (one story, told in order)
         arch, size, spec = F.ARCH, F.INPUT_SIZE, F.input_spec(pretrained[1])
     sizes = [size, *([champ] if (champ := _input_size(champion)) else [])]
     say("load", f"fetching and decoding {len(labeled)} labelled and {len(holdout)} holdout images")
-    train_set = dataset.load(s3, bucket, labeled, [size], config.max_image_pixels)
-    judge = dataset.load(s3, bucket, holdout, sizes, config.max_image_pixels)
+    limits = {"max_pixels": config.max_image_pixels, "max_bytes": config.max_image_bytes}
+    train_set = dataset.load(s3, bucket, labeled, [size], **limits)
+    judge = dataset.load(s3, bucket, holdout, sizes, **limits)
     clock.lap("load_s")
     labels = labeled.labels
     index = {label: i for i, label in enumerate(labels)}

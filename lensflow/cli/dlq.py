@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from eventing.dlq import (
     ReplayLedger,
     already_replayed,
@@ -163,6 +165,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
     except ProduceError as exc:
         raise CliError(f"replay stopped, the broker did not confirm a record: {exc}") from None
+    except (BotoCoreError, ClientError) as exc:  # the markers: said, and safe to run again
+        raise CliError(
+            f"replay stopped: the replay markers in {config.model_bucket} could not be read "
+            f"or written ({exc}); running it again replays at most the last record twice"
+        ) from None
     finally:
         if producer is not None:
             producer.flush(10)

@@ -215,7 +215,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             info = {
                 **stack.describe(),
                 "exports": stack.exports(),
-                "model": model,
+                "serving": model,
                 "dashboard": dashboard.url if dashboard else None,
             }
             emit(args, info, _up_text(stack, info))
@@ -335,7 +335,7 @@ def _up_text(stack, info: dict) -> str:
             if stack.timer
             else "on demand (`lensflow train --once`)"
         ),
-        f"  model      {info['model'] or 'NONE YET: uploads wait, then dead-letter (--seed-model)'}",
+        f"  serving    {info['serving'] or 'NO MODEL YET: uploads wait, then dead-letter (--seed-model)'}",
         f"  dashboard  {info['dashboard'] or 'off'}",
         f"  started    {started}; logs in {info['logs']}",
         *(
