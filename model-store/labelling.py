@@ -20,7 +20,6 @@ from model_store.labelqueue import (
     SPLITS,
     TRAINING_PREFIXES,
     LabelQueue,
-    delete,
 )
 from model_store.objects import Objects, translate
 
@@ -130,7 +129,7 @@ def label(
         if not item.unchanged:
             _copy(s3, bucket, key, item, head, train_bucket, cls, by)
         for old in item.replaced:
-            delete(Objects(s3, train_bucket), old)
+            Objects(s3, train_bucket).delete(old)
         if queue is not None:
             item.dequeued = queue.remove(bucket, key, entries)
     return [item for item, _ in plan]

@@ -31,11 +31,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from model_store.errors import ConflictError, NotFoundError
 from model_store.layout import version_number
-from model_store.objects import Objects, translate
+from model_store.objects import Objects
 
 log = logging.getLogger(__name__)
 
@@ -225,16 +223,9 @@ class LabelQueue:
         records = [e.record for e in (self.entries() if entries is None else entries)]
         gone = [r for r in records if posixpath.basename(r) == f"{wanted}.json"]
         for record in gone:
-            delete(self.objects, record)
+            self.objects.delete(record)
         return len(gone)
 
 
 def _version_order(entry: QueueEntry) -> tuple[int, str]:
     return version_number(entry.model.get("version", "")) or 0, entry.recorded_at
-
-
-def delete(objects: Objects, key: str) -> None:
-    try:
-        objects.s3.delete_object(Bucket=objects.bucket, Key=key)
-    except (ClientError, BotoCoreError) as exc:
-        raise translate(exc, f"delete s3://{objects.bucket}/{key}") from None
