@@ -8,13 +8,8 @@ import pytest
 
 from lensflow_core.s3 import s3_client
 from model_store import ModelStore
-from model_store.labelqueue import (
-    LabelQueue,
-    LabelRefused,
-    is_uncertain,
-    label,
-    record_key,
-)
+from model_store.labelling import LabelRefused, label
+from model_store.labelqueue import LabelQueue, is_uncertain, record_key
 from tests.conftest import LABELS
 from tests.test_cli_models import lensflow
 
