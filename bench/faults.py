@@ -244,7 +244,9 @@ def broker_restart(stack: EmbeddedStack) -> str:
     time.sleep(1.0)
     again = KafkaBroker(port=broker.port, log_dir=stack.log_dir / "restarted").start()
     stack.servers.append(again)  # stopped with the stack
-    return "kill -9 of the in-memory broker, back empty 1 s later: lost = its memory"
+    return (
+        "kill -9 of the in-memory broker, back empty 1 s later (what it held undispatched is lost)"
+    )
 
 
 def durable_broker_restart(stack: EmbeddedStack) -> str:

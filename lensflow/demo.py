@@ -301,16 +301,27 @@ def _run(
 def close_the_loop(
     stack: EmbeddedStack, options: DemoOptions, state: DemoState, stop: threading.Event
 ) -> None:
-    """Label a batch of the most uncertain queued photos, train; again until promoted."""
+    """Label a batch of the most uncertain queued photos, train; again until promoted.
+
+    A batch waits until the queue holds enough photos for a round to start
+    (``LENSFLOW_TRAIN_MIN_NEW``), or until 60% of the flight is over."""
     from lensflow_core.s3 import s3_client
+    from model_store.labelqueue import LabelQueue
 
     s3 = s3_client(stack.config)
     store = ModelStore.from_config(stack.config, s3)
+    queue = LabelQueue(s3, stack.config.train_bucket, stack.config.label_queue_max)
+    batch = max(options.label_batch, stack.config.train_min_new)
     for _ in range(options.label_rounds):
+        deadline = time.monotonic() + max(0.0, 0.6 - options.train_at) * options.duration_s
+        while queue.count() < batch and time.monotonic() < deadline:
+            state.training = f"waiting for {batch} queued photos ({queue.count()} so far)"
+            if stop.wait(2):
+                return
         pointer = store.current()
         known = store.get_version(pointer.version).labels if pointer else None
         state.training = "labelling the most uncertain photos"
-        got = label_queued(stack.config, s3, options.label_batch, known)
+        got = label_queued(stack.config, s3, batch, known)
         state.labels_given += got["labelled"]
         if not got["labelled"]:
             state.training = "nothing queued to label"

@@ -12,7 +12,8 @@ from collections import defaultdict
 from typing import Any
 
 from lensflow_core.settings import Config
-from model_store.labelqueue import LABELED, LabelQueue, label
+from model_store.labelling import label
+from model_store.labelqueue import LABELED, LabelQueue
 
 BY = "demo-labeller (simulator ground truth)"
 

@@ -28,7 +28,7 @@ needs_wheel = pytest.mark.skipif(
 
 def backbone_config(env: dict[str, str], **extra: str) -> Config:
     return Config.from_env(
-        {**env, "LENSFLOW_TRAIN_BACKBONE": "mobilenet_v2_imagenet", "LENSFLOW_TRAIN_EPOCHS": "4"}
+        {**env, "LENSFLOW_TRAIN_BACKBONE": "mobilenet_v2_imagenet", "LENSFLOW_TRAIN_EPOCHS": "3"}
         | extra
     )
 

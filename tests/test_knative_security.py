@@ -314,17 +314,25 @@ def test_policy_files_are_well_formed() -> None:
             assert all(r.startswith("arn:aws:s3:::") for r in as_list(s["Resource"]))
 
 
-def test_predict_reads_images_and_the_model_and_writes_nothing(store: dict[str, Any]) -> None:
+def test_predict_reads_images_and_the_model_and_writes_only_the_label_queue(
+    store: dict[str, Any],
+) -> None:
     p = policy("predict")
-    name, models = store["name"], store["models"]
+    name, models, train = store["name"], store["models"], store["train"]
     for bucket in store["images"]:
         assert allowed(p, "s3:GetObject", obj(bucket, "sortie-1/img.jpg"))
     assert allowed(p, "s3:GetObject", obj(models, f"{name}/current.json"))
     assert allowed(p, "s3:GetObject", obj(models, f"{name}/versions/v3/model.tflite"))
+    # uncertain images are queued for labelling: a new object under to-label/, nothing else
+    assert allowed(p, "s3:PutObject", obj(train, "to-label/v3/0123abcd.json"))
     for s in p["Statement"]:
         for action in as_list(s["Action"]):
-            assert not action.startswith(("s3:Put", "s3:Delete")) and "*" not in action, action
-    for arn in [obj(b, "x.jpg") for b in store["images"]] + [obj(models, f"{name}/current.json")]:
+            assert not action.startswith("s3:Delete") and "*" not in action, action
+            if action.startswith("s3:Put"):
+                assert as_list(s["Resource"]) == [obj(train, "to-label/*")], s
+    writable = [obj(b, "x.jpg") for b in store["images"]] + [obj(models, f"{name}/current.json")]
+    writable += [obj(train, "labeled/forest/x.jpg"), obj(train, "holdout/forest/x.jpg")]
+    for arn in writable:
         assert not any(allowed(p, w, arn) for w in WRITES), arn
     assert not allowed(p, "s3:GetObject", obj("another-bucket", "x.jpg"))
 

@@ -8,13 +8,8 @@ import pytest
 
 from lensflow_core.s3 import s3_client
 from model_store import ModelStore
-from model_store.labelqueue import (
-    LabelQueue,
-    LabelRefused,
-    is_uncertain,
-    label,
-    record_key,
-)
+from model_store.labelling import LabelRefused, label
+from model_store.labelqueue import LabelQueue, is_uncertain, record_key
 from tests.conftest import LABELS
 from tests.test_cli_models import lensflow
 
@@ -88,6 +83,7 @@ def test_an_image_is_queued_once_per_version_and_the_queue_is_bounded(world):
     assert queue.size("v1") == 3
     # the bound is per model version
     assert queue.offer(bucket, "f/d.jpg", "e", model("v2"), scores(0.4, 0.3, 0.3)) == "recorded"
+    assert queue.count() == 4
 
 
 def test_list_is_most_uncertain_first_one_entry_per_image(world):

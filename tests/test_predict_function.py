@@ -182,7 +182,13 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
             assert server.metrics()["model"]["version"] == "v2"  # still serving
 
 
-def test_live_swap_under_concurrent_load_drops_nothing(kafka_env, tiny_models, tmp_path):
+@pytest.mark.parametrize("batch_delay_ms", ["0", "20"])
+def test_live_swap_under_concurrent_load_drops_nothing(
+    kafka_env, tiny_models, tmp_path, batch_delay_ms
+):
+    """With micro-batching on too: a batch never mixes versions, and every answer is its
+    version's."""
+    kafka_env = {**kafka_env, "LENSFLOW_BATCH_DELAY_MS": batch_delay_ms}
     config, store = start_stack(kafka_env, tiny_models, flip="first")
     s3 = s3_client(config)
     bucket = config.image_buckets[0]
@@ -223,6 +229,8 @@ def test_live_swap_under_concurrent_load_drops_nothing(kafka_env, tiny_models, t
     late = [version for at, _, version, _ in results if at > flipped_at + ttl + 1.0]
     assert late and set(late) == {"v2"}
     assert metrics["model_swaps"] == 2 and metrics["model_refusals"] == 0
+    if batch_delay_ms != "0":  # batches of more than one did run
+        assert metrics["batches"]["images"] > metrics["batches"]["batches"]
 
 
 def test_corrupt_or_mismatched_models_are_refused_and_the_old_one_keeps_serving(
@@ -270,3 +278,29 @@ def test_corrupt_or_mismatched_models_are_refused_and_the_old_one_keeps_serving(
             time.sleep(0.1)
         assert server.metrics()["model"]["version"] == "v1"
         assert server.metrics()["model_refusals"] == 2
+
+
+def test_a_full_integer_model_is_served_through_the_function(kafka_env, tmp_path):
+    """A uint8-in/uint8-out version (what LENSFLOW_TRAIN_QUANTIZATION=int8 publishes) is
+    served like any other: same answer over HTTP as the runtime gives for the picture."""
+    from lensflow_core.imaging import decode_image
+    from lensflow_core.runtime import LiteModel
+    from tests.tflite_models import tiny_classifier
+
+    config = Config.from_env(kafka_env)
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
+    store = ModelStore.from_config(config)
+    quantized = tiny_classifier(len(LABELS), seed=4, full_integer=True)  # scores vary
+    info = store.publish(quantized, LABELS)
+    assert info.metadata["input"]["dtype"] == "uint8"
+    store.flip(info.version, reason="test")
+    photo = scene_jpeg("forest", 2, (320, 240), 85)
+    scores = LiteModel(quantized).classify(decode_image(photo, (32, 32), max_pixels=10**8))
+    with FunctionServer("predict", kafka_env, tmp_path / "predict.log") as server:
+        s3 = s3_client(config)
+        reply = put_and_notify(server.url, config, s3, config.image_buckets[0], "q.jpg", photo)
+    assert reply.status_code == 200, reply.text
+    top = from_http(reply.headers, reply.content).data["predictions"][0]
+    assert top["label"] == LABELS[int(scores.argmax())]
+    assert 0.34 < float(scores.max()) < 0.99  # not a constant answer
+    assert top["score"] == pytest.approx(float(scores.max()), abs=1e-5)

@@ -5,7 +5,8 @@
     lensflow label holdout CLASS KEY...     the same into holdout/CLASS/ (people only)
 
 KEY is ``<bucket>/<key>`` (as ``label list`` and prediction events name images). The
-logic lives in ``model_store.labelqueue``; this is the person's door to it.
+logic lives in ``model_store.labelling`` and ``model_store.labelqueue``; this is the
+person's door to it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from lensflow.cli.models import operator
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow_core.s3 import s3_client
 from model_store import ModelStore, ModelStoreError, NotFoundError, StoreUnavailableError
-from model_store.labelqueue import HOLDOUT, LABELED, LabelQueue, LabelRefused, label
+from model_store.labelling import LabelRefused, label
+from model_store.labelqueue import HOLDOUT, LABELED, LabelQueue
 
 
 def _queue(config, s3) -> LabelQueue:
