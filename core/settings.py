@@ -156,9 +156,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LENSFLOW_TRAIN_MAX_IMAGES",
-        "30000",
+        "7000",
         "most labelled plus holdout images a round loads; a larger round is refused "
-        "(the default fits the training Job's 3Gi; docs/training.md)",
+        "(the default fits the training Job's 3Gi with either backbone; docs/training.md)",
     ),
     Setting(
         "LENSFLOW_TRAIN_QUANTIZATION",

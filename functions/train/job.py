@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
-import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 from functions.train.round import Progress, RoundReport, run_round
 from functions.train.trigger import EVENT_PATH, Trigger, TriggerError, read_event
+from lensflow_core.cpus import usable_cpus
 from lensflow_core.settings import Config
 from model_store import LeaseHeldError, ModelStore
 
@@ -38,35 +35,19 @@ log = logging.getLogger("lensflow.train")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_EVENT = 0, 1, 2
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
-
-
-def cpu_limit(cpu_max: Path = CPU_MAX) -> int:
-    """Whole CPUs this process may use: its CPU affinity, capped by the cgroup's CPU quota
-    (rounded up). TensorFlow would otherwise size its pools from the node's cores."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            n = min(n, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def bind_threads() -> int:
     """Size TensorFlow's and OpenMP's thread pools before TensorFlow starts: from the
-    variables the Job's manifest sets (limits.cpu), else from ``cpu_limit()``."""
+    variables the Job's manifest sets (limits.cpu), else from the CPUs this process may
+    use (``lensflow_core.cpus.usable_cpus``: affinity and cgroup quota)."""
     n = 0
     for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
         try:
             n = n or int(os.environ.get(name, ""))
         except ValueError:
             pass
-    n = n if n > 0 else cpu_limit()
+    n = n if n > 0 else usable_cpus()
     for name in THREAD_VARIABLES:
         os.environ.setdefault(name, str(n))
     return n  # functions.train.model hands these to tf.config.threading on import
@@ -74,15 +55,7 @@ def bind_threads() -> int:
 
 def refused(config: Config, reason: str) -> dict[str, Any]:
     """The report of a round that did not start."""
-    report = RoundReport(
-        round_id=uuid.uuid4().hex[:12],
-        model=config.model_name,
-        started_at=round(time.time(), 3),
-        metric=config.train_metric,
-        margin=config.train_margin,
-        reason=reason,
-    )
-    return report.to_dict()
+    return RoundReport.begin(config, reason=reason).to_dict()
 
 
 def run_job(

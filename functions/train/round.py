@@ -71,6 +71,18 @@ class RoundReport:
     pointer: str | None = None  # the version the pointer names when the round ends
     timings: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def begin(cls, config: Config, **fields: Any) -> RoundReport:
+        """The report of a round starting now (``fields``: a reason, for one refused)."""
+        return cls(
+            round_id=uuid.uuid4().hex[:12],
+            model=config.model_name,
+            started_at=round(time.time(), 3),
+            metric=config.train_metric,
+            margin=config.train_margin,
+            **fields,
+        )
+
     @property
     def promoted(self) -> bool:
         return self.outcome == "promoted"
@@ -111,13 +123,7 @@ def run_round(
 
     s3 = s3 or s3_client(config)
     store = store or ModelStore.from_config(config, s3)
-    report = RoundReport(
-        round_id=uuid.uuid4().hex[:12],
-        model=config.model_name,
-        started_at=round(time.time(), 3),
-        metric=config.train_metric,
-        margin=config.train_margin,
-    )
+    report = RoundReport.begin(config)
     clock = _Clock(report)
 
     def say(stage: str, message: str, **kw: Any) -> None:
