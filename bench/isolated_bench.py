@@ -225,12 +225,8 @@ class Variant:
         self.name = spec.name
         self.replica_cpus = {all_cpus[0]} if spec.isolated else set(all_cpus)
         self.other_cpus = set(all_cpus[1:]) if spec.isolated else set(all_cpus)
-        # The bench's random-weights model finds every picture uncertain, so each would
-        # also be queued for labelling (an S3 write a trained model makes for few): off,
-        # to measure the serving path.
-        quiet = {"LENSFLOW_UNCERTAIN_TOP1": "0", "LENSFLOW_UNCERTAIN_MARGIN": "0"}
-        threads = {"THREADS": str(PREDICT_CONCURRENCY)}
-        server = FunctionServer("predict", {**env, **quiet, **threads, **spec.env})
+        threads = {"THREADS": str(PREDICT_CONCURRENCY)}  # env: serving_stack's, queue off
+        server = FunctionServer("predict", {**env, **threads, **spec.env})
         command = function_command("predict", server.port)
         if spec.prelude:  # the same command line, after the prelude, in one interpreter
             code = (
