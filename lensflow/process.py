@@ -69,6 +69,10 @@ def http_ok(url: str, timeout_s: float = 5.0) -> Callable[[], bool]:
     return check
 
 
+# Functions served in functions-framework's ASGI mode (their Dockerfile's CMD says so too).
+ASGI_FUNCTIONS = {"predict": ("--asgi",)}
+
+
 def function_command(name: str, port: int, host: str = "127.0.0.1") -> list[str]:
     """The functions-framework command line that serves function ``name``, as its
     container does. Raises FileNotFoundError when functions-framework is not installed."""
@@ -81,6 +85,7 @@ def function_command(name: str, port: int, host: str = "127.0.0.1") -> list[str]
     source = FUNCTIONS_DIR / name / "main.py"
     return [
         str(binary),
+        *ASGI_FUNCTIONS.get(name, ()),
         "--source",
         str(source),
         "--target",

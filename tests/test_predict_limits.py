@@ -90,6 +90,21 @@ def test_a_large_body_is_refused_before_it_is_sent(small_limits):
     assert reply.startswith(b"HTTP/1.1 413") and b"over the limit" in reply
 
 
+def test_a_request_the_http_parser_refuses_gets_a_json_400(small_limits):
+    """uvicorn answers these itself, before the function runs; still JSON with a reason."""
+    server, _, _ = small_limits
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n{}")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply[:200]
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]
+
+
 def png16(width: int, height: int) -> bytes:
     """A 16-bit grayscale PNG (a gradient in every row), written row by row so that the
     test never holds the decoded image: ~124 KB for 7999x7999."""

@@ -78,9 +78,11 @@ class PredictApp:
             self.kafka_problem = None
             return
 
-    def coming(self):
-        """Around a request: lets the batcher wait for it (``Batcher.coming``)."""
-        return self.batcher.coming() if self.batcher else contextlib.nullcontext()
+    def answer(self, headers: dict[str, str], body: bytes):
+        """The handler's ``Reply`` to one event (on a request thread: it blocks)."""
+        # The batcher waits for requests it knows are coming (``Batcher.coming``).
+        with self.batcher.coming() if self.batcher else contextlib.nullcontext():
+            return self.handler.handle(headers, body)
 
     def health(self) -> tuple[int, dict]:
         """Readiness: 200 once serving the pointer's model (or no pointer exists yet);
@@ -130,3 +132,8 @@ def replica() -> PredictApp:
                 _replica = PredictApp(Config.from_env())
                 _pid = os.getpid()
     return _replica
+
+
+def made() -> PredictApp | None:
+    """This process's replica if it is made already: never blocks."""
+    return _replica if _pid == os.getpid() else None

@@ -1,4 +1,4 @@
-"""One image event in, one prediction out: the predict function's logic, free of Flask.
+"""One image event in, one prediction out: the predict function's logic, free of the web framework.
 
 Status codes follow the contract: 200 with the prediction CloudEvent; 200 for events
 that are acknowledged and skipped (not ObjectCreated); 400/413/415/422 with a JSON reason

@@ -1,59 +1,72 @@
 """The predict function: a KafkaSource CloudEvent about an upload in, a prediction out.
 
-Served by functions-framework (`functions-framework --target predict --source ...`, or
-`lensflow serve predict`). GET /healthz says whether the replica is ready, GET /metrics
-is Prometheus text exposition (answered without touching the store: the liveness probe),
-GET /stats the replica's counters as JSON.
+Served by functions-framework's ASGI mode (`functions-framework --asgi --target predict
+--source ...`, or `lensflow serve predict`): uvicorn parses HTTP in C (httptools), which
+costs a replica about 0.3 ms of CPU less per event than Flask on gunicorn's threads
+(docs/benchmarks.md). The handler blocks (S3, LiteRT, the broker's ack), so it runs on
+``THREADS`` threads of its own; only reading the body and answering stay on the event loop.
+
+GET /healthz says whether the replica is ready, GET /metrics is Prometheus text
+exposition (answered without touching the store: the liveness probe), GET /stats the
+replica's counters as JSON.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
-import flask
-import functions_framework
+import functions_framework.aio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from functions.predict import metrics
-from functions.predict.app import replica
+from functions.predict.app import made, replica
 from functions.predict.errors import Rejected
-from functions.predict.limits import json_server_errors, read_body
+from functions.predict.limits import check_headers, json_parse_errors, read_body
 from lensflow_core.kafka import KafkaSetupError
 
 log = logging.getLogger(__name__)
 _last_setup_error: str | None = None
+# Threads are made on first use, in the worker: none exists when gunicorn forks.
+_threads = ThreadPoolExecutor(int(os.environ.get("THREADS", "4")), "predict")
 
-json_server_errors()  # here, in the server process, before gunicorn forks its worker
+json_parse_errors()  # here, in the server process, before gunicorn forks its worker
 
 
-@functions_framework.http
-def predict(request: flask.Request) -> flask.Response:
+async def _on_thread(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(_threads, function, *args)
+
+
+@functions_framework.aio.http
+async def predict(request: Request) -> Response:
     global _last_setup_error
-    if request.method == "GET" and request.path.rstrip("/") == "/metrics":
+    path = request.url.path.rstrip("/")
+    if request.method == "GET" and path == "/metrics":
         body, content_type = metrics.exposition()
-        return flask.Response(body, 200, {"Content-Type": content_type})
+        return Response(body, 200, {"Content-Type": content_type})
     try:
-        current = replica()
+        current = made() or await _on_thread(replica)  # made on a thread: it blocks
     except (KafkaSetupError, ValueError, OSError) as exc:  # settings that cannot work
         if str(exc) != _last_setup_error:
             log.error("cannot start: %s", exc)
             _last_setup_error = str(exc)
-        return flask.make_response(flask.jsonify({"ok": False, "reason": str(exc)}), 503)
+        return JSONResponse({"ok": False, "reason": str(exc)}, 503)
     if request.method == "GET":
-        if request.path.rstrip("/") == "/stats":
-            return flask.jsonify(current.metrics())
+        if path == "/stats":
+            return JSONResponse(current.metrics())
         status, body = current.health()
-        return flask.jsonify(body), status
+        return JSONResponse(body, status)
     if current.kafka_problem is not None:  # the event could not be produced: retry later
-        return flask.make_response(flask.jsonify({"error": current.kafka_problem}), 503)
+        return JSONResponse({"error": current.kafka_problem}, 503)
     try:
-        body = read_body(request.stream, request.content_length, current.config.max_event_bytes)
+        check_headers(request.headers.raw)
+        body = await read_body(request, current.config.max_event_bytes)
     except Rejected as exc:
         reply = current.handler.reject(exc)
         # The rest of the body stays unread: close the connection rather than drain it.
-        # A streamed response, because functions-framework reads the whole request body
-        # after every other response (its ``read_request`` after-request hook).
-        headers = {**reply.headers, "Connection": "close"}
-        return flask.Response(iter([reply.body]), reply.status, headers)
-    with current.coming():
-        reply = current.handler.handle(dict(request.headers), body)
-    return flask.Response(reply.body, reply.status, reply.headers)
+        return Response(reply.body, reply.status, {**reply.headers, "Connection": "close"})
+    reply = await _on_thread(current.answer, dict(request.headers), body)
+    return Response(reply.body, reply.status, reply.headers)
