@@ -12,6 +12,7 @@ from model_store.labelling import LabelRefused, label
 from model_store.labelqueue import LabelQueue, is_uncertain, record_key
 from tests.conftest import LABELS
 from tests.test_cli_models import lensflow
+from tests.test_dlq import wait_for
 
 
 def model(version: str) -> dict[str, str]:
@@ -194,15 +195,109 @@ def test_the_predict_function_queues_uncertain_images_once(
     s3_server, kafka_broker, tiny_models, tmp_path, train_bucket
 ):
     """Every prediction of a 3-class model is below a top-1 of 1.01: all are uncertain.
-    A queue that cannot be written (no such bucket) never fails the prediction."""
+    The queue is written after the answer (off the request's path); a queue that cannot
+    be written (no such bucket) never fails the prediction."""
     from cloudevents.http import from_http
 
-    from eventing.topics import ensure_topics, topic_specs
     from lensflow.scenes import scene_jpeg
+    from tests.functions_harness import FunctionServer, put_and_notify
+
+    env, config, s3 = _uncertain_stack(s3_server, kafka_broker, tiny_models, train_bucket)
+    bucket = config.image_buckets[0]
+    photo = scene_jpeg("water", 3, (160, 120), 85)
+    queue = LabelQueue(s3, config.train_bucket, 10)
+    with FunctionServer("predict", env, tmp_path / "predict.log") as server:
+        replies = [
+            put_and_notify(server.url, config, s3, bucket, "day/one.jpg", photo) for _ in (1, 2)
+        ]
+        for reply in replies:
+            assert reply.status_code == 200, reply.text
+            assert from_http(reply.headers, reply.content).data["uncertain"] is True
+        outcomes = wait_for(
+            lambda: _settled(server.metrics(), 2), 20, "the two offers were not written"
+        )
+        assert server.metrics()["uncertain"] == 2
+    if train_bucket == "missing":
+        assert outcomes == {"error": 2}
+        assert "could not queue" in (tmp_path / "predict.log").read_text()
+        return
+    assert outcomes == {"recorded": 1, "duplicate": 1}
+    queued = queue.pending()
+    assert [(e.path, e.model["version"]) for e in queued] == [(f"{bucket}/day/one.jpg", "v1")]
+    assert len(queued[0].top) == 3 and queued[0].etag
+
+
+@pytest.mark.slow
+def test_a_full_backlog_drops_the_offer_and_never_delays_the_answer(
+    s3_server, kafka_broker, tiny_models
+):
+    """One writer, a backlog of one: while its write is held, the next uncertain image is
+    answered at once and its offer counted busy; the held write lands once let go."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eventing.contracts import ObjectEvent, notification_record
+    from functions.predict import metrics
+    from functions.predict.fetch import ImageFetcher
+    from functions.predict.handler import LabelWriter, PredictHandler
+    from functions.predict.sink import PredictionProducer
+    from functions.predict.watcher import ModelWatcher
+    from lensflow.function_server import knative_request
+    from lensflow.scenes import scene_jpeg
+
+    class HeldQueue(LabelQueue):
+        """A labelling queue whose writes wait until the test lets them go."""
+
+        started = threading.Event()
+        go = threading.Event()
+
+        def offer(self, *args):
+            self.started.set()
+            self.go.wait(60)
+            return super().offer(*args)
+
+    _, config, s3 = _uncertain_stack(s3_server, kafka_broker, tiny_models, "same")
+    watcher = ModelWatcher(ModelStore.from_config(config, s3=s3), config.pointer_ttl_s, 1)
+    watcher.refresh()
+    assert watcher.model is not None
+    held = HeldQueue(s3, config.train_bucket, 10)
+    producer = PredictionProducer(config.kafka, config.topic_predictions)
+    writer = LabelWriter(held, threads=1, backlog=1)
+    handler = PredictHandler(config, ImageFetcher(config), watcher, producer, writer)
+    bucket = config.image_buckets[0]
+
+    def answer(key: str):
+        photo = scene_jpeg("road", len(key), (96, 96))
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=photo)["ETag"]
+        _, value = notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag))
+        return handler.handle(*knative_request(config, value))
+
+    before = metrics.counts(metrics.LABEL_QUEUE)
+    with ThreadPoolExecutor(1) as requests:
+        try:
+            first = requests.submit(answer, "held.jpg").result(timeout=30)
+            assert held.started.wait(10)  # its write runs, and is held
+            second = requests.submit(answer, "dropped.jpg").result(timeout=30)
+            assert (first.status, second.status) == (200, 200)
+            after = metrics.counts(metrics.LABEL_QUEUE)
+            assert after.get("busy", 0) == before.get("busy", 0) + 1
+            assert held.size("v1") == 0  # nothing written while held
+        finally:
+            HeldQueue.go.set()
+            producer.close()
+    wait_for(lambda: held.size("v1") == 1, 20, "the held write never landed")
+    assert [e.key for e in held.pending()] == ["held.jpg"]
+    recorded = before.get("recorded", 0) + 1
+    wait_for(lambda: metrics.counts(metrics.LABEL_QUEUE).get("recorded") == recorded, 5, "count")
+
+
+def _uncertain_stack(s3_server, kafka_broker, tiny_models, train_bucket: str):
+    """(env, config, s3): buckets, topics and the random model as v1; every prediction
+    counts as uncertain."""
+    from eventing.topics import ensure_topics, topic_specs
     from lensflow_core.s3 import ensure_buckets
     from lensflow_core.settings import Config
     from tests.conftest import make_env
-    from tests.functions_harness import FunctionServer, put_and_notify
 
     extra = {"LENSFLOW_TRAIN_BUCKET": "no-such-train-bucket"} if train_bucket == "missing" else {}
     env = make_env(
@@ -214,18 +309,10 @@ def test_the_predict_function_queues_uncertain_images_once(
     ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     store = ModelStore.from_config(config)
     store.flip(store.publish(tiny_models["random"], LABELS).version, reason="test")
-    bucket = config.image_buckets[0]
-    photo = scene_jpeg("water", 3, (160, 120), 85)
-    with FunctionServer("predict", env, tmp_path / "predict.log") as server:
-        replies = [
-            put_and_notify(server.url, config, s3, bucket, "day/one.jpg", photo) for _ in (1, 2)
-        ]
-    for reply in replies:
-        assert reply.status_code == 200, reply.text
-        assert from_http(reply.headers, reply.content).data["uncertain"] is True
-    if train_bucket == "missing":
-        assert "could not queue" in (tmp_path / "predict.log").read_text()
-        return
-    queued = LabelQueue(s3, config.train_bucket, 10).pending()
-    assert [(e.path, e.model["version"]) for e in queued] == [(f"{bucket}/day/one.jpg", "v1")]
-    assert len(queued[0].top) == 3 and queued[0].etag
+    return env, config, s3
+
+
+def _settled(stats: dict, offers: int) -> dict[str, int] | None:
+    """The labelling queue's outcomes in ``/stats`` once ``offers`` of them are counted."""
+    outcomes = stats["label_queue"]
+    return outcomes if sum(outcomes.values()) == offers else None

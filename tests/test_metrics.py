@@ -23,7 +23,7 @@ from lensflow.scenes import scene_jpeg
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
 from tests.conftest import make_env
-from tests.functions_harness import FunctionServer, put_and_notify
+from tests.functions_harness import FunctionServer, knative_post, put_and_notify
 from tests.kafka_reading import read_topic
 from tests.test_predict_function import start_stack
 
@@ -90,6 +90,27 @@ def test_predict_metrics_are_prometheus_text_with_bounded_labels(replica):
     assert not any("script" in v or "bad.jpg" in v or "partition:" in v for v in values)
 
 
+def test_stats_counts_are_the_prometheus_counters(replica):
+    """``/stats`` reads the same counters ``/metrics`` exposes (one worker: equal)."""
+    server, config, store, s3, _log = replica
+    bucket = config.image_buckets[0]
+    _, removed = _record(bucket, "gone.jpg", "s3:ObjectRemoved:Delete")
+    assert knative_post(server.url, config, removed).status_code == 200
+    photo = scene_jpeg("field", 4, (96, 96))
+    assert put_and_notify(server.url, config, s3, bucket, "counted.jpg", photo).status_code == 200
+    stats, text = server.metrics(), server.prometheus()
+    by_name: dict[str, dict[str, float]] = {}
+    for (name, labels), v in samples(text).items():
+        by_name.setdefault(name, {})[",".join(v for _k, v in labels)] = v
+    assert stats["requests"] == by_name["lensflow_predict_requests_total"]
+    assert stats["requests"]["200"] >= 2
+    assert stats["skipped"] == value(text, "lensflow_predict_skipped_total") >= 1
+    assert stats["predictions"] == sum(by_name["lensflow_predict_predictions_total"].values())
+    assert stats["predictions"] >= 1
+    assert stats["uncertain"] == value(text, "lensflow_predict_uncertain_total")
+    assert stats["label_queue"] == by_name.get("lensflow_predict_label_queue_total", {})
+
+
 def test_a_flip_counts_a_swap_and_moves_the_info_metric(replica, tiny_models):
     server, config, store, s3, _log = replica
     swaps = value(server.prometheus(), "lensflow_predict_model_swaps_total")
@@ -154,10 +175,10 @@ def test_trace_context_is_carried_or_started_and_logged_as_json(replica):
     assert mine[-1]["model_version"] in ("v1", "v2")
 
 
-def _record(bucket: str, key: str) -> tuple[bytes, bytes]:
+def _record(bucket: str, key: str, event: str = "s3:ObjectCreated:Put") -> tuple[bytes, bytes]:
     from eventing.contracts import ObjectEvent, notification_record
 
-    return notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, key, "e", 10))
+    return notification_record(ObjectEvent(event, bucket, key, "e", 10))
 
 
 def test_metrics_answer_200_while_the_store_is_down(tmp_path):

@@ -15,9 +15,10 @@ import resource
 import threading
 import time
 
+from functions.predict import metrics
 from functions.predict.batcher import Batcher
 from functions.predict.fetch import ImageFetcher
-from functions.predict.handler import PredictHandler
+from functions.predict.handler import LabelWriter, PredictHandler
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
 from lensflow_core.cpus import usable_cpus
@@ -59,10 +60,10 @@ class PredictApp:
         self.watcher.start()
         self.kafka_problem: str | None = "checking the connection to Kafka"
         threading.Thread(target=self._check_kafka, name="kafka-check", daemon=True).start()
-        queue = None
+        labels = None
         if config.label_queue_max > 0:
-            queue = LabelQueue(s3, config.train_bucket, config.label_queue_max)
-        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer, queue)
+            labels = LabelWriter(LabelQueue(s3, config.train_bucket, config.label_queue_max))
+        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer, labels)
 
     def _check_kafka(self) -> None:
         """Until the brokers answer: record why not (once in the log per new reason)."""
@@ -94,6 +95,7 @@ class PredictApp:
         return (200 if ready else 503), body
 
     def metrics(self) -> dict:
+        """``GET /stats``: this process's counts (its Prometheus counters' values) and state."""
         model = self.watcher.model
         stats = self.watcher.stats
         return {
@@ -101,11 +103,11 @@ class PredictApp:
             "uptime_s": round(time.time() - _STARTED, 3),
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "model": model.identity if model else None,
-            "requests": {str(k): v for k, v in self.handler.stats.statuses.items()},
-            "predictions": self.handler.stats.predictions,
-            "skipped": self.handler.stats.skipped,
-            "uncertain": self.handler.stats.uncertain,
-            "label_queue": dict(self.handler.stats.queue),
+            "requests": metrics.counts(metrics.REQUESTS),
+            "predictions": metrics.total(metrics.PREDICTIONS),
+            "skipped": metrics.total(metrics.SKIPPED),
+            "uncertain": metrics.total(metrics.UNCERTAIN),
+            "label_queue": metrics.counts(metrics.LABEL_QUEUE),
             "cpus": self.cpus,
             "batches": vars(self.batcher.stats) if self.batcher else None,
             "model_checks": stats.checks,

@@ -4,15 +4,18 @@ Status codes follow the contract: 200 with the prediction CloudEvent; 200 for ev
 that are acknowledged and skipped (not ObjectCreated); 400/413/415/422 with a JSON reason
 for input no retry can fix; 503 for transient trouble (store or broker unreachable, no
 model yet), which Knative's dispatcher retries.
+
+Every count lives in ``functions.predict.metrics`` (Prometheus); ``GET /stats`` reads them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from cloudevents.conversion import to_binary
 from cloudevents.exceptions import GenericException as CloudEventError
@@ -32,6 +35,10 @@ from model_store.labelqueue import TRAINING_PREFIXES, LabelQueue, is_uncertain
 
 log = logging.getLogger("lensflow.predict")
 NO_MODEL_RETRY_AFTER_S = 2
+# The labelling queue's writers: a fresh model finds most pictures uncertain, and a person
+# needs a few hundred of them, not each one; past this backlog offers are dropped (busy).
+LABEL_WRITERS = 2
+LABEL_BACKLOG = 64
 
 
 @dataclass
@@ -45,13 +52,43 @@ class Reply:
         return cls(status, {"Content-Type": "application/json"}, json.dumps(payload).encode())
 
 
-@dataclass
-class HandlerStats:
-    statuses: Counter = field(default_factory=Counter)
-    predictions: int = 0
-    skipped: int = 0
-    uncertain: int = 0
-    queue: Counter = field(default_factory=Counter)  # recorded, duplicate, full, error
+class LabelWriter:
+    """Offers uncertain images to the labelling queue on background threads, so that its
+    S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
+
+    At most ``backlog`` offers wait or run at once; past that an offer is dropped and
+    counted ``busy``. Each write's outcome is counted when it completes.
+    """
+
+    def __init__(
+        self, queue: LabelQueue, threads: int = LABEL_WRITERS, backlog: int = LABEL_BACKLOG
+    ):
+        self.queue = queue
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="label-queue")
+        self._room = threading.BoundedSemaphore(backlog)
+
+    def offer(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        """Hand the offer to a writer, or count it ``busy``: never waits, never raises."""
+        if record.bucket == self.queue.bucket and record.key.startswith(TRAINING_PREFIXES):
+            return  # already training data
+        if not self._room.acquire(blocking=False):
+            metrics.LABEL_QUEUE.labels("busy").inc()
+            return
+        try:
+            self._pool.submit(self._write, record, etag, model, predictions)
+        except RuntimeError:  # the interpreter is exiting: no new threads
+            self._room.release()
+            metrics.LABEL_QUEUE.labels("busy").inc()
+
+    def _write(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        try:
+            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
+        except Exception as exc:  # noqa: BLE001 - counted and logged; the prediction is out
+            log.warning("could not queue %s for labelling: %s", record.path, exc)
+            outcome = "error"
+        finally:
+            self._room.release()
+        metrics.LABEL_QUEUE.labels(outcome).inc()
 
 
 class PredictHandler:
@@ -61,14 +98,13 @@ class PredictHandler:
         fetcher: ImageFetcher,
         watcher: ModelWatcher,
         producer: PredictionProducer,
-        queue: LabelQueue | None = None,
+        labels: LabelWriter | None = None,
     ):
         self.config = config
         self.fetcher = fetcher
         self.watcher = watcher
         self.producer = producer
-        self.queue = queue
-        self.stats = HandlerStats()
+        self.labels = labels
         # concurrent decodes share this much memory (docs/autoscaling.md, "Memory")
         self.decode_budget = DecodeBudget(config.decode_budget_mb * 1024 * 1024)
 
@@ -84,7 +120,6 @@ class PredictHandler:
         except Exception as exc:  # a bug: 500, which Knative retries and then dead-letters
             log.exception("unexpected failure")
             reply = Reply.json(500, {"error": f"internal error: {type(exc).__name__}"})
-        self.stats.statuses[reply.status] += 1
         metrics.REQUESTS.labels(str(reply.status)).inc()
         return reply
 
@@ -98,7 +133,6 @@ class PredictHandler:
         reply = Reply.json(exc.status, payload)
         if exc.waiting:
             reply.headers["Retry-After"] = str(NO_MODEL_RETRY_AFTER_S)
-        self.stats.statuses[reply.status] += 1
         metrics.REQUESTS.labels(str(reply.status)).inc()
         return reply
 
@@ -116,10 +150,9 @@ class PredictHandler:
             raise Rejected(400, str(exc)) from None
         created = [r for r in records if r.created]
         if not created:
-            self.stats.skipped += 1
+            metrics.SKIPPED.inc()
             return Reply.json(200, {"skipped": f"{records[0].event_name} is not predicted"})
         outputs = [self._predict(record, event["id"], trace) for record in created]
-        self.stats.predictions += len(outputs)
         predicted, data = outputs[-1]
         out_headers, out_body = to_binary(predicted, data_marshaller=lambda _: data)
         return Reply(200, dict(out_headers), out_body)
@@ -167,7 +200,9 @@ class PredictHandler:
             predictions, self.config.uncertain_top1, self.config.uncertain_margin
         )
         if uncertain:
-            self._queue(record, etag, model.identity, predictions)
+            metrics.UNCERTAIN.inc()
+            if self.labels is not None:
+                self.labels.offer(record, etag, model.identity, predictions)
         event = prediction_event(
             image=ObjectEvent(record.event_name, record.bucket, record.key, etag),
             model=model.identity,
@@ -191,21 +226,6 @@ class PredictHandler:
         metrics.predicted(model.name, top)
         log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
         return event, data
-
-    def _queue(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
-        """Queue an uncertain image for labelling; never fails the prediction."""
-        self.stats.uncertain += 1
-        if self.queue is None or (
-            record.bucket == self.queue.bucket and record.key.startswith(TRAINING_PREFIXES)
-        ):
-            return  # no queue, or already training data
-        try:
-            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
-        except Exception as exc:  # noqa: BLE001 - the prediction matters more than its record
-            log.warning("could not queue %s for labelling: %s", record.path, exc)
-            outcome = "error"
-        self.stats.queue[outcome] += 1
-        metrics.LABEL_QUEUE.labels(outcome).inc()
 
 
 def _ms(seconds: float) -> float:

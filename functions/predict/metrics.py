@@ -4,11 +4,12 @@ Several gunicorn workers are several processes, each counting on its own. With
 ``PROMETHEUS_MULTIPROC_DIR`` set to an empty directory the workers share (set before the
 server starts; emptied at each container start), prometheus-client keeps every worker's
 values in files there and ``exposition()`` adds them up (``MultiProcessCollector``).
-Without it, this process's registry is exposed.
+Without it, this process's registry is exposed. ``GET /stats`` reads this process's own
+values (``counts``, ``total``): these counters are the one home of the replica's counts.
 
 Label values are bounded: HTTP status codes, the four stages, the model's class labels
-(at most ``MAX_CLASSES``, the rest as ``other``) and model versions; never object keys or
-event ids.
+(at most ``MAX_CLASSES``, the rest as ``other``), model versions and the labelling queue's
+five outcomes; never object keys or event ids.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ STAGE_SECONDS = Histogram(
 PREDICTIONS = Counter(
     "lensflow_predict_predictions", "Images predicted, by top class", ["model", "class"]
 )
+SKIPPED = Counter(
+    "lensflow_predict_skipped", "Events acknowledged and not predicted (not ObjectCreated)"
+)
+UNCERTAIN = Counter(
+    "lensflow_predict_uncertain",
+    "Predictions below LENSFLOW_UNCERTAIN_TOP1 or LENSFLOW_UNCERTAIN_MARGIN (offered for labelling)",
+)
 MODEL_SWAPS = Counter("lensflow_predict_model_swaps", "Model versions swapped in live")
 MODEL_REFUSALS = Counter(
     "lensflow_predict_model_refusals", "Pointer targets refused (missing, corrupt, not loading)"
@@ -56,7 +64,8 @@ STORE_ERRORS = Counter(
 LABEL_QUEUE = Counter(
     "lensflow_predict_label_queue",
     "Uncertain predictions offered to the labelling queue, by outcome: recorded, duplicate "
-    "(already queued for this version), full, error (could not be written)",
+    "(already queued for this version), full, error (could not be written), busy (dropped: "
+    "the replica's writers had a full backlog)",
     ["outcome"],
 )
 MODEL_INFO = Gauge(
@@ -90,6 +99,22 @@ def serving(model: str, version: str, sha256: str) -> None:
         MODEL_INFO.labels(*_served).set(0)
     MODEL_INFO.labels(*current).set(1)
     _served = current
+
+
+def _totals(counter: Counter):
+    """This process's ``_total`` samples of ``counter`` (in multiprocess mode too)."""
+    for family in counter.collect():
+        yield from (s for s in family.samples if s.name.endswith("_total"))
+
+
+def counts(counter: Counter) -> dict[str, int]:
+    """This process's values of a one-label counter, by label value (those seen so far)."""
+    return {next(iter(s.labels.values())): int(s.value) for s in _totals(counter)}
+
+
+def total(counter: Counter) -> int:
+    """This process's value of a counter, summed over its labels."""
+    return int(sum(s.value for s in _totals(counter)))
 
 
 def exposition() -> tuple[bytes, str]:
