@@ -1,0 +1,76 @@
+"""The predict hot path's S3 GET (libcurl, SigV4 by MinIO's signer) against a real S3 API."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lensflow.process import free_port
+from lensflow_core.s3 import ObjectGetter, ObjectTooLarge, Unreachable, ensure_buckets, s3_client
+from lensflow_core.settings import Config
+from tests.conftest import make_env
+
+
+@pytest.fixture
+def store(s3_server):
+    config = Config.from_env(make_env(s3_server.endpoint))
+    s3 = s3_client(config)
+    ensure_buckets(s3, config.image_buckets)
+    return config, s3, config.image_buckets[0]
+
+
+@pytest.mark.parametrize("key", ["a.jpg", "drone 7/ü+x=1&(2)~.jpg", "deep/er/%41.jpg"])
+def test_any_key_is_signed_and_read_with_its_etag(store, key):
+    config, s3, bucket = store
+    etag = s3.put_object(Bucket=bucket, Key=key, Body=b"photo bytes")["ETag"].strip('"')
+    got = ObjectGetter(config).get(bucket, key, limit=100)
+    assert (got.status, got.body, got.etag) == (200, b"photo bytes", etag)
+
+
+def test_missing_objects_and_wrong_credentials_are_s3_errors(store):
+    config, s3, bucket = store
+    missing = ObjectGetter(config).get(bucket, "nope.jpg", limit=100)
+    assert (missing.status, missing.error_code) == (404, "NoSuchKey")
+    no_bucket = ObjectGetter(config).get("no-such-bucket-x", "a.jpg", limit=100)
+    assert no_bucket.error_code == "NoSuchBucket"
+
+
+def test_an_object_over_the_limit_is_refused(store):
+    config, s3, bucket = store
+    s3.put_object(Bucket=bucket, Key="big.jpg", Body=b"x" * 5000)
+    getter = ObjectGetter(config)
+    with pytest.raises(ObjectTooLarge):
+        getter.get(bucket, "big.jpg", limit=4999)
+    assert getter.get(bucket, "big.jpg", limit=5000).body == b"x" * 5000  # handle still good
+
+
+def test_no_store_is_unreachable(store):
+    config, _, bucket = store
+    nobody = Config.from_env(
+        {**config.env, "LENSFLOW_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    )
+    with pytest.raises(Unreachable, match="unreachable"):
+        ObjectGetter(nobody, timeout_s=2).get(bucket, "a.jpg", limit=100)
+
+
+def test_threads_each_read_their_own_objects(store):
+    config, s3, bucket = store
+    for i in range(8):
+        s3.put_object(Bucket=bucket, Key=f"t/{i}.jpg", Body=bytes([i]) * (1000 + i))
+    getter, seen, errors = ObjectGetter(config), {}, []
+
+    def read(i: int) -> None:
+        try:
+            for _ in range(5):
+                seen[i] = getter.get(bucket, f"t/{i}.jpg", limit=10_000).body
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert seen == {i: bytes([i]) * (1000 + i) for i in range(8)}
