@@ -47,13 +47,37 @@ class Server(ChildProcess):
         self.stop()
 
 
+def moto_app():
+    """moto's S3 API as a WSGI application (what ``python -m moto.server`` serves)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    return DomainDispatcherApplication(create_backend_app)
+
+
 class S3Server(Server):
-    """moto's S3 API server. ``endpoint`` is what LENSFLOW_S3_ENDPOINT should say."""
+    """moto's S3 API server. ``endpoint`` is what LENSFLOW_S3_ENDPOINT should say.
+
+    Served by gunicorn's threads rather than moto's own werkzeug server, which closes
+    the connection after every answer: MinIO keeps connections alive, and a client
+    reconnecting for every object is not what production measures (docs/benchmarks.md).
+    One worker: moto keeps its buckets in that process's memory.
+    """
 
     kind = "s3"
 
     def server_command(self) -> list[str]:
-        return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--worker-class=gthread",
+            "--threads=16",
+            "--workers=1",
+            f"--bind={self.host}:{self.port}",
+            "--header-map=dangerous",  # S3 metadata names may hold underscores (moto's own)
+            "--keep-alive=30",
+            "lensflow.services:moto_app()",
+        ]
 
     @property
     def endpoint(self) -> str:

@@ -28,7 +28,7 @@ class TlsS3Server(S3Server):
         super().__init__()
 
     def server_command(self) -> list[str]:
-        return [*super().server_command(), "-c", str(self.cert), "-k", str(self.key)]
+        return [*super().server_command(), f"--certfile={self.cert}", f"--keyfile={self.key}"]
 
     @property
     def endpoint(self) -> str:

@@ -14,8 +14,11 @@ replica's counters as JSON.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import functions_framework.aio
@@ -34,6 +37,19 @@ _last_setup_error: str | None = None
 _threads = ThreadPoolExecutor(int(os.environ.get("THREADS", "4")), "predict")
 
 json_parse_errors()  # here, in the server process, before gunicorn forks its worker
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_arbiter(arbiter: int = os.getpid()) -> None:
+    """In gunicorn's worker: end with the arbiter. gthread workers poll for that, uvicorn
+    workers do not, and an orphan would keep the model's memory (a SIGKILLed ``up``)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != arbiter:  # it died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+os.register_at_fork(after_in_child=_die_with_arbiter)
 
 
 async def _on_thread(function, *args):
