@@ -14,7 +14,8 @@ same backlogs; the ratio to the bare loop on that CPU moves by what the suspect 
 
 py-spy (``--native``, active samples) profiles the baseline replica during one more backlog:
 ``bench/results/profiles/baseline.txt`` (collapsed stacks), summarised by stage in
-``gap.json``. Gunicorn/Flask, CloudEvent parsing and JSON are read off that profile.
+``gap.json``. The server (uvicorn, Starlette), CloudEvent parsing and JSON are read off that
+profile.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ _cpus.usable_cpus = lambda *args, **kwargs: 3
 # time.thread_time() deltas are exact), summed; /stats reports them as stage_cpu_s.
 STAGE_CPU = """
 import collections, json, threading, time
-import gunicorn.workers.gthread as _gthread
 import functions.predict.app as _app
 import functions.predict.fetch as _fetch
 import functions.predict.handler as _handler
@@ -74,7 +74,7 @@ def _timed(owner, name, label):
             with _lock:
                 _cpu[label] += time.thread_time() - started
     setattr(owner, name, timed)
-_timed(_gthread.ThreadWorker, "handle", "request: all of it (gunicorn, Flask, function)")
+_timed(_app.PredictApp, "answer", "handler thread: all of it")
 _timed(_handler.PredictHandler, "handle", "function handler")
 _timed(_handler.PredictHandler, "_parse_cloudevent", "CloudEvent parse")
 _timed(_fetch.ImageFetcher, "fetch", "S3 GET")
@@ -107,7 +107,7 @@ STAGES = (
     ("prediction event", "prediction_event ("),
     ("JSON", "json/"),
     ("model watcher", "model-watcher"),
-    ("gunicorn + Flask + werkzeug (the rest of a request)", "gunicorn"),
+    ("uvicorn + Starlette + functions-framework (the rest of a request)", "uvicorn"),
 )
 
 

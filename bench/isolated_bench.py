@@ -115,7 +115,7 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         name = name.rstrip("0123456789") or name  # rdk:broker1, ThreadPoolExecutor-0_1
-        if tid == process:  # gunicorn: the arbiter's loop, the worker's accept/poll loop
+        if tid == process:  # the arbiter's loop; the worker's event loop (uvicorn)
             name = f"{name} (main thread)"
         fields = stat.rsplit(")", 1)[1].split()
         used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
