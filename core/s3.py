@@ -12,7 +12,9 @@ system's trust store otherwise).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import threading
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -59,6 +61,8 @@ def s3_client(config: Config, *, timeout_s: float = 10.0, retries: int = 2):
 
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ETAG = re.compile(rb'^etag:\s*"?([^"\r\n]*)"?\s*$', re.IGNORECASE | re.MULTILINE)
+ERROR_BYTES = 64 * 1024  # more than any S3 error document
 
 
 class ObjectTooLarge(Exception):
@@ -85,41 +89,6 @@ class GetResult:
         return code or ("NoSuchKey" if self.status == 404 else f"HTTP {self.status}")
 
 
-class _Answer:
-    """One GET's answer as libcurl hands it over: status line and headers, then the
-    body in chunks. A callback returning 0 makes libcurl stop the transfer."""
-
-    ERROR_BYTES = 64 * 1024  # an error document is a few hundred bytes
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.status = 0
-        self.etag = ""
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.too_large = False
-
-    def header(self, line: bytes) -> int | None:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if line.startswith(b"HTTP/"):  # a new answer (after a 100 Continue, say)
-            self.status, self.etag = int(line.split()[1]), ""
-        elif name == b"etag":
-            self.etag = value.strip().decode("latin-1").strip('"')
-        elif name == b"content-length" and self.status == 200 and int(value) > self.limit:
-            self.too_large = True  # refused before a byte of the body is read
-            return 0
-        return None
-
-    def write(self, chunk: bytes) -> int | None:
-        self.size += len(chunk)
-        if self.size > (self.limit if self.status == 200 else self.ERROR_BYTES):
-            self.too_large = self.status == 200
-            return 0
-        self.chunks.append(chunk)
-        return None
-
-
 class ObjectGetter:
     """``get(bucket, key, limit)``: one object's bytes over a signed, path-style GET.
 
@@ -139,8 +108,9 @@ class ObjectGetter:
 
     def get(self, bucket: str, key: str, limit: int) -> GetResult:
         """The answer to GET ``bucket/key``. Raises ``ObjectTooLarge`` past ``limit``
-        bytes (before reading the body when its length is declared) and
-        ``Unreachable`` when the store does not answer."""
+        bytes (never reading more than ``max(limit, ERROR_BYTES)``: a larger declared
+        length is refused before the body) and ``Unreachable`` when the store does not
+        answer."""
         for attempt in (1, 2):
             try:
                 result = self._get(bucket, key, limit)
@@ -169,21 +139,28 @@ class ObjectGetter:
             content_sha256=_EMPTY_SHA256,
             date=now,
         )
-        answer = _Answer(limit)
+        body, head = io.BytesIO(), io.BytesIO()
         curl = self._curl()
         curl.setopt(pycurl.URL, url)
         curl.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in headers.items()])
-        curl.setopt(pycurl.WRITEFUNCTION, answer.write)
-        curl.setopt(pycurl.HEADERFUNCTION, answer.header)
+        # libcurl refuses a declared length over this before reading the body, and stops
+        # a body that grows past it; an error document is far below ERROR_BYTES.
+        curl.setopt(pycurl.MAXFILESIZE_LARGE, max(limit, ERROR_BYTES))
+        curl.setopt(pycurl.WRITEFUNCTION, body.write)  # C methods: no Python per chunk
+        curl.setopt(pycurl.HEADERFUNCTION, head.write)
         try:
             curl.perform()
         except pycurl.error as exc:
-            if answer.too_large:
+            if exc.args[0] == pycurl.E_FILESIZE_EXCEEDED:
                 raise ObjectTooLarge(f"over the limit of {limit} bytes") from None
             self._local.curl = None  # a fresh handle (and connection) next time
             curl.close()
             raise Unreachable(f"object store unreachable: {exc.args[-1]}") from None
-        return GetResult(answer.status, b"".join(answer.chunks), answer.etag)
+        status = curl.getinfo(pycurl.RESPONSE_CODE)
+        if status == 200 and body.tell() > limit:
+            raise ObjectTooLarge(f"over the limit of {limit} bytes")
+        etag = _ETAG.findall(head.getvalue())  # the last answer's (after a 100 Continue)
+        return GetResult(status, body.getvalue(), etag[-1].decode("latin-1") if etag else "")
 
     def _curl(self) -> pycurl.Curl:
         curl = getattr(self._local, "curl", None)
