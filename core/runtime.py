@@ -30,6 +30,7 @@ from PIL import Image
 DEFAULT_SCALE = 1 / 255
 DEFAULT_OFFSET = 0.0
 _QUANTIZED = (np.uint8, np.int8)
+_IDENTITY = np.arange(256, dtype=np.uint8)  # a uint8 input that takes the pixels unchanged
 
 
 class ModelError(ValueError):
@@ -215,6 +216,8 @@ class LiteModel:
             levels = np.arange(256, dtype=np.float32)
             levels = levels * np.float32(self.spec.scale) + np.float32(self.spec.offset)
             self._table = quantize(levels, self._input["dtype"], self._input["quantization"])
+            if np.array_equal(self._table, np.arange(256)) and self._table.dtype == np.uint8:
+                self._table = _IDENTITY  # pixels / 255 into scale 1/255: the pixels as they are
         # -1: the converter left the batch dimension free, so it can be resized.
         signature = self._input.get("shape_signature", self._input["shape"])
         self.batchable = len(signature) > 0 and int(signature[0]) == -1
@@ -222,6 +225,8 @@ class LiteModel:
 
     def tensor(self, image: Image.Image) -> np.ndarray:
         """``image`` as this model's input: a batch of one in the input tensor's dtype."""
+        if self._table is _IDENTITY:  # a lookup that changes nothing costs ~0.3 ms
+            return pixels(image, self.spec.height, self.spec.width)[np.newaxis]
         if self._table is not None:
             return self._table[pixels(image, self.spec.height, self.spec.width)][np.newaxis]
         values = to_input(

@@ -94,3 +94,17 @@ def test_a_quantized_input_is_the_normalised_picture_quantized(twins):
             to_input(image, 32, 32, 2 / 255, -1.0), np.uint8, details["quantization"]
         )
         assert np.array_equal(model.tensor(image), expected)
+
+
+def test_an_input_that_takes_the_pixels_unchanged_is_fed_them_directly(twins):
+    """pixels / 255 into a uint8 tensor of scale 1/255: the same numbers, without a lookup."""
+    model = LiteModel(twins[1], InputSpec(32, 32, "uint8", scale=1 / 255, offset=0.0))
+    details = model._input
+    assert details["quantization"] == pytest.approx((1 / 255, 0), rel=1e-4)  # calibrated
+    for image in _pictures(3):
+        expected = quantize(
+            to_input(image, 32, 32, 1 / 255, 0.0), np.uint8, details["quantization"]
+        )
+        tensor = model.tensor(image)
+        assert tensor.dtype == np.uint8 and np.array_equal(tensor, expected)
+        assert np.array_equal(tensor[0], np.asarray(image.convert("RGB").resize((32, 32))))
