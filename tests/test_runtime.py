@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lensflow import scenes
 from lensflow_core.imaging import decode_image
@@ -107,4 +108,6 @@ def test_an_input_that_takes_the_pixels_unchanged_is_fed_them_directly(twins):
         )
         tensor = model.tensor(image)
         assert tensor.dtype == np.uint8 and np.array_equal(tensor, expected)
-        assert np.array_equal(tensor[0], np.asarray(image.convert("RGB").resize((32, 32))))
+        assert np.array_equal(
+            tensor[0], np.asarray(image.convert("RGB").resize((32, 32), Image.BILINEAR))
+        )
