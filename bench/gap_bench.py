@@ -43,7 +43,7 @@ _fetch.ImageFetcher.fetch = _from_memory
 NO_KAFKA_ACK = """
 import functions.predict.sink as _sink
 import eventing.producer as _producer
-def _no_wait(producer, topic, message, timeout_s):  # produced, but nobody waits for the ack
+def _no_wait(producer, topic, message, timeout_s, polled=False):  # produced, but nobody waits for the ack
     _producer.send(producer, topic, message.key, message.value, message.headers)
     producer.poll(0)
 _sink.produce_and_wait = _no_wait

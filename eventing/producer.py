@@ -14,9 +14,10 @@ so the dispatcher and the predict function cannot tell the difference.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 from cloudevents.kafka import KafkaMessage
@@ -93,10 +94,43 @@ def send(
     return delivered
 
 
-def wait_acked(producer: Producer, futures: Iterable[Future[None]], timeout_s: float) -> None:
-    """Poll until every record was acknowledged; raise ``ProduceError`` if any was not."""
+class Poller:
+    """Serves one producer's delivery reports from a thread of its own.
+
+    For a producer many threads produce to at once (the predict function): each waiter
+    then sleeps on its own future (``wait_acked(..., polled=True)``) and wakes once, when
+    its report is served, instead of polling in turns every millisecond.
+    """
+
+    def __init__(self, producer: Producer):
+        self._producer = producer
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kafka-poller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._producer.poll(0.1)  # returns as soon as a report was served
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(1)
+
+
+def wait_acked(
+    producer: Producer,
+    futures: Iterable[Future[None]],
+    timeout_s: float,
+    polled: bool = False,
+) -> None:
+    """Wait until every record was acknowledged; raise ``ProduceError`` if any was not.
+
+    ``polled``: a ``Poller`` serves this producer's reports, so only wait; else poll.
+    """
     pending = list(futures)
     deadline = time.monotonic() + timeout_s
+    if polled:
+        wait(pending, timeout=timeout_s)
     while not all(f.done() for f in pending):
         if time.monotonic() > deadline:
             left = sum(not f.done() for f in pending)
@@ -111,12 +145,16 @@ def wait_acked(producer: Producer, futures: Iterable[Future[None]], timeout_s: f
 
 
 def produce_and_wait(
-    producer: Producer, topic: str, message: KafkaMessage, timeout_s: float
+    producer: Producer,
+    topic: str,
+    message: KafkaMessage,
+    timeout_s: float,
+    polled: bool = False,
 ) -> None:
-    """Produce one message and wait for the broker's acknowledgement, or raise."""
-    wait_acked(
-        producer, [send(producer, topic, message.key, message.value, message.headers)], timeout_s
-    )
+    """Produce one message and wait for the broker's acknowledgement, or raise.
+    ``polled``: as for ``wait_acked``."""
+    future = send(producer, topic, message.key, message.value, message.headers)
+    wait_acked(producer, [future], timeout_s, polled)
 
 
 def publish_object_event(producer: Producer, topic: str, event: ObjectEvent) -> Future[None]:

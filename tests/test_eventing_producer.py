@@ -8,11 +8,11 @@ from urllib.parse import quote_plus
 
 import pytest
 from cloudevents.conversion import to_json
-from cloudevents.kafka import to_binary
+from cloudevents.kafka import KafkaMessage, to_binary
 from confluent_kafka import Consumer, Producer
 
 from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, parse_notification, prediction_event
-from eventing.producer import ProduceError, make_producer
+from eventing.producer import ProduceError, make_producer, send
 from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli import main
 from lensflow.process import free_port
@@ -206,3 +206,38 @@ def test_predictions_follow_yields_new_ones(kafka_config):
     reader.join(15)
     bucket = config.image_buckets[0]
     assert seen == [f"{bucket}/old.jpg", f"{bucket}/new.jpg"]
+
+
+def test_with_a_poller_many_threads_wait_on_their_own_acks(kafka_config):
+    """The predict function's way: one thread serves delivery reports, waiters sleep."""
+    import threading
+
+    from eventing.producer import Poller, produce_and_wait, wait_acked
+
+    ensure_topics(kafka_config.kafka_bootstrap, topic_specs(*kafka_config.topics))
+    topic = kafka_config.topic_predictions
+    producer = make_producer(kafka_config.kafka_bootstrap, **{"linger.ms": 0})
+    poller = Poller(producer)
+    errors: list[Exception] = []
+
+    def produce(worker: int) -> None:
+        try:
+            for i in range(10):
+                message = KafkaMessage(None, f"{worker}/{i}".encode(), b"{}")
+                produce_and_wait(producer, topic, message, 10, polled=True)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    keys = {m.key().decode() for m in read_topic(kafka_config, topic, 40)}
+    assert keys == {f"{w}/{i}" for w in range(4) for i in range(10)}
+    send(producer, topic, b"solo", b"{}").result(timeout=10)  # nobody else polls
+    missing = send(producer, "no-such-topic-" + topic, b"k", b"{}")
+    with pytest.raises(ProduceError, match="does not exist"):
+        wait_acked(producer, [missing], 10, polled=True)
+    poller.stop()

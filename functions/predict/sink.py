@@ -9,7 +9,7 @@ from __future__ import annotations
 from cloudevents.abstract import AnyCloudEvent
 from cloudevents.kafka import to_binary
 
-from eventing.producer import ProduceError, make_producer, produce_and_wait
+from eventing.producer import Poller, ProduceError, make_producer, produce_and_wait
 from lensflow_core.kafka import KafkaConnection
 
 __all__ = ["PredictionProducer", "ProduceError"]
@@ -28,6 +28,7 @@ class PredictionProducer:
                 "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
             },
         )
+        self._poller = Poller(self._producer)  # made in the worker (PredictApp is lazy)
 
     def send(self, event: AnyCloudEvent, data: bytes | None = None) -> None:
         """Produce ``event`` (binary mode, keyed by its partitionkey); block until acked.
@@ -36,7 +37,8 @@ class PredictionProducer:
         Raises ``ProduceError`` (a transient failure: 503) when the broker does not confirm.
         """
         message = to_binary(event, data_marshaller=None if data is None else lambda _: data)
-        produce_and_wait(self._producer, self.topic, message, self.timeout_s + 1)
+        produce_and_wait(self._producer, self.topic, message, self.timeout_s + 1, polled=True)
 
     def close(self) -> None:
+        self._poller.stop()
         self._producer.flush(self.timeout_s)
