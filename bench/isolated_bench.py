@@ -244,7 +244,7 @@ class Variant:
 
 def backlog(
     variant: Variant,
-    number: int,
+    number: int | str,
     stack_pids: list[int],
     sink_url: list[str],
     s3,
@@ -361,6 +361,9 @@ def measure(
                 variant.server.__enter__()
             sink_url[0] = variants[0].server.url
             dispatcher.start()
+            args = (stack_pids, sink_url, s3, bucket, config, producer, watcher)
+            for variant in variants:  # warm-up, not counted: threads, connections, arenas
+                backlog(variant, "warm", *args, model_bytes, photos)
             for number in range(backlogs):
                 for variant in variants:
                     variant.backlogs.append(
@@ -381,7 +384,6 @@ def measure(
                     print(f"  {variant.name} #{number}: {variant.backlogs[-1]}", flush=True)
             for variant in variants:  # one more backlog under the profiler, not counted
                 if profile.get(variant.name):
-                    args = (stack_pids, sink_url, s3, bucket, config, producer, watcher)
                     backlog(variant, backlogs, *args, model_bytes, photos, profile[variant.name])
             for variant in variants:
                 result[variant.name] = summarise(variant)
