@@ -86,10 +86,10 @@ def cold_start(env: dict[str, str], config: Config, value: bytes, import_tf: boo
     port = free_port()
     server = FunctionServer("predict", env, port=port)
     if import_tf:  # the same function, in a process that also imports TensorFlow
-        server.command = [
+        server.command = [  # pycurl first: it refuses TensorFlow's older libcurl
             sys.executable,
             "-c",
-            "import sys, tensorflow; from functions_framework._cli import _cli; "
+            "import sys, pycurl, tensorflow; from functions_framework._cli import _cli; "
             "sys.argv = ['functions-framework'] + sys.argv[1:]; _cli()",
             *server.command[1:],
         ]

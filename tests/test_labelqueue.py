@@ -207,15 +207,13 @@ def test_the_predict_function_queues_uncertain_images_once(
     photo = scene_jpeg("water", 3, (160, 120), 85)
     queue = LabelQueue(s3, config.train_bucket, 10)
     with FunctionServer("predict", env, tmp_path / "predict.log") as server:
-        replies = [
-            put_and_notify(server.url, config, s3, bucket, "day/one.jpg", photo) for _ in (1, 2)
-        ]
-        for reply in replies:
+        for sent in (1, 2):  # one after the other settled: conditional PUTs never race
+            reply = put_and_notify(server.url, config, s3, bucket, "day/one.jpg", photo)
             assert reply.status_code == 200, reply.text
             assert from_http(reply.headers, reply.content).data["uncertain"] is True
-        outcomes = wait_for(
-            lambda: _settled(server.metrics(), 2), 20, "the two offers were not written"
-        )
+            outcomes = wait_for(
+                lambda n=sent: _settled(server.metrics(), n), 20, f"offer {sent} not written"
+            )
         assert server.metrics()["uncertain"] == 2
     if train_bucket == "missing":
         assert outcomes == {"error": 2}

@@ -53,6 +53,18 @@ def test_function_entry_points_load_none_of_the_operators_tool():
     assert out.stdout.strip() == "[]"
 
 
+def test_only_the_predict_path_loads_libcurl():
+    """pycurl cannot load once TensorFlow (with an older libcurl of its own) is loaded, so
+    everything a training process or the tool imports must leave it out."""
+    code = (
+        "import sys, tensorflow, model_store, eventing.dispatcher, functions.train.main, "
+        "lensflow.cli, lensflow.stack; print('pycurl' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_embedded_stack_delivers_as_the_kafkasource_manifest_says():
     spec = yaml.safe_load(KAFKASOURCE_MANIFEST.read_text())["spec"]
     delivery = spec["delivery"]

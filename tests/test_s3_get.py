@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from lensflow.process import free_port
-from lensflow_core.s3 import ObjectGetter, ObjectTooLarge, Unreachable, ensure_buckets, s3_client
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.s3_get import ObjectGetter, ObjectTooLarge, Unreachable
 from lensflow_core.settings import Config
 from tests.conftest import make_env
 

@@ -12,7 +12,8 @@ import pytest
 
 from lensflow.cli import main as cli
 from lensflow.services import S3Server
-from lensflow_core.s3 import ObjectGetter, Unreachable, s3_client
+from lensflow_core.s3 import s3_client
+from lensflow_core.s3_get import ObjectGetter, Unreachable
 from lensflow_core.settings import Config
 from tests.conftest import make_env
 from tests.tls_certs import TestCA

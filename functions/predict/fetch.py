@@ -8,7 +8,7 @@ anything the store may get over is 503.
 from __future__ import annotations
 
 from functions.predict.errors import Rejected
-from lensflow_core.s3 import ObjectGetter, ObjectTooLarge, Unreachable
+from lensflow_core.s3_get import ObjectGetter, ObjectTooLarge, Unreachable
 from lensflow_core.settings import Config
 
 _GONE = {"NoSuchKey", "NoSuchBucket", "NoSuchVersion"}
