@@ -33,6 +33,7 @@ from lensflow_core.kafka import KafkaSetupError
 
 log = logging.getLogger(__name__)
 _last_setup_error: str | None = None
+# THREADS is functions-framework's own variable (its gthread server reads it the same way).
 # Threads are made on first use, in the worker: none exists when gunicorn forks.
 _threads = ThreadPoolExecutor(int(os.environ.get("THREADS", "4")), "predict")
 
