@@ -78,16 +78,11 @@ class ObjectGetter:
         bytes (never reading more than ``max(limit, ERROR_BYTES)``: a larger declared
         length is refused before the body) and ``Unreachable`` when the store does not
         answer."""
-        for attempt in (1, 2):
-            try:
-                result = self._get(bucket, key, limit)
-            except Unreachable:
-                if attempt == 2:
-                    raise
-                continue
-            if result.status < 500 or attempt == 2:
-                return result
-        raise AssertionError("unreachable")
+        try:
+            result = self._get(bucket, key, limit)
+        except Unreachable:
+            return self._get(bucket, key, limit)  # the one quick retry
+        return self._get(bucket, key, limit) if result.status >= 500 else result
 
     def _get(self, bucket: str, key: str, limit: int) -> GetResult:
         url = f"{self.base}/{bucket}/{quote(key)}"
@@ -113,7 +108,7 @@ class ObjectGetter:
         # libcurl refuses a declared length over this before reading the body, and stops
         # a body that grows past it; an error document is far below ERROR_BYTES.
         curl.setopt(pycurl.MAXFILESIZE_LARGE, max(limit, ERROR_BYTES))
-        curl.setopt(pycurl.WRITEFUNCTION, body.write)  # C methods: no Python per chunk
+        curl.setopt(pycurl.WRITEFUNCTION, body.write)  # C methods: no Python frame per chunk
         curl.setopt(pycurl.HEADERFUNCTION, head.write)
         try:
             curl.perform()

@@ -15,6 +15,7 @@ thread (``_Spawner``), never by a short-lived worker that happens to start a rep
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -31,9 +32,9 @@ from pathlib import Path
 
 import requests
 
-log = logging.getLogger(__name__)
+from lensflow_core.lifetime import end_with_parent
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS_DIR = ROOT / "functions"
@@ -97,22 +98,6 @@ def function_command(name: str, port: int, host: str = "127.0.0.1") -> list[str]
     ]
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking the kernel to SIGKILL the child when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
 class _Spawner:
     """Forks every child from one daemon thread that lives as long as the process, so
     that PR_SET_PDEATHSIG fires when the process dies, not when some thread ends."""
@@ -125,7 +110,7 @@ class _Spawner:
         self._lock = threading.Lock()
 
     def popen(self, *args, **kwargs) -> subprocess.Popen:
-        kwargs["preexec_fn"] = _die_with_parent(os.getpid())
+        kwargs["preexec_fn"] = functools.partial(end_with_parent, os.getpid())
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._pid = os.getpid()

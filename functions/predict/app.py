@@ -128,12 +128,14 @@ _lock = threading.Lock()
 def replica() -> PredictApp:
     """This process's replica, made on first use."""
     global _replica, _pid
-    if _replica is None or _pid != os.getpid():
+    current = made()
+    if current is None:
         with _lock:
-            if _replica is None or _pid != os.getpid():
-                _replica = PredictApp(Config.from_env())
+            current = made()
+            if current is None:
+                current = _replica = PredictApp(Config.from_env())
                 _pid = os.getpid()
-    return _replica
+    return current
 
 
 def made() -> PredictApp | None:

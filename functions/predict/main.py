@@ -14,11 +14,10 @@ replica's counters as JSON.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import functools
 import logging
 import os
 import signal
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import functions_framework.aio
@@ -30,6 +29,7 @@ from functions.predict.app import made, replica
 from functions.predict.errors import Rejected
 from functions.predict.limits import check_headers, json_parse_errors, read_body
 from lensflow_core.kafka import KafkaSetupError
+from lensflow_core.lifetime import end_with_parent
 
 log = logging.getLogger(__name__)
 _last_setup_error: str | None = None
@@ -38,19 +38,9 @@ _last_setup_error: str | None = None
 _threads = ThreadPoolExecutor(int(os.environ.get("THREADS", "4")), "predict")
 
 json_parse_errors()  # here, in the server process, before gunicorn forks its worker
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_arbiter(arbiter: int = os.getpid()) -> None:
-    """In gunicorn's worker: end with the arbiter. gthread workers poll for that, uvicorn
-    workers do not, and an orphan would keep the model's memory (a SIGKILLed ``up``)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != arbiter:  # it died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-os.register_at_fork(after_in_child=_die_with_arbiter)
+# In gunicorn's worker: end with the arbiter. gthread workers poll for that, uvicorn
+# workers do not, and an orphan would keep the model's memory (a SIGKILLed ``up``).
+os.register_at_fork(after_in_child=functools.partial(end_with_parent, os.getpid(), signal.SIGTERM))
 
 
 async def _on_thread(function, *args):
