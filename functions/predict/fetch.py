@@ -22,9 +22,7 @@ class ImageFetcher:
 
     def fetch(self, bucket: str, key: str) -> tuple[bytes, str]:
         """(bytes, etag) of ``bucket/key``. Raises Rejected: 413/422 permanent, 503 transient."""
-        path = f"{bucket}/{key}"
-        if not key:
-            raise Rejected(422, f"{path} is not a valid object name: the key is empty")
+        path = f"{bucket}/{key}"  # never an empty key: parse_notification refuses those
         try:
             result = self.getter.get(bucket, key, self.limit)
         except ObjectTooLarge:
