@@ -21,6 +21,7 @@ from tests.knative_manifests import (
     VERSIONS,
     Doc,
     build,
+    config_map,
     crd_schemas,
     of_kind,
     one,
@@ -277,3 +278,77 @@ def test_every_repository_path_in_the_doc_exists() -> None:
     }
     missing = [p for p in sorted(paths) if not list(REPO.glob(p))]
     assert not missing, missing
+
+
+# ------------------------------------------------- what upstream source says (issue 18)
+
+
+def test_event_policies_are_said_to_be_rejected_without_oidc() -> None:
+    """knative/eventing 1.21 pkg/apis/eventing/v1alpha1/eventpolicy_validation.go: the webhook
+    refuses to create an EventPolicy unless authentication-oidc is enabled."""
+    assert "have no effect" not in TEXT
+    assert "**rejects** every EventPolicy" in TEXT
+    commands = code_blocks()
+    oidc = commands.index('"authentication-oidc":"enabled"')
+    assert oidc < commands.index("kubectl apply -k knative/overlays/$OVERLAY")
+
+
+def test_transport_encryption_takes_permissive_or_strict() -> None:
+    """pkg/apis/feature/features.go, NewFlagsConfigFromMap: only `permissive` and `strict` turn
+    it on ("enabled" is parsed and never read)."""
+    values = re.findall(r'"transport-encryption":"([^"]*)"', TEXT)
+    assert values and set(values) <= {"permissive", "strict"}, values
+    assert "`permissive`" in TEXT and "`strict`" in TEXT
+
+
+def test_no_retry_after_flag_and_no_retry_after_max() -> None:
+    """eventing-kafka-broker 1.21's egress contract has no Retry-After: the field and its
+    feature flag would do nothing."""
+    assert "delivery-retryafter" not in code_blocks()
+    for overlay in OVERLAYS:
+        source = one(build(overlay), "KafkaSource", "lensflow-images")
+        assert "retryAfterMax" not in source["spec"]["delivery"]
+
+
+def test_only_the_image_buckets_notify_and_the_training_bucket_is_made() -> None:
+    commands = code_blocks()
+    for overlay in OVERLAYS:
+        data = config_map(build(overlay))["data"]
+        images = data["LENSFLOW_IMAGE_BUCKETS"].split(",")
+        made = set(re.findall(r"mc mb ([^\n]+)", commands)[0].replace("lensflow/", "").split())
+        assert {*images, data["LENSFLOW_TRAIN_BUCKET"], data["LENSFLOW_MODEL_BUCKET"]} <= made
+        notified = set(re.findall(r"mc event add lensflow/([a-z0-9.-]+) ", commands))
+        assert notified and notified <= set(images), notified
+        assert data["LENSFLOW_TRAIN_BUCKET"] not in notified
+
+
+def test_minio_kafka_acks_are_not_called_two_copies() -> None:
+    """MinIO internal/event/target/kafka.go: RequiredAcks = 1, so min.insync.replicas does not
+    bind its notifications."""
+    step9 = TEXT.split("## 9. MinIO -> Kafka notifications", 1)[1].split("\n## ", 1)[0]
+    assert "acks=1" in step9
+    prod = (KNATIVE / "overlays" / "prod" / "kustomization.yaml").read_text()
+    claim = prod.split("kind: KafkaTopic", 1)[0].rsplit("- target:", 1)[0]
+    assert "acks=1" in claim and "MinIO" in claim
+
+
+def test_minio_image_is_pinned_deliberately_and_recreated() -> None:
+    chart_default = "RELEASE.2024-12-18T13-15-44Z"  # chart 5.4.0's values.yaml image.tag
+    for overlay in OVERLAYS:
+        path = KNATIVE / "minio" / f"values-{overlay}.yaml"
+        values = yaml.safe_load(path.read_text())
+        tag = values["image"]["tag"]
+        assert re.fullmatch(r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", tag)
+        assert tag > chart_default, "newer than the chart's default, with 2025's fixes"
+        assert values["image"]["repository"] == "quay.io/minio/minio"
+        assert re.fullmatch(r"RELEASE\.[\dT-]+Z", values["mcImage"]["tag"])
+        # One pod on ReadWriteOnce volumes: RollingUpdate would hang or run two servers.
+        assert values["deploymentUpdate"] == {"type": "Recreate"}
+        text = path.read_text()
+        assert chart_default in text and "Source-Only" in text, "the reason is written down"
+
+
+def test_predict_is_not_called_read_only() -> None:
+    text = (KNATIVE / "base" / "predict-service.yaml").read_text()
+    assert "read-only" not in text
+    assert "to-label/" in text

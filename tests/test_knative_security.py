@@ -33,6 +33,7 @@ from tests.knative_manifests import (
 )
 
 PROD = "prod"
+QUEUE_PROXY_METRICS_PORT = 9091
 SCRAM = "SCRAM-SHA-512"
 # Who may do what on which topic (resource type, name, pattern) -> operations.
 EXPECTED_ACLS: dict[str, dict[tuple[str, str, str], set[str]]] = {
@@ -248,13 +249,13 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
             peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
             for peer in rule["from"]
         }
-        for port in rule.get("ports", []):
-            if names == {"monitoring"}:
-                assert port["port"] == scrape_port, "Prometheus: the scrape port only"
-            else:
-                assert port["port"] in (8012, 8013), "queue-proxy's serving ports only"
+        ports = {port["port"] for port in rule.get("ports", [])}
         if names == {"monitoring"}:
-            assert rule.get("ports"), "Prometheus may reach the scrape port only"
+            # The function's /metrics and queue-proxy's request metrics (serving 1.21
+            # pkg/networking/constants.go: UserQueueMetricsPort 9091), nothing else.
+            assert ports == {scrape_port, QUEUE_PROXY_METRICS_PORT}, ports
+        else:
+            assert ports <= {8012, 8013}, "queue-proxy's serving ports only"
     assert seen == allowed
 
     train = policies["lensflow-train-ingress"]
@@ -355,6 +356,50 @@ def test_train_reads_training_data_and_writes_only_the_model_store(store: dict[s
     assert not allowed(t, "s3:PutObject", obj(models, f"{name}/backbones/x.h5"))
     assert not allowed(t, "s3:PutObject", obj(models, "other-model/current.json"))
     assert not allowed(t, "s3:DeleteObject", obj(models, f"{name}/versions/v1/model.tflite"))
+
+
+def test_the_training_bucket_is_its_own_and_no_role_writes_an_image_bucket(
+    store: dict[str, Any],
+) -> None:
+    """CONTRACT: LENSFLOW_TRAIN_BUCKET is a bucket of its own, so what lensflow writes (queue
+    records, labelled and holdout copies) never arrives as an image event."""
+    for overlay in ("dev", "prod"):
+        data = config_map(build(overlay))["data"]
+        train = data["LENSFLOW_TRAIN_BUCKET"]
+        assert train and train not in data["LENSFLOW_IMAGE_BUCKETS"].split(","), overlay
+        assert train != data["LENSFLOW_MODEL_BUCKET"]
+    for role in ("predict", "train", "operator"):
+        doc = policy(role)
+        for bucket in store["images"]:
+            for key in ("to-label/v1/x.json", "labeled/forest/x.jpg", "holdout/forest/x.jpg"):
+                for w in WRITES:
+                    assert not allowed(doc, w, obj(bucket, key)), (role, w, bucket, key)
+        text = json.dumps(doc)
+        for bucket in store["images"]:
+            assert f"{bucket}/labeled" not in text and f"{bucket}/to-label" not in text, role
+
+
+def test_predict_may_count_the_label_queue_only(store: dict[str, Any]) -> None:
+    """The queue counts its records with one LIST of to-label/<version>/ (LabelQueue.size)."""
+    listing = [
+        s
+        for s in policy("predict")["Statement"]
+        if obj(store["train"], "").rstrip("/") in as_list(s["Resource"])
+        and "s3:ListBucket" in as_list(s["Action"])
+    ]
+    assert listing, "predict must list to-label/ of the training bucket"
+    for s in listing:
+        assert s["Condition"] == {"StringLike": {"s3:prefix": ["to-label/*"]}}, s
+
+
+def test_operator_labels_into_the_training_bucket(store: dict[str, Any]) -> None:
+    o, train = policy("operator"), store["train"]
+    for bucket in store["images"]:
+        assert allowed(o, "s3:GetObject", obj(bucket, "sortie-1/img.jpg"))
+    for key in ("labeled/forest/x.jpg", "holdout/forest/x.jpg"):
+        assert allowed(o, "s3:PutObject", obj(train, key))
+    assert allowed(o, "s3:DeleteObject", obj(train, "to-label/v1/x.json"))
+    assert allowed(o, "s3:GetObject", obj(train, "to-label/v1/x.json"))
 
 
 def test_operator_owns_the_model_store_only(store: dict[str, Any]) -> None:
