@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import ssl
 import threading
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -131,7 +132,23 @@ class ObjectGetter:
             curl.setopt(pycurl.NOSIGNAL, 1)  # timeouts without signals: threads
             curl.setopt(pycurl.CONNECTTIMEOUT_MS, self.timeout_ms)
             curl.setopt(pycurl.TIMEOUT_MS, 2 * self.timeout_ms)
-            if self.ca:
-                curl.setopt(pycurl.CAINFO, self.ca)
+            cafile, capath = (self.ca, None) if self.ca else system_ca_store()
+            if cafile:
+                curl.setopt(pycurl.CAINFO, cafile)
+            if capath:
+                curl.setopt(pycurl.CAPATH, capath)
             self._local.curl = curl
         return curl
+
+
+def system_ca_store() -> tuple[str | None, str | None]:
+    """(CA file, CA directory) of the system's store, found as Python's ``ssl`` finds it
+    (``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` honoured), else certifi's bundle. The pycurl
+    wheel's libcurl was built to look in /etc/pki/tls/certs/ca-bundle.crt (Red Hat's path),
+    absent on Debian, so without this an https endpoint fails with no bundle configured."""
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile or paths.capath:
+        return paths.cafile, paths.capath
+    import certifi
+
+    return certifi.where(), None

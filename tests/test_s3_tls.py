@@ -13,7 +13,7 @@ import pytest
 from lensflow.cli import main as cli
 from lensflow.services import S3Server
 from lensflow_core.s3 import s3_client
-from lensflow_core.s3_get import ObjectGetter, Unreachable
+from lensflow_core.s3_get import ObjectGetter, Unreachable, system_ca_store
 from lensflow_core.settings import Config
 from tests.conftest import make_env
 from tests.tls_certs import TestCA
@@ -71,6 +71,28 @@ def test_without_the_right_bundle_the_certificate_is_refused(tls_s3, bundle):
         s3_client(config, retries=0).list_buckets()
     with pytest.raises(Unreachable, match="certificate"):
         ObjectGetter(config).get(config.image_buckets[0], "a.jpg", limit=100)
+
+
+def test_without_a_bundle_the_get_trusts_the_system_store(tls_s3, monkeypatch):
+    """LENSFLOW_S3_CA_BUNDLE empty means the system's store, as Python's ssl module finds
+    it: here the private CA is the system store (SSL_CERT_FILE). The pycurl wheel's own
+    default, /etc/pki/tls/certs/ca-bundle.crt, does not exist on Debian."""
+    server, ca, other = tls_s3
+    config = config_for(server, ca)
+    bucket = config.image_buckets[0]
+    s3 = s3_client(config)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="system.jpg", Body=b"trusted by the system")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    monkeypatch.setenv("SSL_CERT_DIR", str(ca.parent / "no-such-dir"))
+    assert system_ca_store() == (str(ca), None)
+    no_bundle = config_for(server, None)
+    assert not no_bundle.s3_ca_bundle
+    got = ObjectGetter(no_bundle).get(bucket, "system.jpg", limit=100)
+    assert (got.status, got.body) == (200, b"trusted by the system")
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))  # a system store without the CA
+    with pytest.raises(Unreachable, match="certificate"):
+        ObjectGetter(no_bundle).get(bucket, "system.jpg", limit=100)
 
 
 def run_cli(monkeypatch, capfd, config: Config, argv: list[str]) -> tuple[int, str, str]:
