@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast test-container test-faults lint bench knative-check clean
+.PHONY: install demo up test test-fast test-container test-faults lint bench knative-check lock clean
 
 install: $(STAMP)
 
@@ -50,6 +50,19 @@ knative-check: install
 	kubectl kustomize knative/overlays/dev > /dev/null
 	kubectl kustomize knative/overlays/prod > /dev/null
 	$(BIN)/python -m pytest -q tests/test_knative.py tests/test_knative_security.py tests/test_knative_deploy_doc.py
+
+# The function images' hashed dependency locks (functions/<f>/requirements.lock), from
+# pyproject.toml's dependencies and the function's extra, for the images' Python (the
+# Dockerfiles' base tag; tests/test_knative.py keeps the two equal). uv keeps the versions a
+# lock already has and adds only what is new; delete a lock to move every version.
+LOCK_PYTHON := 3.11
+lock: install
+	$(BIN)/python -m pip install --quiet uv
+	for f in predict train; do \
+	  $(BIN)/uv pip compile pyproject.toml --extra $$f --generate-hashes --no-annotate --quiet \
+	    --python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_28 \
+	    --custom-compile-command "make lock" -o functions/$$f/requirements.lock || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache var

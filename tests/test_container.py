@@ -1,12 +1,12 @@
 """The function images without docker: each Dockerfile's own instructions, replayed here.
 
 ``Dockerfile`` reads a Dockerfile (stages, ENV, WORKDIR, COPY, RUN, CMD). The predict image's
-build stage is replayed into a virtualenv exactly as written (its `pip install` line reads
-pyproject.toml as in the image, so nothing is duplicated here); only what the Dockerfile
+build stage is replayed into a virtualenv exactly as written (its `pip install --require-hashes`
+installs functions/predict/requirements.lock as in the image, so nothing is duplicated here); only what the Dockerfile
 COPYs reaches the app directory; its CMD is started with PORT and must answer /healthz and
 turn one KafkaSource delivery into a prediction (against this test's moto, Tansu and a
 published model), while `import tensorflow` fails in that virtualenv. The dependency
-layer is cached under var/container/ keyed by the layer's instructions, pyproject.toml and
+layer is cached under var/container/ keyed by the layer's instructions, the lock it copies and
 the Python version, as docker caches a layer: only the first run downloads.
 
 The train image is checked only as far as is cheap (no second TensorFlow install): its CMD is
@@ -104,13 +104,13 @@ class Replay:
 
     def dependency_layer(self, stage: Stage) -> int:
         """How many instructions make the dependency layer: up to the first RUN after the
-        COPY of pyproject.toml."""
-        seen_pyproject = False
+        COPY of the function's hashed lock (requirements.lock)."""
+        seen_lock = False
         for i, (keyword, args) in enumerate(stage.instructions):
-            seen_pyproject |= keyword == "COPY" and "pyproject.toml" in args
-            if seen_pyproject and keyword == "RUN":
+            seen_lock |= keyword == "COPY" and "requirements.lock" in args
+            if seen_lock and keyword == "RUN":
                 return i + 1
-        raise AssertionError("no dependency layer (COPY pyproject.toml, then RUN)")
+        raise AssertionError("no dependency layer (COPY requirements.lock, then RUN)")
 
     def build(self, stage: Stage, base_path: str) -> None:
         """Replay the build stage; skip the dependency layer when it is cached."""
@@ -193,7 +193,10 @@ def layer_key(dockerfile: Path) -> str:
     replay = Replay(dockerfile, Path("/nonexistent"), Path("/nonexistent"))
     layer = stage.instructions[: replay.dependency_layer(stage)]
     digest = hashlib.sha256(repr(layer).encode())
-    digest.update((REPO / "pyproject.toml").read_bytes())
+    for keyword, args in layer:  # what the layer copies in (the lock), as docker keys it
+        if keyword == "COPY":
+            for source in shlex.split(args)[:-1]:
+                digest.update((REPO / source).read_bytes())
     digest.update(sys.version.encode())
     return digest.hexdigest()[:16]
 

@@ -24,11 +24,15 @@ import copy
 import importlib.util
 import json
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from lensflow_core import settings as config
 from tests.knative_manifests import (
@@ -626,12 +630,41 @@ def test_the_prod_kafka_can_watch_the_lensflow_namespace() -> None:
 # ------------------------------------------------------------------------ images
 
 
-@pytest.mark.parametrize("function", ["predict", "train"])
+FUNCTIONS = ("predict", "train")
+
+
+def dockerfile(function: str) -> str:
+    return (REPO / "functions" / function / "Dockerfile").read_text()
+
+
+def from_images(text: str) -> list[str]:
+    """Every FROM's image, ARG defaults substituted (``FROM ${PYTHON_IMAGE} AS build``)."""
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+    images = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), i) for i in images]
+
+
+def locked(function: str) -> dict[str, tuple[str, list[str]]]:
+    """functions/<f>/requirements.lock: normalised name -> (version, hashes)."""
+    text = (REPO / "functions" / function / "requirements.lock").read_text()
+    entries = {}
+    for block in re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 2)[-1].strip()):
+        m = re.match(r"([A-Za-z0-9][\w.-]*)==([^\s;\\]+)", block)
+        assert m, f"not a pinned requirement: {block[:80]!r}"
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", block)
+        entries[canonicalize_name(m.group(1))] = (m.group(2), hashes)
+    return entries
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
 def test_dockerfile(function: str) -> None:
-    text = (REPO / "functions" / function / "Dockerfile").read_text()
-    assert f"['optional-dependencies']['{function}']" in text
-    other = "train" if function == "predict" else "predict"
-    assert f"['{other}']" not in text and ".[train]" not in text and ".[predict]" not in text
+    text = dockerfile(function)
+    # dependencies only from the function's hashed lock, before the code (cache-friendly)
+    lock = f"functions/{function}/requirements.lock"
+    assert f"COPY {lock} ./" in text
+    assert "pip install --require-hashes -r requirements.lock" in text
+    assert text.count("pip install") == 1, "nothing installed outside the lock"
+    assert text.index(f"COPY {lock}") < text.index("--require-hashes") < text.index("COPY core")
     if function == "predict":
         assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
         assert "--source functions/predict/main.py --target predict" in text
@@ -641,12 +674,52 @@ def test_dockerfile(function: str) -> None:
         assert "-m functions.train.job" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("0", "root"), "the image runs as a non-root user"
-    # dependencies are installed before the code is copied (cache-friendly layers)
-    assert (
-        text.index("COPY pyproject.toml") < text.index("pip install -r") < text.index("COPY core")
-    )
     if function == "predict":
         assert "tensorflow" not in text.replace('! python -c "import tensorflow"', "")
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_every_base_image_is_pinned_by_digest(function: str) -> None:
+    images = from_images(dockerfile(function))
+    assert len(images) == 2, images  # build and final stage
+    for image in images:
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
+    # the locks are made for the images' Python (Makefile LOCK_PYTHON)
+    lock_python = re.search(r"^LOCK_PYTHON := ([\d.]+)$", (REPO / "Makefile").read_text(), re.M)
+    assert lock_python and all(f"python:{lock_python.group(1)}-" in i for i in images)
+
+
+def test_the_digest_check_refuses_a_tag() -> None:
+    text = dockerfile("predict").replace("@sha256:", "-untrusted:", 1)
+    assert not all(re.fullmatch(r".+@sha256:[0-9a-f]{64}", i) for i in from_images(text))
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_lock_is_hashed_and_in_sync_with_pyproject(function: str) -> None:
+    """Every requirement of pyproject's dependencies and the function's extra is in the lock,
+    at a version its specifier allows; every locked package has hashes; the lock holds nothing
+    of the other function's extra that its own does not need (TensorFlow stays out of
+    predict)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for r in project["optional-dependencies"][function]]
+    entries = locked(function)
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in entries, f"{requirement} is not in functions/{function}/requirements.lock"
+        version, _ = entries[name]
+        assert requirement.specifier.contains(version, prereleases=True), (requirement, version)
+    assert all(hashes for _, hashes in entries.values()), "a package without --hash"
+    if function == "predict":
+        assert not {n for n in entries if n.startswith("tensorflow")}
+
+
+def test_lock_check_notices_a_missing_requirement(monkeypatch) -> None:
+    entries = locked("predict")
+    del entries["pycurl"]
+    monkeypatch.setattr(sys.modules[__name__], "locked", lambda function: entries)
+    with pytest.raises(AssertionError, match="pycurl"):
+        test_lock_is_hashed_and_in_sync_with_pyproject("predict")
 
 
 def test_dockerignore_keeps_what_the_build_needs() -> None:
