@@ -1,19 +1,25 @@
-"""Private CAs and server certificates for TLS tests, made with ``cryptography``."""
+"""Private CAs and server certificates for TLS tests, made with ``cryptography``; a bare TLS
+listener; stunnel to put TLS in front of a plaintext server."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import shutil
 import socket
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from lensflow.process import ChildProcess, free_port, port_open
 
 
 @dataclass(frozen=True)
@@ -134,3 +140,45 @@ class TlsListener:
         self._stop.set()
         self._thread.join(2)
         self._sock.close()
+
+
+def stunnel_binary() -> str:
+    """Debian's stunnel (package stunnel4); in CI (CI=true) its absence fails the test,
+    elsewhere skips it."""
+    found = shutil.which("stunnel") or shutil.which("stunnel4")
+    if found:
+        return found
+    message = "stunnel is not installed: `apt-get install -y stunnel4` (.ci/run does it)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class Stunnel(ChildProcess):
+    """stunnel terminating TLS with ``issued`` on loopback ``port`` (a free one unless given)
+    and forwarding the plaintext to ``target_port``: TLS in front of a server that has none."""
+
+    def __init__(self, issued: Issued, target_port: int, folder: Path, port: int | None = None):
+        self.port = port or free_port()
+        config = folder / f"stunnel-{self.port}.conf"
+        config.write_text(
+            "foreground = yes\n"
+            "pid =\n"
+            "debug = info\n"
+            "[tls]\n"
+            f"accept = 127.0.0.1:{self.port}\n"
+            f"connect = 127.0.0.1:{target_port}\n"
+            f"cert = {issued.cert}\n"
+            f"key = {issued.key}\n"
+        )
+        super().__init__(
+            "stunnel", [stunnel_binary(), str(config)], log_path=folder / "stunnel.log"
+        )
+
+    def __enter__(self) -> Stunnel:
+        self.spawn()
+        self.wait_ready(lambda: port_open("127.0.0.1", self.port), timeout_s=10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
