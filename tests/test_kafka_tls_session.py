@@ -52,7 +52,7 @@ class TlsFrontedBroker(KafkaBroker):
 
 
 @pytest.fixture(scope="module")
-def tls_kafka(tmp_path_factory, s3_server):
+def tls_kafka(tmp_path_factory):
     """(environment with the SSL settings and the CA, another CA's file, stunnel)."""
     stunnel_binary()  # skip (or, in CI, fail) before starting anything
     folder = tmp_path_factory.mktemp("kafka-tls-session")
@@ -63,7 +63,7 @@ def tls_kafka(tmp_path_factory, s3_server):
         Stunnel(ca.issue(), broker.port, folder, port=tls_port) as tunnel,
     ):
         env = make_env(
-            s3_server.endpoint,
+            "http://127.0.0.1:1",  # no S3 in this test
             f"127.0.0.1:{tls_port}",
             LENSFLOW_KAFKA_SECURITY_PROTOCOL="SSL",
             LENSFLOW_KAFKA_CA_FILE=str(ca.pem),
