@@ -5,28 +5,23 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import os
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import requests
 import websocket
+
+from tests.conftest import system_tool
 
 
 def chromium_binary() -> str:
     """Debian's chromium; in CI (CI=true) its absence fails the test, elsewhere skips it."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    message = "chromium is not installed: `apt-get install -y chromium` (.ci/run does it)"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)
-    pytest.skip(message)
+    return system_tool(
+        ("chromium", "chromium-browser", "google-chrome"), "apt-get install -y chromium"
+    )
 
 
 class Browser:

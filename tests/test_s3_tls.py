@@ -50,14 +50,20 @@ def config_for(server, bundle) -> Config:
     return Config.from_env(make_env(server.endpoint, LENSFLOW_S3_SECRET_KEY=S3_SECRET, **extra))
 
 
-def test_with_the_ca_bundle_both_clients_work(tls_s3):
-    server, ca, _ = tls_s3
+def stored(server, ca, key: str, body: bytes) -> str:
+    """Put ``body`` at ``key`` of a fresh image bucket (boto3 with the CA); the bucket."""
     config = config_for(server, ca)
     bucket = config.image_buckets[0]
     s3 = s3_client(config)
     s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="a.jpg", Body=b"photo")
-    got = ObjectGetter(config).get(bucket, "a.jpg", limit=100)
+    s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return bucket
+
+
+def test_with_the_ca_bundle_both_clients_work(tls_s3):
+    server, ca, _ = tls_s3
+    bucket = stored(server, ca, "a.jpg", b"photo")
+    got = ObjectGetter(config_for(server, ca)).get(bucket, "a.jpg", limit=100)
     assert (got.status, got.body) == (200, b"photo")
 
 
@@ -78,11 +84,7 @@ def test_without_a_bundle_the_get_trusts_the_system_store(tls_s3, monkeypatch):
     it: here the private CA is the system store (SSL_CERT_FILE). The pycurl wheel's own
     default, /etc/pki/tls/certs/ca-bundle.crt, does not exist on Debian."""
     server, ca, other = tls_s3
-    config = config_for(server, ca)
-    bucket = config.image_buckets[0]
-    s3 = s3_client(config)
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="system.jpg", Body=b"trusted by the system")
+    bucket = stored(server, ca, "system.jpg", b"trusted by the system")
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))
     monkeypatch.setenv("SSL_CERT_DIR", str(ca.parent / "no-such-dir"))
     assert system_ca_store() == (str(ca), None)

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import shutil
 import socket
 import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from lensflow.process import ChildProcess, free_port, port_open
+from tests.conftest import system_tool
 
 
 @dataclass(frozen=True)
@@ -145,13 +143,7 @@ class TlsListener:
 def stunnel_binary() -> str:
     """Debian's stunnel (package stunnel4); in CI (CI=true) its absence fails the test,
     elsewhere skips it."""
-    found = shutil.which("stunnel") or shutil.which("stunnel4")
-    if found:
-        return found
-    message = "stunnel is not installed: `apt-get install -y stunnel4` (.ci/run does it)"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)
-    pytest.skip(message)
+    return system_tool(("stunnel", "stunnel4"), "apt-get install -y stunnel4")
 
 
 class Stunnel(ChildProcess):
