@@ -108,7 +108,7 @@ def serving_stack(
         }
         config = Config.from_env(env)
         s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3, config.buckets)
         ensure_topics(config.kafka, topic_specs(*config.topics))
         store = ModelStore.from_config(config, s3=s3)
         store.flip(store.publish(model, labels, created_by="bench").version)

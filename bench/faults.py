@@ -354,7 +354,7 @@ def _with_up(name: str, run: int, model: bytes, stop_signal: int) -> Outcome:
     env = env_for(tag, f"http://127.0.0.1:{s3_port}", f"127.0.0.1:{kafka_port}")
     with KafkaBroker(port=kafka_port) as kafka, S3Server(port=s3_port, notify=env) as s3:
         config = Config.from_env(env)
-        ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3_client(config), config.buckets)
         publish_model(config, model)
         proc = _up(env, kafka, s3)
         watch = Watch(config.kafka_bootstrap, config.topic_predictions, config.topic_dlq)

@@ -355,6 +355,11 @@ class Config:
         )
 
     @property
+    def buckets(self) -> list[str]:
+        """Every bucket lensflow uses: image buckets, train bucket, model bucket (once each)."""
+        return list(dict.fromkeys([*self.image_buckets, self.train_bucket, self.model_bucket]))
+
+    @property
     def topics(self) -> tuple[str, str, str]:
         """(images, predictions, dead-letter) topic names."""
         return self.topic_images, self.topic_predictions, self.topic_dlq

@@ -187,10 +187,7 @@ class EmbeddedStack:
         self._start_server(
             "s3", embedded_s3_address(self.config), S3Server, self.config.s3_endpoint or "AWS S3"
         )
-        buckets = dict.fromkeys(
-            [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
-        )
-        ensure_buckets(s3_client(self.config), list(buckets))
+        ensure_buckets(s3_client(self.config), self.config.buckets)
         ensure_topics(self.config.kafka, topic_specs(*self.config.topics))
         pool_log = self.log_dir
         self.pool = ReplicaPool(

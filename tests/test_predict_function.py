@@ -49,7 +49,7 @@ def served(s3_server, kafka_broker, tiny_models, tmp_path_factory):
         LENSFLOW_MAX_IMAGE_PIXELS="4000000",
     )
     config = Config.from_env(env)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket, "private"])
+    ensure_buckets(s3_client(config), [*config.buckets, "private"])
     config, store = start_stack(env, tiny_models)
     log = tmp_path_factory.mktemp("predict") / "predict.log"
     with FunctionServer("predict", env, log) as server:
@@ -159,7 +159,7 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
         env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
         config = Config.from_env(env)
         s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3, config.buckets)
         config, store = start_stack(env, tiny_models, flip=None)
         with FunctionServer("predict", env, tmp_path / "predict.log") as server:
             image = scene_jpeg("water", 1, (96, 96), 85)
