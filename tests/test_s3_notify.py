@@ -268,3 +268,80 @@ def test_an_event_that_cannot_be_kept_fails_the_upload(kafka_broker, tmp_path):
         s3.put_object(Bucket=config.image_buckets[0], Key="lost?.jpg", Body=b"x")  # again
         ensure_topics(config.kafka, topic_specs(*config.topics))
         assert list(records_by_key(config, 1)) == [f"{config.image_buckets[0]}/lost?.jpg"]
+
+
+# --- the done-when: on the embedded stack -------------------------------------------------
+
+
+def _settled(stack, keys: set[str], delivered: int) -> dict[str, int]:
+    """Predictions per key once the dispatcher answered ``delivered`` events and a moment
+    passed with nothing new (so a second prediction would have shown)."""
+    from tests.test_stack import predicted
+
+    deadline = time.monotonic() + 60
+    while stack.dispatcher.stats()["delivered"] < delivered and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    return predicted(stack, keys)
+
+
+@pytest.mark.slow
+def test_on_the_stack_put_multipart_and_copy_each_give_one_prediction(tiny_models, tmp_path):
+    from lensflow.scenes import scene_jpeg
+    from lensflow.stack import EmbeddedStack
+    from tests.test_stack import publish_model, stack_env
+
+    with EmbeddedStack(stack_env(), log_dir=tmp_path, idle_s=30) as stack:
+        publish_model(stack, tiny_models["first"])
+        assert stack.dispatcher.wait_assigned(30)
+        s3, bucket = s3_client(stack.config), stack.config.image_buckets[0]
+        photo = scene_jpeg("field", 1, (320, 240))
+        s3.put_object(Bucket=bucket, Key="put.jpg", Body=photo, ContentType="image/jpeg")
+        padded = io.BytesIO(photo + b"\0" * (6 * MIB))  # decoders stop at end-of-image
+        chunks = TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB)
+        s3.upload_fileobj(padded, bucket, "multi.jpg", Config=chunks)
+        s3.copy_object(Bucket=bucket, Key="copy.jpg", CopySource=f"{bucket}/put.jpg")
+        keys = {"put.jpg", "multi.jpg", "copy.jpg"}
+        counts = _settled(stack, keys, 3)
+        stats = stack.stats()["dispatcher"]
+    assert counts == {f"{bucket}/{key}": 1 for key in keys}
+    assert (stats["delivered"], stats["dead_lettered"]) == (3, 0)
+
+
+@pytest.mark.slow
+def test_a_shared_bucket_notified_whole_never_feeds_back(tiny_models, tmp_path, monkeypatch):
+    """Train bucket = image bucket, every key announced: the labelling queue's records and
+    the labelled and holdout copies arrive as events, and predict skips each with a 2xx."""
+    from lensflow.cli import main
+    from lensflow.scenes import scene_jpeg
+    from lensflow.stack import EmbeddedStack
+    from model_store.labelqueue import LabelQueue
+    from tests.test_stack import publish_model, stack_env
+
+    env = stack_env(LENSFLOW_UNCERTAIN_TOP1="1.01")  # every prediction is uncertain: queued
+    env["LENSFLOW_TRAIN_BUCKET"] = env["LENSFLOW_IMAGE_BUCKETS"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with EmbeddedStack(env, log_dir=tmp_path, idle_s=30) as stack:
+        config = stack.config
+        assert config.notify_buckets == (config.train_bucket,) and not config.notify_prefix
+        publish_model(stack, tiny_models["random"])
+        assert stack.dispatcher.wait_assigned(30)
+        s3, bucket = s3_client(config), config.image_buckets[0]
+        for i, key in enumerate(("a.jpg", "b.jpg")):
+            upload_file(s3, bucket, key, scene_jpeg("water", i, (160, 120)), "image/jpeg")
+        queue = LabelQueue(s3, bucket, 10)
+        deadline = time.monotonic() + 60
+        while len(queue.pending()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert main(["label", "forest", f"{bucket}/a.jpg"]) == 0
+        assert main(["label", "holdout", "water", f"{bucket}/b.jpg"]) == 0
+        # 2 photos, 2 queue records, 1 labelled and 1 holdout copy: 6 events, 2 images
+        counts = _settled(stack, {"a.jpg", "b.jpg"}, 6)
+        stats = stack.stats()["dispatcher"]
+        dead = read_topic(config, config.topic_dlq, 1, timeout_s=3)
+        written = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {"labeled/forest/a.jpg", "holdout/water/b.jpg"} <= written
+    assert counts == {f"{bucket}/a.jpg": 1, f"{bucket}/b.jpg": 1}  # nothing predicted twice
+    assert dead == [] and stats["dead_lettered"] == 0
+    assert stats["delivered"] == 6
