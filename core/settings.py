@@ -22,6 +22,7 @@ class Setting:
     default: str
     meaning: str
     secret: bool = False
+    embedded: bool = False  # only the embedded stack reads it (not in the cluster's config)
 
 
 # Ports the embedded stack listens on (loopback only).
@@ -94,23 +95,27 @@ SETTINGS: tuple[Setting, ...] = (
         "buckets whose new objects the embedded S3 announces on the images topic, as "
         "`mc event add BUCKET arn:minio:sqs::_:kafka --event put` does on MinIO (empty: the "
         "image buckets)",
+        embedded=True,
     ),
     Setting(
         "LENSFLOW_S3_NOTIFY_PREFIX",
         "",
         "the embedded S3 announces only keys starting with this (`mc event add --prefix`)",
+        embedded=True,
     ),
     Setting(
         "LENSFLOW_S3_NOTIFY_SUFFIX",
         "",
         "the embedded S3 announces only keys ending with this (`mc event add --suffix`, "
         "e.g. `.jpg`)",
+        embedded=True,
     ),
     Setting(
         "LENSFLOW_S3_NOTIFY_QUEUE_DIR",
         "",
         "where the embedded S3 keeps each event, one file apiece, until the broker has it "
         "(MinIO's `queue_dir`; empty: a new folder per server, removed when it stops)",
+        embedded=True,
     ),
     Setting("LENSFLOW_TOPIC_PREDICTIONS", "predictions", "topic of prediction events"),
     Setting("LENSFLOW_TOPIC_DLQ", "images-dlq", "dead-letter topic"),
@@ -320,7 +325,7 @@ class Config:
             image_buckets=buckets,
             model_bucket=get("LENSFLOW_MODEL_BUCKET"),
             model_name=get("LENSFLOW_MODEL_NAME"),
-            train_bucket=get("LENSFLOW_TRAIN_BUCKET") or buckets[0],
+            train_bucket=get("LENSFLOW_TRAIN_BUCKET") or default("LENSFLOW_TRAIN_BUCKET"),
             topic_images=get("LENSFLOW_TOPIC_IMAGES"),
             notify_buckets=_notify_buckets(get("LENSFLOW_S3_NOTIFY_BUCKETS")) or buckets,
             notify_prefix=_filter_value("LENSFLOW_S3_NOTIFY_PREFIX", get),
