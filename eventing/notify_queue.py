@@ -117,6 +117,7 @@ class EventSender:
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = threading.Event()
+        self._flush_s = 2.0
         self._thread = threading.Thread(target=self._run, name="s3-notify", daemon=True)
 
     def start(self) -> EventSender:
@@ -130,6 +131,7 @@ class EventSender:
     def stop(self, flush_s: float = 2.0) -> None:
         """Stop sending; give what is in flight ``flush_s`` to be acknowledged (and
         deleted). Whatever is left stays in the folder for the next server."""
+        self._flush_s = flush_s
         self._stopping.set()
         self._thread.join(flush_s + 1)
 
@@ -139,7 +141,7 @@ class EventSender:
             if self._due and time.monotonic() >= self._retry_at:
                 self._produce(sorted(self._due))
             self.producer.poll(0.02)
-        self.producer.flush(2.0)  # serves the last reports: their files are deleted
+        self.producer.flush(self._flush_s)  # serves the last reports: their files go
 
     def _take_new(self, wait_s: float) -> None:
         try:

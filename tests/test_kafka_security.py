@@ -307,12 +307,11 @@ def run_cli(monkeypatch, capfd, env: dict[str, str], argv: list[str]) -> tuple[i
 @pytest.mark.parametrize(
     ("argv", "extra", "named"),
     [
-        (["upload", "--json", "{image}"], {}, "LENSFLOW_KAFKA_SASL_PASSWORD"),
         (["predictions", "tail", "--json"], {}, "LENSFLOW_KAFKA_SASL_PASSWORD"),
         (["dispatch", "--json", "--sink", "http://127.0.0.1:1"], {}, "LENSFLOW_KAFKA_SASL"),
         (["dlq", "list", "--json"], {}, "LENSFLOW_KAFKA_SASL_PASSWORD"),
         (
-            ["upload", "{image}"],
+            ["dlq", "list"],
             {"LENSFLOW_KAFKA_SASL_PASSWORD": ""},
             "LENSFLOW_KAFKA_SASL_PASSWORD is not set",
         ),

@@ -133,6 +133,24 @@ def test_the_queue_keeps_events_in_order_and_is_bounded(tmp_path):
     assert EventQueue(tmp_path / "q").names() == names[1:]  # what a new server finds
 
 
+@pytest.mark.parametrize(
+    "train, bucket, key, own",
+    [
+        ("lensflow-train", "lensflow-train", "to-label/v1/ab.json", "to-label/"),
+        ("lensflow-train", "drone-images", "labeled/forest/a.jpg", None),  # a drone's key
+        ("drone-images", "drone-images", "labeled/forest/a.jpg", "labeled/"),  # shared
+        ("drone-images", "drone-images", "holdout/water/b.jpg", "holdout/"),
+        ("drone-images", "drone-images", "drones/d1/c.jpg", None),
+        ("lensflow-train", "lensflow-models", "aerial/versions/v1/model.tflite", "aerial/"),
+    ],
+)
+def test_what_lensflow_writes_itself_is_known_per_bucket(train, bucket, key, own):
+    from model_store.own import own_prefix
+
+    config = Config.from_env({"LENSFLOW_TRAIN_BUCKET": train})
+    assert own_prefix(config, bucket, key) == own
+
+
 # --- a notifying S3 server and a broker -------------------------------------------------------
 
 
