@@ -16,8 +16,8 @@ import argparse
 from lensflow.cli.models import operator
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow_core.s3 import s3_client
-from model_store import ModelStore, ModelStoreError, NotFoundError, StoreUnavailableError
-from model_store.labelling import LabelRefused, label
+from model_store import ModelStore, ModelStoreError, StoreUnavailableError
+from model_store.labelling import LabelRefused, label, serving_labels
 from model_store.labelqueue import HOLDOUT, LABELED, LabelQueue
 
 
@@ -63,7 +63,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     cls, paths = words[0], words[1:]
     config = load_config()
     s3 = s3_client(config)
-    known = _current_labels(ModelStore.from_config(config, s3))
+    known = serving_labels(ModelStore.from_config(config, s3))
     done = label(
         s3,
         train_bucket=config.train_bucket,
@@ -83,17 +83,6 @@ def cmd_label(args: argparse.Namespace) -> int:
     ]
     emit(args, [item.to_json() for item in done], "\n".join(lines))
     return 0
-
-
-def _current_labels(store: ModelStore) -> list[str] | None:
-    """The serving model's labels; None when no model serves yet (any class is new)."""
-    pointer = store.current()
-    if pointer is None:
-        return None
-    try:
-        return store.get_version(pointer.version).labels
-    except NotFoundError:
-        return None
 
 
 def _run(args: argparse.Namespace) -> int:
