@@ -449,6 +449,7 @@ class TrainingTimer:
         self.every_s = every_s
         self.rounds = 0
         self.last: Any = None
+        self.next_at = time.time() + every_s  # when the next round starts (the dashboard)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="training-timer", daemon=True)
 
@@ -464,10 +465,11 @@ class TrainingTimer:
         return {"every_s": self.every_s, "rounds": self.rounds, "last": self.last}
 
     def _run(self) -> None:
-        while not self._stopping.wait(self.every_s):
+        while not self._stopping.wait(max(0.0, self.next_at - time.time())):
             try:
                 self.last = self.round()
                 self.rounds += 1
             except Exception as exc:  # noqa: BLE001 - keep ticking
                 log.warning("training round failed: %s", exc)
                 self.last = {"error": str(exc)}
+            self.next_at = time.time() + self.every_s
