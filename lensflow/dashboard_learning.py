@@ -25,10 +25,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from lensflow.dashboard import _authorise, _thumbnail
+from lensflow.dashboard import STATIC, _authorise, _thumbnail
 from lensflow_core.s3 import s3_client
 from model_store import ModelStoreError, NotFoundError, StoreUnavailableError
 from model_store.labelling import LabelConflict, LabelRefused, label, serving_labels, undo
@@ -75,12 +75,16 @@ def learning_routes(state) -> list[Route]:
     async def api_quality(_request: Request) -> Response:
         return await asyncio.to_thread(_quality, state)
 
+    async def script(_request: Request) -> Response:
+        return FileResponse(STATIC / "learning.js", media_type="text/javascript")
+
     return [
         Route("/api/queue", api_queue),
         Route("/queue-image", queue_image),
         Route("/api/label", api_label, methods=["POST"]),
         Route("/api/label/undo", api_undo, methods=["POST"]),
         Route("/api/quality", api_quality),
+        Route("/learning.js", script),
     ]
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -170,3 +172,120 @@ def test_next_scheduled_round_from_cron():
         next_cron("61 * * * *", at)
     with pytest.raises(ValueError):
         next_cron("daily", at)
+
+
+@pytest.mark.slow
+def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on_them(
+    env, tmp_path
+):
+    """Done when: twelve queued photos labelled in the browser with the keyboard (one
+    mislabelled, undone with Backspace and labelled again), then a round promotes on
+    those labels and the quality view shows its figures."""
+    from functions.train import model as M
+    from functions.train.round import run_round
+    from lensflow import scenes
+    from lensflow.dashboard import DashboardServer
+    from lensflow.process import free_port
+    from lensflow.seeding import seed_training_data
+    from tests.browser import Browser
+
+    config = Config.from_env(
+        {**env, "LENSFLOW_DASHBOARD_TOKEN": TOKEN, "LENSFLOW_TRAIN_MIN_NEW": "10"}
+    )
+    s3 = s3_client(config)
+    seed_training_data(config, 0, 8, seed=3)  # a holdout only: no labels yet
+    classes = sorted(scenes.CLASSES)
+    store = ModelStore.from_config(config)
+    untrained = M.to_tflite(M.build_model(len(classes), seed=3))
+    champion = store.publish(untrained, classes, created_by="test").version
+    store.flip(champion, reason="a champion that learnt nothing", by="test")
+
+    bucket = config.image_buckets[0]
+    queue = LabelQueue(s3, config.train_bucket, limit=50)
+    truth: dict[str, str] = {}
+    model = {"name": "aerial", "version": champion, "sha256": "ab" * 32}
+    for i, (cls, body) in enumerate(scenes.labelled_set(2, seed=7)):
+        key = f"flight 9/photo-{i:02d}.jpg"
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]
+        guesses = [{"label": c, "score": 1 / len(classes)} for c in classes]
+        queue.offer(bucket, key, etag, model, guesses)
+        truth[f"{bucket}/{key}"] = cls
+    screens = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+
+    dashboard = DashboardServer(config, port=free_port()).start()
+    try:
+        with Browser(width=1280, height=900) as browser:
+            browser.goto(dashboard.url + "#label")
+            browser.wait_for("document.querySelectorAll('#class-keys button').length === 6")
+            browser.evaluate(
+                f"document.getElementById('label-token').value = {json.dumps(TOKEN)};"
+                "document.getElementById('labeller').value = 'ana'"
+            )
+            wrong_once = True
+            for _ in range(len(truth) + 1):  # one more: the undone label
+                shown = browser.wait_for(
+                    "(() => { const i = document.getElementById('label-image');"
+                    " return i.complete && i.naturalWidth > 0 &&"
+                    " document.getElementById('label-key').textContent; })()"
+                )
+                if len(truth) - len(queue.pending()) == 3 and wrong_once:
+                    screenshot_label(browser, screens)
+                    wrong = classes[(classes.index(truth[shown]) + 1) % len(classes)]
+                    label_with_key(browser, classes, wrong, shown)
+                    assert key_of(s3, config, wrong, shown)  # stored ... then undone
+                    browser.press("Backspace")
+                    browser.wait_for(
+                        "document.getElementById('label-status').textContent.startsWith('undone')"
+                    )
+                    assert not key_of(s3, config, wrong, shown)
+                    assert shown in [e.path for e in queue.pending()]
+                    wrong_once = False
+                    continue
+                label_with_key(browser, classes, truth[shown], shown)
+            assert queue.pending() == []
+            labelled = train_keys(config, s3, "labeled/")
+            assert len(labelled) == len(truth) == 12
+            for path, cls in truth.items():
+                assert f"labeled/{cls}/{path.rsplit('/', 1)[1]}" in labelled
+
+            report = run_round(config)
+            assert report.outcome == "promoted", report.reason
+            assert report.data["labeled_total"] == 12
+            assert store.current().version == report.challenger["version"]
+
+            browser.goto(dashboard.url + "#quality")
+            browser.wait_for("document.querySelectorAll('#rounds tr').length === 1")
+            row = browser.evaluate(
+                "[...document.querySelectorAll('#rounds tr td')].map(td => td.textContent)"
+            )
+            assert row[1] == "promoted"
+            f1 = report.challenger["evaluation"]["macro_f1"]
+            assert f"F1 {f1:.3f}" in row[3] and row[5] == "48" and row[6] == "12"
+            browser.wait_for("document.querySelectorAll('#confusion tr').length === 7")
+            served = report.challenger["version"]
+            assert (
+                browser.evaluate(
+                    "document.querySelector('#score-chart circle[r=\"6\"]').dataset.version"
+                )
+                == served
+            )
+            browser.screenshot(screens / "dashboard-quality.png")
+    finally:
+        dashboard.stop()
+    assert (screens / "dashboard-labelling.png").stat().st_size > 10_000
+
+
+def key_of(s3, config, cls: str, path: str) -> bool:
+    return f"labeled/{cls}/{path.rsplit('/', 1)[1]}" in train_keys(config, s3, "labeled/")
+
+
+def label_with_key(browser, classes: list[str], cls: str, path: str) -> None:
+    browser.press("123456789"[classes.index(cls)])
+    browser.wait_for(
+        "document.getElementById('label-status').textContent.startsWith("
+        f"{json.dumps(path + ' -> ')})"
+    )
+
+
+def screenshot_label(browser, screens: Path) -> None:
+    browser.screenshot(screens / "dashboard-labelling.png")
