@@ -6,7 +6,8 @@ fixed holdout: ``LENSFLOW_TRAIN_BACKBONE=mobilenet_v2_imagenet`` (a new head on 
 pretrained MobileNetV2, 96x96) against ``none`` (the small CNN from scratch), both with
 the default ``LENSFLOW_TRAIN_EPOCHS``. On the synthetic scenes always; on Fashion-MNIST
 too when Debian's ``dataset-fashion-mnist`` is installed (``apt-get install
-dataset-fashion-mnist``). Writes bench/results/learning.json and learning.png.
+dataset-fashion-mnist``). Writes bench/results/learning.json and learning.png, then
+``bench.sampling`` (uncertainty vs random sampling: learning_sampling.json and .png).
 """
 
 from __future__ import annotations
@@ -203,6 +204,9 @@ def run(out_dir: Path) -> dict:
     result["targets"] = {"backbone_f1_at_10_per_class>=scratch+0.15": gain >= 0.15}
     write_json(out_dir, "learning", result)
     plot(out_dir, result)
+    from bench import sampling
+
+    sampling.run(out_dir)  # uncertainty vs random sampling: learning_sampling.json
     return result
 
 
