@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent
 
@@ -66,6 +65,8 @@ DRAIN_QUIET_S = 0.5  # a drain ends once nothing was left, nor arrived, for this
 def kafkasource_settings(path: Path = KAFKASOURCE_MANIFEST) -> tuple[str, DeliverySpec, str]:
     """(ordering, delivery spec, consumer group) of the KafkaSource manifest, so the local
     dispatcher delivers exactly as the cluster's KafkaSource does."""
+    import yaml  # here: the dashboard's image runs the CLI without it
+
     spec = yaml.safe_load(path.read_text())["spec"]
     return (
         spec.get("ordering", "ordered"),
