@@ -151,7 +151,8 @@ def _f1_at(result: dict, backbone: str, n: int) -> float:
     return next(p["macro_f1"] for p in result[backbone] if p["per_class"] == n)
 
 
-def plot(out_dir: Path, result: dict) -> None:
+def panels(result: dict):
+    """(figure, [(axes, data set name)]): one panel per data set the result has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,6 +161,24 @@ def plot(out_dir: Path, result: dict) -> None:
     sets = [name for name in ("synthetic", "fashion_mnist") if result.get(name)]
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
     for ax, name in zip(axes[0], sets, strict=True):
+        ax.set_title(name.replace("_", "-"))
+        ax.grid(alpha=0.3)
+    return fig, list(zip(axes[0], sets, strict=True))
+
+
+def save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(out_dir: Path, result: dict) -> None:
+    fig, axes = panels(result)
+    for ax, name in axes:
         for backbone, style in zip(BACKENDS, ("o-", "s--"), strict=True):
             points = result[name][backbone]
             label = "MobileNetV2 (ImageNet), new head" if backbone != "none" else "CNN from scratch"
@@ -174,12 +193,7 @@ def plot(out_dir: Path, result: dict) -> None:
         ax.set_ylim(0, 1)
         ax.set_xlabel("labelled images per class")
         ax.set_ylabel("holdout macro-F1 (LiteRT)")
-        ax.set_title(name.replace("_", "-"))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning.png", dpi=110)
-    plt.close(fig)
+    save(fig, out_dir / "learning.png")
 
 
 def run(out_dir: Path) -> dict:

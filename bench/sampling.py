@@ -174,25 +174,16 @@ def compare(pool, holdout, labels) -> dict:
 
 
 def plot(out_dir: Path, result: dict) -> None:
-    import matplotlib
+    from bench.learning_bench import panels, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = [name for name in ("synthetic", "fashion_mnist") if result.get(name)]
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
-    for ax, name in zip(axes[0], sets, strict=True):
+    fig, axes = panels(result)
+    for ax, name in axes:
         for strategy, style in zip(STRATEGIES, ("o-", "s--"), strict=True):
             curve = result[name]["curves"][strategy]
             ax.plot([int(n) for n in curve], list(curve.values()), style, ms=3, label=strategy)
         ax.set_xlabel("labels per class")
         ax.set_ylabel(f"holdout macro-F1 (mean of {len(SEEDS)} seeds)")
-        ax.set_title(name.replace("_", "-"))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning_sampling.png", dpi=110)
-    plt.close(fig)
+    save(fig, out_dir / "learning_sampling.png")
 
 
 def run(out_dir: Path) -> dict:

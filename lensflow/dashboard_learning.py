@@ -120,10 +120,23 @@ def _store_trouble(exc: ModelStoreError) -> Response:
     return JSONResponse({"error": f"the object store: {exc}"}, status)
 
 
+def _decided(act) -> Response:
+    """``act()``'s JSON answer, or the refusal: 409 conflict, 422 bad request, 5xx store."""
+    try:
+        return JSONResponse(act())
+    except LabelConflict as exc:
+        return JSONResponse({"error": str(exc)}, 409)
+    except LabelRefused as exc:
+        return JSONResponse({"error": str(exc)}, 422)
+    except ModelStoreError as exc:
+        return _store_trouble(exc)
+
+
 def _label(state, s3, queue: LabelQueue, body: dict[str, Any]) -> Response:
     config = state.config
     split = HOLDOUT if body.get("holdout") else LABELED
-    try:
+
+    def act() -> dict[str, Any]:
         [item] = label(
             s3,
             train_bucket=config.train_bucket,
@@ -136,14 +149,7 @@ def _label(state, s3, queue: LabelQueue, body: dict[str, Any]) -> Response:
             queue=queue,
             strict=True,
         )
-    except LabelConflict as exc:
-        return JSONResponse({"error": str(exc)}, 409)
-    except LabelRefused as exc:
-        return JSONResponse({"error": str(exc)}, 422)
-    except ModelStoreError as exc:
-        return _store_trouble(exc)
-    return JSONResponse(
-        {
+        return {
             "stored": f"{config.train_bucket}/{item.target}",
             "bucket": config.train_bucket,
             "key": item.target,
@@ -154,31 +160,25 @@ def _label(state, s3, queue: LabelQueue, body: dict[str, Any]) -> Response:
             "decision": item.sequence,
             "dequeued": item.dequeued,
         }
-    )
+
+    return _decided(act)
 
 
 def _undo(state, s3, queue: LabelQueue, body: dict[str, Any]) -> Response:
-    config = state.config
-    try:
-        done = undo(
-            s3, train_bucket=config.train_bucket, path=body["image"], by=_who(body), queue=queue
-        )
-    except LabelConflict as exc:
-        return JSONResponse({"error": str(exc)}, 409)
-    except LabelRefused as exc:
-        return JSONResponse({"error": str(exc)}, 422)
-    except ModelStoreError as exc:
-        return _store_trouble(exc)
-    return JSONResponse(
-        {
-            "undone": f"{config.train_bucket}/{done.target}",
+    bucket = state.config.train_bucket
+
+    def act() -> dict[str, Any]:
+        done = undo(s3, train_bucket=bucket, path=body["image"], by=_who(body), queue=queue)
+        return {
+            "undone": f"{bucket}/{done.target}",
             "image": done.image,
             "class": done.cls,
             "by": done.by,
             "decision": done.sequence,
             "requeued": len(done.requeue),
         }
-    )
+
+    return _decided(act)
 
 
 def _queue_view(state, queue: LabelQueue) -> Response:
