@@ -13,6 +13,7 @@ puts everything that comes from events on the page with ``textContent``.
   the CLI's compare-and-swap (``ModelStore.flip`` with ``expect`` = the version the page
   showed, so a stale page cannot undo a newer flip: 409). Off (403) unless
   ``LENSFLOW_DASHBOARD_TOKEN`` is set; the request's bearer token must equal it (401).
+- Labelling in the browser and quality over time: ``lensflow.dashboard_learning``.
 """
 
 from __future__ import annotations
