@@ -116,6 +116,8 @@ def label(
     log = DecisionLog(Objects(s3, train_bucket))
     plan = _plan(s3, train_bucket, image_buckets, cls, paths, split, entries, strict, log)
     for item, _head, decision in plan:  # every check passed: claim each image, then act
+        if item.unchanged:
+            continue  # labelled so already: no decision to record
         decision.by = by
         try:
             log.append(decision)

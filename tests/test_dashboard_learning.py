@@ -22,6 +22,7 @@ from model_store.labelqueue import LabelQueue
 from tests.conftest import LABELS
 
 TOKEN = "s3cret token"
+EVIL_KEY = 'flight 9/<img src=x onerror="window.__xss=1">.jpg'
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -205,7 +206,7 @@ def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on
     truth: dict[str, str] = {}
     model = {"name": "aerial", "version": champion, "sha256": "ab" * 32}
     for i, (cls, body) in enumerate(scenes.labelled_set(2, seed=7)):
-        key = f"flight 9/photo-{i:02d}.jpg"
+        key = f"flight 9/photo-{i:02d}.jpg" if i else EVIL_KEY  # names are text, never markup
         etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]
         guesses = [{"label": c, "score": 1 / len(classes)} for c in classes]
         queue.offer(bucket, key, etag, model, guesses)
@@ -239,10 +240,16 @@ def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on
                     )
                     assert not key_of(s3, config, wrong, shown)
                     assert shown in [e.path for e in queue.pending()]
+                    # queued again, it is the most uncertain (ties go by name) once reloaded
+                    browser.wait_for(
+                        "!labelling.busy && "
+                        f"document.getElementById('label-key').textContent === {json.dumps(shown)}"
+                    )
                     wrong_once = False
                     continue
                 label_with_key(browser, classes, truth[shown], shown)
             assert queue.pending() == []
+            assert browser.evaluate("window.__xss === undefined")
             labelled = train_keys(config, s3, "labeled/")
             assert len(labelled) == len(truth) == 12
             for path, cls in truth.items():

@@ -220,6 +220,7 @@ function onHoldoutMode() {
 // --- quality ----------------------------------------------------------------------------
 
 async function loadQuality() {
+  if (typeof refresh === "function") refresh(); // the header's pointer too (dashboard.js)
   const reply = await fetch("/api/quality");
   const data = await reply.json();
   if (!reply.ok) {
