@@ -155,6 +155,8 @@ async function decide(cls) {
 
 function dropCurrent() {
   labelling.entries.splice(labelling.index, 1);
+  const total = document.getElementById("queue-total");
+  total.textContent = String(Math.max(0, Number(total.textContent) - 1));
   if (labelling.index >= labelling.entries.length) labelling.index = 0;
   if (!labelling.entries.length) loadQueue();
   else renderPhoto();
