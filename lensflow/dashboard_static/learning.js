@@ -46,12 +46,23 @@ async function loadQueue() {
     setStatus("bad", "queue unreadable (" + reply.status + "): " + (data.error || ""));
     return;
   }
-  labelling.entries = data.entries;
+  labelling.entries = holdout() ? shuffled(data.entries) : data.entries;
   labelling.classes = data.classes.length ? data.classes : classesOf(data.entries);
   labelling.index = 0;
   document.getElementById("queue-total").textContent = String(data.total);
   renderKeys();
   renderPhoto();
+}
+
+// Holdout mode shows the queue in random order: a holdout of only the hardest photos would
+// judge models on the cases they find hardest, not on what arrives.
+function shuffled(items) {
+  const out = items.slice();
+  for (let i = out.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [out[i], out[j]] = [out[j], out[i]];
+  }
+  return out;
 }
 
 function classesOf(entries) {
@@ -217,6 +228,7 @@ function onHoldoutMode() {
   document.getElementById("mode-line").textContent = on
     ? "HOLDOUT mode: these labels judge every model. Label only what you are sure of."
     : "training labels (labeled/): rounds learn from them";
+  if (!document.getElementById("view-label").hidden) loadQueue();
 }
 
 // --- quality ----------------------------------------------------------------------------
