@@ -112,7 +112,8 @@ def label(
     check_class_name(cls, known_labels)
     if not paths:
         raise LabelRefused("no image given")
-    entries = queue.entries() if queue is not None else []
+    wanted = [f"{b}/{k}" for b, k in map(parse_image_path, paths)]
+    entries = queue.entries(wanted) if queue is not None else []
     log = DecisionLog(Objects(s3, train_bucket))
     plan = _plan(s3, train_bucket, image_buckets, cls, paths, split, entries, strict, log)
     for item, _head, decision in plan:  # every check passed: claim each image, then act

@@ -197,11 +197,15 @@ class LabelQueue:
         """Records in the queue, every model version's (one LIST, no reads)."""
         return sum(k.endswith(".json") for k in self.objects.list_keys(f"{QUEUE}/"))
 
-    def entries(self) -> list[QueueEntry]:
-        """Every record in the queue (one per image and model version)."""
+    def entries(self, paths: Iterable[str] | None = None) -> list[QueueEntry]:
+        """Every record in the queue (one per image and model version); with ``paths``
+        (``<bucket>/<key>``), only those images' records (one LIST, and GETs of theirs)."""
+        wanted = None if paths is None else {f"{image_id(*p.split('/', 1))}.json" for p in paths}
         out = []
         for record in self.objects.list_keys(f"{QUEUE}/"):
             if not record.endswith(".json"):
+                continue
+            if wanted is not None and posixpath.basename(record) not in wanted:
                 continue
             try:
                 body, _ = self.objects.get(record)  # type: ignore[misc]
