@@ -175,24 +175,13 @@ def test_next_scheduled_round_from_cron():
         next_cron("daily", at)
 
 
-@pytest.mark.slow
-def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on_them(
-    env, tmp_path
-):
-    """Done when: twelve queued photos labelled in the browser with the keyboard (one
-    mislabelled, undone with Backspace and labelled again), then a round promotes on
-    those labels and the quality view shows its figures."""
+def a_champion_and_twelve_queued_photos(config: Config) -> tuple[str, dict[str, str]]:
+    """A holdout, a serving model that learnt nothing, and twelve photos (two a class)
+    queued as equally uncertain: (the champion's version, {photo: its true class})."""
     from functions.train import model as M
-    from functions.train.round import run_round
     from lensflow import scenes
-    from lensflow.dashboard import DashboardServer
-    from lensflow.process import free_port
     from lensflow.seeding import seed_training_data
-    from tests.browser import Browser
 
-    config = Config.from_env(
-        {**env, "LENSFLOW_DASHBOARD_TOKEN": TOKEN, "LENSFLOW_TRAIN_MIN_NEW": "10"}
-    )
     s3 = s3_client(config)
     seed_training_data(config, 0, 8, seed=3)  # a holdout only: no labels yet
     classes = sorted(scenes.CLASSES)
@@ -200,19 +189,71 @@ def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on
     untrained = M.to_tflite(M.build_model(len(classes), seed=3))
     champion = store.publish(untrained, classes, created_by="test").version
     store.flip(champion, reason="a champion that learnt nothing", by="test")
-
     bucket = config.image_buckets[0]
     queue = LabelQueue(s3, config.train_bucket, limit=50)
-    truth: dict[str, str] = {}
     model = {"name": "aerial", "version": champion, "sha256": "ab" * 32}
+    truth: dict[str, str] = {}
     for i, (cls, body) in enumerate(scenes.labelled_set(2, seed=7)):
         key = f"flight 9/photo-{i:02d}.jpg" if i else EVIL_KEY  # names are text, never markup
         etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]
         guesses = [{"label": c, "score": 1 / len(classes)} for c in classes]
         queue.offer(bucket, key, etag, model, guesses)
         truth[f"{bucket}/{key}"] = cls
-    screens = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+    return champion, truth
 
+
+def label_everything_by_keyboard(browser, config, truth, screens: Path) -> None:
+    """Press each shown photo's class key; the third photo first gets a wrong class,
+    undone with Backspace (the labelling view's screenshot is taken just before)."""
+    s3 = s3_client(config)
+    queue = LabelQueue(s3, config.train_bucket, limit=50)
+    classes = sorted(set(truth.values()))
+    wrong_once = True
+    for _ in range(len(truth) + 1):  # one more: the undone label
+        shown = browser.wait_for(
+            "(() => { const i = document.getElementById('label-image');"
+            " return i.complete && i.naturalWidth > 0 &&"
+            " document.getElementById('label-key').textContent; })()"
+        )
+        if len(truth) - len(queue.pending()) == 2 and wrong_once:
+            browser.screenshot(screens / "dashboard-labelling.png")
+            wrong = classes[(classes.index(truth[shown]) + 1) % len(classes)]
+            label_with_key(browser, classes, wrong, shown)
+            assert key_of(s3, config, wrong, shown)  # stored ... then undone
+            browser.press("Backspace")
+            browser.wait_for(
+                "document.getElementById('label-status').textContent.startsWith('undone')"
+            )
+            assert not key_of(s3, config, wrong, shown)
+            assert shown in [e.path for e in queue.pending()]
+            # queued again, it is the most uncertain (ties go by name) once reloaded
+            browser.wait_for(
+                "!labelling.busy && "
+                f"document.getElementById('label-key').textContent === {json.dumps(shown)}"
+            )
+            wrong_once = False
+            continue
+        label_with_key(browser, classes, truth[shown], shown)
+    assert not wrong_once and queue.pending() == []
+
+
+@pytest.mark.slow
+def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on_them(
+    env, tmp_path
+):
+    """Done when: twelve queued photos labelled in the browser with the keyboard (one
+    mislabelled, undone with Backspace and labelled again), then a round promotes on
+    those labels and the quality view shows its figures."""
+    from functions.train.round import run_round
+    from lensflow.dashboard import DashboardServer
+    from lensflow.process import free_port
+    from tests.browser import Browser
+
+    config = Config.from_env(
+        {**env, "LENSFLOW_DASHBOARD_TOKEN": TOKEN, "LENSFLOW_TRAIN_MIN_NEW": "10"}
+    )
+    _, truth = a_champion_and_twelve_queued_photos(config)
+    screens = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
     dashboard = DashboardServer(config, port=free_port()).start()
     try:
         with Browser(width=1280, height=900) as browser:
@@ -222,59 +263,31 @@ def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on
                 f"document.getElementById('label-token').value = {json.dumps(TOKEN)};"
                 "document.getElementById('labeller').value = 'ana'"
             )
-            wrong_once = True
-            for _ in range(len(truth) + 1):  # one more: the undone label
-                shown = browser.wait_for(
-                    "(() => { const i = document.getElementById('label-image');"
-                    " return i.complete && i.naturalWidth > 0 &&"
-                    " document.getElementById('label-key').textContent; })()"
-                )
-                if len(truth) - len(queue.pending()) == 3 and wrong_once:
-                    screenshot_label(browser, screens)
-                    wrong = classes[(classes.index(truth[shown]) + 1) % len(classes)]
-                    label_with_key(browser, classes, wrong, shown)
-                    assert key_of(s3, config, wrong, shown)  # stored ... then undone
-                    browser.press("Backspace")
-                    browser.wait_for(
-                        "document.getElementById('label-status').textContent.startsWith('undone')"
-                    )
-                    assert not key_of(s3, config, wrong, shown)
-                    assert shown in [e.path for e in queue.pending()]
-                    # queued again, it is the most uncertain (ties go by name) once reloaded
-                    browser.wait_for(
-                        "!labelling.busy && "
-                        f"document.getElementById('label-key').textContent === {json.dumps(shown)}"
-                    )
-                    wrong_once = False
-                    continue
-                label_with_key(browser, classes, truth[shown], shown)
-            assert queue.pending() == []
+            label_everything_by_keyboard(browser, config, truth, screens)
             assert browser.evaluate("window.__xss === undefined")
-            labelled = train_keys(config, s3, "labeled/")
-            assert len(labelled) == len(truth) == 12
-            for path, cls in truth.items():
-                assert f"labeled/{cls}/{path.rsplit('/', 1)[1]}" in labelled
-
+            labelled = train_keys(config, s3_client(config), "labeled/")
+            assert sorted(labelled) == sorted(
+                f"labeled/{cls}/{path.rsplit('/', 1)[1]}" for path, cls in truth.items()
+            )
             report = run_round(config)
             assert report.outcome == "promoted", report.reason
             assert report.data["labeled_total"] == 12
-            assert store.current().version == report.challenger["version"]
+            served = report.challenger["version"]
+            assert ModelStore.from_config(config).current().version == served
 
             browser.goto(dashboard.url + "#quality")
             browser.wait_for("document.querySelectorAll('#rounds tr').length === 1")
             row = browser.evaluate(
                 "[...document.querySelectorAll('#rounds tr td')].map(td => td.textContent)"
             )
-            assert row[1] == "promoted"
             f1 = report.challenger["evaluation"]["macro_f1"]
-            assert f"F1 {f1:.3f}" in row[3] and row[5] == "48" and row[6] == "12"
+            assert row[1] == "promoted" and f"F1 {f1:.3f}" in row[3]
+            assert row[5] == "48" and row[6] == "12"  # holdout, labels used
             browser.wait_for("document.querySelectorAll('#confusion tr').length === 7")
-            served = report.challenger["version"]
-            assert (
-                browser.evaluate(
-                    "document.querySelector('#score-chart circle[r=\"6\"]').dataset.version"
-                )
-                == served
+            chart = "document.querySelector('#score-chart circle[r=\"6\"]').dataset.version"
+            assert browser.evaluate(chart) == served
+            browser.wait_for(
+                f"document.getElementById('pointer-version').textContent === '{served}'"
             )
             browser.screenshot(screens / "dashboard-quality.png")
     finally:
@@ -292,34 +305,3 @@ def label_with_key(browser, classes: list[str], cls: str, path: str) -> None:
         "document.getElementById('label-status').textContent.startsWith("
         f"{json.dumps(path + ' -> ')})"
     )
-
-
-def screenshot_label(browser, screens: Path) -> None:
-    browser.screenshot(screens / "dashboard-labelling.png")
-
-
-@pytest.mark.slow
-def test_rounds_that_did_not_train_show_why_on_the_page_and_in_models_history(labelling):
-    from functions.train.round import run_round
-    from tests.test_cli_models import lensflow
-
-    config, s3, queue, client, bucket = labelling
-    report = run_round(config)  # queued photos but nothing labelled, no holdout: no round
-    quality = client.get("/api/quality").json()
-    [shown] = quality["rounds"]
-    assert shown["round_id"] == report.round_id == quality["last"]["round_id"]
-    assert shown["decision"] == "refused: no data" and "no holdout" in shown["reason"]
-    assert quality["serving"] == "v1" and quality["running"] is None
-    assert quality["next"]["by"] == "cron 0 3 * * * (UTC)" and quality["next"]["at"].endswith("Z")
-    env = {k: v for k, v in config.env.items() if k.startswith("LENSFLOW_")}
-    out = lensflow(env, "models", "history", "--json")
-    assert out.returncode == 0, out.stderr
-    records = json.loads(out.stdout)
-    assert [r["kind"] for r in records] == ["flip", "round"]
-    assert records[1] == shown  # the same facts as the page
-    text = lensflow(env, "models", "history").stdout
-    assert f"round {report.round_id}" in text and "refused: no data" in text
-
-    # a lease held by a running round is shown as running now
-    lease = ModelStore.from_config(config).lease(60).acquire("round-in-a-test")
-    assert client.get("/api/quality").json()["running"]["holder"] == lease.holder
