@@ -187,6 +187,12 @@ def test_cli_label_list_and_label(env, tiny_models):
     out = lensflow(env, "label", "water", f"{bucket}/day/p0.jpg")
     assert out.returncode == 0 and "labeled/water/p0.jpg" in out.stdout
     assert queue.pending() == []
+    # undo: the copy goes and the photo is queued again; twice is refused in one line
+    out = lensflow(env, "label", "undo", f"{bucket}/day/p0.jpg")
+    assert out.returncode == 0 and "undid labeled/water/p0.jpg" in out.stdout, out.stderr
+    assert [e.key for e in queue.pending()] == ["day/p0.jpg"]
+    again = lensflow(env, "label", "undo", f"{bucket}/day/p0.jpg")
+    assert again.returncode != 0 and "no label of it to undo" in again.stderr
 
 
 @pytest.mark.slow
