@@ -71,6 +71,24 @@ class RoundLog:
         return out
 
 
+def decision_of(report: dict[str, Any]) -> str:
+    """What a round decided, from its outcome and the reason it gives
+    (``functions.train.round`` words them; tests/test_train_round.py holds each case)."""
+    outcome, reason = report.get("outcome"), str(report.get("reason") or "")
+    if outcome == "promoted":
+        return PROMOTED
+    if outcome == "failed":
+        return FAILED
+    if outcome == "skipped":
+        return REFUSED_NO_NEW_DATA if "LENSFLOW_TRAIN_MIN_NEW" in reason else REFUSED_NO_DATA
+    if reason.startswith("not promoted: pinned"):
+        return PINNED
+    if reason.startswith("not promoted: pointer moved"):
+        return REFUSED_POINTER_MOVED
+    champion = report.get("champion") or {}
+    return REFUSED_MARGIN if champion.get("evaluation") else REFUSED_NOT_USABLE
+
+
 def _model(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     """One model's figures on the round's holdout."""
     if not entry:
@@ -99,7 +117,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "round_id": report.get("round_id"),
         "started_at": report.get("started_at"),
         "outcome": report.get("outcome"),
-        "decision": report.get("decision") or report.get("outcome"),
+        "decision": report.get("decision") or decision_of(report),
         "reason": report.get("reason"),
         "labels_used": data.get("labeled_total"),
         "new_labels": data.get("new_since_last_round"),

@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from functions.train import dataset
+from functions.train import dataset, reports
 from functions.train import fingerprint as fp
-from functions.train import reports as rounds
 from functions.train.evaluate import Evaluation, evaluate_pictures
 from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE
 from lensflow_core.settings import Config
@@ -64,7 +63,6 @@ class RoundReport:
     started_at: float
     outcome: str = "skipped"  # skipped | promoted | not_promoted ("promoting" until the flip)
     reason: str = ""
-    decision: str = ""  # model_store.rounds: promoted, refused: margin, ..., pinned
     metric: str = "macro_f1"
     margin: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
@@ -137,7 +135,7 @@ def run_round(
         _run(config, s3, store, report, clock, say, force, seed)
     finally:
         clock.total()
-    rounds.keep(store, report)
+    reports.keep(store, report)
     say("done", f"{report.outcome}: {report.reason}")
     return report
 
@@ -195,7 +193,6 @@ def _run(  # noqa: C901 (one story, told in order)
             f"{new} labelled entries new or changed since {since}; "
             f"LENSFLOW_TRAIN_MIN_NEW is {config.train_min_new}"
         )
-        report.decision = rounds.REFUSED_NO_NEW_DATA
         return
     pretrained = None
     if config.train_backbone != "none":
@@ -308,7 +305,6 @@ def _run(  # noqa: C901 (one story, told in order)
             "problem": champ_problem,
         }
     promote, why = _decide(config, chall_eval, champion, champ_eval, champ_problem)
-    report.decision = rounds.decided(promote, champ_eval is not None)
 
     say("publish", "publishing the challenger")
     metrics = {
@@ -358,11 +354,9 @@ def _run(  # noqa: C901 (one story, told in order)
         report.pointer = now.version if now else None
         report.outcome = "not_promoted"
         report.reason = f"not promoted: pointer moved (now at {report.pointer}; {exc})"
-        report.decision = rounds.REFUSED_POINTER_MOVED
         return
     except PinnedError as exc:
         report.outcome, report.reason = "not_promoted", f"not promoted: pinned ({exc})"
-        report.decision = rounds.PINNED
         return
     finally:
         clock.lap("promote_s")
