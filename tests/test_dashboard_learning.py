@@ -305,3 +305,30 @@ def label_with_key(browser, classes: list[str], cls: str, path: str) -> None:
         "document.getElementById('label-status').textContent.startsWith("
         f"{json.dumps(path + ' -> ')})"
     )
+
+
+@pytest.mark.slow
+def test_rounds_that_did_not_train_show_why_on_the_page_and_in_models_history(labelling):
+    from functions.train.round import run_round
+    from tests.test_cli_models import lensflow
+
+    config, s3, queue, client, bucket = labelling
+    report = run_round(config)  # queued photos but nothing labelled, no holdout: no round
+    quality = client.get("/api/quality").json()
+    [shown] = quality["rounds"]
+    assert shown["round_id"] == report.round_id == quality["last"]["round_id"]
+    assert shown["decision"] == "refused: no data" and "no holdout" in shown["reason"]
+    assert quality["serving"] == "v1" and quality["running"] is None
+    assert quality["next"]["by"] == "cron 0 3 * * * (UTC)" and quality["next"]["at"].endswith("Z")
+    env = {k: v for k, v in config.env.items() if k.startswith("LENSFLOW_")}
+    out = lensflow(env, "models", "history", "--json")
+    assert out.returncode == 0, out.stderr
+    records = json.loads(out.stdout)
+    assert [r["kind"] for r in records] == ["flip", "round"]
+    assert records[1] == shown  # the same facts as the page
+    text = lensflow(env, "models", "history").stdout
+    assert f"round {report.round_id}" in text and "refused: no data" in text
+
+    # a lease held by a running round is shown as running now
+    lease = ModelStore.from_config(config).lease(60).acquire("round-in-a-test")
+    assert client.get("/api/quality").json()["running"]["holder"] == lease.holder
