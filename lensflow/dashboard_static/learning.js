@@ -79,7 +79,7 @@ function renderKeys() {
     button.appendChild(node("kbd", KEYS[i]));
     button.appendChild(node("span", " " + cls));
     button.dataset.cls = cls;
-    button.addEventListener("click", () => decide(cls));
+    button.addEventListener("click", (e) => { e.currentTarget.blur(); decide(cls); });
     box.appendChild(button);
   });
 }
@@ -223,6 +223,7 @@ function onKey(event) {
 }
 
 function onHoldoutMode() {
+  document.getElementById("holdout-mode").blur(); // keys label, not toggle the box again
   const on = holdout();
   document.getElementById("view-label").classList.toggle("holdout", on);
   document.getElementById("mode-line").textContent = on
@@ -353,9 +354,10 @@ function renderRounds(rounds) {
 window.addEventListener("hashchange", showView);
 document.addEventListener("keydown", onKey);
 document.getElementById("holdout-mode").addEventListener("change", onHoldoutMode);
-document.getElementById("label-skip").addEventListener("click", skip);
-document.getElementById("label-undo").addEventListener("click", undoLast);
-document.getElementById("label-reload").addEventListener("click", loadQueue);
+// A clicked button gives its focus back, so that Space skips rather than clicks it again.
+for (const [id, act] of [["label-skip", skip], ["label-undo", undoLast], ["label-reload", loadQueue]]) {
+  document.getElementById(id).addEventListener("click", (e) => { e.currentTarget.blur(); act(); });
+}
 document.getElementById("quality-reload").addEventListener("click", loadQuality);
 onHoldoutMode();
 showView();
