@@ -7,6 +7,7 @@ import getpass
 import os
 import socket
 import time
+from datetime import datetime
 from pathlib import Path
 
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
@@ -112,10 +113,21 @@ def cmd_history(args: argparse.Namespace) -> int:
     store = _store()
     flips = [{"kind": "flip", **r} for r in store.history()]
     rounds = [summary(r) for r in RoundLog(store.objects, store.name).latest(limit=1000)]
-    records = sorted(flips + rounds, key=_when)
+    records = sorted(flips + rounds, key=_seconds)
     lines = [_flip_text(r) if r["kind"] == "flip" else _round_text(r) for r in records]
     emit(args, records, "\n".join(lines) or "no flips or rounds yet")
     return 0
+
+
+def _seconds(record: dict) -> float:
+    """When a flip or a round happened, as seconds since the epoch (to order them)."""
+    if record["kind"] == "round":
+        return float(record.get("started_at") or 0)
+    stamp = str(record.get("flipped_at") or "").replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _when(record: dict) -> str:
