@@ -158,10 +158,11 @@ class LabelQueue:
             margin=round(margin, 6),
             recorded_at=_now(),
         )
+        body = json.dumps({k: v for k, v in entry.to_json().items() if k != "record"}).encode()
         try:
             self.objects.put(
                 record_key(version, bucket, key),
-                entry.body(),
+                body,
                 content_type="application/json",
                 if_absent=True,
             )

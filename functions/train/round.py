@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from functions.train import dataset, reports
+from functions.train import dataset
 from functions.train import fingerprint as fp
 from functions.train.evaluate import Evaluation, evaluate_pictures
+from functions.train.reports import keep as keep_report
 from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE
 from lensflow_core.settings import Config
 from model_store import (
@@ -135,7 +136,7 @@ def run_round(
         _run(config, s3, store, report, clock, say, force, seed)
     finally:
         clock.total()
-    reports.keep(store, report)
+    keep_report(store, report)
     say("done", f"{report.outcome}: {report.reason}")
     return report
 
