@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast test-container test-faults lint bench knative-check lock clean
+.PHONY: install demo up test test-fast test-container test-faults lint bench knative-check lock screenshots clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The dashboard's labelling view and quality panel, as the browser test leaves them (headless
+# Chromium labels twelve queued photos, a round promotes): bench/results/dashboard-*.png.
+screenshots: install
+	SCREENSHOT_DIR=bench/results $(BIN)/python -m pytest -q tests/test_dashboard_learning.py -k keyboard
 
 knative-check: install
 	$(BIN)/python knative/render_config.py --check

@@ -6,7 +6,8 @@ fixed holdout: ``LENSFLOW_TRAIN_BACKBONE=mobilenet_v2_imagenet`` (a new head on 
 pretrained MobileNetV2, 96x96) against ``none`` (the small CNN from scratch), both with
 the default ``LENSFLOW_TRAIN_EPOCHS``. On the synthetic scenes always; on Fashion-MNIST
 too when Debian's ``dataset-fashion-mnist`` is installed (``apt-get install
-dataset-fashion-mnist``). Writes bench/results/learning.json and learning.png.
+dataset-fashion-mnist``). Writes bench/results/learning.json and learning.png, then
+``bench.sampling`` (uncertainty vs random sampling: learning_sampling.json and .png).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def _f1_at(result: dict, backbone: str, n: int) -> float:
     return next(p["macro_f1"] for p in result[backbone] if p["per_class"] == n)
 
 
-def plot(out_dir: Path, result: dict) -> None:
+def panels(result: dict):
+    """(figure, [(axes, data set name)]): one panel per data set the result has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,6 +161,24 @@ def plot(out_dir: Path, result: dict) -> None:
     sets = [name for name in ("synthetic", "fashion_mnist") if result.get(name)]
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
     for ax, name in zip(axes[0], sets, strict=True):
+        ax.set_title(name.replace("_", "-"))
+        ax.grid(alpha=0.3)
+    return fig, list(zip(axes[0], sets, strict=True))
+
+
+def save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(out_dir: Path, result: dict) -> None:
+    fig, axes = panels(result)
+    for ax, name in axes:
         for backbone, style in zip(BACKENDS, ("o-", "s--"), strict=True):
             points = result[name][backbone]
             label = "MobileNetV2 (ImageNet), new head" if backbone != "none" else "CNN from scratch"
@@ -173,12 +193,7 @@ def plot(out_dir: Path, result: dict) -> None:
         ax.set_ylim(0, 1)
         ax.set_xlabel("labelled images per class")
         ax.set_ylabel("holdout macro-F1 (LiteRT)")
-        ax.set_title(name.replace("_", "-"))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning.png", dpi=110)
-    plt.close(fig)
+    save(fig, out_dir / "learning.png")
 
 
 def run(out_dir: Path) -> dict:
@@ -203,6 +218,9 @@ def run(out_dir: Path) -> dict:
     result["targets"] = {"backbone_f1_at_10_per_class>=scratch+0.15": gain >= 0.15}
     write_json(out_dir, "learning", result)
     plot(out_dir, result)
+    from bench import sampling
+
+    sampling.run(out_dir)  # uncertainty vs random sampling: learning_sampling.json
     return result
 
 

@@ -179,6 +179,12 @@ SETTINGS: tuple[Setting, ...] = (
         "most images queued for labelling per model version (0: no queue)",
     ),
     Setting(
+        "LENSFLOW_TRAIN_SCHEDULE",
+        "0 3 * * *",
+        "when scheduled rounds run (cron, UTC; the training PingSource's schedule): the "
+        "dashboard shows the next one",
+    ),
+    Setting(
         "LENSFLOW_TRAIN_LEASE_TTL_S",
         "3600",
         "how long a round's lease (`<model>/lock.json`) holds off other rounds (seconds; "
@@ -276,6 +282,7 @@ class Config:
     uncertain_margin: float
     label_queue_max: int
     train_lease_ttl_s: float
+    train_schedule: str
     train_max_images: int
     source_name: str
     namespace: str
@@ -347,6 +354,7 @@ class Config:
             uncertain_margin=float(get("LENSFLOW_UNCERTAIN_MARGIN")),
             label_queue_max=int(get("LENSFLOW_LABEL_QUEUE_MAX")),
             train_lease_ttl_s=float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
+            train_schedule=get("LENSFLOW_TRAIN_SCHEDULE"),
             train_max_images=int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
             source_name=get("LENSFLOW_SOURCE_NAME"),
             namespace=get("LENSFLOW_NAMESPACE"),

@@ -13,6 +13,7 @@ puts everything that comes from events on the page with ``textContent``.
   the CLI's compare-and-swap (``ModelStore.flip`` with ``expect`` = the version the page
   showed, so a stale page cannot undo a newer flip: 409). Off (403) unless
   ``LENSFLOW_DASHBOARD_TOKEN`` is set; the request's bearer token must equal it (401).
+- Labelling in the browser and quality over time: ``lensflow.dashboard_learning``.
 """
 
 from __future__ import annotations
@@ -309,8 +310,11 @@ def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
             return JSONResponse({"error": "no stack here: scrape the dispatcher itself"}, 404)
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
+    from lensflow.dashboard_learning import learning_routes
+
     return Starlette(
         routes=[
+            *learning_routes(state),
             Route("/", page),
             Route("/dashboard.js", script),
             Route("/api/state", api_state),
@@ -378,19 +382,19 @@ def _change(state: DashboardState, action: str, version: str | None, expect: str
     return JSONResponse(pointer.to_json())
 
 
-def _thumbnail(config: Config, bucket: str, key: str) -> Response:
+def _thumbnail(config: Config, bucket: str, key: str, side: int = THUMB_SIDE) -> Response:
     s3 = s3_client(config, timeout_s=5, retries=0)
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
         if head["ContentLength"] > THUMB_MAX_BYTES:
             return JSONResponse({"error": "image too large for a thumbnail"}, 413)
         data = s3.get_object(Bucket=bucket, Key=key)["Body"].read(THUMB_MAX_BYTES + 1)
-        image = decode_image(data, (THUMB_SIDE, THUMB_SIDE), max_pixels=config.max_image_pixels)
+        image = decode_image(data, (side, side), max_pixels=config.max_image_pixels)
     except ImageError as exc:
         return JSONResponse({"error": exc.reason}, exc.status)
     except Exception as exc:  # noqa: BLE001 - missing object, store away: no thumbnail
         return JSONResponse({"error": f"no thumbnail: {type(exc).__name__}"}, 404)
-    image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    image.thumbnail((side, side))
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=80)
     return Response(

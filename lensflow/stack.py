@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
 from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent
 
@@ -69,6 +68,8 @@ DRAIN_QUIET_S = 0.5  # a drain ends once nothing was left, nor arrived, for this
 def kafkasource_settings(path: Path = KAFKASOURCE_MANIFEST) -> tuple[str, DeliverySpec, str]:
     """(ordering, delivery spec, consumer group) of the KafkaSource manifest, so the local
     dispatcher delivers exactly as the cluster's KafkaSource does."""
+    import yaml  # here: the dashboard's image runs the CLI without it
+
     spec = yaml.safe_load(path.read_text())["spec"]
     return (
         spec.get("ordering", "ordered"),
@@ -465,6 +466,7 @@ class TrainingTimer:
         self.every_s = every_s
         self.rounds = 0
         self.last: Any = None
+        self.next_at = time.time() + every_s  # when the next round starts (the dashboard)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="training-timer", daemon=True)
 
@@ -480,10 +482,11 @@ class TrainingTimer:
         return {"every_s": self.every_s, "rounds": self.rounds, "last": self.last}
 
     def _run(self) -> None:
-        while not self._stopping.wait(self.every_s):
+        while not self._stopping.wait(max(0.0, self.next_at - time.time())):
             try:
                 self.last = self.round()
                 self.rounds += 1
             except Exception as exc:  # noqa: BLE001 - keep ticking
                 log.warning("training round failed: %s", exc)
                 self.last = {"error": str(exc)}
+            self.next_at = time.time() + self.every_s

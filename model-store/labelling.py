@@ -15,17 +15,25 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from model_store.decisions import LABEL, UNDO, Decision, DecisionLog
+from model_store.errors import ConflictError, NotFoundError
 from model_store.labelqueue import (
     LABELED,
     SPLITS,
     TRAINING_PREFIXES,
     LabelQueue,
+    QueueEntry,
 )
 from model_store.objects import Objects, translate
 
 
 class LabelRefused(ValueError):
     """A labelling request that cannot be carried out; nothing was written."""
+
+
+class LabelConflict(LabelRefused):
+    """The image is not (or no longer) on the queue, is labelled already, or another
+    labeller decided about it first; nothing was written."""
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Labelled:
     replaced: list[str] = field(default_factory=list)  # the same image under another class
     unchanged: bool = False  # it was there already
     dequeued: int = 0
+    sequence: int = 0  # its decision's number (``model_store.decisions``)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +59,18 @@ def parse_image_path(path: str) -> tuple[str, str]:
     if not bucket or not key:
         raise LabelRefused(f"{path!r} is not <bucket>/<key>")
     return bucket, key
+
+
+def serving_labels(store) -> list[str] | None:
+    """The classes there are: the serving model's labels (None: no model serves yet, so
+    any well-formed class is new). ``store``: a ``model_store.ModelStore``."""
+    pointer = store.current()
+    if pointer is None:
+        return None
+    try:
+        return store.get_version(pointer.version).labels
+    except NotFoundError:
+        return None
 
 
 def check_class_name(cls: str, known: Sequence[str] | None) -> None:
@@ -72,9 +93,10 @@ def label(
     split: str = LABELED,
     by: str = "lensflow",
     queue: LabelQueue | None = None,
+    strict: bool = False,
 ) -> list[Labelled]:
     """Copy the images ``paths`` (``<bucket>/<key>``) to ``<split>/<cls>/<name>`` in the
-    train bucket and take them off the queue.
+    train bucket, take them off the queue and record each decision (``decisions``).
 
     Refused, with nothing written, when: the class is not one of ``known_labels`` (None:
     no model yet, any well-formed name); a path is outside ``image_buckets``, names a
@@ -82,17 +104,50 @@ def label(
     paths share a name; a different image already has the target name; or an image is
     already in the other split (training data and holdout never share an image).
     The same image under another class of the same split is a relabel: it moves.
+    ``strict`` (the dashboard's rule): the image must be on the queue and not labelled
+    yet, else ``LabelConflict``; so is the loser of two labellers racing for one image.
     """
     if split not in SPLITS:
         raise LabelRefused(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     check_class_name(cls, known_labels)
     if not paths:
         raise LabelRefused("no image given")
+    wanted = [f"{b}/{k}" for b, k in map(parse_image_path, paths)]
+    entries = queue.entries(wanted) if queue is not None else []
+    log = DecisionLog(Objects(s3, train_bucket))
+    plan = _plan(s3, train_bucket, image_buckets, cls, paths, split, entries, strict, log)
+    for item, _head, decision in plan:  # every check passed: claim each image, then act
+        if item.unchanged:
+            continue  # labelled so already: no decision to record
+        decision.by = by
+        try:
+            log.append(decision)
+        except ConflictError:
+            raise LabelConflict(f"{item.source}: someone else labelled it just now") from None
+        item.sequence = decision.sequence
+    for item, head, _decision in plan:
+        bucket, key = parse_image_path(item.source)
+        if not item.unchanged:
+            _copy(s3, bucket, key, item, head, train_bucket, cls, by)
+        for old in item.replaced:
+            Objects(s3, train_bucket).delete(old)
+        if queue is not None:
+            item.dequeued = queue.remove(bucket, key, entries)
+    return [item for item, _, _ in plan]
+
+
+def _plan(s3, train_bucket, image_buckets, cls, paths, split, entries, strict, log):
+    """[(item, head, decision)] for every path, or LabelRefused before anything is written."""
     existing = _existing_by_name(s3, train_bucket)
-    plan: list[tuple[Labelled, dict[str, Any]]] = []
+    queued = {e.path: [] for e in entries}
+    for e in entries:
+        queued[e.path].append(e)
+    plan: list[tuple[Labelled, dict[str, Any], Decision]] = []
     targets: dict[str, str] = {}
     for path in paths:
         bucket, key = parse_image_path(path)
+        if strict and f"{bucket}/{key}" not in queued:
+            raise LabelConflict(f"{path}: not on the labelling queue (labelled already?)")
         if bucket not in image_buckets:
             raise LabelRefused(
                 f"{path}: bucket {bucket!r} is not one of the image buckets "
@@ -106,33 +161,92 @@ def label(
         if target in targets:
             raise LabelRefused(f"{path} and {targets[target]} would both become {target}")
         targets[target] = path
-        etag = head["ETag"].strip('"')
-        item = Labelled(source=f"{bucket}/{key}", etag=etag, target=target)
-        for other_key, other_etag in existing.get(name, []):
-            other_split, other_cls = other_key.split("/")[:2]
-            if other_key == target:
-                if other_etag != etag:
-                    raise LabelRefused(f"{path}: {target} already holds a different image")
-                item.unchanged = True
-            elif other_etag == etag and other_split != split:
-                raise LabelRefused(
-                    f"{path}: already in {other_key}; an image is training data or holdout, "
-                    "never both"
-                )
-            elif other_etag == etag and other_cls != cls:
-                item.replaced.append(other_key)
-        plan.append((item, head))
+        item = Labelled(source=f"{bucket}/{key}", etag=head["ETag"].strip('"'), target=target)
+        _compare(item, existing.get(name, []), split, cls, path)
+        decisions = log.of(bucket, key)
+        standing = log.in_effect(decisions)
+        if strict and (item.unchanged or item.replaced or standing is not None):
+            done = standing.target if standing else (item.replaced or [target])[0]
+            who = f" by {standing.by} at {standing.at}" if standing else ""
+            raise LabelConflict(f"{path}: already labelled ({done}{who})")
+        decision = Decision(
+            image=item.source,
+            action=LABEL,
+            by="",
+            sequence=(decisions[-1].sequence + 1) if decisions else 1,
+            cls=cls,
+            split=split,
+            target=target,
+            etag=item.etag,
+            copied=not item.unchanged,
+            replaced=list(item.replaced),
+            requeue=[e.to_json() for e in queued.get(item.source, [])],
+        )
+        plan.append((item, head, decision))
+    return plan
 
-    entries = queue.entries() if queue is not None else []
-    for item, head in plan:  # every check passed: now act
-        bucket, key = parse_image_path(item.source)
-        if not item.unchanged:
-            _copy(s3, bucket, key, item, head, train_bucket, cls, by)
-        for old in item.replaced:
-            Objects(s3, train_bucket).delete(old)
-        if queue is not None:
-            item.dequeued = queue.remove(bucket, key, entries)
-    return [item for item, _ in plan]
+
+def _compare(item: Labelled, same_name: list[tuple[str, str]], split, cls, path) -> None:
+    """Mark ``item`` unchanged or a move, or refuse it, by what already has its name."""
+    for other_key, other_etag in same_name:
+        other_split, other_cls = other_key.split("/")[:2]
+        if other_key == item.target:
+            if other_etag != item.etag:
+                raise LabelRefused(f"{path}: {item.target} already holds a different image")
+            item.unchanged = True
+        elif other_etag == item.etag and other_split != split:
+            raise LabelRefused(
+                f"{path}: already in {other_key}; an image is training data or holdout, never both"
+            )
+        elif other_etag == item.etag and other_cls != cls:
+            item.replaced.append(other_key)
+
+
+def undo(s3, *, train_bucket: str, path: str, by: str, queue: LabelQueue | None = None) -> Decision:
+    """Undo the label that stands for ``path``: delete its copy (only while it still holds
+    the bytes that were copied), put its queue records back, record the undo.
+
+    ``LabelConflict`` when no label of it stands (never labelled, undone already, or
+    someone decided about it just now); a move is not undone (label it back instead).
+    """
+    bucket, key = parse_image_path(path)
+    objects = Objects(s3, train_bucket)
+    log = DecisionLog(objects)
+    decisions = log.of(bucket, key)
+    standing = log.in_effect(decisions)
+    if standing is None:
+        raise LabelConflict(f"{path}: no label of it to undo")
+    if standing.replaced:
+        raise LabelConflict(
+            f"{path}: its label moved it from {', '.join(standing.replaced)}; label it back instead"
+        )
+    done = Decision(
+        image=standing.image,
+        action=UNDO,
+        by=by,
+        sequence=standing.sequence + 1,
+        cls=standing.cls,
+        split=standing.split,
+        target=standing.target,
+        etag=standing.etag,
+        undoes=standing.sequence,
+    )
+    try:
+        log.append(done)
+    except ConflictError:
+        raise LabelConflict(f"{path}: someone else decided about it just now") from None
+    if standing.copied:
+        try:
+            objects.delete(standing.target, if_match=f'"{standing.etag}"')
+        except (ConflictError, NotFoundError):
+            pass  # replaced or gone since: not ours to delete
+    if queue is not None:
+        done.requeue = [
+            entry
+            for entry in standing.requeue
+            if queue.restore(QueueEntry.from_json(entry, entry["record"]))
+        ]
+    return done
 
 
 def _existing_by_name(s3, bucket: str) -> dict[str, list[tuple[str, str]]]:

@@ -3,6 +3,7 @@
 Everything lives in the train bucket, next to the ImageFolder splits::
 
     to-label/<model version>/<sha256("<bucket>/<key>")[:32]>.json   one uncertain image
+    decisions/<sha256("<bucket>/<key>")[:32]>/<n>.json               who labelled it, when
     labeled/<class>/<name>                                          what rounds train on
     holdout/<class>/<name>                                          what rounds are judged on
 
@@ -40,8 +41,9 @@ log = logging.getLogger(__name__)
 QUEUE = "to-label"
 LABELED = "labeled"
 HOLDOUT = "holdout"
+DECISIONS = "decisions"  # who labelled what, when (model_store.decisions)
 SPLITS = (LABELED, HOLDOUT)
-TRAINING_PREFIXES = (f"{LABELED}/", f"{HOLDOUT}/", f"{QUEUE}/")
+TRAINING_PREFIXES = (f"{LABELED}/", f"{HOLDOUT}/", f"{QUEUE}/", f"{DECISIONS}/")
 TOP_K = 3
 
 
@@ -90,6 +92,10 @@ class QueueEntry:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def body(self) -> bytes:
+        """What its queue record holds (everything but the record's own key)."""
+        return json.dumps({k: v for k, v in self.to_json().items() if k != "record"}).encode()
 
     @classmethod
     def from_json(cls, value: dict[str, Any], record: str) -> QueueEntry:
@@ -192,11 +198,15 @@ class LabelQueue:
         """Records in the queue, every model version's (one LIST, no reads)."""
         return sum(k.endswith(".json") for k in self.objects.list_keys(f"{QUEUE}/"))
 
-    def entries(self) -> list[QueueEntry]:
-        """Every record in the queue (one per image and model version)."""
+    def entries(self, paths: Iterable[str] | None = None) -> list[QueueEntry]:
+        """Every record in the queue (one per image and model version); with ``paths``
+        (``<bucket>/<key>``), only those images' records (one LIST, and GETs of theirs)."""
+        wanted = None if paths is None else {f"{image_id(*p.split('/', 1))}.json" for p in paths}
         out = []
         for record in self.objects.list_keys(f"{QUEUE}/"):
             if not record.endswith(".json"):
+                continue
+            if wanted is not None and posixpath.basename(record) not in wanted:
                 continue
             try:
                 body, _ = self.objects.get(record)  # type: ignore[misc]
@@ -216,6 +226,16 @@ class LabelQueue:
             if seen is None or _version_order(entry) > _version_order(seen):
                 latest[entry.path] = entry
         return sorted(latest.values(), key=lambda e: (e.margin, e.top1, e.path))
+
+    def restore(self, entry: QueueEntry) -> bool:
+        """Put a record taken off the queue back (an undone label); False if it is there."""
+        try:
+            self.objects.put(
+                entry.record, entry.body(), content_type="application/json", if_absent=True
+            )
+        except ConflictError:
+            return False
+        return True
 
     def remove(self, bucket: str, key: str, entries: Iterable[QueueEntry] | None = None) -> int:
         """Take an image off the queue (every model version's record); how many went."""

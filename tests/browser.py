@@ -95,6 +95,17 @@ class Browser:
                 raise AssertionError(f"timed out waiting for: {expression}")
             time.sleep(0.1)
 
+    def press(self, key: str) -> None:
+        """A key pressed and released, as a person types it (``"1"``, ``"Backspace"``)."""
+        named = {"Backspace": 8, " ": 32, "ArrowRight": 39}
+        params: dict = {"key": key, "code": "Space" if key == " " else key}
+        if key in named:
+            params["windowsVirtualKeyCode"] = named[key]
+        else:
+            params["text"] = key
+        self.send("Input.dispatchKeyEvent", type="keyDown", **params)
+        self.send("Input.dispatchKeyEvent", type="keyUp", **params)
+
     def screenshot(self, path: Path) -> None:
         data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
         path.parent.mkdir(parents=True, exist_ok=True)

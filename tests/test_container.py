@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 from cloudevents.http import from_http
 
 from eventing.topics import ensure_topics, topic_specs
@@ -150,7 +151,7 @@ class Replay:
         if venv is None:
             return
         for site in venv.glob("lib/python*/site-packages"):
-            for package in ("lensflow_core", "model_store", "eventing", "functions"):
+            for package in ("lensflow_core", "model_store", "eventing", "functions", "lensflow"):
                 shutil.rmtree(site / package, ignore_errors=True)
 
     def final(self, stage: Stage, build: Replay | None = None) -> tuple[list[str], dict[str, str]]:
@@ -270,3 +271,34 @@ def test_train_image_runs_the_jobs_entry_point(tmp_path):
         [str(script), "--help"], env={"PATH": path}, capture_output=True, text=True
     )
     assert done.returncode == 0 and "lensflow-train-job" in done.stdout, done.stderr
+
+
+def test_dashboard_image_serves_its_views_and_writes_only_with_a_token(env, tiny_models, tmp_path):
+    """The dashboard's image: its build replayed, its CMD started with PORT and a token."""
+    dockerfile = REPO / "dashboard" / "Dockerfile"
+    root = CACHE / f"dashboard-{layer_key(dockerfile)}"
+    root.mkdir(parents=True, exist_ok=True)
+    image = Replay(dockerfile, root, tmp_path / "app")
+    build, final = image.stages
+    image.build(build, "/usr/bin:/bin")
+    cmd, image_env = image.final(final)
+    store = ModelStore.from_config(Config.from_env(env))
+    store.flip(store.publish(tiny_models["last"], LABELS).version, reason="container test")
+    port = free_port()
+    token = "container token"
+    run_env = {**image_env, **env, "PORT": str(port), "LENSFLOW_DASHBOARD_TOKEN": token}
+    server = ChildProcess(
+        "dashboard-image", cmd, env=run_env, log_path=tmp_path / "dash.log", cwd=image.app
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.start(http_ok(f"{url}/api/state"), timeout_s=60)
+        assert "learning.js" in requests.get(url, timeout=5).text
+        assert requests.get(f"{url}/api/quality", timeout=10).json()["serving"] == "v1"
+        body = {"image": "x/y.jpg", "class": "water"}
+        assert requests.post(f"{url}/api/label", json=body, timeout=10).status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        refused = requests.post(f"{url}/api/label", json=body, headers=auth, timeout=10)
+        assert refused.status_code == 409  # not queued: the token works, the rules hold
+    finally:
+        server.stop()

@@ -50,6 +50,14 @@ EXPECTED_ACLS: dict[str, dict[tuple[str, str, str], set[str]]] = {
         ("topic", "images", "literal"): {"Write", "Describe"},
         ("group", "lensflow-cli", "prefix"): {"Read"},
     },
+    "lensflow-dashboard": {
+        ("topic", "predictions", "literal"): {"Read", "Describe"},
+        ("topic", "images-dlq", "literal"): {"Read", "Describe"},
+        ("topic", "images", "literal"): {"Describe"},
+        ("group", "lensflow-dashboard", "prefix"): {"Read"},
+        ("group", "lensflow-dlq", "prefix"): {"Read"},
+        ("group", "lensflow-predict", "literal"): {"Describe"},
+    },
 }
 
 
@@ -305,7 +313,7 @@ def obj(bucket: str, key: str) -> str:
 
 def test_policy_files_are_well_formed() -> None:
     roles = sorted(p.stem for p in (KNATIVE / "minio" / "policies").glob("*.json"))
-    assert roles == ["operator", "predict", "train"]
+    assert roles == ["dashboard", "operator", "predict", "train"]
     for role in roles:
         doc = policy(role)
         assert doc["Version"] == "2012-10-17"

@@ -199,6 +199,12 @@ def test_cli_label_list_and_label(env, tiny_models):
     out = lensflow(env, "label", "water", f"{bucket}/day/p0.jpg")
     assert out.returncode == 0 and "labeled/water/p0.jpg" in out.stdout
     assert queue.pending() == []
+    # undo: the copy goes and the photo is queued again; twice is refused in one line
+    out = lensflow(env, "label", "undo", f"{bucket}/day/p0.jpg")
+    assert out.returncode == 0 and "undid labeled/water/p0.jpg" in out.stdout, out.stderr
+    assert [e.key for e in queue.pending()] == ["day/p0.jpg"]
+    again = lensflow(env, "label", "undo", f"{bucket}/day/p0.jpg")
+    assert again.returncode != 0 and "no label of it to undo" in again.stderr
 
 
 @pytest.mark.slow
@@ -327,3 +333,35 @@ def _settled(stats: dict, offers: int) -> dict[str, int] | None:
     """The labelling queue's outcomes in ``/stats`` once ``offers`` of them are counted."""
     outcomes = stats["label_queue"]
     return outcomes if sum(outcomes.values()) == offers else None
+
+
+def test_every_label_is_a_decision_with_who_and_when_and_a_move_is_not_undone(world):
+    from model_store.decisions import DecisionLog
+    from model_store.labelling import LabelConflict, undo
+
+    config, s3, bucket, queue = world
+    etag = put(s3, bucket, "d/p.jpg", b"photo")
+    queue.offer(bucket, "d/p.jpg", etag, model("v1"), scores(0.4, 0.3, 0.3))
+    relabel(world, "forest", [f"{bucket}/d/p.jpg"])
+    relabel(world, "water", [f"{bucket}/d/p.jpg"])  # the CLI's relabel: a move
+    log = DecisionLog(queue.objects).of(bucket, "d/p.jpg")
+    assert [(d.sequence, d.cls, d.by) for d in log] == [
+        (1, "forest", "tester"),
+        (2, "water", "tester"),
+    ]
+    assert log[1].replaced == ["labeled/forest/p.jpg"] and log[0].requeue
+    with pytest.raises(LabelConflict, match="label it back instead"):
+        undo(s3, train_bucket=config.train_bucket, path=f"{bucket}/d/p.jpg", by="x", queue=queue)
+    # strict (the dashboard's rule): not on the queue any more, so refused, nothing written
+    with pytest.raises(LabelConflict, match="not on the labelling queue"):
+        label(
+            s3,
+            train_bucket=config.train_bucket,
+            image_buckets=config.image_buckets,
+            known_labels=LABELS,
+            cls="field",
+            paths=[f"{bucket}/d/p.jpg"],
+            queue=queue,
+            strict=True,
+        )
+    assert len(DecisionLog(queue.objects).of(bucket, "d/p.jpg")) == 2

@@ -17,6 +17,7 @@ from lensflow.seeding import seed_training_data
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
+from model_store.rounds import RoundLog, summary
 
 LABELS = sorted(scenes.CLASSES)
 
@@ -41,6 +42,11 @@ def publish_champion(store: ModelStore, tflite: bytes, labeled_images: int = 0) 
     return info.version
 
 
+def stored_rounds(store: ModelStore) -> list[dict]:
+    """The round reports the model store keeps (``<name>/rounds/``), oldest first."""
+    return RoundLog(store.objects, store.name).latest()
+
+
 def test_no_holdout_changes_nothing(env):
     config = train_config(env)
     s3 = s3_client(config)
@@ -50,6 +56,10 @@ def test_no_holdout_changes_nothing(env):
     assert report.data["labeled_total"] == 3 * len(scenes.CLASSES)
     store = ModelStore.from_config(config)
     assert store.current() is None and store.list_versions() == []
+    # even a round that did not train says why, in the model store
+    [kept] = stored_rounds(store)
+    assert kept["round_id"] == report.round_id and kept["decision"] == "refused: no data"
+    assert "no holdout" in kept["reason"]
 
 
 def test_missing_train_bucket_is_no_data(env):
@@ -93,6 +103,7 @@ def test_too_little_new_data_changes_nothing_unless_forced(env, untrained_tflite
     assert report.data["new_since_champion"] == 10
     assert [v.version for v in store.list_versions()] == [champion]
     assert store.current().version == champion
+    assert stored_rounds(store)[-1]["decision"] == "refused: no new data"
 
     forced = run_round(config, force=True)
     assert forced.outcome != "skipped"
@@ -168,6 +179,19 @@ def test_first_round_then_better_challenger_is_promoted(env):
     assert meta["metrics"]["labeled_images"] == 60 * len(LABELS)
     assert {"keras.weights.h5", "report.json"} <= set(meta["files"])
     assert [h["version"] for h in store.history()] == [v1, v2]
+    # the rounds as people see them: both models on the round's holdout, the decision
+    kept = [summary(r) for r in stored_rounds(store)]
+    assert [(r["round_id"], r["decision"]) for r in kept] == [
+        (first.round_id, "promoted"),
+        (second.round_id, "promoted"),
+    ]
+    assert kept[1]["champion"]["version"] == v1 and kept[1]["challenger"]["version"] == v2
+    assert kept[1]["challenger"]["macro_f1"] == chall["macro_f1"]
+    assert kept[1]["challenger"]["per_class_f1"] == {c: chall["per_class"][c]["f1"] for c in LABELS}
+    assert kept[1]["champion"]["confusion"] == champ["confusion"]
+    assert kept[1]["holdout_size"] == 15 * len(LABELS)
+    assert kept[1]["labels_used"] == 60 * len(LABELS)
+    assert pointer.metrics["per_class_f1"] == kept[1]["challenger"]["per_class_f1"]
 
 
 @pytest.mark.slow
@@ -190,6 +214,7 @@ def test_worse_challenger_is_published_but_not_promoted(env):
     report = run_round(config, force=True)
     assert report.outcome == "not_promoted", report.reason
     assert "not better" in report.reason
+    assert stored_rounds(store)[-1]["decision"] == "refused: margin"
     assert report.challenger["evaluation"]["macro_f1"] < report.champion["evaluation"]["macro_f1"]
     assert store.current().version == champion
     assert [v.version for v in store.list_versions()][-1] == report.challenger["version"]
@@ -216,6 +241,7 @@ def test_pinned_pointer_is_respected(env, untrained_tflite):
     report = run_round(config)
     assert report.outcome == "not_promoted"
     assert report.reason.startswith("not promoted: pinned")
+    assert stored_rounds(store)[-1]["decision"] == "pinned"
     assert report.data["skipped_undecodable"]["labeled"] == ["labeled/forest/broken.jpg"]
     pointer = store.current()
     assert pointer.version == champion and pointer.pinned
@@ -237,6 +263,7 @@ def test_operator_flip_during_training_wins(env, untrained_tflite):
     report = run_round(config, progress=operator)
     assert report.outcome == "not_promoted"
     assert report.reason.startswith("not promoted: pointer moved")
+    assert stored_rounds(store)[-1]["decision"] == "refused: pointer moved"
     assert report.champion["version"] == champion
     assert store.current().version == other == report.pointer
     assert report.challenger["version"] not in {champion, other}

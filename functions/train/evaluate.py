@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -37,8 +38,15 @@ class Evaluation:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def summary(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "macro_f1": self.macro_f1, "n": self.n}
+    def summary(self) -> dict[str, Any]:
+        """What a version's metadata and its flip keep: the headline figures and each
+        class's F1 (the serving model's score across versions, per class)."""
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "n": self.n,
+            "per_class_f1": {label: m["f1"] for label, m in self.per_class.items()},
+        }
 
 
 def predict_classes(

@@ -22,6 +22,7 @@ import numpy as np
 from functions.train import dataset
 from functions.train import fingerprint as fp
 from functions.train.evaluate import Evaluation, evaluate_pictures
+from functions.train.reports import keep as keep_report
 from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE
 from lensflow_core.settings import Config
 from model_store import (
@@ -135,6 +136,7 @@ def run_round(
         _run(config, s3, store, report, clock, say, force, seed)
     finally:
         clock.total()
+    keep_report(store, report)
     say("done", f"{report.outcome}: {report.reason}")
     return report
 

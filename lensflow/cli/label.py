@@ -3,6 +3,7 @@
     lensflow label list                     queued images, most uncertain first
     lensflow label CLASS KEY...             copy into labeled/CLASS/, off the queue
     lensflow label holdout CLASS KEY...     the same into holdout/CLASS/ (people only)
+    lensflow label undo KEY...              undo the label that stands: off labeled/, queued again
 
 KEY is ``<bucket>/<key>`` (as ``label list`` and prediction events name images). The
 logic lives in ``model_store.labelling`` and ``model_store.labelqueue``; this is the
@@ -16,8 +17,8 @@ import argparse
 from lensflow.cli.models import operator
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow_core.s3 import s3_client
-from model_store import ModelStore, ModelStoreError, NotFoundError, StoreUnavailableError
-from model_store.labelling import LabelRefused, label
+from model_store import ModelStore, ModelStoreError, StoreUnavailableError
+from model_store.labelling import LabelRefused, label, serving_labels, undo
 from model_store.labelqueue import HOLDOUT, LABELED, LabelQueue
 
 
@@ -53,6 +54,8 @@ def cmd_label(args: argparse.Namespace) -> int:
         if len(words) > 1:
             raise CliError("`label list` takes no images")
         return cmd_list(args)
+    if words[0] == "undo":
+        return cmd_undo(args, words[1:])
     split = LABELED
     if words[0] == HOLDOUT:
         split, words = HOLDOUT, words[1:]
@@ -63,7 +66,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     cls, paths = words[0], words[1:]
     config = load_config()
     s3 = s3_client(config)
-    known = _current_labels(ModelStore.from_config(config, s3))
+    known = serving_labels(ModelStore.from_config(config, s3))
     done = label(
         s3,
         train_bucket=config.train_bucket,
@@ -85,15 +88,18 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _current_labels(store: ModelStore) -> list[str] | None:
-    """The serving model's labels; None when no model serves yet (any class is new)."""
-    pointer = store.current()
-    if pointer is None:
-        return None
-    try:
-        return store.get_version(pointer.version).labels
-    except NotFoundError:
-        return None
+def cmd_undo(args: argparse.Namespace, paths: list[str]) -> int:
+    if not paths:
+        raise CliError("usage: lensflow label undo KEY...")
+    config = load_config()
+    s3 = s3_client(config)
+    done = [
+        undo(s3, train_bucket=config.train_bucket, path=p, by=operator(), queue=_queue(config, s3))
+        for p in paths
+    ]
+    lines = [f"{d.image}: undid {d.target} (queued again)" for d in done]
+    emit(args, [d.to_json() for d in done], "\n".join(lines))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -110,11 +116,12 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "label",
-        help="the labelling queue: `label list`, `label CLASS KEY...`, `label holdout CLASS KEY...`",
+        help="the labelling queue: `label list`, `label CLASS KEY...`, `label holdout CLASS KEY...`, "
+        "`label undo KEY...`",
         description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("words", nargs="*", metavar="list | [holdout] CLASS KEY...")
+    parser.add_argument("words", nargs="*", metavar="list | [holdout] CLASS KEY... | undo KEY...")
     parser.add_argument("--limit", type=int, default=0, help="with list: show at most N images")
     add_json_flag(parser)
     parser.set_defaults(func=_run)

@@ -6,6 +6,8 @@ import argparse
 import getpass
 import os
 import socket
+import time
+from datetime import datetime
 from pathlib import Path
 
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
@@ -105,15 +107,56 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    records = _store().history()
-    lines = [
+    """Every flip and every training round (its figures and decision), oldest first."""
+    from model_store.rounds import RoundLog, summary
+
+    store = _store()
+    flips = [{"kind": "flip", **r} for r in store.history()]
+    rounds = [summary(r) for r in RoundLog(store.objects, store.name).latest(limit=1000)]
+    records = sorted(flips + rounds, key=_seconds)
+    lines = [_flip_text(r) if r["kind"] == "flip" else _round_text(r) for r in records]
+    emit(args, records, "\n".join(lines) or "no flips or rounds yet")
+    return 0
+
+
+def _seconds(record: dict) -> float:
+    """When a flip or a round happened, as seconds since the epoch (to order them)."""
+    if record["kind"] == "round":
+        return float(record.get("started_at") or 0)
+    stamp = str(record.get("flipped_at") or "").replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _when(record: dict) -> str:
+    if record["kind"] == "flip":
+        return str(record.get("flipped_at") or "")
+    stamp = time.gmtime(float(record.get("started_at") or 0))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", stamp)
+
+
+def _flip_text(r: dict) -> str:
+    return (
         f"#{r['sequence']:<4} {r['flipped_at']}  {r['action']:<8} {r.get('from') or '-':>5} -> "
         f"{r['version']:<5} by {r['flipped_by']}: {r['reason'] or '-'}  "
         f"{_metrics_text(r.get('metrics', {}))}"
-        for r in records
-    ]
-    emit(args, records, "\n".join(lines) or "no flips yet")
-    return 0
+    )
+
+
+def _round_text(r: dict) -> str:
+    def figures(role: str) -> str:
+        m = r.get(role) or {}
+        if m.get("macro_f1") is None:
+            return ""
+        return f" {role} {m.get('version') or '-'} F1 {m['macro_f1']:.3f} acc {m['accuracy']:.3f};"
+
+    return (
+        f"round {r['round_id']} {_when(r)}Z  {r['decision']}:{figures('champion')}"
+        f"{figures('challenger')} {r.get('labels_used') or 0} labels, "
+        f"holdout {r.get('holdout_size') or 0}; {r.get('reason') or '-'}"
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -192,7 +235,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, func, text in (
         ("list", cmd_list, "stored versions"),
         ("current", cmd_current, "the pointer"),
-        ("history", cmd_history, "every flip: who, when, why"),
+        ("history", cmd_history, "every flip (who, when, why) and round (figures, decision)"),
     ):
         add_json_flag(verbs.add_parser(name, help=text)).set_defaults(func=_wrap(func))
 
