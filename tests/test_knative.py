@@ -98,7 +98,7 @@ def test_overlay_builds_the_expected_objects(overlay: str) -> None:
     # Topics live with the Kafka cluster; everything else in the overlay's namespace.
     namespaces = {d["metadata"]["namespace"] for d in build(overlay) if d["kind"] != "KafkaTopic"}
     assert namespaces == {NAMESPACES[overlay]}
-    # No HTTP train Service: a round is a Job (docs/deploy.md, CONTRACT "Training on Knative").
+    # No HTTP train Service: a round is a Job (docs/deploy.md, docs/contract.md "Training on Knative").
     assert [s["metadata"]["name"] for s in of_kind(build(overlay), "Service")] == [
         "lensflow-predict"
     ]
