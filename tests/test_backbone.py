@@ -115,6 +115,7 @@ def test_wheel_file_digest_is_checked(tmp_path, torchvision_weights):
         B.import_torchvision_weights(tampered)
 
 
+@pytest.mark.slow  # builds MobileNetV2 in TensorFlow (about 15 s)
 def test_keras_port_gives_torchvisions_logits(torchvision_weights, reference):
     weights, _ = torchvision_weights
     inputs = {
