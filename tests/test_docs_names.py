@@ -29,7 +29,11 @@ SPAN = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+(?:\(\))?")
 PATH = re.compile(r"[\w.-]+(?:/[\w.-]+)*/?")
-FILE_SUFFIXES = (".py", ".md", ".yaml", ".yml", ".toml", ".js", ".html", ".json", ".txt", ".npz")
+# a dotted name ending so is a file or object name (``predict.png``, ``labels.txt``), not code
+FILE_SUFFIXES = (
+    *(".py", ".md", ".yaml", ".yml", ".toml", ".js", ".html", ".json", ".txt", ".env"),
+    *(".npz", ".h5", ".pth", ".tflite", ".png", ".jpg", ".jpeg", ".parquet", ".csv", ".log"),
+)
 
 
 def source_files() -> list[Path]:
