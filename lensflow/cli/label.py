@@ -18,7 +18,8 @@ from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow_core.s3 import s3_client
 from model_store import ModelStore, ModelStoreError, NotFoundError, StoreUnavailableError
 from model_store.labelling import LabelRefused, label
-from model_store.labelqueue import HOLDOUT, LABELED, LabelQueue
+from model_store.labelqueue import LabelQueue
+from model_store.layout import HOLDOUT, LABELED
 
 
 def _queue(config, s3) -> LabelQueue:
