@@ -14,7 +14,6 @@ Names are resolved as the code spells them today, so a rename that forgets the d
 from __future__ import annotations
 
 import ast
-import importlib
 import importlib.util
 import re
 from functools import cache
@@ -87,19 +86,28 @@ def first_party(name: str) -> bool:
 
 
 def resolve_dotted(name: str) -> str | None:
-    """None if ``name`` (``package.module.attr...``) exists, else what is wrong."""
-    parts = name.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for i, attr in enumerate(parts[cut:], cut):
-            if not hasattr(obj, attr):
-                return f"{'.'.join(parts[:i])} has no {attr!r}"
-            obj = getattr(obj, attr)
+    """None if ``name`` (``package.module.attr...``) exists, else what is wrong. Read from
+    the source, never imported (importing can depend on what the process loaded before)."""
+    top, *rest = name.split(".")
+    path = Path(importlib.util.find_spec(top).origin)
+    done = [top]
+    while rest and path.name == "__init__.py":
+        if (path.parent / rest[0] / "__init__.py").exists():
+            path = path.parent / rest[0] / "__init__.py"
+        elif (path.parent / f"{rest[0]}.py").exists():
+            path = path.parent / f"{rest[0]}.py"
+        else:
+            break
+        done.append(rest.pop(0))
+    if not rest:
         return None
-    return f"{parts[0]} does not import"
+    tree = ast.parse(path.read_text())
+    if rest[0] not in top_level_names(tree):
+        return f"{'.'.join(done)} has no {rest[0]!r}"
+    owner = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == rest[0]), None)
+    if len(rest) > 1 and owner is not None and rest[1] not in top_level_names(owner):
+        return f"{'.'.join(done + rest[:1])} has no {rest[1]!r}"
+    return None
 
 
 def check_span(span: str) -> str | None:
