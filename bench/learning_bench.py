@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import write_json
-from model_store import layout
 
 PER_CLASS = (5, 10, 20, 40)
 HOLDOUT_PER_CLASS = 30
@@ -115,8 +114,8 @@ def curve_point(endpoint: str, backbone: str, pool: list, holdout: list, n: int)
         if seen.get(cls, 0) < n:
             labelled.append((cls, body))
             seen[cls] = seen.get(cls, 0) + 1
-    dataset.upload(s3, config.train_bucket, layout.LABELED, labelled, "bench")
-    dataset.upload(s3, config.train_bucket, layout.HOLDOUT, holdout, "bench")
+    dataset.upload(s3, config.train_bucket, dataset.LABELED, labelled, "bench")
+    dataset.upload(s3, config.train_bucket, dataset.HOLDOUT, holdout, "bench")
     if backbone != "none":
         BI.import_to_store(ModelStore.from_config(config, s3))
     started = time.perf_counter()

@@ -13,8 +13,7 @@ from typing import Any
 
 from lensflow_core.settings import Config
 from model_store.labelling import label
-from model_store.labelqueue import LabelQueue
-from model_store.layout import LABELED
+from model_store.labelqueue import LABELED, LabelQueue
 
 BY = "demo-labeller (simulator ground truth)"
 

@@ -10,7 +10,6 @@ from functions.train import dataset
 from lensflow import scenes
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from model_store import layout
 
 HOLDOUT_SEED_OFFSET = 1_000  # holdout scenes use seed + this: never the training scenes
 
@@ -35,6 +34,6 @@ def seed_training_data(
     holdout = scenes.labelled_set(n_holdout_per_class, seed + HOLDOUT_SEED_OFFSET, size)
     tag = f"scene-{seed}"
     return {
-        layout.LABELED: dataset.upload(s3, config.train_bucket, layout.LABELED, labeled, tag),
-        layout.HOLDOUT: dataset.upload(s3, config.train_bucket, layout.HOLDOUT, holdout, tag),
+        dataset.LABELED: dataset.upload(s3, config.train_bucket, dataset.LABELED, labeled, tag),
+        dataset.HOLDOUT: dataset.upload(s3, config.train_bucket, dataset.HOLDOUT, holdout, tag),
     }

@@ -15,8 +15,12 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from model_store.labelqueue import LabelQueue
-from model_store.layout import LABELED, SPLITS, TRAINING_PREFIXES
+from model_store.labelqueue import (
+    LABELED,
+    SPLITS,
+    TRAINING_PREFIXES,
+    LabelQueue,
+)
 from model_store.objects import Objects, translate
 
 

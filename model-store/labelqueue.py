@@ -32,11 +32,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 from model_store.errors import ConflictError, NotFoundError
-from model_store.layout import QUEUE, version_number
+from model_store.layout import version_number
 from model_store.objects import Objects
 
 log = logging.getLogger(__name__)
 
+QUEUE = "to-label"
+LABELED = "labeled"
+HOLDOUT = "holdout"
+SPLITS = (LABELED, HOLDOUT)
+TRAINING_PREFIXES = (f"{LABELED}/", f"{HOLDOUT}/", f"{QUEUE}/")
 TOP_K = 3
 
 

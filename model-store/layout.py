@@ -1,10 +1,4 @@
-"""Object names: in the model bucket (docs/contract.md, "Model store layout"), and in the
-train bucket, where rounds read ImageFolder splits and the labelling queue waits::
-
-    to-label/<model version>/<id>.json   one uncertain image (model_store.labelqueue)
-    labeled/<class>/<name>               what rounds train on
-    holdout/<class>/<name>               what rounds are judged on
-"""
+"""Object names in the model bucket (docs/contract.md, "Model store layout")."""
 
 from __future__ import annotations
 
@@ -15,13 +9,6 @@ LABELS_FILE = "labels.txt"
 METADATA_FILE = "metadata.json"
 
 _VERSION = re.compile(r"^v(\d+)$")
-
-# the train bucket
-QUEUE = "to-label"
-LABELED = "labeled"
-HOLDOUT = "holdout"
-SPLITS = (LABELED, HOLDOUT)
-TRAINING_PREFIXES = (f"{LABELED}/", f"{HOLDOUT}/", f"{QUEUE}/")
 
 
 def version_name(number: int) -> str:

@@ -16,7 +16,7 @@ from lensflow.process import free_port, port_open
 from lensflow.scenes import scene_jpeg
 from lensflow.stack import EmbeddedStack, ServerPortTaken
 from lensflow_core.s3 import s3_client
-from model_store import ModelStore, layout
+from model_store import ModelStore
 from tests.conftest import LABELS, make_env
 from tests.test_replicas import gone
 
@@ -289,10 +289,10 @@ def test_the_demo_closes_the_learning_loop(tmp_path):
         store.flip(store.publish(untrained, sorted(CLASSES)).version, reason="test")
         seed_training_data(stack.config, 0, 4, seed=5)  # a holdout only
         s3 = s3_client(stack.config)
-        holdout_before = dataset.list_split(s3, stack.config.train_bucket, layout.HOLDOUT).keys
+        holdout_before = dataset.list_split(s3, stack.config.train_bucket, dataset.HOLDOUT).keys
         summary = run_demo(stack, options, live=False, say=lambda text: None)
-        labeled = dataset.list_split(s3, stack.config.train_bucket, layout.LABELED)
-        holdout = dataset.list_split(s3, stack.config.train_bucket, layout.HOLDOUT).keys
+        labeled = dataset.list_split(s3, stack.config.train_bucket, dataset.LABELED)
+        holdout = dataset.list_split(s3, stack.config.train_bucket, dataset.HOLDOUT).keys
     assert summary["missing"] == 0
     rounds = summary["training_rounds"]
     assert rounds and rounds[-1]["outcome"] == "promoted", rounds

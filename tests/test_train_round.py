@@ -16,7 +16,7 @@ from lensflow import scenes
 from lensflow.seeding import seed_training_data
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore, layout
+from model_store import ModelStore
 
 LABELS = sorted(scenes.CLASSES)
 
@@ -44,7 +44,7 @@ def publish_champion(store: ModelStore, tflite: bytes, labeled_images: int = 0) 
 def test_no_holdout_changes_nothing(env):
     config = train_config(env)
     s3 = s3_client(config)
-    dataset.upload(s3, config.train_bucket, layout.LABELED, scenes.labelled_set(3, 1), "x")
+    dataset.upload(s3, config.train_bucket, dataset.LABELED, scenes.labelled_set(3, 1), "x")
     report = run_round(config, force=True)
     assert report.outcome == "skipped" and "no holdout" in report.reason
     assert report.data["labeled_total"] == 3 * len(scenes.CLASSES)
@@ -62,7 +62,7 @@ def test_seeding_is_additive_and_listing_counts_per_class(config):
     s3 = s3_client(config)
     seed_training_data(config, 2, 1, seed=4)
     seed_training_data(config, 3, 1, seed=4)
-    labeled = dataset.list_split(s3, config.train_bucket, layout.LABELED)
+    labeled = dataset.list_split(s3, config.train_bucket, dataset.LABELED)
     assert labeled.counts == {cls: 3 for cls in LABELS}
     assert labeled.labels == LABELS
     pictures = dataset.load(
@@ -118,7 +118,7 @@ def test_relabelling_is_new_data_though_the_count_stays(env):
     assert "0 labelled entries new or changed" in same.reason
 
     bucket = config.train_bucket
-    keys = dataset.list_split(s3, bucket, layout.LABELED).keys
+    keys = dataset.list_split(s3, bucket, dataset.LABELED).keys
     moved = [k for k in keys if k.startswith("labeled/field/")][:2]  # field -> forest
     for key in moved:
         new_key = key.replace("labeled/field/", "labeled/forest/was-field-")
@@ -130,7 +130,7 @@ def test_relabelling_is_new_data_though_the_count_stays(env):
     assert two.outcome == "skipped" and "2 labelled entries" in two.reason
 
     # one more: an image replaced in place (same key, new bytes)
-    key = dataset.list_split(s3, bucket, layout.LABELED).keys[-1]
+    key = dataset.list_split(s3, bucket, dataset.LABELED).keys[-1]
     s3.put_object(Bucket=bucket, Key=key, Body=scenes.scene_jpeg("water", 77))
     three = run_round(config)
     assert three.data["new_since_last_round"] == 3
@@ -181,11 +181,11 @@ def test_worse_challenger_is_published_but_not_promoted(env):
     champion = first.challenger["version"]
 
     # The same number of images, but every label is a lie.
-    for key in dataset.list_split(s3, config.train_bucket, layout.LABELED).keys:
+    for key in dataset.list_split(s3, config.train_bucket, dataset.LABELED).keys:
         s3.delete_object(Bucket=config.train_bucket, Key=key)
     rng = random.Random(0)
     lies = [(rng.choice(LABELS), body) for _, body in scenes.labelled_set(40, seed=9)]
-    dataset.upload(s3, config.train_bucket, layout.LABELED, lies, "shuffled")
+    dataset.upload(s3, config.train_bucket, dataset.LABELED, lies, "shuffled")
 
     report = run_round(config, force=True)
     assert report.outcome == "not_promoted", report.reason
@@ -288,7 +288,7 @@ def test_a_quantized_challenger_is_judged_and_served_as_published(env, quantizat
 
     stored = store.read_file(info.version, "model.tflite")
     s3 = s3_client(config)
-    holdout = dataset.list_split(s3, config.train_bucket, layout.HOLDOUT)
+    holdout = dataset.list_split(s3, config.train_bucket, dataset.HOLDOUT)
     blobs = [s3.get_object(Bucket=config.train_bucket, Key=k)["Body"].read() for k in holdout.keys]
     again = evaluate_tflite(stored, info.labels, blobs, holdout.classes)
     assert again.confusion == report.challenger["evaluation"]["confusion"]

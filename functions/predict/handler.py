@@ -31,8 +31,7 @@ from functions.predict.watcher import ModelWatcher
 from lensflow_core.imaging import DecodeBudget, ImageError, decode_image
 from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
-from model_store.labelqueue import LabelQueue, is_uncertain
-from model_store.layout import TRAINING_PREFIXES
+from model_store.labelqueue import TRAINING_PREFIXES, LabelQueue, is_uncertain
 
 log = logging.getLogger("lensflow.predict")
 NO_MODEL_RETRY_AFTER_S = 2

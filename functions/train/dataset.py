@@ -20,9 +20,8 @@ import numpy as np
 
 from lensflow_core.imaging import ImageError, decode_image
 from lensflow_core.runtime import resize
-from model_store.layout import HOLDOUT, LABELED
+from model_store.labelqueue import HOLDOUT, LABELED
 
-# HOLDOUT and LABELED: only until the round reads them from model_store.layout
 __all__ = ["HOLDOUT", "LABELED", "Pictures", "Split", "list_split", "load", "upload"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

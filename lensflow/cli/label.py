@@ -18,8 +18,7 @@ from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow_core.s3 import s3_client
 from model_store import ModelStore, ModelStoreError, NotFoundError, StoreUnavailableError
 from model_store.labelling import LabelRefused, label
-from model_store.labelqueue import LabelQueue
-from model_store.layout import HOLDOUT, LABELED
+from model_store.labelqueue import HOLDOUT, LABELED, LabelQueue
 
 
 def _queue(config, s3) -> LabelQueue:
