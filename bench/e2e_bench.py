@@ -33,7 +33,7 @@ LATENCY_SECONDS = 15.0
 BURST = {"base_s": 10.0, "burst_s": 20.0, "after_s": 60.0, "factor": 10}
 
 
-class ArrivalLog:
+class PredictionWatcher:
     """When each subject's first prediction was made (its event time) and arrived: a
     ``PredictionFeed`` from the start of the predictions topic."""
 
@@ -45,7 +45,7 @@ class ArrivalLog:
             config.kafka, config.topic_predictions, self._arrived, group="bench-watcher"
         )
 
-    def start(self) -> ArrivalLog:
+    def start(self) -> PredictionWatcher:
         self._feed.start()
         return self
 
@@ -126,7 +126,7 @@ def run(out_dir: Path) -> dict:
         bare = bare_loop(model_bytes, photos, 2, config.max_image_pixels)
         result["bare_c2_images_per_s"] = bare["images_per_s"]
 
-        watcher = ArrivalLog(config).start()
+        watcher = PredictionWatcher(config).start()
         producer = make_producer(config.kafka)
         pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
         dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)

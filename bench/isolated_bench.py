@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
-from bench.e2e_bench import ArrivalLog, put_photos
+from bench.e2e_bench import PredictionWatcher, put_photos
 from eventing.producer import make_producer, publish_object_event
 from functions.predict.serving_model import ServingModel
 from lensflow.function_server import FunctionServer
@@ -251,7 +251,7 @@ def backlog(
     bucket: str,
     config,
     producer,
-    watcher: ArrivalLog,
+    watcher: PredictionWatcher,
     model_bytes: bytes,
     photos: list[bytes],
     profile_s: float = 0.0,
@@ -348,7 +348,7 @@ def measure(
         stack_pids = list(servers.values())
         variants = [Variant(spec, env, all_cpus) for spec in specs]
         sink_url = [""]
-        watcher = ArrivalLog(config).start()
+        watcher = PredictionWatcher(config).start()
         producer = make_producer(config.kafka)
         dispatcher = dispatcher_for(
             config,
