@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lensflow.figures import percentile, rounded
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "var" / "bench"
 
@@ -54,16 +56,9 @@ def run_for(seconds: float, workers: int, work: Callable[[int], None]) -> dict:
     return {
         "count": len(flat),
         "images_per_s": round(len(flat) / elapsed, 2),
-        "latency_p50_ms": round(percentile(flat, 50) * 1000, 2),
-        "latency_p95_ms": round(percentile(flat, 95) * 1000, 2),
+        "latency_p50_ms": rounded(percentile(flat, 50), 2, scale=1000),
+        "latency_p95_ms": rounded(percentile(flat, 95), 2, scale=1000),
     }
-
-
-def percentile(values: list[float], pct: int) -> float:
-    """The ``pct``-th percentile of ``values`` (interpolated); nan for no values."""
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
 def median_of(repeats: int, measure: Callable[[], float]) -> float:

@@ -17,9 +17,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from bench.common import cpu_seconds, mobilenet_v2_tflite, percentile, serving_stack, write_json
+from bench.common import cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
 from bench.predict_bench import bare_loop
-from eventing.predictions import TopicReader, parse_prediction
+from eventing.predictions import Prediction, PredictionFeed
+from lensflow.figures import percentile, rounded
 from lensflow.replicas import ReplicaPool
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow.stack import dispatcher_for
@@ -32,22 +33,23 @@ BURST = {"base_s": 10.0, "burst_s": 20.0, "after_s": 60.0, "factor": 10}
 
 
 class PredictionWatcher:
-    """Reads the predictions topic from the start; arrival times by subject."""
+    """When each subject's first prediction was made (its event time) and arrived: a
+    ``PredictionFeed`` from the start of the predictions topic."""
 
     def __init__(self, config: Config):
         self.config = config
         self.seen: dict[str, float] = {}  # subject -> event time (epoch s)
         self.arrivals: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._feed = PredictionFeed(
+            config.kafka, config.topic_predictions, self._arrived, group="bench-watcher"
+        )
 
     def start(self) -> PredictionWatcher:
-        self._thread.start()
+        self._feed.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._feed.stop()
 
     def wait_for(self, subjects: set[str], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -57,17 +59,11 @@ class PredictionWatcher:
             time.sleep(0.05)
         return True
 
-    def _run(self) -> None:
-        with TopicReader(
-            self.config.kafka, self.config.topic_predictions, group="bench-watcher"
-        ) as reader:
-            while not self._stop.is_set():
-                for message in reader.poll(0.2):
-                    prediction = parse_prediction(message)
-                    if prediction is not None and prediction.subject not in self.seen:
-                        at = datetime.fromisoformat(prediction.time.replace("Z", "+00:00"))
-                        self.seen[prediction.subject] = at.timestamp()
-                        self.arrivals.append(time.time())
+    def _arrived(self, prediction: Prediction, produced_ms: int) -> None:
+        if prediction.subject not in self.seen:
+            at = datetime.fromisoformat(prediction.time.replace("Z", "+00:00"))
+            self.seen[prediction.subject] = at.timestamp()
+            self.arrivals.append(time.time())
 
 
 def cpu_use(servers: dict[str, int], pool: ReplicaPool) -> dict[str, float]:
@@ -155,8 +151,8 @@ def run(out_dir: Path) -> dict:
             watcher.wait_for(set(sent), 120)
             latencies = sorted(watcher.seen[k] - t for k, t in sent.items() if k in watcher.seen)
             result["latency_rate_images_per_s"] = round(half, 2)
-            result["latency_p50_ms"] = round(percentile(latencies, 50) * 1000, 1)
-            result["latency_p95_ms"] = round(percentile(latencies, 95) * 1000, 1)
+            result["latency_p50_ms"] = rounded(percentile(latencies, 50), 1, scale=1000)
+            result["latency_p95_ms"] = rounded(percentile(latencies, 95), 1, scale=1000)
             result["latency_lost"] = len(sent) - len(latencies)
 
             # 3. a 10x burst over a base of a fifth of capacity, from a scaled-down pool

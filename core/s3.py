@@ -11,6 +11,7 @@ import os
 
 import boto3
 from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
 
 from lensflow_core.settings import Config
 
@@ -50,3 +51,30 @@ def ensure_buckets(s3, buckets: list[str] | tuple[str, ...]) -> None:
     for bucket in buckets:
         if bucket not in existing:
             s3.create_bucket(Bucket=bucket)
+
+
+# What S3 and MinIO answer a conditional write whose condition failed (412), or one that
+# raced another conditional write to the same key (409): someone else wrote first.
+PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+def precondition_failed(exc: ClientError) -> bool:
+    """Whether ``exc`` says a conditional request lost to another writer."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in PRECONDITION_FAILED or status in (409, 412)
+
+
+def put_if_absent(
+    s3, bucket: str, key: str, body: bytes, content_type: str = "application/octet-stream"
+) -> str | None:
+    """Write ``key`` only while no object has that name (If-None-Match ``*``): its ETag, or
+    None when one is there already. Any other failure raises."""
+    try:
+        return s3.put_object(
+            Bucket=bucket, Key=key, Body=body, ContentType=content_type, IfNoneMatch="*"
+        )["ETag"]
+    except ClientError as exc:
+        if precondition_failed(exc):
+            return None
+        raise

@@ -1,4 +1,4 @@
-"""The event contracts, in one place (see CONTRACT.md, Events).
+"""The event contracts, in one place (docs/contract.md, "Events").
 
 1. The input record: what MinIO's Kafka notification target writes for a bucket event.
 2. The CloudEvent a Knative KafkaSource makes of a Kafka record.

@@ -1,6 +1,6 @@
 """How one event is delivered to a sink: Knative's delivery spec, retries and backoff.
 
-The rules are Knative's (see CONTRACT.md, Events): 2xx is delivered; 5xx, 404, 408, 409,
+The rules are Knative's (docs/contract.md, "Events"): 2xx is delivered; 5xx, 404, 408, 409,
 429, a network error or a timeout is retried after ``backoff_delay * 2^n`` (exponential)
 or ``backoff_delay * n`` (linear) before retry n = 1..retry; any other status of 300 or
 more is final at once and the event goes to the dead-letter topic. Redirects are not

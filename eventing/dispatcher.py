@@ -161,7 +161,16 @@ class Dispatcher:
         ]
         self.topic_check_s = topic_check_s
         self._missing_logged: set[str] = set()
-        self._consumer_settings = client_settings(bootstrap) | {
+        self._consumer_settings = self._consumer_config(bootstrap, consumer_settings)
+        self._dlq = dead_letter_producer
+        self._buffer_limit = max(2 * max_in_flight, 32)
+        self._init_run_state()
+
+    def _consumer_config(
+        self, bootstrap: KafkaConnection | str, extra: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The consumer's settings: the group's, manual commits, short idle fetches."""
+        return client_settings(bootstrap) | {
             "group.id": self.group_id,
             "client.id": f"{self.group_id}-dispatcher",
             "enable.auto.commit": False,
@@ -174,11 +183,11 @@ class Dispatcher:
             # A topic recreated after a broker restart is seen (and joined) within this.
             "topic.metadata.refresh.interval.ms": 2000,
             "on_commit": self._on_commit,
-            **(consumer_settings or {}),
+            **(extra or {}),
         }
-        self._dlq = dead_letter_producer
-        self._buffer_limit = max(2 * max_in_flight, 32)
 
+    def _init_run_state(self) -> None:
+        """What a run keeps: the consumer, partitions, results, counts and the last snapshot."""
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer: Consumer | None = None

@@ -13,8 +13,8 @@ refused, and so is a raw record the dispatcher could not even read as a CloudEve
 
 Replay is at least once, and a re-run does not replay again: after a record is acked by
 the broker, a marker object ``<prefix>/<dlq topic>/<partition>/<offset>.json`` is written
-(``ReplayLedger``, in the model bucket, by conditional PUT) naming the dead letter's event
-id. A crash between the produce and the marker replays that one record again next time.
+(``ReplayLedger``, in the model bucket, by ``lensflow_core.s3.put_if_absent``) naming
+the dead letter's event id. A crash between the produce and the marker replays that one record again next time.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from botocore.exceptions import ClientError
 from cloudevents.kafka import KafkaMessage
 from confluent_kafka import Producer
 
@@ -36,12 +35,12 @@ from eventing.contracts import KAFKA_EVENT_TYPE
 from eventing.predictions import TopicReader
 from eventing.producer import produce_and_wait
 from lensflow_core.kafka import KafkaConnection
+from lensflow_core.s3 import put_if_absent
 
 ERROR_HEADER = "lensflow-error"  # a raw record the dispatcher could not read (dispatcher.py)
 HEADER_PREFIX = "kafkaheader"
 MAX_REASON = 200
 NETWORK = "network error (no response)"
-_ALREADY_THERE = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
 @dataclass(frozen=True)
@@ -295,17 +294,14 @@ class ReplayLedger:
             "replayed_to": images_topic,
             "replayed_at": _iso(time.time()),
         }
-        try:
-            self.s3.put_object(
-                Bucket=self.bucket,
-                Key=self._key(letter.partition, letter.offset),
-                Body=json.dumps(body).encode(),
-                ContentType="application/json",
-                IfNoneMatch="*",
-            )
-        except ClientError as exc:  # marked by a concurrent run already: fine
-            if exc.response.get("Error", {}).get("Code") not in _ALREADY_THERE:
-                raise
+        # None when a concurrent run marked it already: fine
+        put_if_absent(
+            self.s3,
+            self.bucket,
+            self._key(letter.partition, letter.offset),
+            json.dumps(body).encode(),
+            "application/json",
+        )
 
 
 def already_replayed(letter: DeadLetter, ledger: dict[tuple[int, int], str]) -> bool:

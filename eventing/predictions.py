@@ -1,25 +1,31 @@
 """Reading the predictions topic: binary-mode Kafka CloudEvents, one per image.
 
 ``TopicReader`` is lensflow's one way to read a topic from outside a consumer group: used
-by ``lensflow predictions tail`` (``read_predictions``), the demo's and the benchmark's
-watchers, and the tests. ``parse_prediction`` turns a record into a ``Prediction``.
+by ``lensflow predictions tail`` (``read_predictions``), ``PredictionFeed`` and the tests.
+``PredictionFeed`` is the one background reader of the predictions topic (the demo, the
+dashboard, the end-to-end benchmark): each prediction handed to a callback as it arrives.
+``parse_prediction`` turns a record into a ``Prediction``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from cloudevents.kafka import KafkaMessage, from_binary, from_structured
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from eventing.contracts import is_cloudevent_record
 from lensflow_core.kafka import KafkaConnection, client_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,8 +154,14 @@ class TopicReader:
             self.partitions = sorted(metadata.partitions) if ok else []
             assignment = []
             for number in self.partitions:
-                tp = TopicPartition(topic, number, OFFSET_END if from_end else OFFSET_BEGINNING)
-                if last is not None:
+                tp = TopicPartition(topic, number, OFFSET_BEGINNING)
+                if from_end:
+                    # the end now, as a number: OFFSET_END would be resolved only at the
+                    # first fetch, missing what arrives between placing and polling
+                    tp.offset = self._consumer.get_watermark_offsets(
+                        tp, timeout=timeout_s, cached=False
+                    )[1]
+                elif last is not None:
                     # Tansu answers ListOffsets(latest) too low when the producer batched
                     # (5 records in one batch: high 1), so this may start earlier than
                     # asked; callers trim to ``last`` themselves.
@@ -225,3 +237,80 @@ def read_predictions(
         yield from backlog
         while follow:
             yield from filter(None, map(parse_prediction, reader.poll(0.5)))
+
+
+class PredictionFeed:
+    """The predictions topic, read in a daemon thread: ``on_prediction(prediction,
+    produced_ms)`` for each prediction as it arrives (``produced_ms``: the record's
+    timestamp), on the feed's thread.
+
+    Starts where ``TopicReader`` is told (``from_end``, ``last``, else the beginning). A
+    topic that does not exist yet, or a broker that is away, is looked at again every
+    ``retry_s``. ``on_open(reader)`` runs once the reader is placed, before ``start``
+    returns; ``on_poll(reader)`` after every poll (to look at other topics' ends).
+    A record that is not a prediction is skipped.
+    """
+
+    def __init__(
+        self,
+        bootstrap: KafkaConnection | str,
+        topic: str,
+        on_prediction: Callable[[Prediction, int], None],
+        *,
+        from_end: bool = False,
+        last: int | None = None,
+        group: str = "lensflow-feed",
+        on_open: Callable[[TopicReader], None] | None = None,
+        on_poll: Callable[[TopicReader], None] | None = None,
+        poll_s: float = 0.2,
+        retry_s: float = 2.0,
+    ):
+        self.bootstrap, self.topic, self.group = bootstrap, topic, group
+        self.on_prediction, self.on_open, self.on_poll = on_prediction, on_open, on_poll
+        self.from_end, self.last = from_end, last
+        self.poll_s, self.retry_s = poll_s, retry_s
+        self._stop = threading.Event()
+        self._opened = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{group}-feed", daemon=True)
+
+    def start(self, open_timeout_s: float = 15.0) -> PredictionFeed:
+        """Start reading; returns once the reader is placed (or after ``open_timeout_s``)."""
+        self._thread.start()
+        self._opened.wait(open_timeout_s)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._read()
+                except Exception as exc:  # the broker may come and go: look again
+                    log.warning("reading %s: %s", self.topic, exc)
+                self._stop.wait(self.retry_s)
+        finally:
+            self._opened.set()
+
+    def _read(self) -> None:
+        """Read until stopped, or until it turns out the topic does not exist yet."""
+        with TopicReader(
+            self.bootstrap, self.topic, from_end=self.from_end, last=self.last, group=self.group
+        ) as reader:
+            if self.on_open is not None:
+                self.on_open(reader)
+            self._opened.set()
+            while not self._stop.is_set():
+                for message in reader.poll(self.poll_s, max_records=200):
+                    try:
+                        prediction = parse_prediction(message)
+                    except Exception:  # not ours to judge: skip what we cannot read
+                        continue
+                    if prediction is not None:
+                        self.on_prediction(prediction, message.timestamp()[1])
+                if self.on_poll is not None:
+                    self.on_poll(reader)
+                if not reader.partitions:
+                    return  # the topic does not exist yet

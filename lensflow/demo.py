@@ -16,7 +16,6 @@ record's ``eventTime``), both on this machine's clock.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections import Counter, deque
@@ -25,7 +24,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventing.predictions import TopicReader, parse_prediction
+from eventing.predictions import Prediction, PredictionFeed, TopicReader
+from lensflow.figures import percentile, rounded
 from lensflow.labeller import label_queued
 from lensflow.seeding import seed_training_data
 from lensflow.simulate import Burst, Plan, Simulator
@@ -56,16 +56,10 @@ class DemoOptions:
     seed: int = 0
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """The ``q`` quantile (0..1) of ``values``, interpolated; None for no values."""
-    if len(values) < 2:
-        return values[0] if values else None
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
-
-
-class PredictionWatcher:
-    """Reads the predictions topic (from its end at start) and the dead-letter topic's
-    size in a thread; counts predictions, versions and upload-to-prediction latency."""
+class PredictionCounts:
+    """Counts predictions, versions and upload-to-prediction latency as they arrive (a
+    ``PredictionFeed`` from the predictions topic's end at start), and the dead-letter
+    topic's growth since then."""
 
     def __init__(self, config: Config, uploaded_at: dict[str, float]):
         self.config = config
@@ -81,44 +75,36 @@ class PredictionWatcher:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="predictions", daemon=True)
+        self._dlq_start: int | None = None
+        self._next_dlq = 0.0
+        self._feed = PredictionFeed(
+            config.kafka,
+            config.topic_predictions,
+            self._count,
+            from_end=True,
+            group="lensflow-demo-watch",
+            on_open=self._dlq_mark,
+            on_poll=self._dlq_growth,
+        )
 
-    def start(self) -> PredictionWatcher:
-        self._thread.start()
-        self._ready.wait(15)
+    def start(self) -> PredictionCounts:
+        self._feed.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        self._feed.stop()
 
-    def _run(self) -> None:
-        reader = TopicReader(
-            self.config.kafka,
-            self.config.topic_predictions,
-            from_end=True,
-            group="lensflow-demo-watch",
-        )
-        try:
-            dlq_start = reader.high_watermark(self.config.topic_dlq)
-            self._ready.set()
-            next_dlq = 0.0
-            while not self._stop.is_set():
-                for message in reader.poll(0.2, max_records=200):
-                    self._count(parse_prediction(message), message.timestamp()[1])
-                if time.monotonic() > next_dlq:
-                    high = reader.high_watermark(self.config.topic_dlq, timeout_s=2)
-                    self.dead_lettered = max(high - dlq_start, 0)
-                    next_dlq = time.monotonic() + 1.0
-        finally:
-            self._ready.set()
-            reader.close()
+    def _dlq_mark(self, reader: TopicReader) -> None:
+        if self._dlq_start is None:
+            self._dlq_start = reader.high_watermark(self.config.topic_dlq)
 
-    def _count(self, prediction, produced_ms: int) -> None:
-        if prediction is None:
-            return
+    def _dlq_growth(self, reader: TopicReader) -> None:
+        if time.monotonic() > self._next_dlq and self._dlq_start is not None:
+            high = reader.high_watermark(self.config.topic_dlq, timeout_s=2)
+            self.dead_lettered = max(high - self._dlq_start, 0)
+            self._next_dlq = time.monotonic() + 1.0
+
+    def _count(self, prediction: Prediction, produced_ms: int) -> None:
         now = time.time()
         with self._lock:
             self.predictions += 1
@@ -161,16 +147,12 @@ class PredictionWatcher:
                 "dead_lettered": self.dead_lettered,
                 "model_version": self.latest_version,
                 "versions": dict(self.versions),
-                "latency_p50_s": _round(percentile(everything, 0.50)),
-                "latency_p95_s": _round(percentile(everything, 0.95)),
-                "latency_max_s": _round(everything[-1] if everything else None),
-                "recent_p50_s": _round(percentile(recent, 0.50)),
-                "recent_p95_s": _round(percentile(recent, 0.95)),
+                "latency_p50_s": rounded(percentile(everything, 50)),
+                "latency_p95_s": rounded(percentile(everything, 95)),
+                "latency_max_s": rounded(everything[-1] if everything else None),
+                "recent_p50_s": rounded(percentile(recent, 50)),
+                "recent_p95_s": rounded(percentile(recent, 95)),
             }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 @dataclass
@@ -234,13 +216,10 @@ def run_demo(
     return _run(stack, options, DemoState(options=options), live, say)
 
 
-def _run(
-    stack: EmbeddedStack,
-    options: DemoOptions,
-    state: DemoState,
-    live: bool,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
+def _prepare(
+    stack: EmbeddedStack, options: DemoOptions, state: DemoState, say: Callable[[str], None]
+) -> tuple[Plan, Simulator]:
+    """A model served (seeded when there is none) and the drones' photos rendered."""
     state.phase = "seeding a model"
     state.seeded = ensure_model(stack, say)
     say(
@@ -258,7 +237,18 @@ def _run(
     simulator = Simulator(stack.config, plan)
     say(f"rendering {plan.pool_size} drone photos ({plan.size[0]}x{plan.size[1]})")
     simulator.prepare()
-    watcher = PredictionWatcher(stack.config, simulator.uploaded_at).start()
+    return plan, simulator
+
+
+def _run(
+    stack: EmbeddedStack,
+    options: DemoOptions,
+    state: DemoState,
+    live: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    plan, simulator = _prepare(stack, options, state, say)
+    watcher = PredictionCounts(stack.config, simulator.uploaded_at).start()
     stop = threading.Event()
     result: dict[str, Any] = {}
 
@@ -294,8 +284,7 @@ def _run(
     finally:
         watcher.stop()
     flown = time.monotonic() - state.flight_started
-    summary = _summary(stack, watcher, state, result.get("simulation", {}), flown)
-    return summary
+    return _summary(stack, watcher, state, result.get("simulation", {}), flown)
 
 
 def close_the_loop(
@@ -348,7 +337,7 @@ def close_the_loop(
 def _watch(
     stack: EmbeddedStack,
     simulator: Simulator,
-    watcher: PredictionWatcher,
+    watcher: PredictionCounts,
     state: DemoState,
     flight: threading.Thread,
     trainer: threading.Thread,
@@ -401,7 +390,7 @@ def _sample(stack: EmbeddedStack, state: DemoState) -> None:
 
 
 def render_table(
-    stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher, state: DemoState
+    stack: EmbeddedStack, simulator: Simulator, watcher: PredictionCounts, state: DemoState
 ):
     from rich.table import Table
 
@@ -461,7 +450,7 @@ def render_table(
 
 
 def status_line(
-    stack: EmbeddedStack, simulator: Simulator, watcher: PredictionWatcher, state: DemoState
+    stack: EmbeddedStack, simulator: Simulator, watcher: PredictionCounts, state: DemoState
 ) -> str:
     """One line of the table, for logs and terminals without live display."""
     seen = watcher.snapshot()
@@ -483,7 +472,7 @@ def _fmt(seconds: float | None) -> str:
 
 def _summary(
     stack: EmbeddedStack,
-    watcher: PredictionWatcher,
+    watcher: PredictionCounts,
     state: DemoState,
     simulation: dict[str, Any],
     flown_s: float,

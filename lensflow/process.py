@@ -217,8 +217,6 @@ class ChildProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    running = alive
-
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None

@@ -37,6 +37,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from lensflow.figures import percentile, rounded
 from lensflow.process import ChildProcess, NotReady, free_port, function_command, http_ok
 
 log = logging.getLogger(__name__)
@@ -419,8 +420,8 @@ class ReplicaPool:
                 "in_flight": self._in_flight,
                 "waiting": self._waiting,
                 **self._counts,
-                "last_cold_start_s": _round(self._last_cold_start_s),
-                "startup_p50_s": _round(startups[len(startups) // 2]) if startups else None,
+                "last_cold_start_s": rounded(self._last_cold_start_s),
+                "startup_p50_s": rounded(percentile(startups, 50)),
                 "pids": [r.proc.pid for r in self._replicas],
             }
 
@@ -440,7 +441,3 @@ class ReplicaPool:
                 if left <= 0:
                     return False
                 self._cond.wait(min(left, 0.2))
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)

@@ -190,9 +190,8 @@ class EmbeddedStack:
         )
         ensure_buckets(s3_client(self.config), self.config.buckets)
         ensure_topics(self.config.kafka, topic_specs(*self.config.topics))
-        pool_log = self.log_dir
         self.pool = ReplicaPool(
-            self.env, function="predict", log_dir=pool_log, **self._pool_options
+            self.env, function="predict", log_dir=self.log_dir, **self._pool_options
         ).start()
         if self.dispatch:
             self.dispatcher = dispatcher_for(
@@ -268,7 +267,6 @@ class EmbeddedStack:
         undone (``self.left_undone``, None if it could not say) and stop an embedded
         broker right after, so that it acknowledges as little as possible unseen.
         """
-        errors: list[BaseException] = []
         steps: list[tuple[str, Callable[[], None]]] = []
         if self.timer is not None:
             steps.append(("training timer", self.timer.stop))
@@ -291,7 +289,6 @@ class EmbeddedStack:
                 step()
             except BaseException as exc:  # noqa: BLE001 - stop the rest regardless
                 log.warning("stopping %s: %s", name, exc)
-                errors.append(exc)
         self.timer = self.dispatcher = self.pool = self.train_job = None
         self.servers = []
         self._close_log()

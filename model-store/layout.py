@@ -1,4 +1,4 @@
-"""Object names in the model bucket (CONTRACT.md, Model store layout)."""
+"""Object names in the model bucket (docs/contract.md, "Model store layout")."""
 
 from __future__ import annotations
 

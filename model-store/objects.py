@@ -7,6 +7,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
+from lensflow_core.s3 import precondition_failed
 from model_store.errors import (
     ConflictError,
     ModelStoreError,
@@ -15,7 +16,6 @@ from model_store.errors import (
 )
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
-_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
 def status_of(exc: ClientError) -> int:
@@ -29,7 +29,7 @@ def translate(exc: Exception, what: str) -> ModelStoreError:
         status = status_of(exc)
         if code in _NOT_FOUND or status == 404:
             return NotFoundError(f"{what}: not found")
-        if code in _PRECONDITION or status in (409, 412):
+        if precondition_failed(exc):
             return ConflictError(f"{what}: precondition failed (someone else wrote first)")
         if status >= 500 or status == 0:
             return StoreUnavailableError(f"{what}: object store answered {status or code}")

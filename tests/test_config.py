@@ -15,7 +15,7 @@ def test_readme_table_is_the_generated_one():
     assert settings_table() in (ROOT / "README.md").read_text()
 
 
-# The variables the public contract (CONTRACT.md, Configuration) names: fixed for users.
+# The variables the public contract (the README's Configuration table) names: fixed for users.
 CONTRACT_VARIABLES = {
     f"LENSFLOW_{name}"
     for name in (

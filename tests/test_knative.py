@@ -109,7 +109,7 @@ def test_overlay_builds_the_expected_objects(overlay: str) -> None:
     # Topics live with the Kafka cluster; everything else in the overlay's namespace.
     namespaces = {d["metadata"]["namespace"] for d in build(overlay) if d["kind"] != "KafkaTopic"}
     assert namespaces == {NAMESPACES[overlay]}
-    # No HTTP train Service: a round is a Job (docs/deploy.md, CONTRACT "Training on Knative").
+    # No HTTP train Service: a round is a Job (docs/deploy.md, docs/contract.md "Training on Knative").
     assert sorted(s["metadata"]["name"] for s in of_kind(build(overlay), "Service")) == [
         DASHBOARD,
         "lensflow-predict",
@@ -344,7 +344,9 @@ def check_autoscaling(ksvc: Doc) -> None:
     assert 6 <= go_duration(a.get("window", "60s")) <= 3600
     assert 1 <= float(a.get("panic-window-percentage", "10")) <= 100
     assert 110 <= float(a.get("panic-threshold-percentage", "200")) <= 1000
-    assert go_duration(a.get("scale-to-zero-pod-retention-period", "0s")) >= 0
+    # serving pkg/apis/autoscaling/annotation_validation.go validateLastPodRetention:
+    # 0 <= d <= WindowMax (1h); the regex alone could never make it negative
+    assert go_duration(a.get("scale-to-zero-pod-retention-period", "0s")) <= 3600
     cc = pod_spec(ksvc)["containerConcurrency"]
     assert 0 <= cc <= CONTAINER_CONCURRENCY_MAX
 
@@ -362,6 +364,16 @@ def test_broken_autoscaling_annotations_fail_those_rules() -> None:
     )
     with pytest.raises(AssertionError, match="maxScale"):
         check_autoscaling(ksvc)
+
+
+def test_a_pod_retention_over_the_window_max_fails_those_rules() -> None:
+    ksvc = copy.deepcopy(predict(build("dev")))
+    annotations = ksvc["spec"]["template"]["metadata"]["annotations"]
+    annotations["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] = "1h0m1s"
+    with pytest.raises(AssertionError):
+        check_autoscaling(ksvc)
+    annotations["autoscaling.knative.dev/scale-to-zero-pod-retention-period"] = "1h"
+    check_autoscaling(ksvc)
 
 
 def longest_request_s(docs: tuple[Doc, ...], ksvc: Doc) -> float:

@@ -45,12 +45,20 @@ def test_labelled_set_covers_every_class_and_seeds_are_disjoint():
     assert not {b for _, b in train} & {b for _, b in holdout}
 
 
-def test_classes_differ_on_average():
-    means = {
-        c: np.mean([pixels(scenes.render_scene(c, s)).std() for s in range(10)])
-        for c in scenes.CLASSES
-    }
-    assert len({round(float(m)) for m in means.values()}) > 1
+def mean_look(cls: str, seeds: range) -> np.ndarray:
+    """A class's average colour and texture: per-channel mean and spread over ``seeds``."""
+    looks = [np.asarray(scenes.render_scene(cls, s, (64, 64)), dtype=float) for s in seeds]
+    return np.mean([np.concatenate([a.mean(axis=(0, 1)), a.std(axis=(0, 1))]) for a in looks], 0)
+
+
+def test_every_class_has_a_look_of_its_own():
+    """The average look of ten new scenes of a class is nearest that class's average look:
+    no two classes look alike on average (a classifier has something to learn)."""
+    known = {c: mean_look(c, range(10)) for c in scenes.CLASSES}
+    for cls in scenes.CLASSES:
+        fresh = mean_look(cls, range(10, 20))
+        nearest = min(known, key=lambda c: np.linalg.norm(fresh - known[c]))
+        assert nearest == cls
 
 
 def test_small_scenes_are_fast():

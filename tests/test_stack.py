@@ -87,7 +87,7 @@ def test_stack_uses_external_servers_only_when_told(s3_server, kafka_broker, tmp
     with stack:
         assert stack.describe()["started"] == [] and stack.describe()["in_memory"] == {}
         assert set(stack.external) == {"kafka", "s3"}
-    assert s3_server.running and kafka_broker.running
+    assert s3_server.alive and kafka_broker.alive
 
 
 def test_stack_stops_everything_after_an_exception(tmp_path):

@@ -2,7 +2,8 @@
 
 Input: float32 RGB in [0, 1], shape [1, 96, 96, 3] (``INPUT_SPEC``: the predict function
 computes ``pixels * scale + offset``). Output: softmax over the labels.
-This is the only module besides the train round that imports TensorFlow.
+The train image's TensorFlow lives here, in ``finetune`` (the backbone's fine-tuning) and in
+``backbone`` (MobileNetV2's architecture); the predict function never imports it.
 """
 
 from __future__ import annotations

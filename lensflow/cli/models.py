@@ -178,10 +178,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_backbone_import(args: argparse.Namespace) -> int:
-    from functions.train import backbone
+    from lensflow import backbone_import
 
     try:
-        metadata, written = backbone.import_to_store(_store(), args.source, by=operator())
+        metadata, written = backbone_import.import_to_store(_store(), args.source, by=operator())
     except ValueError as exc:  # not a readable torchvision MobileNetV2 checkpoint
         raise CliError(str(exc)) from None
     except Exception as exc:
