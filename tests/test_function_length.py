@@ -18,7 +18,6 @@ TO_SPLIT = {
     ("functions/train/round.py", "_run"),
     ("lensflow/dashboard.py", "make_app"),
     ("functions/predict/handler.py", "_predict"),
-    ("model-store/labelling.py", "label"),
     ("core/settings.py", "from_env"),
     ("model-store/store.py", "publish"),
     ("lensflow/cli/stack.py", "register"),
