@@ -86,6 +86,26 @@ SETTINGS: tuple[Setting, ...] = (
         "bucket with `labeled/<class>/...` and `holdout/<class>/...` "
         "(empty: the first image bucket)",
     ),
+    Setting(
+        "LENSFLOW_ARCHIVE_BUCKET",
+        "lensflow-archive",
+        "bucket of the predictions archive (Parquet, `predictions/date=YYYY-MM-DD/`)",
+    ),
+    Setting(
+        "LENSFLOW_ARCHIVE_GROUP",
+        "lensflow-archive",
+        "consumer group of the archiver on the predictions topic",
+    ),
+    Setting(
+        "LENSFLOW_ARCHIVE_BATCH",
+        "5000",
+        "most predictions the archiver holds before it writes them (per file at most)",
+    ),
+    Setting(
+        "LENSFLOW_ARCHIVE_FLUSH_S",
+        "5",
+        "longest a prediction waits in a following archiver before it is written (seconds)",
+    ),
     Setting("LENSFLOW_TOPIC_IMAGES", "images", "topic of bucket-notification records"),
     Setting("LENSFLOW_TOPIC_PREDICTIONS", "predictions", "topic of prediction events"),
     Setting("LENSFLOW_TOPIC_DLQ", "images-dlq", "dead-letter topic"),
@@ -225,6 +245,10 @@ class Config:
     model_bucket: str
     model_name: str
     train_bucket: str
+    archive_bucket: str
+    archive_group: str
+    archive_batch: int
+    archive_flush_s: float
     topic_images: str
     topic_predictions: str
     topic_dlq: str
@@ -292,6 +316,10 @@ class Config:
             model_bucket=get("LENSFLOW_MODEL_BUCKET"),
             model_name=get("LENSFLOW_MODEL_NAME"),
             train_bucket=get("LENSFLOW_TRAIN_BUCKET") or buckets[0],
+            archive_bucket=get("LENSFLOW_ARCHIVE_BUCKET"),
+            archive_group=get("LENSFLOW_ARCHIVE_GROUP"),
+            archive_batch=max(1, int(get("LENSFLOW_ARCHIVE_BATCH"))),
+            archive_flush_s=max(0.0, float(get("LENSFLOW_ARCHIVE_FLUSH_S"))),
             topic_images=get("LENSFLOW_TOPIC_IMAGES"),
             topic_predictions=get("LENSFLOW_TOPIC_PREDICTIONS"),
             topic_dlq=get("LENSFLOW_TOPIC_DLQ"),

@@ -1,0 +1,270 @@
+"""The predictions archive: exactly once into Parquet, bad records set aside, read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import date, timedelta
+
+import pytest
+from cloudevents.kafka import to_binary
+
+from eventing.offsets import committed_offsets
+from eventing.topics import ensure_topics, topic_specs
+from functions.archive.archiver import Archiver
+from functions.archive.compact import compact_day
+from functions.archive.records import Rejected, to_row
+from functions.archive.store import ArchiveFile, ArchiveStore, ArchiveUnwritable, current
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.settings import Config
+from tests.archive_support import archived, doubled, keys, make_prediction, produce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Record:
+    """A consumed record, as confluent-kafka hands it over."""
+
+    def __init__(self, value, headers=None, offset=0, key=b"k"):
+        self._value, self._headers, self._offset, self._key = value, headers, offset, key
+
+    def value(self):
+        return self._value
+
+    def headers(self):
+        return self._headers
+
+    def key(self):
+        return self._key
+
+    def topic(self):
+        return "predictions"
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+    def timestamp(self):
+        return (1, 1_780_000_000_000)
+
+
+def as_record(event) -> Record:
+    message = to_binary(event)
+    return Record(message.value, list(message.headers.items()))
+
+
+def test_a_prediction_event_becomes_one_complete_row():
+    row = to_row(as_record(make_prediction(5)))
+    assert row["bucket"] == "drone-images" and row["key"] == "fleet/drone-02/000005.jpg"
+    assert (row["label"], row["score"]) == ("boat", 0.8)
+    assert [t["label"] for t in row["top"]] == ["boat", "other"]
+    assert row["model_version"] == "v1" and len(row["trace_id"]) == 32
+    assert row["source_event_id"] == "partition:0/offset:5"
+    assert row["latency_ms"] is not None and row["uploaded_at"].year == 2026
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (Record(b"not json at all"), "not a CloudEvent"),
+        (
+            Record(b"{}", [("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"),
+                           ("ce_type", b"io.example.other")]),
+            "type is 'io.example.other'",
+        ),
+        (
+            Record(b'{"image": {"bucket": "b"}, "model": {}, "predictions": []}',
+                   [("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"),
+                    ("ce_type", b"io.lensflow.image.predicted"), ("ce_time", b"2026-12-01T00:00:00Z")]),
+            "data.predictions is missing or empty",
+        ),
+        (
+            Record(b'{"image": {"bucket": "b"}, "model": {"name": "m", "version": "1", "sha256": "s"},'
+                   b' "predictions": [{"label": "car", "score": 0.9}], "source_event_id": "e"}',
+                   [("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"),
+                    ("ce_type", b"io.lensflow.image.predicted"), ("ce_time", b"2026-12-01T00:00:00Z")]),
+            "data.image.key is missing",
+        ),
+        (
+            Record(b"\xff\xfe not utf8", [("ce_specversion", b"1.0"), ("ce_id", b"x"),
+                   ("ce_source", b"/s"), ("ce_type", b"io.lensflow.image.predicted")]),
+            "data is not JSON",
+        ),
+    ],
+)
+def test_what_is_not_a_prediction_event_is_rejected_with_its_reason(record, reason):
+    with pytest.raises(Rejected, match=reason.replace("(", r"\(")):
+        to_row(record)
+
+
+def test_readers_skip_files_that_a_compaction_covers():
+    small = [ArchiveFile(f"p/date=d/t+0+{a}-{b}", "t", 0, a, b) for a, b in ((0, 4), (5, 9))]
+    merged = ArchiveFile("p/date=d/t+0+0-9", "t", 0, 0, 9)
+    other = ArchiveFile("p/date=d/t+1+0-4", "t", 1, 0, 4)
+    assert current([*small, merged, other]) == [merged, other]
+    assert current(small) == small
+
+
+# --- against real servers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def archive_config(kafka_env) -> Config:
+    env = {**kafka_env, "LENSFLOW_ARCHIVE_BUCKET": kafka_env["LENSFLOW_MODEL_BUCKET"] + "-arch"}
+    config = Config.from_env(env)
+    ensure_buckets(s3_client(config), [config.archive_bucket])
+    ensure_topics(config.kafka, topic_specs(*config.topics))
+    return config
+
+
+def drain(config: Config, **overrides) -> dict:
+    return Archiver(config, **overrides).run(follow=False)
+
+
+BAD_RECORDS = [
+    (b"k1", b"not json", []),
+    (b"k2", b"{}", [("ce_specversion", b"1.0"), ("ce_id", b"a"), ("ce_source", b"/x"),
+                    ("ce_type", b"io.example.other")]),
+    (b"k3", b'{"image": {}}', [("ce_specversion", b"1.0"), ("ce_id", b"b"), ("ce_source", b"/x"),
+                               ("ce_type", b"io.lensflow.image.predicted"),
+                               ("ce_time", b"2026-12-01T00:00:00Z")]),
+]
+
+
+@pytest.mark.slow
+def test_drain_archives_each_event_once_and_sets_bad_records_aside(archive_config):
+    config = archive_config
+    days = [(date.today() - timedelta(days=n)).isoformat() for n in (2, 0)]
+    ids = produce(config, [make_prediction(i, day=days[i % 2]) for i in range(60)], BAD_RECORDS)
+    report = drain(config, batch_max=25)
+    assert (report["archived"], report["rejected"]) == (60, 3)
+    table = archived(config)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert {f"date={d}" for d in days} <= {k.split("/")[1] for k in keys(config, "predictions/")}
+    lines = [
+        json.loads(line)
+        for key in keys(config, "rejects/")
+        for line in s3_client(config)
+        .get_object(Bucket=config.archive_bucket, Key=key)["Body"]
+        .read()
+        .splitlines()
+    ]
+    assert sorted(line["reason"].split(":")[0] for line in lines) == [
+        "data.image.bucket is missing or not a string",
+        "not a CloudEvent (no ce_specversion header, not structured mode)",
+        "type is 'io.example.other', not io.lensflow.image.predicted",
+    ]
+    assert drain(config)["archived"] == 0  # committed: nothing archived twice
+    assert sum(committed_offsets(config.kafka, config.topic_predictions, config.archive_group).values()) == 63
+
+
+@pytest.mark.slow
+def test_a_replay_with_other_batch_boundaries_replaces_the_unfinished_files(archive_config, monkeypatch):
+    """Files written, offsets not committed (a crash between the two): the next run, cutting
+    its batches elsewhere, leaves every event once and no file overlapping another."""
+    config = archive_config
+    ids = produce(config, [make_prediction(i) for i in range(40)])
+    from confluent_kafka import Consumer
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("killed between the write and the commit")
+
+    monkeypatch.setattr(Consumer, "commit", crash, raising=False)
+    with pytest.raises(RuntimeError):
+        drain(config, batch_max=7)
+    monkeypatch.undo()
+    written = keys(config, "predictions/")
+    assert written  # the orphans are there
+    drain(config, batch_max=1000)
+    table = archived(config)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert not doubled(table.column("id").to_pylist())
+    files = ArchiveStore(s3_client(config), config.archive_bucket).list("predictions/")
+    for f in files:
+        assert not any(g is not f and g.partition == f.partition and g.first <= f.last and f.first <= g.last for g in files)
+
+
+@pytest.mark.slow
+def test_an_unwritable_archive_bucket_stops_the_archiver_and_commits_nothing(archive_config):
+    config = archive_config
+    produce(config, [make_prediction(i) for i in range(10)])
+    missing = Config.from_env({**config.env, "LENSFLOW_ARCHIVE_BUCKET": "no-such-archive-bucket"})
+    with pytest.raises(ArchiveUnwritable, match="no-such-archive-bucket.*cannot be"):
+        drain(missing)
+    assert committed_offsets(config.kafka, config.topic_predictions, config.archive_group) == {}
+    assert drain(config)["archived"] == 10  # nothing was lost
+
+
+@pytest.mark.slow
+def test_the_job_exits_non_zero_with_the_reason_when_the_bucket_cannot_be_written(archive_config):
+    config = archive_config
+    produce(config, [make_prediction(1)])
+    env = {**os.environ, **config.env, "LENSFLOW_ARCHIVE_BUCKET": "no-such-archive-bucket"}
+    out = subprocess.run(
+        [sys.executable, "-m", "functions.archive.job"], env=env, capture_output=True,
+        text=True, timeout=120, cwd=ROOT,
+    )
+    assert out.returncode == 1
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "no-such-archive-bucket" in report["error"] and report["archived"] == 0
+
+
+@pytest.mark.slow
+def test_compaction_merges_a_closed_days_files_without_loss_or_doubles(archive_config):
+    config = archive_config
+    day = (date.today() - timedelta(days=3)).isoformat()
+    ids = produce(config, [make_prediction(i, day=day) for i in range(45)])
+    drain(config, batch_max=6)
+    store = ArchiveStore(s3_client(config), config.archive_bucket)
+    before = store.list(f"predictions/date={day}/")
+    assert len(before) > 3
+    committed = committed_offsets(config.kafka, config.topic_predictions, config.archive_group)
+    # A compaction stopped after writing its merged file: readers skip the covered ones.
+    partition = before[0].partition
+    mine = [f for f in before if f.partition == partition]
+    store.put(
+        f"predictions/date={day}/{config.topic_predictions}+{partition}+{mine[0].first:019d}-{mine[-1].last:019d}.parquet",
+        store.get(mine[0].key),
+    )
+    compact_day(store, day, config.topic_predictions, committed)
+    after = store.list(f"predictions/date={day}/")
+    assert len(after) == len({f.partition for f in before})
+    table = archived(config)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_during_a_burst_loses_and_doubles_nothing(archive_config):
+    config = archive_config
+    env = {**os.environ, **config.env, "LENSFLOW_ARCHIVE_BATCH": "15", "LENSFLOW_ARCHIVE_FLUSH_S": "0.1"}
+    sent: list[str] = []
+    burst = threading.Thread(
+        target=lambda: [sent.extend(produce(config, [make_prediction(i) for i in range(k, k + 50)])) or time.sleep(0.15) for k in range(0, 600, 50)]
+    )
+    burst.start()
+    rng = random.Random(19)
+    kills = 0
+    while burst.is_alive() or kills < 4:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "functions.archive.job", "--follow"], env=env, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        time.sleep(rng.uniform(1.0, 5.0))
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        kills += 1
+    burst.join()
+    report = drain(config)
+    table = archived(config)
+    got = table.column("id").to_pylist()
+    assert not doubled(got), f"doubled after {kills} kills"
+    assert sorted(got) == sorted(sent), f"missing {len(set(sent) - set(got))} after {kills} kills"
+    assert report["rejected"] == 0
