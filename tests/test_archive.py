@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -12,6 +13,8 @@ import threading
 import time
 from datetime import date, timedelta
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from cloudevents.kafka import to_binary
 
@@ -20,7 +23,16 @@ from eventing.topics import ensure_topics, topic_specs
 from functions.archive.archiver import Archiver
 from functions.archive.compact import compact_day
 from functions.archive.records import Rejected, to_row
-from functions.archive.store import ArchiveFile, ArchiveStore, ArchiveUnwritable, current
+from functions.archive.query import query
+from functions.archive.store import (
+    PREDICTIONS,
+    ArchiveFile,
+    ArchiveStore,
+    ArchiveUnwritable,
+    current,
+    file_key,
+    parquet_bytes,
+)
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
 from tests.archive_support import archived, doubled, keys, make_prediction, produce
@@ -64,8 +76,8 @@ def as_record(event) -> Record:
 def test_a_prediction_event_becomes_one_complete_row():
     row = to_row(as_record(make_prediction(5)))
     assert row["bucket"] == "drone-images" and row["key"] == "fleet/drone-02/000005.jpg"
-    assert (row["label"], row["score"]) == ("boat", 0.8)
-    assert [t["label"] for t in row["top"]] == ["boat", "other"]
+    assert (row["label"], row["score"]) == ("truck", 0.8)
+    assert [t["label"] for t in row["top"]] == ["truck", "other"]
     assert row["model_version"] == "v1" and len(row["trace_id"]) == 32
     assert row["source_event_id"] == "partition:0/offset:5"
     assert row["latency_ms"] is not None and row["uploaded_at"].year == 2026
@@ -158,7 +170,7 @@ def test_drain_archives_each_event_once_and_sets_bad_records_aside(archive_confi
         .splitlines()
     ]
     assert sorted(line["reason"].split(":")[0] for line in lines) == [
-        "data.image.bucket is missing or not a string",
+        "data.predictions is missing or empty",
         "not a CloudEvent (no ce_specversion header, not structured mode)",
         "type is 'io.example.other', not io.lensflow.image.predicted",
     ]
@@ -174,11 +186,12 @@ def test_a_replay_with_other_batch_boundaries_replaces_the_unfinished_files(arch
     ids = produce(config, [make_prediction(i) for i in range(40)])
     from confluent_kafka import Consumer
 
-    def crash(self, *args, **kwargs):
-        raise RuntimeError("killed between the write and the commit")
+    class Killed(Consumer):
+        def commit(self, *args, **kwargs):
+            raise RuntimeError("killed between the write and the commit")
 
-    monkeypatch.setattr(Consumer, "commit", crash, raising=False)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(Archiver, "_make_consumer", lambda self: Killed(self.settings()))
+    with pytest.raises(RuntimeError, match="killed"):
         drain(config, batch_max=7)
     monkeypatch.undo()
     written = keys(config, "predictions/")
@@ -230,10 +243,10 @@ def test_compaction_merges_a_closed_days_files_without_loss_or_doubles(archive_c
     # A compaction stopped after writing its merged file: readers skip the covered ones.
     partition = before[0].partition
     mine = [f for f in before if f.partition == partition]
-    store.put(
-        f"predictions/date={day}/{config.topic_predictions}+{partition}+{mine[0].first:019d}-{mine[-1].last:019d}.parquet",
-        store.get(mine[0].key),
-    )
+    whole = pa.concat_tables(pq.read_table(io.BytesIO(store.get(f.key))) for f in mine)
+    store.put(file_key(PREDICTIONS, day, config.topic_predictions, partition, mine[0].first,
+                       mine[-1].last), parquet_bytes(whole))
+    assert not doubled(r["id"] for r in query(config, "select id from predictions").records())
     compact_day(store, day, config.topic_predictions, committed)
     after = store.list(f"predictions/date={day}/")
     assert len(after) == len({f.partition for f in before})

@@ -58,8 +58,9 @@ class Archiver:
         self._error: BaseException | None = None
         self._consumer: Consumer | None = None
 
-    def _make_consumer(self) -> Consumer:
-        settings = {
+    def settings(self) -> dict[str, Any]:
+        """The consumer's librdkafka settings."""
+        extra = {
             "group.id": self.group,
             "client.id": "lensflow-archive",
             "enable.auto.commit": False,  # offsets move only after the files are stored
@@ -68,7 +69,10 @@ class Archiver:
             "session.timeout.ms": 6000,  # Tansu's group join is slow with the default
             "heartbeat.interval.ms": 2000,
         }
-        return Consumer(client_settings(self.config.kafka, settings))
+        return client_settings(self.config.kafka, extra)
+
+    def _make_consumer(self) -> Consumer:
+        return Consumer(self.settings())
 
     def run(
         self,
@@ -86,7 +90,8 @@ class Archiver:
         last_compact = started
         try:
             while not stop.is_set():
-                self._take(consumer.consume(1000, timeout=0.5))
+                room = max(1, min(1000, self.batch_max - self._held))  # a batch never exceeds its size
+                self._take(consumer.consume(room, timeout=0.5))
                 if self._due():
                     self._flush()
                 if not follow and self._done(time.monotonic() - started > join_timeout_s):
