@@ -22,8 +22,8 @@ from eventing.offsets import committed_offsets
 from eventing.topics import ensure_topics, topic_specs
 from functions.archive.archiver import Archiver
 from functions.archive.compact import compact_day
-from functions.archive.records import Rejected, to_row
 from functions.archive.query import query
+from functions.archive.records import Rejected, to_row
 from functions.archive.store import (
     PREDICTIONS,
     ArchiveFile,
@@ -88,26 +88,54 @@ def test_a_prediction_event_becomes_one_complete_row():
     [
         (Record(b"not json at all"), "not a CloudEvent"),
         (
-            Record(b"{}", [("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"),
-                           ("ce_type", b"io.example.other")]),
+            Record(
+                b"{}",
+                [
+                    ("ce_specversion", b"1.0"),
+                    ("ce_id", b"x"),
+                    ("ce_source", b"/s"),
+                    ("ce_type", b"io.example.other"),
+                ],
+            ),
             "type is 'io.example.other'",
         ),
         (
-            Record(b'{"image": {"bucket": "b"}, "model": {}, "predictions": []}',
-                   [("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"),
-                    ("ce_type", b"io.lensflow.image.predicted"), ("ce_time", b"2026-12-01T00:00:00Z")]),
+            Record(
+                b'{"image": {"bucket": "b"}, "model": {}, "predictions": []}',
+                [
+                    ("ce_specversion", b"1.0"),
+                    ("ce_id", b"x"),
+                    ("ce_source", b"/s"),
+                    ("ce_type", b"io.lensflow.image.predicted"),
+                    ("ce_time", b"2026-12-01T00:00:00Z"),
+                ],
+            ),
             "data.predictions is missing or empty",
         ),
         (
-            Record(b'{"image": {"bucket": "b"}, "model": {"name": "m", "version": "1", "sha256": "s"},'
-                   b' "predictions": [{"label": "car", "score": 0.9}], "source_event_id": "e"}',
-                   [("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"),
-                    ("ce_type", b"io.lensflow.image.predicted"), ("ce_time", b"2026-12-01T00:00:00Z")]),
+            Record(
+                b'{"image": {"bucket": "b"}, "model": {"name": "m", "version": "1", "sha256": "s"},'
+                b' "predictions": [{"label": "car", "score": 0.9}], "source_event_id": "e"}',
+                [
+                    ("ce_specversion", b"1.0"),
+                    ("ce_id", b"x"),
+                    ("ce_source", b"/s"),
+                    ("ce_type", b"io.lensflow.image.predicted"),
+                    ("ce_time", b"2026-12-01T00:00:00Z"),
+                ],
+            ),
             "data.image.key is missing",
         ),
         (
-            Record(b"\xff\xfe not utf8", [("ce_specversion", b"1.0"), ("ce_id", b"x"),
-                   ("ce_source", b"/s"), ("ce_type", b"io.lensflow.image.predicted")]),
+            Record(
+                b"\xff\xfe not utf8",
+                [
+                    ("ce_specversion", b"1.0"),
+                    ("ce_id", b"x"),
+                    ("ce_source", b"/s"),
+                    ("ce_type", b"io.lensflow.image.predicted"),
+                ],
+            ),
             "data is not JSON",
         ),
     ],
@@ -143,11 +171,27 @@ def drain(config: Config, **overrides) -> dict:
 
 BAD_RECORDS = [
     (b"k1", b"not json", []),
-    (b"k2", b"{}", [("ce_specversion", b"1.0"), ("ce_id", b"a"), ("ce_source", b"/x"),
-                    ("ce_type", b"io.example.other")]),
-    (b"k3", b'{"image": {}}', [("ce_specversion", b"1.0"), ("ce_id", b"b"), ("ce_source", b"/x"),
-                               ("ce_type", b"io.lensflow.image.predicted"),
-                               ("ce_time", b"2026-12-01T00:00:00Z")]),
+    (
+        b"k2",
+        b"{}",
+        [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"a"),
+            ("ce_source", b"/x"),
+            ("ce_type", b"io.example.other"),
+        ],
+    ),
+    (
+        b"k3",
+        b'{"image": {}}',
+        [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"b"),
+            ("ce_source", b"/x"),
+            ("ce_type", b"io.lensflow.image.predicted"),
+            ("ce_time", b"2026-12-01T00:00:00Z"),
+        ],
+    ),
 ]
 
 
@@ -175,11 +219,18 @@ def test_drain_archives_each_event_once_and_sets_bad_records_aside(archive_confi
         "type is 'io.example.other', not io.lensflow.image.predicted",
     ]
     assert drain(config)["archived"] == 0  # committed: nothing archived twice
-    assert sum(committed_offsets(config.kafka, config.topic_predictions, config.archive_group).values()) == 63
+    assert (
+        sum(
+            committed_offsets(config.kafka, config.topic_predictions, config.archive_group).values()
+        )
+        == 63
+    )
 
 
 @pytest.mark.slow
-def test_a_replay_with_other_batch_boundaries_replaces_the_unfinished_files(archive_config, monkeypatch):
+def test_a_replay_with_other_batch_boundaries_replaces_the_unfinished_files(
+    archive_config, monkeypatch
+):
     """Files written, offsets not committed (a crash between the two): the next run, cutting
     its batches elsewhere, leaves every event once and no file overlapping another."""
     config = archive_config
@@ -202,7 +253,10 @@ def test_a_replay_with_other_batch_boundaries_replaces_the_unfinished_files(arch
     assert not doubled(table.column("id").to_pylist())
     files = ArchiveStore(s3_client(config), config.archive_bucket).list("predictions/")
     for f in files:
-        assert not any(g is not f and g.partition == f.partition and g.first <= f.last and f.first <= g.last for g in files)
+        assert not any(
+            g is not f and g.partition == f.partition and g.first <= f.last and f.first <= g.last
+            for g in files
+        )
 
 
 @pytest.mark.slow
@@ -222,8 +276,12 @@ def test_the_job_exits_non_zero_with_the_reason_when_the_bucket_cannot_be_writte
     produce(config, [make_prediction(1)])
     env = {**os.environ, **config.env, "LENSFLOW_ARCHIVE_BUCKET": "no-such-archive-bucket"}
     out = subprocess.run(
-        [sys.executable, "-m", "functions.archive.job"], env=env, capture_output=True,
-        text=True, timeout=120, cwd=ROOT,
+        [sys.executable, "-m", "functions.archive.job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert out.returncode == 1
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -244,8 +302,12 @@ def test_compaction_merges_a_closed_days_files_without_loss_or_doubles(archive_c
     partition = before[0].partition
     mine = [f for f in before if f.partition == partition]
     whole = pa.concat_tables(pq.read_table(io.BytesIO(store.get(f.key))) for f in mine)
-    store.put(file_key(PREDICTIONS, day, config.topic_predictions, partition, mine[0].first,
-                       mine[-1].last), parquet_bytes(whole))
+    store.put(
+        file_key(
+            PREDICTIONS, day, config.topic_predictions, partition, mine[0].first, mine[-1].last
+        ),
+        parquet_bytes(whole),
+    )
     assert not doubled(r["id"] for r in query(config, "select id from predictions").records())
     compact_day(store, day, config.topic_predictions, committed)
     after = store.list(f"predictions/date={day}/")
@@ -257,18 +319,31 @@ def test_compaction_merges_a_closed_days_files_without_loss_or_doubles(archive_c
 @pytest.mark.slow
 def test_kill_9_at_random_moments_during_a_burst_loses_and_doubles_nothing(archive_config):
     config = archive_config
-    env = {**os.environ, **config.env, "LENSFLOW_ARCHIVE_BATCH": "15", "LENSFLOW_ARCHIVE_FLUSH_S": "0.1"}
+    env = {
+        **os.environ,
+        **config.env,
+        "LENSFLOW_ARCHIVE_BATCH": "15",
+        "LENSFLOW_ARCHIVE_FLUSH_S": "0.1",
+    }
     sent: list[str] = []
     burst = threading.Thread(
-        target=lambda: [sent.extend(produce(config, [make_prediction(i) for i in range(k, k + 50)])) or time.sleep(0.15) for k in range(0, 600, 50)]
+        target=lambda: [
+            sent.extend(produce(config, [make_prediction(i) for i in range(k, k + 50)]))
+            or time.sleep(0.15)
+            for k in range(0, 600, 50)
+        ]
     )
     burst.start()
     rng = random.Random(19)
     kills = 0
     while burst.is_alive() or kills < 4:
         child = subprocess.Popen(
-            [sys.executable, "-m", "functions.archive.job", "--follow"], env=env, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-m", "functions.archive.job", "--follow"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         time.sleep(rng.uniform(1.0, 5.0))
         os.killpg(child.pid, signal.SIGKILL)
@@ -276,8 +351,94 @@ def test_kill_9_at_random_moments_during_a_burst_loses_and_doubles_nothing(archi
         kills += 1
     burst.join()
     report = drain(config)
+    assert report["archived"] < len(sent)  # the killed archivers had done part of it
     table = archived(config)
     got = table.column("id").to_pylist()
     assert not doubled(got), f"doubled after {kills} kills"
     assert sorted(got) == sorted(sent), f"missing {len(set(sent) - set(got))} after {kills} kills"
     assert report["rejected"] == 0
+
+
+# --- asking the archive -------------------------------------------------------------------
+
+
+def lensflow(config: Config, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **config.env}
+    return subprocess.run(
+        [sys.executable, "-m", "lensflow", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def filled(archive_config) -> Config:
+    day = (date.today() - timedelta(days=1)).isoformat()
+    events = [make_prediction(i, day=day, version="v2" if i >= 30 else "v1") for i in range(40)]
+    produce(archive_config, events)
+    drain(archive_config, batch_max=9)
+    return archive_config
+
+
+@pytest.mark.slow
+def test_query_and_named_questions_answer_from_the_archive(filled):
+    out = lensflow(
+        filled,
+        "predictions",
+        "query",
+        "--json",
+        "select count(*) as n, count(distinct id) as ids from predictions",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"n": 40, "ids": 40}]
+    csv_out = lensflow(filled, "predictions", "report", "per-class-per-day", "--csv")
+    assert csv_out.returncode == 0, csv_out.stderr
+    lines = csv_out.stdout.splitlines()
+    assert lines[0] == "date,label,predictions" and len(lines) == 5
+    assert sum(int(line.rsplit(",", 1)[1]) for line in lines[1:]) == 40
+    versions = json.loads(
+        lensflow(filled, "predictions", "report", "low-confidence-by-version", "--json").stdout
+    )
+    assert [(v["model_version"], v["predictions"]) for v in versions] == [("v1", 30), ("v2", 10)]
+    # scores are 0.3 .. 0.9 by i % 7: under 0.6 for i % 7 in (0, 1, 2)
+    assert versions[0]["low_confidence"] == sum(1 for i in range(30) if i % 7 < 3)
+    drones = json.loads(
+        lensflow(filled, "predictions", "report", "per-drone-per-hour", "--json").stdout
+    )
+    assert {d["drone"]: d["predictions"] for d in drones} == {
+        "fleet/drone-00": 14,
+        "fleet/drone-01": 13,
+        "fleet/drone-02": 13,
+    }
+    text = lensflow(filled, "predictions", "report", "latency-by-day")
+    assert text.returncode == 0 and "p95_ms" in text.stdout and "(1 row)" in text.stdout
+
+
+BAD_QUERIES = [
+    ("delete from predictions", "read-only: only queries run, not DELETE"),
+    ("drop view predictions", "read-only: only queries run, not DROP"),
+    (
+        "copy (select * from predictions) to '/tmp/out.csv'",
+        "read-only: only queries run, not COPY",
+    ),
+    ("select 1; delete from predictions", "exactly one query, not 2 statements"),
+    ("selec count(*) from predictions", "Parser Error"),
+    ("select no_such_column from predictions", 'column "no_such_column" not found'),
+    ("select * from read_csv('/etc/passwd')", "Permission Error"),
+]
+
+
+@pytest.mark.slow
+def test_a_query_cannot_change_the_archive_and_bad_sql_is_one_line(filled):
+    for sql, reason in BAD_QUERIES:
+        out = lensflow(filled, "predictions", "query", sql)
+        assert out.returncode == 1, sql
+        assert out.stdout == ""
+        assert len(out.stderr.strip().splitlines()) == 1 and reason in out.stderr, out.stderr
+    out = lensflow(
+        filled, "predictions", "query", "--json", "select count(*) as n from predictions"
+    )
+    assert json.loads(out.stdout) == [{"n": 40}]
