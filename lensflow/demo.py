@@ -295,7 +295,33 @@ def _run(
         watcher.stop()
     flown = time.monotonic() - state.flight_started
     summary = _summary(stack, watcher, state, result.get("simulation", {}), flown)
+    state.phase = "archiving"
+    summary["archive"] = archive_summary(stack)
     return summary
+
+
+ARCHIVE_COUNT = "SELECT count(*) AS rows, count(DISTINCT id) AS ids FROM predictions"
+
+
+def archive_summary(stack: EmbeddedStack) -> dict[str, Any] | None:
+    """Once the archiver has committed every prediction: what the archive holds."""
+    from functions.archive.query import QueryError, query
+
+    if stack.archiver is None:
+        return None
+    started = time.monotonic()
+    drained = stack.archive_drained(timeout_s=30.0)
+    try:
+        rows, ids = query(stack.config, ARCHIVE_COUNT).rows[0]
+    except QueryError as exc:
+        return {"error": str(exc), "drained": drained}
+    return {
+        "rows": rows,
+        "distinct_ids": ids,
+        "drained": drained,
+        "waited_s": round(time.monotonic() - started, 1),
+        "where": f"s3://{stack.config.archive_bucket}/predictions/",
+    }
 
 
 def close_the_loop(
@@ -541,6 +567,14 @@ def summary_text(summary: dict[str, Any]) -> str:
         "model versions serving: "
         + (", ".join(f"{v} ({n})" for v, n in sorted(summary["model_versions"].items())) or "-"),
     ]
+    archive = summary.get("archive")
+    if archive and "rows" in archive:
+        lines.append(
+            f"archive: {archive['rows']} predictions ({archive['distinct_ids']} distinct ids) in "
+            f"{archive['where']}; ask it: lensflow predictions report per-class-per-day"
+        )
+    elif archive:
+        lines.append(f"archive: {archive['error']}")
     for report in summary["training_rounds"]:
         given = report.get("labels_given")
         after = f" (after {given} labels from the queue)" if given else ""

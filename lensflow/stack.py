@@ -13,7 +13,9 @@
    KafkaSource stand-in) delivering the images topic to it, with the ordering, delivery
    spec and consumer group read from the KafkaSource manifest
    (``knative/base/kafkasource-images.yaml``);
-4. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
+4. the archiver (``lensflow-archive-job --follow``, as a child): every prediction into
+   Parquet files in the archive bucket (``functions.archive``);
+5. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
    round, run as the JobSink runs it: ``lensflow-train-job`` as a child process on the
    event a PingSource sends (``train_round``).
 
@@ -60,6 +62,7 @@ DEFAULT_LOG_DIR = ROOT / "var" / "logs"
 KAFKASOURCE_MANIFEST = ROOT / "knative" / "base" / "kafkasource-images.yaml"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TRAIN_JOB = [sys.executable, "-m", "functions.train.job"]  # what `lensflow-train-job` runs
+ARCHIVE_JOB = [sys.executable, "-m", "functions.archive.job", "--follow"]  # lensflow-archive-job
 DRAIN_QUIET_S = 0.5  # a drain ends once nothing was left, nor arrived, for this long
 
 
@@ -138,6 +141,7 @@ class EmbeddedStack:
         group_id: str | None = None,
         train_every_s: float | None = None,
         dispatch: bool = True,
+        archive: bool = True,
         external: Collection[str] = (),
     ):
         self.env = dict(os.environ if env is None else env)
@@ -151,6 +155,8 @@ class EmbeddedStack:
         self.group_id = group_id or manifest[2]
         self.train_every_s = train_every_s
         self.dispatch = dispatch
+        self.archive = archive
+        self.archiver: ChildProcess | None = None
         self._pool_options = dict(
             max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
         )
@@ -185,7 +191,12 @@ class EmbeddedStack:
             "s3", embedded_s3_address(self.config), S3Server, self.config.s3_endpoint or "AWS S3"
         )
         buckets = dict.fromkeys(
-            [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
+            [
+                *self.config.image_buckets,
+                self.config.train_bucket,
+                self.config.model_bucket,
+                self.config.archive_bucket,
+            ]
         )
         ensure_buckets(s3_client(self.config), list(buckets))
         ensure_topics(self.config.kafka, topic_specs(*self.config.topics))
@@ -203,6 +214,13 @@ class EmbeddedStack:
                 group_id=self.group_id,
                 topics=topic_specs(*self.config.topics),  # recreated if the broker loses them
             ).start()
+        if self.archive:
+            self.archiver = ChildProcess(
+                "archive",
+                ARCHIVE_JOB,
+                env=self.env,
+                log_path=self.log_dir / "archive.log" if self.log_dir else None,
+            ).spawn()
         if self.train_every_s:
             self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
         self.started_at = time.monotonic()
@@ -269,8 +287,10 @@ class EmbeddedStack:
             steps.append(("training timer", self.timer.stop))
         if self.dispatcher is not None:
             steps.append(("dispatcher", self.dispatcher.stop))
-            if count_left:
-                steps.append(("backlog", self._count_left))
+        if self.archiver is not None:  # SIGTERM: it writes what it holds, commits, exits
+            steps.append(("archiver", lambda: self.archiver.stop(30.0)))
+        if self.dispatcher is not None and count_left:
+            steps.append(("backlog", self._count_left))
         servers = list(reversed(self.servers))
         if count_left:  # the broker first: it takes no record after the count
             steps += [(server.name, server.stop) for server in servers if server.name == "kafka"]
@@ -287,7 +307,7 @@ class EmbeddedStack:
             except BaseException as exc:  # noqa: BLE001 - stop the rest regardless
                 log.warning("stopping %s: %s", name, exc)
                 errors.append(exc)
-        self.timer = self.dispatcher = self.pool = self.train_job = None
+        self.timer = self.dispatcher = self.pool = self.train_job = self.archiver = None
         self.servers = []
         self._close_log()
 
@@ -401,13 +421,41 @@ class EmbeddedStack:
             pids[self.pool.function] = [r.proc.pid for r in self.pool.replicas()]
         if self.train_job is not None and self.train_job.pid is not None:
             pids["train"] = [self.train_job.pid]
+        if self.archiver is not None and self.archiver.alive:
+            pids["archive"] = [self.archiver.pid]
         return pids
+
+    def archive_stats(self) -> dict[str, Any] | None:
+        """Whether the archiver runs, and how many predictions it has not committed."""
+        if self.archiver is None:
+            return None
+        try:
+            lag = group_lag(
+                self.config.kafka, self.config.topic_predictions, self.config.archive_group
+            )
+        except Exception:  # noqa: BLE001 - a stat, not a failure
+            lag = None
+        code = None if self.archiver.alive else self.archiver.proc.returncode
+        return {"running": code is None, "exit_code": code, "lag": lag}
+
+    def archive_drained(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the archiver has committed every prediction on the topic."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            stats = self.archive_stats()
+            if not stats or not stats["running"]:
+                return False
+            if stats["lag"] == 0:
+                return True
+            time.sleep(0.25)
+        return False
 
     def stats(self) -> dict[str, Any]:
         return {
             "dispatcher": self.dispatcher.stats() if self.dispatcher else None,
             "predict": self.pool.stats() if self.pool else None,
             "train": self.timer.stats() if self.timer else None,
+            "archive": self.archive_stats(),
             "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
         }
 
@@ -459,6 +507,31 @@ class TrainingTimer:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join(1.0)  # a round in progress ends with its child process
+
+    def archive_stats(self) -> dict[str, Any] | None:
+        """Whether the archiver runs, and how many predictions it has not committed."""
+        if self.archiver is None:
+            return None
+        try:
+            lag = group_lag(
+                self.config.kafka, self.config.topic_predictions, self.config.archive_group
+            )
+        except Exception:  # noqa: BLE001 - a stat, not a failure
+            lag = None
+        code = None if self.archiver.alive else self.archiver.proc.returncode
+        return {"running": code is None, "exit_code": code, "lag": lag}
+
+    def archive_drained(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the archiver has committed every prediction on the topic."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            stats = self.archive_stats()
+            if not stats or not stats["running"]:
+                return False
+            if stats["lag"] == 0:
+                return True
+            time.sleep(0.25)
+        return False
 
     def stats(self) -> dict[str, Any]:
         return {"every_s": self.every_s, "rounds": self.rounds, "last": self.last}
