@@ -442,3 +442,25 @@ def test_a_query_cannot_change_the_archive_and_bad_sql_is_one_line(filled):
         filled, "predictions", "query", "--json", "select count(*) as n from predictions"
     )
     assert json.loads(out.stdout) == [{"n": 40}]
+
+
+@pytest.mark.slow
+def test_the_dashboards_history_comes_from_the_archive_and_survives_a_restart(filled):
+    from starlette.testclient import TestClient
+
+    from lensflow.dashboard import DashboardState, make_app
+
+    answers = []
+    for _ in range(2):  # a restarted dashboard reads the same history
+        with TestClient(make_app(DashboardState(filled))) as client:
+            reply = client.get("/api/history", params={"sql": "delete from predictions"})
+            assert reply.status_code == 200
+            answers.append(reply.json())
+            assert client.get("/history.js").status_code == 200
+    history = answers[0]
+    assert history["error"] is None and answers[0] == answers[1]
+    assert sum(r["predictions"] for r in history["per_class_per_day"]) == 40
+    assert [(v["model_version"], v["predictions"]) for v in history["per_version"]] == [
+        ("v1", 30),
+        ("v2", 10),
+    ]
