@@ -76,8 +76,8 @@ def predict(docs: tuple[Doc, ...]) -> Doc:
     return one(docs, "Service", "lensflow-predict", "serving.knative.dev")
 
 
-def jobsink(docs: tuple[Doc, ...]) -> Doc:
-    return one(docs, "JobSink", "lensflow-train", "sinks.knative.dev")
+def jobsink(docs: tuple[Doc, ...], name: str = "lensflow-train") -> Doc:
+    return one(docs, "JobSink", name, "sinks.knative.dev")
 
 
 def kafka_cluster(overlay: str) -> dict[str, Doc]:
@@ -89,9 +89,9 @@ def kafka_cluster(overlay: str) -> dict[str, Doc]:
 
 
 def test_overlay_builds_the_expected_objects(overlay: str) -> None:
-    common = ["ConfigMap", "Service", "KafkaSource", "KafkaSink", "PingSource", "JobSink"]
+    common = ["ConfigMap", "Service", "KafkaSource", "KafkaSink"] + ["PingSource", "JobSink"] * 2
     common += ["KafkaTopic"] * 3
-    prod_only = ["KafkaUser"] * 5 + ["EventPolicy"] * 3 + ["NetworkPolicy"] * 2
+    prod_only = ["KafkaUser"] * 6 + ["EventPolicy"] * 4 + ["NetworkPolicy"] * 3
     prod_only += ["ServiceAccount", "Secret"]
     expected = common + (prod_only if overlay == "prod" else [])
     assert sorted(d["kind"] for d in build(overlay)) == sorted(expected)
@@ -230,11 +230,11 @@ def test_every_lensflow_env_name_exists_in_settings(docs: tuple[Doc, ...]) -> No
     assert used and used <= known, f"unknown: {used - known}"
 
 
-@pytest.mark.parametrize("role", ["predict", "train"])
+@pytest.mark.parametrize("role", ["predict", "train", "archive"])
 def test_each_workload_gets_the_config_and_its_own_s3_secret(
     docs: tuple[Doc, ...], role: str
 ) -> None:
-    workload = predict(docs) if role == "predict" else jobsink(docs)
+    workload = predict(docs) if role == "predict" else jobsink(docs, f"lensflow-{role}")
     (c,) = pod_spec(workload)["containers"]
     assert [e["configMapRef"]["name"] for e in c["envFrom"]] == [
         config_map(docs)["metadata"]["name"]
@@ -424,13 +424,26 @@ def test_kafkasource_delivers_images_to_predict(docs: tuple[Doc, ...]) -> None:
 
 
 def test_pingsource_starts_a_training_job(docs: tuple[Doc, ...]) -> None:
-    (ping,) = of_kind(docs, "PingSource")
+    ping = one(docs, "PingSource", "lensflow-train")
     assert len(ping["spec"]["schedule"].split()) == 5
     assert ping["spec"]["contentType"] == "application/json"
     assert isinstance(json.loads(ping["spec"]["data"]), dict)
     ref = ping["spec"]["sink"]["ref"]
     sink = one(docs, ref["kind"], ref["name"], ref["apiVersion"].split("/")[0])
     assert (sink["apiVersion"], sink["kind"]) == ("sinks.knative.dev/v1alpha1", "JobSink")
+
+
+def test_pingsource_starts_an_archive_job_that_drains_and_exits(docs: tuple[Doc, ...]) -> None:
+    ping = one(docs, "PingSource", "lensflow-archive")
+    assert len(ping["spec"]["schedule"].split()) == 5
+    ref = ping["spec"]["sink"]["ref"]
+    assert (ref["kind"], ref["name"]) == ("JobSink", "lensflow-archive")
+    job = jobsink(docs, "lensflow-archive")["spec"]["job"]["spec"]
+    assert 0 < job["activeDeadlineSeconds"] <= 3600 and job["ttlSecondsAfterFinished"] > 0
+    (c,) = job["template"]["spec"]["containers"]
+    assert c["command"] == ["lensflow-archive-job"]  # pyproject's console script, the image's
+    assert "lensflow-archive-job" in (REPO / "pyproject.toml").read_text()
+    assert cpu_cores(c["resources"]["limits"]["cpu"]) == 1  # the benchmark's one core
 
 
 def test_training_job_is_bounded_and_sized(docs: tuple[Doc, ...]) -> None:
@@ -519,19 +532,20 @@ def test_each_overlay_fits_its_kafka_cluster(overlay: str) -> None:
 # ------------------------------------------------------------------------ images
 
 
-@pytest.mark.parametrize("function", ["predict", "train"])
+@pytest.mark.parametrize("function", ["predict", "train", "archive"])
 def test_dockerfile(function: str) -> None:
     text = (REPO / "functions" / function / "Dockerfile").read_text()
     assert f"['optional-dependencies']['{function}']" in text
-    other = "train" if function == "predict" else "predict"
-    assert f"['{other}']" not in text and ".[train]" not in text and ".[predict]" not in text
+    for other in {"predict", "train", "archive"} - {function}:
+        assert f"['{other}']" not in text and f".[{other}]" not in text
     if function == "predict":
         assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
         assert "--source functions/predict/main.py --target predict" in text
     else:  # the JobSink's Job: the command the manifest names, made in the image
-        assert text.rstrip().endswith('CMD ["lensflow-train-job"]')
-        assert "> /opt/venv/bin/lensflow-train-job" in text and "lensflow-train-job --help" in text
-        assert "-m functions.train.job" in text
+        command = f"lensflow-{function}-job"
+        assert text.rstrip().endswith(f'CMD ["{command}"]')
+        assert f"> /opt/venv/bin/{command}" in text and f"{command} --help" in text
+        assert f"-m functions.{function}.job" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("0", "root"), "the image runs as a non-root user"
     # dependencies are installed before the code is copied (cache-friendly layers)
