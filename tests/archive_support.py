@@ -44,10 +44,10 @@ def make_prediction(i: int, *, day: str | None = None, version: str = "v1"):
     return event
 
 
-def produce(config: Config, events, extra_records=()) -> list[str]:
+def produce(config: Config, events, extra_records=(), producer=None) -> list[str]:
     """Produce ``events`` (CloudEvents, binary mode) and raw ``(key, value, headers)``
-    records to the predictions topic; the ids of the events."""
-    producer = make_producer(config.kafka, **{"linger.ms": 20})
+    records to the predictions topic; the ids of the events, once the broker has them."""
+    producer = producer or make_producer(config.kafka, **{"linger.ms": 20})
     ids = []
     for event in events:
         message = to_binary(event)
