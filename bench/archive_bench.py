@@ -249,7 +249,7 @@ def measure_lag(env, config, duration_s: float = 40.0) -> dict:
     flight = threading.Thread(target=fly)
     flight.start()
     deadline = time.monotonic() + duration_s + 60
-    while time.monotonic() < deadline and (not stop.is_set() or len(seen) < len(produced)):
+    while time.monotonic() < deadline and (not stop.is_set() or set(produced) - set(seen)):
         ids = [r[0] for r in query(config, "select id from predictions").rows]
         now = time.monotonic()
         for ident in ids:
