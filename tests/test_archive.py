@@ -464,3 +464,37 @@ def test_the_dashboards_history_comes_from_the_archive_and_survives_a_restart(fi
         ("v1", 30),
         ("v2", 10),
     ]
+
+
+@pytest.mark.slow
+def test_the_archive_reads_with_plain_parquet_readers_as_the_docs_show(filled, tmp_path):
+    """docs/archive.md: pyarrow over S3 with hive partitioning; DuckDB read_parquet on a copy."""
+    import duckdb
+    import pyarrow.dataset as ds
+    from pyarrow import fs
+
+    host = filled.s3_endpoint.split("://", 1)[1]
+    s3fs = fs.S3FileSystem(
+        access_key=filled.s3_access_key,
+        secret_key=filled.s3_secret_key,
+        endpoint_override=host,
+        scheme="http",
+        region=filled.s3_region,
+    )
+    table = ds.dataset(
+        f"{filled.archive_bucket}/predictions",
+        filesystem=s3fs,
+        format="parquet",
+        partitioning="hive",
+    ).to_table(filter=ds.field("label") == "car")
+    assert table.num_rows == 10  # i % 4 == 0 of 40
+    s3 = s3_client(filled)
+    for key in keys(filled, "predictions/"):
+        target = tmp_path / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(s3.get_object(Bucket=filled.archive_bucket, Key=key)["Body"].read())
+    rows = duckdb.sql(
+        f"SELECT date, label, count(*) FROM read_parquet('{tmp_path}/predictions/*/*.parquet', "
+        "hive_partitioning = true) GROUP BY ALL ORDER BY ALL"
+    ).fetchall()
+    assert sum(n for _, _, n in rows) == 40 and len(rows) == 4
