@@ -36,6 +36,7 @@ from lensflow_core.settings import Config
 log = logging.getLogger("lensflow.archive")
 
 COMPACT_EVERY_S = 3600.0  # a following archiver compacts closed days this often
+SESSION_S = 6.0  # the consumer's session timeout: how long a dead member keeps partitions
 
 
 class Archiver:
@@ -54,6 +55,8 @@ class Archiver:
         self._held = 0
         self._oldest: float | None = None
         self._assigned: set[int] = set()
+        self._assigned_at = 0.0
+        self._all: set[int] | None = None  # the topic's partitions
         self._at_end: set[int] = set()
         self._error: BaseException | None = None
         self._consumer: Consumer | None = None
@@ -66,7 +69,7 @@ class Archiver:
             "enable.auto.commit": False,  # offsets move only after the files are stored
             "auto.offset.reset": "earliest",
             "enable.partition.eof": True,  # how a drain knows it has read everything
-            "session.timeout.ms": 6000,  # Tansu's group join is slow with the default
+            "session.timeout.ms": int(SESSION_S * 1000),  # Tansu's join is slow with the default
             "heartbeat.interval.ms": 2000,
         }
         return client_settings(self.config.kafka, extra)
@@ -136,15 +139,27 @@ class Archiver:
         return self._oldest is not None and time.monotonic() - self._oldest >= self.flush_s
 
     def _done(self, join_expired: bool) -> bool:
-        """A drain ends when every assigned partition is read to its end, or when no
-        partition was assigned in time (more archivers than partitions, or no topic)."""
-        if self._assigned:
-            return self._assigned <= self._at_end
-        return join_expired
+        """A drain ends when every assigned partition is read to its end and either it
+        has them all or its assignment has held for a session timeout (a member that died
+        without leaving keeps its share until then; afterwards what is not ours belongs to
+        a live archiver), or when no partition was assigned in time."""
+        if not self._assigned:
+            return join_expired
+        if not self._assigned <= self._at_end:
+            return False
+        settled = time.monotonic() - self._assigned_at >= SESSION_S + 2
+        return settled or self._assigned >= self._partitions()
+
+    def _partitions(self) -> set[int]:
+        if self._all is None:
+            topic = self._consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
+            self._all = set(topic.partitions) if topic is not None and not topic.error else set()
+        return self._all
 
     def _on_assign(self, consumer, partitions) -> None:
         self._assigned |= {tp.partition for tp in partitions}
         self._at_end -= {tp.partition for tp in partitions}
+        self._assigned_at = time.monotonic()
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer, partitions) -> None:
