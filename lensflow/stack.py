@@ -508,31 +508,6 @@ class TrainingTimer:
         self._stopping.set()
         self._thread.join(1.0)  # a round in progress ends with its child process
 
-    def archive_stats(self) -> dict[str, Any] | None:
-        """Whether the archiver runs, and how many predictions it has not committed."""
-        if self.archiver is None:
-            return None
-        try:
-            lag = group_lag(
-                self.config.kafka, self.config.topic_predictions, self.config.archive_group
-            )
-        except Exception:  # noqa: BLE001 - a stat, not a failure
-            lag = None
-        code = None if self.archiver.alive else self.archiver.proc.returncode
-        return {"running": code is None, "exit_code": code, "lag": lag}
-
-    def archive_drained(self, timeout_s: float = 30.0) -> bool:
-        """Wait until the archiver has committed every prediction on the topic."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            stats = self.archive_stats()
-            if not stats or not stats["running"]:
-                return False
-            if stats["lag"] == 0:
-                return True
-            time.sleep(0.25)
-        return False
-
     def stats(self) -> dict[str, Any]:
         return {"every_s": self.every_s, "rounds": self.rounds, "last": self.last}
 

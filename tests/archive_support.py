@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from cloudevents.kafka import to_binary
 
 from eventing.contracts import ObjectEvent, prediction_event
-from eventing.producer import make_producer
+from eventing.producer import make_producer, send, wait_acked
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 
@@ -48,21 +48,14 @@ def produce(config: Config, events, extra_records=(), producer=None) -> list[str
     """Produce ``events`` (CloudEvents, binary mode) and raw ``(key, value, headers)``
     records to the predictions topic; the ids of the events, once the broker has them."""
     producer = producer or make_producer(config.kafka, **{"linger.ms": 20})
-    ids = []
-    for event in events:
-        message = to_binary(event)
-        producer.produce(
-            config.topic_predictions,
-            key=message.key,
-            value=message.value,
-            headers=list(message.headers.items()),
-        )
-        ids.append(event["id"])
-        producer.poll(0)
-    for key, value, headers in extra_records:
-        producer.produce(config.topic_predictions, key=key, value=value, headers=headers)
-    assert producer.flush(30) == 0
-    return ids
+    topic = config.topic_predictions
+    messages = [to_binary(event) for event in events]
+    acks = [send(producer, topic, m.key, m.value, m.headers) for m in messages]
+    acks += [
+        send(producer, topic, key, value, dict(headers)) for key, value, headers in extra_records
+    ]
+    wait_acked(producer, acks, 30)
+    return [event["id"] for event in events]
 
 
 def archived(config: Config) -> pa.Table:

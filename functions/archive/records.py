@@ -76,9 +76,7 @@ def _top(predictions: Any) -> list[dict[str, Any]]:
     for entry in predictions:
         label = entry.get("label") if isinstance(entry, dict) else None
         score = entry.get("score") if isinstance(entry, dict) else None
-        if not isinstance(label, str) or isinstance(score, bool):
-            raise Rejected("data.predictions has an entry without a label and a score")
-        if not isinstance(score, (int, float)):
+        if not isinstance(label, str) or type(score) not in (int, float):  # bool is no score
             raise Rejected("data.predictions has an entry without a label and a score")
         top.append({"label": label, "score": float(score)})
     return top
