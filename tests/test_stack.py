@@ -75,11 +75,12 @@ def test_stack_starts_and_stops_without_leaving_processes(tmp_path):
         assert set(stack.describe()["started"]) == {"kafka", "s3"}
         assert not stack.external
         pids = [pid for group in stack.pids().values() for pid in group]
-        assert len(pids) == 2
+        assert len(pids) == 3 and len(stack.pids()["archive"]) == 1  # kafka, s3, archiver
         host, port = stack.config.kafka_bootstrap.split(":")
         assert port_open(host, int(port))
         buckets = {b["Name"] for b in s3_client(stack.config).list_buckets()["Buckets"]}
         assert {*stack.config.image_buckets, stack.config.model_bucket} <= buckets
+        assert stack.config.archive_bucket in buckets
         assert stack.exports()["LENSFLOW_KAFKA_BOOTSTRAP"] == stack.config.kafka_bootstrap
         assert "LENSFLOW_S3_SECRET_KEY" not in stack.exports()
     assert gone(pids)
