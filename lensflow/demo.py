@@ -296,30 +296,36 @@ def _run(
     flown = time.monotonic() - state.flight_started
     summary = _summary(stack, watcher, state, result.get("simulation", {}), flown)
     state.phase = "archiving"
-    summary["archive"] = archive_summary(stack)
+    summary["archive"] = archive_summary(stack, watcher.snapshot()["predictions"])
     return summary
 
 
 ARCHIVE_COUNT = "SELECT count(*) AS rows, count(DISTINCT id) AS ids FROM predictions"
 
 
-def archive_summary(stack: EmbeddedStack) -> dict[str, Any] | None:
-    """Once the archiver has committed every prediction: what the archive holds."""
+def archive_summary(stack: EmbeddedStack, expected: int, timeout_s: float = 30.0):
+    """What the archive holds once it has the ``expected`` predictions (or the time is up:
+    the archiver writes at least every ``LENSFLOW_ARCHIVE_FLUSH_S``)."""
     from functions.archive.query import QueryError, query
 
     if stack.archiver is None:
         return None
     started = time.monotonic()
-    drained = stack.archive_drained(timeout_s=30.0)
-    try:
-        rows, ids = query(stack.config, ARCHIVE_COUNT).rows[0]
-    except QueryError as exc:
-        return {"error": str(exc), "drained": drained}
+    while True:
+        try:
+            rows, ids = query(stack.config, ARCHIVE_COUNT).rows[0]
+        except QueryError as exc:
+            return {"error": str(exc)}
+        waited = time.monotonic() - started
+        if rows >= expected or waited > timeout_s or not stack.archiver.alive:
+            break
+        time.sleep(0.5)
     return {
         "rows": rows,
         "distinct_ids": ids,
-        "drained": drained,
-        "waited_s": round(time.monotonic() - started, 1),
+        "expected": expected,
+        "waited_s": round(waited, 1),
+        "archiver_running": stack.archiver.alive,
         "where": f"s3://{stack.config.archive_bucket}/predictions/",
     }
 

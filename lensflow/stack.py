@@ -438,18 +438,6 @@ class EmbeddedStack:
         code = None if self.archiver.alive else self.archiver.proc.returncode
         return {"running": code is None, "exit_code": code, "lag": lag}
 
-    def archive_drained(self, timeout_s: float = 30.0) -> bool:
-        """Wait until the archiver has committed every prediction on the topic."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            stats = self.archive_stats()
-            if not stats or not stats["running"]:
-                return False
-            if stats["lag"] == 0:
-                return True
-            time.sleep(0.25)
-        return False
-
     def stats(self) -> dict[str, Any]:
         return {
             "dispatcher": self.dispatcher.stats() if self.dispatcher else None,

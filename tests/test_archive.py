@@ -501,3 +501,22 @@ def test_the_archive_reads_with_plain_parquet_readers_as_the_docs_show(filled, t
         "hive_partitioning = true) GROUP BY ALL ORDER BY ALL"
     ).fetchall()
     assert sum(n for _, _, n in rows) == 40 and len(rows) == 4
+
+
+@pytest.mark.slow
+def test_a_run_compacts_the_closed_days_and_compact_is_then_a_no_op(filled):
+    store = ArchiveStore(s3_client(filled), filled.archive_bucket)
+    assert len(store.list("predictions/")) > 3  # the fixture's batches of 9, yesterday
+    again = lensflow(filled, "archive", "--json")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["archived"] == 0  # all committed already
+    assert sum(d["merged"] for d in report["compacted"]) > 3  # yesterday is closed
+    assert len(store.list("predictions/")) == 3  # one file per partition of the one date
+    out = lensflow(filled, "archive", "compact", "--json")
+    assert out.returncode == 0, out.stderr
+    assert sum(d["merged"] for d in json.loads(out.stdout)) == 0
+    counted = lensflow(
+        filled, "predictions", "query", "--json", "select count(distinct id) as n from predictions"
+    )
+    assert json.loads(counted.stdout) == [{"n": 40}]

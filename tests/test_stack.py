@@ -167,10 +167,7 @@ def test_a_short_demo_predicts_every_upload(tiny_models, tmp_path):
     assert summary["model_versions"] == {"v1": 30 + summary["duplicates"]}
     # every prediction made is in the archive once (issue 19's done-when)
     archive = summary["archive"]
-    assert (
-        archive["drained"]
-        and archive["rows"] == archive["distinct_ids"] == 30 + summary["duplicates"]
-    )
+    assert archive["rows"] == archive["distinct_ids"] == 30 + summary["duplicates"]
     assert 0 < summary["latency_s"]["p50"] <= summary["latency_s"]["p95"]
     assert summary["predict"]["cold_starts"] == 1
 
