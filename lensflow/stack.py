@@ -156,7 +156,7 @@ class EmbeddedStack:
         self.train_every_s = train_every_s
         self.dispatch = dispatch
         self.archive = archive
-        self.archiver: ChildProcess | None = None
+        self.archiver: Respawned | None = None
         self._pool_options = dict(
             max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
         )
@@ -215,12 +215,14 @@ class EmbeddedStack:
                 topics=topic_specs(*self.config.topics),  # recreated if the broker loses them
             ).start()
         if self.archive:
-            self.archiver = ChildProcess(
-                "archive",
-                ARCHIVE_JOB,
-                env=self.env,
-                log_path=self.log_dir / "archive.log" if self.log_dir else None,
-            ).spawn()
+            self.archiver = Respawned(
+                lambda: ChildProcess(
+                    "archive",
+                    ARCHIVE_JOB,
+                    env=self.env,
+                    log_path=self.log_dir / "archive.log" if self.log_dir else None,
+                )
+            ).start()
         if self.train_every_s:
             self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
         self.started_at = time.monotonic()
@@ -436,7 +438,12 @@ class EmbeddedStack:
         except Exception:  # noqa: BLE001 - a stat, not a failure
             lag = None
         code = None if self.archiver.alive else self.archiver.proc.returncode
-        return {"running": code is None, "exit_code": code, "lag": lag}
+        return {
+            "running": code is None,
+            "exit_code": code,
+            "restarts": self.archiver.restarts,
+            "lag": lag,
+        }
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -507,3 +514,49 @@ class TrainingTimer:
             except Exception as exc:  # noqa: BLE001 - keep ticking
                 log.warning("training round failed: %s", exc)
                 self.last = {"error": str(exc)}
+
+
+class Respawned:
+    """A child started again ``every_s`` after it exits (the archive's PingSource tick:
+    an archiver that stopped, say on an unwritable bucket, tries again, as the next Job
+    would). ``alive``, ``pid``, ``proc``: the current child's."""
+
+    def __init__(self, make: Callable[[], ChildProcess], every_s: float = 10.0):
+        self.make = make
+        self.every_s = every_s
+        self.restarts = 0
+        self.child = make()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="respawn", daemon=True)
+
+    def start(self) -> Respawned:
+        self.child.spawn()
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.child.alive
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid
+
+    @property
+    def proc(self):
+        return self.child.proc
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        self._thread.join(2.0)
+        self.child.stop(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.every_s):
+            if not self.child.alive and not self._stopping.is_set():
+                log.warning(
+                    "%s exited (%s): starting it again", self.child.name, self.child.proc.returncode
+                )
+                self.child.stop()  # closes its log file
+                self.child = self.make().spawn()
+                self.restarts += 1

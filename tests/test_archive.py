@@ -520,3 +520,32 @@ def test_a_run_compacts_the_closed_days_and_compact_is_then_a_no_op(filled):
         filled, "predictions", "query", "--json", "select count(distinct id) as n from predictions"
     )
     assert json.loads(counted.stdout) == [{"n": 40}]
+
+
+@pytest.mark.slow
+def test_the_stacks_archiver_stops_on_an_unwritable_bucket_and_is_started_again(
+    s3_server, kafka_broker, tmp_path
+):
+    from lensflow.stack import EmbeddedStack
+    from tests.conftest import make_env
+
+    env = make_env(s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_ARCHIVE_FLUSH_S="0.2")
+    env["LENSFLOW_ARCHIVE_BUCKET"] = env["LENSFLOW_MODEL_BUCKET"] + "-arch"
+    stack = EmbeddedStack(env, log_dir=tmp_path, dispatch=False, external={"kafka", "s3"})
+    with stack:
+        config, s3 = stack.config, s3_client(stack.config)
+        s3.delete_bucket(Bucket=config.archive_bucket)  # made by the stack; now gone
+        ids = produce(config, [make_prediction(i) for i in range(30)])
+        deadline = time.monotonic() + 60
+        while stack.archive_stats()["restarts"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert stack.archive_stats()["restarts"] >= 1
+        log = (tmp_path / "archive.log").read_text()
+        assert (
+            f"archive bucket {config.archive_bucket!r} cannot be" in log and "NoSuchBucket" in log
+        )
+        ensure_buckets(s3, [config.archive_bucket])
+        while len(archived(config)) < 30 and time.monotonic() < deadline + 30:
+            time.sleep(0.5)
+        got = archived(config).column("id").to_pylist()
+    assert sorted(got) == sorted(ids)
