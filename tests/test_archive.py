@@ -445,6 +445,9 @@ def test_a_query_cannot_change_the_archive_and_bad_sql_is_one_line(filled):
         filled, "predictions", "query", "--json", "select count(*) as n from predictions"
     )
     assert json.loads(out.stdout) == [{"n": 40}]
+    nowhere = Config.from_env({**filled.env, "LENSFLOW_ARCHIVE_BUCKET": "no-such-archive"})
+    out = lensflow(nowhere, "predictions", "report", "per-class-per-day")
+    assert out.returncode == 1 and "'no-such-archive' does not exist" in out.stderr
 
 
 @pytest.mark.slow

@@ -93,9 +93,8 @@ class Archiver:
         last_compact = started
         try:
             while not stop.is_set():
-                room = max(
-                    1, min(1000, self.batch_max - self._held)
-                )  # a batch never exceeds its size
+                # a batch never exceeds its size
+                room = max(1, min(1000, self.batch_max - self._held))
                 self._take(consumer.consume(room, timeout=0.5))
                 if self._due():
                     self._flush()

@@ -56,6 +56,10 @@ def archive_dataset(config: Config, filesystem: pafs.FileSystem | None = None) -
     base = f"{config.archive_bucket}/{PREDICTIONS}"
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     try:
+        if filesystem.get_file_info(config.archive_bucket).type == pafs.FileType.NotFound:
+            raise QueryError(
+                f"archive bucket {config.archive_bucket!r} does not exist (LENSFLOW_ARCHIVE_BUCKET)"
+            )
         infos = filesystem.get_file_info(selector)
     except OSError as exc:
         raise QueryError(f"cannot list the archive s3://{base}/: {_one_line(exc)}") from None
