@@ -300,7 +300,10 @@ def _run(
     return summary
 
 
-ARCHIVE_COUNT = "SELECT count(*) AS rows, count(DISTINCT id) AS ids FROM predictions"
+ARCHIVE_COUNT = (
+    "SELECT count(*) AS rows, count(DISTINCT id) AS ids, count(latency_ms) AS timed, "
+    "quantile_cont(latency_ms, 0.5) AS p50_ms FROM predictions"
+)
 
 
 def archive_summary(stack: EmbeddedStack, expected: int, timeout_s: float = 30.0):
@@ -313,7 +316,7 @@ def archive_summary(stack: EmbeddedStack, expected: int, timeout_s: float = 30.0
     started = time.monotonic()
     while True:
         try:
-            rows, ids = query(stack.config, ARCHIVE_COUNT).rows[0]
+            rows, ids, timed, p50_ms = query(stack.config, ARCHIVE_COUNT).rows[0]
         except QueryError as exc:
             return {"error": str(exc)}
         waited = time.monotonic() - started
@@ -323,6 +326,8 @@ def archive_summary(stack: EmbeddedStack, expected: int, timeout_s: float = 30.0
     return {
         "rows": rows,
         "distinct_ids": ids,
+        "with_upload_latency": timed,  # upload (the notification's eventTime) to prediction
+        "upload_latency_p50_ms": round(p50_ms, 1) if p50_ms is not None else None,
         "expected": expected,
         "waited_s": round(waited, 1),
         "archiver_running": stack.archiver.alive,

@@ -168,6 +168,9 @@ def test_a_short_demo_predicts_every_upload(tiny_models, tmp_path):
     # every prediction made is in the archive once (issue 19's done-when)
     archive = summary["archive"]
     assert archive["rows"] == archive["distinct_ids"] == 30 + summary["duplicates"]
+    assert (
+        archive["with_upload_latency"] == archive["rows"] and archive["upload_latency_p50_ms"] > 0
+    )
     assert 0 < summary["latency_s"]["p50"] <= summary["latency_s"]["p95"]
     assert summary["predict"]["cold_starts"] == 1
 
