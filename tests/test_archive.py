@@ -552,3 +552,32 @@ def test_the_stacks_archiver_stops_on_an_unwritable_bucket_and_is_started_again(
             time.sleep(0.5)
         got = archived(config).column("id").to_pylist()
     assert sorted(got) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_the_dashboard_page_shows_the_archives_history(filled):
+    from lensflow.dashboard import DashboardServer
+    from lensflow.process import free_port
+    from tests.browser import Browser
+
+    dashboard = DashboardServer(filled, port=free_port()).start()
+    try:
+        with Browser() as browser:
+            browser.goto(dashboard.url)
+            browser.wait_for("document.querySelectorAll('#version-history tr').length == 2")
+            cells = browser.evaluate(
+                "[...document.querySelectorAll('#class-days tr td')].map(e => e.textContent)"
+            )
+            heads = browser.evaluate(
+                "[...document.querySelectorAll('#class-days-head th')].map(e => e.textContent)"
+            )
+            versions = browser.evaluate(
+                "[...document.querySelectorAll('#version-history tr td:first-child')]"
+                ".map(e => e.textContent)"
+            )
+    finally:
+        dashboard.stop()
+    assert heads == ["date", "boat", "car", "person", "truck"]
+    assert cells[0] == (date.today() - timedelta(days=1)).isoformat()
+    assert sum(int(c) for c in cells[1:]) == 40
+    assert versions == ["v1", "v2"]
