@@ -88,6 +88,26 @@ SETTINGS: tuple[Setting, ...] = (
         "bucket with `to-label/...`, `labeled/<class>/...` and `holdout/<class>/...`: one of "
         "its own, so that what lensflow writes never arrives as an image event",
     ),
+    Setting(
+        "LENSFLOW_ARCHIVE_BUCKET",
+        "lensflow-archive",
+        "bucket of the predictions archive (Parquet, `predictions/date=YYYY-MM-DD/`)",
+    ),
+    Setting(
+        "LENSFLOW_ARCHIVE_GROUP",
+        "lensflow-archive",
+        "consumer group of the archiver on the predictions topic",
+    ),
+    Setting(
+        "LENSFLOW_ARCHIVE_BATCH",
+        "5000",
+        "most predictions the archiver holds before it writes them (per file at most)",
+    ),
+    Setting(
+        "LENSFLOW_ARCHIVE_FLUSH_S",
+        "5",
+        "longest a prediction waits in a following archiver before it is written (seconds)",
+    ),
     Setting("LENSFLOW_TOPIC_IMAGES", "images", "topic of bucket-notification records"),
     Setting(
         "LENSFLOW_S3_NOTIFY_BUCKETS",
@@ -261,6 +281,10 @@ class Config:
     model_bucket: str
     model_name: str
     train_bucket: str
+    archive_bucket: str
+    archive_group: str
+    archive_batch: int
+    archive_flush_s: float
     topic_images: str
     notify_buckets: tuple[str, ...]  # what the embedded S3 announces (MinIO: mc event add)
     notify_prefix: str
@@ -333,6 +357,10 @@ class Config:
             model_bucket=get("LENSFLOW_MODEL_BUCKET"),
             model_name=get("LENSFLOW_MODEL_NAME"),
             train_bucket=get("LENSFLOW_TRAIN_BUCKET") or default("LENSFLOW_TRAIN_BUCKET"),
+            archive_bucket=get("LENSFLOW_ARCHIVE_BUCKET"),
+            archive_group=get("LENSFLOW_ARCHIVE_GROUP"),
+            archive_batch=max(1, int(get("LENSFLOW_ARCHIVE_BATCH"))),
+            archive_flush_s=max(0.0, float(get("LENSFLOW_ARCHIVE_FLUSH_S"))),
             topic_images=get("LENSFLOW_TOPIC_IMAGES"),
             notify_buckets=_notify_buckets(get("LENSFLOW_S3_NOTIFY_BUCKETS")) or buckets,
             notify_prefix=_filter_value("LENSFLOW_S3_NOTIFY_PREFIX", get),
@@ -369,8 +397,12 @@ class Config:
 
     @property
     def buckets(self) -> list[str]:
-        """Every bucket lensflow uses: image buckets, train bucket, model bucket (once each)."""
-        return list(dict.fromkeys([*self.image_buckets, self.train_bucket, self.model_bucket]))
+        """Every bucket lensflow uses: image, train, model and archive buckets (once each)."""
+        return list(
+            dict.fromkeys(
+                [*self.image_buckets, self.train_bucket, self.model_bucket, self.archive_bucket]
+            )
+        )
 
     @property
     def topics(self) -> tuple[str, str, str]:

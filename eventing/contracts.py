@@ -339,6 +339,8 @@ def prediction_event(
     }
     if timings_ms:
         data["timings_ms"] = timings_ms
+    if image.event_time:  # the upload's time (the notification's eventTime): the archive's latency
+        data["uploaded_at"] = image.event_time
     attributes = {
         "type": PREDICTED_TYPE,
         "source": PREDICTED_SOURCE,

@@ -48,28 +48,53 @@ class OffsetTracker:
         return point
 
 
-def group_lag(bootstrap: str, topic: str, group_id: str, timeout_s: float = 5.0) -> int:
+def _committed(consumer, topic: str, timeout_s: float) -> list:
+    """The group's committed offset of each partition of ``topic`` ([] if no topic)."""
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+    if metadata.error is not None:
+        if metadata.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return []
+        raise KafkaException(metadata.error)
+    partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+    return consumer.committed(partitions, timeout=timeout_s)
+
+
+def _group_consumer(bootstrap, group_id: str):
+    from confluent_kafka import Consumer
+
+    from lensflow_core.kafka import client_settings
+
+    return Consumer(client_settings(bootstrap, {"group.id": group_id}))
+
+
+def group_lag(bootstrap, topic: str, group_id: str, timeout_s: float = 5.0) -> int:
     """Records of ``topic`` that consumer group ``group_id`` has not committed yet: the
     sum over partitions of the high watermark minus the committed offset (everything,
     for a partition the group never committed). Asks the broker now, nothing cached;
     raises ``KafkaException`` when it cannot."""
-    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-
-    from lensflow_core.kafka import client_settings
-
-    consumer = Consumer(client_settings(bootstrap, {"group.id": group_id}))
+    consumer = _group_consumer(bootstrap, group_id)
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
-        if metadata.error is not None:
-            if metadata.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                return 0
-            raise KafkaException(metadata.error)
-        partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
         lag = 0
-        for tp in consumer.committed(partitions, timeout=timeout_s):
+        for tp in _committed(consumer, topic, timeout_s):
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
             done = tp.offset if tp.offset >= 0 else low
             lag += max(high - done, 0)
         return lag
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap, topic: str, group_id: str, timeout_s: float = 5.0) -> dict:
+    """{partition: committed offset} of group ``group_id`` on ``topic`` (partitions it
+    never committed are left out). Raises ``KafkaException`` when the broker cannot say."""
+    consumer = _group_consumer(bootstrap, group_id)
+    try:
+        return {
+            tp.partition: tp.offset
+            for tp in _committed(consumer, topic, timeout_s)
+            if tp.offset >= 0
+        }
     finally:
         consumer.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from cloudevents.abstract import AnyCloudEvent
 from cloudevents.kafka import KafkaMessage, from_binary, from_structured
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -68,16 +69,23 @@ def _json_or_raw(value: bytes) -> Any:
         return value
 
 
-def parse_prediction(message) -> Prediction | None:
-    """The prediction in a consumed record, or None if the record is not a CloudEvent."""
+def record_event(message) -> AnyCloudEvent | None:
+    """The CloudEvent in a consumed record (binary or structured mode), or None if the
+    record is not one. Raises ``cloudevents`` errors (or ValueError) for a malformed one."""
     headers = {k: (v or b"") for k, v in (message.headers() or [])}
     if not is_cloudevent_record(headers):
         return None
     kafka_message = KafkaMessage(headers=headers, key=message.key(), value=message.value() or b"")
     if "ce_specversion" in {k.lower() for k in headers}:
-        event = from_binary(kafka_message, data_unmarshaller=_json_or_raw)
-    else:
-        event = from_structured(kafka_message)
+        return from_binary(kafka_message, data_unmarshaller=_json_or_raw)
+    return from_structured(kafka_message)
+
+
+def parse_prediction(message) -> Prediction | None:
+    """The prediction in a consumed record, or None if the record is not a CloudEvent."""
+    event = record_event(message)
+    if event is None:
+        return None
     data = event.get_data()
     label, score = _top(data.get("predictions") if isinstance(data, dict) else None)
     model = data.get("model") if isinstance(data, dict) else None

@@ -9,6 +9,8 @@ puts everything that comes from events on the page with ``textContent``.
   ``GET /api/state`` the same state as JSON; ``GET /thumb?bucket=&key=`` a small JPEG of an
   image (only buckets of ``LENSFLOW_IMAGE_BUCKETS``, at most ``THUMB_MAX_BYTES``);
   ``GET /metrics`` the stack's Prometheus metrics (the dispatcher's) when run with one.
+- ``GET /api/history``: per class per day and per model version, from the predictions
+  archive (``lensflow.history``: fixed questions only).
 - ``POST /api/flip`` ``{"version", "expect"}`` and ``POST /api/rollback`` ``{"expect"}``:
   the CLI's compare-and-swap (``ModelStore.flip`` with ``expect`` = the version the page
   showed, so a stale page cannot undo a newer flip: 409). Off (403) unless
@@ -37,6 +39,7 @@ from starlette.routing import Route
 from eventing.dlq import group_by_reason, read_dead_letters
 from eventing.offsets import group_lag
 from eventing.predictions import TopicReader, parse_prediction
+from lensflow.history import ArchiveHistory
 from lensflow_core.imaging import ImageError, decode_image
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
@@ -245,6 +248,15 @@ class DashboardState:
 
 def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
     config = state.config
+    history = ArchiveHistory(config)
+
+    async def history_script(_request: Request) -> Response:
+        return FileResponse(STATIC / "history.js", media_type="text/javascript")
+
+    async def api_history(_request: Request) -> Response:
+        return JSONResponse(
+            await asyncio.to_thread(history.get), headers={"Cache-Control": "no-store"}
+        )
 
     async def page(_request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
@@ -318,6 +330,8 @@ def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
             Route("/", page),
             Route("/dashboard.js", script),
             Route("/api/state", api_state),
+            Route("/api/history", api_history),
+            Route("/history.js", history_script),
             Route("/events", events),
             Route("/thumb", thumb),
             Route("/api/flip", flip, methods=["POST"]),

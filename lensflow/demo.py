@@ -284,7 +284,45 @@ def _run(
     finally:
         watcher.stop()
     flown = time.monotonic() - state.flight_started
-    return _summary(stack, watcher, state, result.get("simulation", {}), flown)
+    summary = _summary(stack, watcher, state, result.get("simulation", {}), flown)
+    state.phase = "archiving"
+    summary["archive"] = archive_summary(stack, watcher.snapshot()["predictions"])
+    return summary
+
+
+ARCHIVE_COUNT = (
+    "SELECT count(*) AS rows, count(DISTINCT id) AS ids, count(latency_ms) AS timed, "
+    "quantile_cont(latency_ms, 0.5) AS p50_ms FROM predictions"
+)
+
+
+def archive_summary(stack: EmbeddedStack, expected: int, timeout_s: float = 30.0):
+    """What the archive holds once it has the ``expected`` predictions (or the time is up:
+    the archiver writes at least every ``LENSFLOW_ARCHIVE_FLUSH_S``)."""
+    from functions.archive.query import QueryError, query
+
+    if stack.archiver is None:
+        return None
+    started = time.monotonic()
+    while True:
+        try:
+            rows, ids, timed, p50_ms = query(stack.config, ARCHIVE_COUNT).rows[0]
+        except QueryError as exc:
+            return {"error": str(exc)}
+        waited = time.monotonic() - started
+        if rows >= expected or waited > timeout_s or not stack.archiver.alive:
+            break
+        time.sleep(0.5)
+    return {
+        "rows": rows,
+        "distinct_ids": ids,
+        "with_upload_latency": timed,  # upload (the notification's eventTime) to prediction
+        "upload_latency_p50_ms": round(p50_ms, 1) if p50_ms is not None else None,
+        "expected": expected,
+        "waited_s": round(waited, 1),
+        "archiver_running": stack.archiver.alive,
+        "where": f"s3://{stack.config.archive_bucket}/predictions/",
+    }
 
 
 def close_the_loop(
@@ -530,6 +568,14 @@ def summary_text(summary: dict[str, Any]) -> str:
         "model versions serving: "
         + (", ".join(f"{v} ({n})" for v, n in sorted(summary["model_versions"].items())) or "-"),
     ]
+    archive = summary.get("archive")
+    if archive and "rows" in archive:
+        lines.append(
+            f"archive: {archive['rows']} predictions ({archive['distinct_ids']} distinct ids) in "
+            f"{archive['where']}; ask it: lensflow predictions report per-class-per-day"
+        )
+    elif archive:
+        lines.append(f"archive: {archive['error']}")
     for report in summary["training_rounds"]:
         given = report.get("labels_given")
         after = f" (after {given} labels from the queue)" if given else ""

@@ -16,7 +16,9 @@
    KafkaSource stand-in) delivering the images topic to it, with the ordering, delivery
    spec and consumer group read from the KafkaSource manifest
    (``knative/base/kafkasource-images.yaml``);
-4. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
+4. the archiver (``lensflow-archive-job --follow``, as a child): every prediction into
+   Parquet files in the archive bucket (``functions.archive``);
+5. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
    round, run as the JobSink runs it: ``lensflow-train-job`` as a child process on the
    event a PingSource sends (``train_round``).
 
@@ -62,6 +64,7 @@ DEFAULT_LOG_DIR = ROOT / "var" / "logs"
 KAFKASOURCE_MANIFEST = ROOT / "knative" / "base" / "kafkasource-images.yaml"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TRAIN_JOB = [sys.executable, "-m", "functions.train.job"]  # what `lensflow-train-job` runs
+ARCHIVE_JOB = [sys.executable, "-m", "functions.archive.job", "--follow"]  # lensflow-archive-job
 DRAIN_QUIET_S = 0.5  # a drain ends once nothing was left, nor arrived, for this long
 
 
@@ -142,6 +145,7 @@ class EmbeddedStack:
         group_id: str | None = None,
         train_every_s: float | None = None,
         dispatch: bool = True,
+        archive: bool = True,
         external: Collection[str] = (),
     ):
         self.env = dict(os.environ if env is None else env)
@@ -155,6 +159,8 @@ class EmbeddedStack:
         self.group_id = group_id or manifest[2]
         self.train_every_s = train_every_s
         self.dispatch = dispatch
+        self.archive = archive
+        self.archiver: Respawned | None = None
         self._pool_options = dict(
             max_replicas=max_replicas, target_concurrency=target_concurrency, idle_s=idle_s
         )
@@ -202,6 +208,15 @@ class EmbeddedStack:
                 max_in_flight=self.max_in_flight,
                 group_id=self.group_id,
                 topics=topic_specs(*self.config.topics),  # recreated if the broker loses them
+            ).start()
+        if self.archive:
+            self.archiver = Respawned(
+                lambda: ChildProcess(
+                    "archive",
+                    ARCHIVE_JOB,
+                    env=self.env,
+                    log_path=self.log_dir / "archive.log" if self.log_dir else None,
+                )
             ).start()
         if self.train_every_s:
             self.timer = TrainingTimer(self.train_round, self.train_every_s).start()
@@ -272,8 +287,10 @@ class EmbeddedStack:
             steps.append(("training timer", self.timer.stop))
         if self.dispatcher is not None:
             steps.append(("dispatcher", self.dispatcher.stop))
-            if count_left:
-                steps.append(("backlog", self._count_left))
+        if self.archiver is not None:  # SIGTERM: it writes what it holds, commits, exits
+            steps.append(("archiver", lambda: self.archiver.stop(30.0)))
+        if self.dispatcher is not None and count_left:
+            steps.append(("backlog", self._count_left))
         servers = list(reversed(self.servers))
         if count_left:  # the broker first: it takes no record after the count
             steps += [(server.name, server.stop) for server in servers if server.name == "kafka"]
@@ -289,7 +306,7 @@ class EmbeddedStack:
                 step()
             except BaseException as exc:  # noqa: BLE001 - stop the rest regardless
                 log.warning("stopping %s: %s", name, exc)
-        self.timer = self.dispatcher = self.pool = self.train_job = None
+        self.timer = self.dispatcher = self.pool = self.train_job = self.archiver = None
         self.servers = []
         self._close_log()
 
@@ -415,13 +432,34 @@ class EmbeddedStack:
             pids[self.pool.function] = [r.proc.pid for r in self.pool.replicas()]
         if self.train_job is not None and self.train_job.pid is not None:
             pids["train"] = [self.train_job.pid]
+        if self.archiver is not None and self.archiver.alive:
+            pids["archive"] = [self.archiver.pid]
         return pids
+
+    def archive_stats(self) -> dict[str, Any] | None:
+        """Whether the archiver runs, and how many predictions it has not committed."""
+        if self.archiver is None:
+            return None
+        try:
+            lag = group_lag(
+                self.config.kafka, self.config.topic_predictions, self.config.archive_group
+            )
+        except Exception:  # noqa: BLE001 - a stat, not a failure
+            lag = None
+        code = None if self.archiver.alive else self.archiver.proc.returncode
+        return {
+            "running": code is None,
+            "exit_code": code,
+            "restarts": self.archiver.restarts,
+            "lag": lag,
+        }
 
     def stats(self) -> dict[str, Any]:
         return {
             "dispatcher": self.dispatcher.stats() if self.dispatcher else None,
             "predict": self.pool.stats() if self.pool else None,
             "train": self.timer.stats() if self.timer else None,
+            "archive": self.archive_stats(),
             "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
         }
 
@@ -487,3 +525,49 @@ class TrainingTimer:
                 log.warning("training round failed: %s", exc)
                 self.last = {"error": str(exc)}
             self.next_at = time.time() + self.every_s
+
+
+class Respawned:
+    """A child started again ``every_s`` after it exits (the archive's PingSource tick:
+    an archiver that stopped, say on an unwritable bucket, tries again, as the next Job
+    would). ``alive``, ``pid``, ``proc``: the current child's."""
+
+    def __init__(self, make: Callable[[], ChildProcess], every_s: float = 10.0):
+        self.make = make
+        self.every_s = every_s
+        self.restarts = 0
+        self.child = make()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="respawn", daemon=True)
+
+    def start(self) -> Respawned:
+        self.child.spawn()
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.child.alive
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid
+
+    @property
+    def proc(self):
+        return self.child.proc
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        self._thread.join(2.0)
+        self.child.stop(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.every_s):
+            if not self.child.alive and not self._stopping.is_set():
+                log.warning(
+                    "%s exited (%s): starting it again", self.child.name, self.child.proc.returncode
+                )
+                self.child.stop()  # closes its log file
+                self.child = self.make().spawn()
+                self.restarts += 1

@@ -1,7 +1,8 @@
 """What lensflow writes itself, and so never an image to predict.
 
 In the train bucket the labelling queue and the splits (``to-label/``, ``labeled/``,
-``holdout/``); in the model bucket the model store (``<model name>/``). Each has a bucket
+``holdout/``); in the model bucket the model store (``<model name>/``); in the archive
+bucket the predictions archive (``predictions/``, ``rejects/``). Each has a bucket
 of its own by default, so none of it arrives as an image event; should a bucket be shared
 and its notification cover all of it, predict acknowledges such an event and skips it.
 """
@@ -11,6 +12,9 @@ from __future__ import annotations
 from lensflow_core.settings import Config
 from model_store.labelqueue import TRAINING_PREFIXES
 
+# functions/archive/store.py's PREDICTIONS and REJECTS (a floor above: a test keeps them equal)
+ARCHIVE_PREFIXES = ("predictions/", "rejects/")
+
 
 def own_prefixes(config: Config, bucket: str) -> tuple[str, ...]:
     """The key prefixes lensflow writes in ``bucket``."""
@@ -19,6 +23,8 @@ def own_prefixes(config: Config, bucket: str) -> tuple[str, ...]:
         prefixes += TRAINING_PREFIXES
     if bucket == config.model_bucket:
         prefixes += (f"{config.model_name}/",)
+    if bucket == config.archive_bucket:
+        prefixes += ARCHIVE_PREFIXES
     return prefixes
 
 

@@ -42,7 +42,12 @@ def test_defaults_and_overrides():
     config = Config.from_env({})
     assert config.image_buckets == ("drone-images",)
     assert config.train_bucket == "lensflow-train"  # its own: lensflow's writes are no images
-    assert config.buckets == ["drone-images", "lensflow-train", "lensflow-models"]
+    assert config.buckets == [
+        "drone-images",
+        "lensflow-train",
+        "lensflow-models",
+        "lensflow-archive",
+    ]
     assert config.topics == ("images", "predictions", "images-dlq")  # the contract's defaults
     assert (
         config.kafkasource_ce_source

@@ -87,8 +87,8 @@ def predict(docs: tuple[Doc, ...]) -> Doc:
     return one(docs, "Service", "lensflow-predict", "serving.knative.dev")
 
 
-def jobsink(docs: tuple[Doc, ...]) -> Doc:
-    return one(docs, "JobSink", "lensflow-train", "sinks.knative.dev")
+def jobsink(docs: tuple[Doc, ...], name: str = "lensflow-train") -> Doc:
+    return one(docs, "JobSink", name, "sinks.knative.dev")
 
 
 def kafka_cluster(overlay: str) -> dict[str, Doc]:
@@ -100,9 +100,9 @@ def kafka_cluster(overlay: str) -> dict[str, Doc]:
 
 
 def test_overlay_builds_the_expected_objects(overlay: str) -> None:
-    common = ["ConfigMap", "KafkaSource", "KafkaSink", "PingSource", "JobSink"]
+    common = ["ConfigMap", "KafkaSource", "KafkaSink"] + ["PingSource", "JobSink"] * 2
     common += ["KafkaTopic"] * 3 + ["Service"] * 2  # predict and the dashboard
-    prod_only = ["KafkaUser"] * 6 + ["EventPolicy"] * 3 + ["NetworkPolicy"] * 3
+    prod_only = ["KafkaUser"] * 7 + ["EventPolicy"] * 4 + ["NetworkPolicy"] * 4
     prod_only += ["ServiceAccount", "Secret"]
     expected = common + (prod_only if overlay == "prod" else [])
     assert sorted(d["kind"] for d in build(overlay)) == sorted(expected)
@@ -244,11 +244,11 @@ def test_every_lensflow_env_name_exists_in_settings(docs: tuple[Doc, ...]) -> No
     assert used and used <= known, f"unknown: {used - known}"
 
 
-@pytest.mark.parametrize("role", ["predict", "train"])
+@pytest.mark.parametrize("role", ["predict", "train", "archive"])
 def test_each_workload_gets_the_config_and_its_own_s3_secret(
     docs: tuple[Doc, ...], role: str
 ) -> None:
-    workload = predict(docs) if role == "predict" else jobsink(docs)
+    workload = predict(docs) if role == "predict" else jobsink(docs, f"lensflow-{role}")
     (c,) = pod_spec(workload)["containers"]
     assert [e["configMapRef"]["name"] for e in c["envFrom"]] == [
         config_map(docs)["metadata"]["name"]
@@ -519,13 +519,26 @@ def test_in_flight_events_drain_within_the_delivery_timeout(docs: tuple[Doc, ...
 
 
 def test_pingsource_starts_a_training_job(docs: tuple[Doc, ...]) -> None:
-    (ping,) = of_kind(docs, "PingSource")
+    ping = one(docs, "PingSource", "lensflow-train")
     assert len(ping["spec"]["schedule"].split()) == 5
     assert ping["spec"]["contentType"] == "application/json"
     assert isinstance(json.loads(ping["spec"]["data"]), dict)
     ref = ping["spec"]["sink"]["ref"]
     sink = one(docs, ref["kind"], ref["name"], ref["apiVersion"].split("/")[0])
     assert (sink["apiVersion"], sink["kind"]) == ("sinks.knative.dev/v1alpha1", "JobSink")
+
+
+def test_pingsource_starts_an_archive_job_that_drains_and_exits(docs: tuple[Doc, ...]) -> None:
+    ping = one(docs, "PingSource", "lensflow-archive")
+    assert len(ping["spec"]["schedule"].split()) == 5
+    ref = ping["spec"]["sink"]["ref"]
+    assert (ref["kind"], ref["name"]) == ("JobSink", "lensflow-archive")
+    job = jobsink(docs, "lensflow-archive")["spec"]["job"]["spec"]
+    assert 0 < job["activeDeadlineSeconds"] <= 3600 and job["ttlSecondsAfterFinished"] > 0
+    (c,) = job["template"]["spec"]["containers"]
+    assert c["command"] == ["lensflow-archive-job"]  # pyproject's console script, the image's
+    assert "lensflow-archive-job" in (REPO / "pyproject.toml").read_text()
+    assert cpu_cores(c["resources"]["limits"]["cpu"]) == 1  # the benchmark's one core
 
 
 def test_training_job_is_bounded_and_sized(docs: tuple[Doc, ...]) -> None:
@@ -649,7 +662,7 @@ def test_the_prod_kafka_can_watch_the_lensflow_namespace() -> None:
 # ------------------------------------------------------------------------ images
 
 
-FUNCTIONS = ("predict", "train")
+FUNCTIONS = ("predict", "train", "archive")
 
 
 def dockerfile(function: str) -> str:
@@ -688,9 +701,10 @@ def test_dockerfile(function: str) -> None:
         assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
         assert "--source functions/predict/main.py --target predict" in text
     else:  # the JobSink's Job: the command the manifest names, made in the image
-        assert text.rstrip().endswith('CMD ["lensflow-train-job"]')
-        assert "> /opt/venv/bin/lensflow-train-job" in text and "lensflow-train-job --help" in text
-        assert "-m functions.train.job" in text
+        command = f"lensflow-{function}-job"
+        assert text.rstrip().endswith(f'CMD ["{command}"]')
+        assert f"> /opt/venv/bin/{command}" in text and f"{command} --help" in text
+        assert f"-m functions.{function}.job" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("0", "root"), "the image runs as a non-root user"
     if function == "predict":

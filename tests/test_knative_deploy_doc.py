@@ -138,7 +138,7 @@ def test_namespaces_and_replica_counts_match_the_overlays(overlay: str) -> None:
     assert figure("topic replicas / `min.insync.replicas`", overlay) == f"{topic_replicas} / {isr}"
     (listener,) = cluster["Kafka"]["spec"]["kafka"]["listeners"]
     assert figure("Kafka listener", overlay).startswith(str(listener["port"]))
-    (ping,) = of_kind(docs, "PingSource")
+    ping = one(docs, "PingSource", "lensflow-train")
     assert figure("training schedule", overlay) == ping["spec"]["schedule"]
     (c,) = pod_spec(one(docs, "JobSink", "lensflow-train"))["containers"]
     limits = c["resources"]["limits"]

@@ -44,6 +44,10 @@ EXPECTED_ACLS: dict[str, dict[tuple[str, str, str], set[str]]] = {
     "lensflow-predict": {("topic", "predictions", "literal"): {"Write", "Describe"}},
     "lensflow-sink": {("topic", "images-dlq", "literal"): {"Write", "Describe"}},
     "lensflow-minio": {("topic", "images", "literal"): {"Write", "Describe"}},
+    "lensflow-archive": {
+        ("topic", "predictions", "literal"): {"Read", "Describe"},
+        ("group", "lensflow-archive", "literal"): {"Read"},
+    },
     "lensflow-operator": {
         ("topic", "predictions", "literal"): {"Read", "Describe"},
         ("topic", "images-dlq", "literal"): {"Read", "Describe"},
@@ -228,6 +232,9 @@ def test_event_policies_admit_only_the_intended_senders() -> None:
             ("sources.knative.dev", "PingSource", "lensflow-train"),
             f"system:serviceaccount:{ns}:lensflow-train-trigger",
         ],
+        ("sinks.knative.dev", "JobSink", "lensflow-archive"): [
+            ("sources.knative.dev", "PingSource", "lensflow-archive")
+        ],
     }
     trigger = one(docs, "ServiceAccount", "lensflow-train-trigger")
     assert trigger["automountServiceAccountToken"] is False
@@ -237,7 +244,6 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
     docs = prod()
     policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
     ksvc = one(docs, "Service", "lensflow-predict", "serving.knative.dev")
-    job = one(docs, "JobSink", "lensflow-train")["spec"]["job"]["spec"]["template"]
     allowed = {"knative-serving", "knative-eventing", "kourier-system", "monitoring"}
     scrape_port = int(ksvc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
 
@@ -266,9 +272,11 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
             assert ports <= {8012, 8013}, "queue-proxy's serving ports only"
     assert seen == allowed
 
-    train = policies["lensflow-train-ingress"]
-    assert train["podSelector"]["matchLabels"].items() <= job["metadata"]["labels"].items()
-    assert train["policyTypes"] == ["Ingress"] and not train.get("ingress"), "no ingress"
+    for name in ("lensflow-train", "lensflow-archive"):
+        job = one(docs, "JobSink", name)["spec"]["job"]["spec"]["template"]
+        jobs = policies[f"{name}-ingress"]
+        assert jobs["podSelector"]["matchLabels"].items() <= job["metadata"]["labels"].items()
+        assert jobs["policyTypes"] == ["Ingress"] and not jobs.get("ingress"), "no ingress"
 
 
 # ------------------------------------------------------------------------------ MinIO
@@ -313,7 +321,7 @@ def obj(bucket: str, key: str) -> str:
 
 def test_policy_files_are_well_formed() -> None:
     roles = sorted(p.stem for p in (KNATIVE / "minio" / "policies").glob("*.json"))
-    assert roles == ["dashboard", "operator", "predict", "train"]
+    assert roles == ["archive", "dashboard", "operator", "predict", "train"]
     for role in roles:
         doc = policy(role)
         assert doc["Version"] == "2012-10-17"
@@ -418,3 +426,28 @@ def test_operator_owns_the_model_store_only(store: dict[str, Any]) -> None:
     for bucket in store["images"]:
         assert not allowed(o, "s3:DeleteObject", obj(bucket, "sortie-1/img.jpg"))
         assert not allowed(o, "s3:PutObject", obj(bucket, "sortie-1/img.jpg"))
+
+
+def test_archive_writes_only_its_archive_files_and_reads_no_images(store: dict[str, Any]) -> None:
+    a = policy("archive")
+    bucket = config_map(prod())["data"]["LENSFLOW_ARCHIVE_BUCKET"]
+    for key in ("predictions/date=2026-12-01/predictions+0+1-9.parquet", "rejects/date=x/y.jsonl"):
+        for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):  # replace, compact
+            assert allowed(a, action, obj(bucket, key)), (action, key)
+    assert allowed(a, "s3:ListBucket", f"arn:aws:s3:::{bucket}")
+    for bucket_name in [*store["images"], store["models"]]:
+        for action in ("s3:GetObject", *WRITES):
+            assert not allowed(a, action, obj(bucket_name, "x")), (bucket_name, action)
+    assert not allowed(a, "s3:DeleteBucket", f"arn:aws:s3:::{bucket}")
+    # the operator queries the archive (lensflow predictions query) and cannot change it
+    o = policy("operator")
+    assert allowed(o, "s3:GetObject", obj(bucket, "predictions/date=x/y.parquet"))
+    assert not any(allowed(o, w, obj(bucket, "predictions/date=x/y.parquet")) for w in WRITES)
+    archive_user = one(prod(), "KafkaUser", "lensflow-archive")
+    (c,) = pod_spec(one(prod(), "JobSink", "lensflow-archive"))["containers"]
+    env = env_of(c)
+    assert env["LENSFLOW_KAFKA_SASL_USERNAME"]["value"] == archive_user["metadata"]["name"]
+    assert (
+        env["LENSFLOW_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
+        == (archive_user["metadata"]["name"])
+    )

@@ -142,6 +142,13 @@ def test_the_queue_keeps_events_in_order_and_is_bounded(tmp_path):
         ("drone-images", "drone-images", "holdout/water/b.jpg", "holdout/"),
         ("drone-images", "drone-images", "drones/d1/c.jpg", None),
         ("lensflow-train", "lensflow-models", "aerial/versions/v1/model.tflite", "aerial/"),
+        (
+            "lensflow-train",
+            "lensflow-archive",
+            "predictions/date=2026-12-06/p+0+1-9.parquet",
+            "predictions/",
+        ),
+        ("lensflow-train", "lensflow-archive", "rejects/date=2026-12-06/p+0+1-9.jsonl", "rejects/"),
     ],
 )
 def test_what_lensflow_writes_itself_is_known_per_bucket(train, bucket, key, own):
@@ -149,6 +156,13 @@ def test_what_lensflow_writes_itself_is_known_per_bucket(train, bucket, key, own
 
     config = Config.from_env({"LENSFLOW_TRAIN_BUCKET": train})
     assert own_prefix(config, bucket, key) == own
+
+
+def test_the_archive_prefixes_are_the_archivers():
+    from functions.archive.store import PREDICTIONS, REJECTS
+    from model_store.own import ARCHIVE_PREFIXES
+
+    assert ARCHIVE_PREFIXES == (f"{PREDICTIONS}/", f"{REJECTS}/")
 
 
 # --- a notifying S3 server and a broker -------------------------------------------------------

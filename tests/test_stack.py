@@ -66,11 +66,12 @@ def test_stack_starts_and_stops_without_leaving_processes(tmp_path):
         assert set(stack.describe()["started"]) == {"kafka", "s3"}
         assert not stack.external
         pids = [pid for group in stack.pids().values() for pid in group]
-        assert len(pids) == 2
+        assert len(pids) == 3 and len(stack.pids()["archive"]) == 1  # kafka, s3, archiver
         host, port = stack.config.kafka_bootstrap.split(":")
         assert port_open(host, int(port))
         buckets = {b["Name"] for b in s3_client(stack.config).list_buckets()["Buckets"]}
         assert {*stack.config.image_buckets, stack.config.model_bucket} <= buckets
+        assert stack.config.archive_bucket in buckets
         assert stack.exports()["LENSFLOW_KAFKA_BOOTSTRAP"] == stack.config.kafka_bootstrap
         assert "LENSFLOW_S3_SECRET_KEY" not in stack.exports()
     assert gone(pids)
@@ -154,6 +155,12 @@ def test_a_short_demo_predicts_every_upload(tiny_models, tmp_path):
     assert summary["uploaded"] == 5 * 3 + 15 == summary["predicted_images"]
     assert summary["missing"] == 0 and summary["dead_lettered"] == 0
     assert summary["model_versions"] == {"v1": 30 + summary["duplicates"]}
+    # every prediction made is in the archive once (issue 19's done-when)
+    archive = summary["archive"]
+    assert archive["rows"] == archive["distinct_ids"] == 30 + summary["duplicates"]
+    assert (
+        archive["with_upload_latency"] == archive["rows"] and archive["upload_latency_p50_ms"] > 0
+    )
     assert 0 < summary["latency_s"]["p50"] <= summary["latency_s"]["p95"]
     assert summary["predict"]["cold_starts"] == 1
 

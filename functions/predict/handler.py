@@ -212,7 +212,9 @@ class PredictHandler:
             if self.labels is not None:
                 self.labels.offer(record, etag, model.identity, predictions)
         event = prediction_event(
-            image=ObjectEvent(record.event_name, record.bucket, record.key, etag),
+            image=ObjectEvent(
+                record.event_name, record.bucket, record.key, etag, event_time=record.event_time
+            ),
             model=model.identity,
             predictions=predictions,
             source_event_id=source_event_id,

@@ -12,6 +12,7 @@ from eventing.delivery import DeliverySpec
 from eventing.dispatcher_metrics import dispatcher_registry, serve_metrics
 from eventing.predictions import read_predictions
 from eventing.topics import ensure_topics, topic_specs
+from lensflow.cli import archive
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow.stack import dispatcher_for
 from lensflow.upload import upload_files
@@ -33,7 +34,9 @@ def register(subparsers) -> None:
     add_json_flag(upload)
     upload.set_defaults(func=cmd_upload)
 
-    predictions = subparsers.add_parser("predictions", help="read the predictions topic")
+    predictions = subparsers.add_parser(
+        "predictions", help="read the predictions topic, or the archive"
+    )
     predictions_sub = predictions.add_subparsers(dest="predictions_verb", metavar="VERB")
     predictions_sub.required = True
     tail = predictions_sub.add_parser("tail", help="show the newest predictions")
@@ -42,6 +45,7 @@ def register(subparsers) -> None:
     tail.add_argument("-n", "--lines", type=int, default=10, help="how many of the newest (10)")
     add_json_flag(tail)
     tail.set_defaults(func=cmd_predictions_tail)
+    archive.register_predictions(predictions_sub)  # query, report: the archive
 
     dispatch = subparsers.add_parser(
         "dispatch", help="the local KafkaSource: POST image events to a sink until stopped"

@@ -347,6 +347,8 @@ def _up_text(stack, info: dict) -> str:
             if stack.timer
             else "on demand (`lensflow train --once`)"
         ),
+        f"  archive    s3://{stack.config.archive_bucket}/predictions/ (Parquet; "
+        "`lensflow predictions query SQL`)",
         f"  serving    {info['serving'] or 'NO MODEL YET: uploads wait, then dead-letter (--seed-model)'}",
         f"  dashboard  {info['dashboard'] or 'off'}",
         f"  started    {started}; logs in {info['logs']}",

@@ -1,0 +1,1 @@
+"""The archiver: every prediction event, once, as Parquet in the object store."""
