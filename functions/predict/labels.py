@@ -1,0 +1,91 @@
+"""The labelling queue as the predict function writes it: off the request's path, over libcurl.
+
+``LabelWriter`` offers uncertain images on background threads; ``CurlObjects`` gives
+``model_store.labelqueue.LabelQueue`` the conditional PUT and the LIST it needs through
+the replica's libcurl client (``lensflow_core.s3_get``) instead of boto3: about 1.5 ms of
+a replica's CPU per queued image through boto3, a fraction of that here
+(docs/benchmarks.md). An offer the queue's in-memory record settles (full, already
+queued) is counted on the request's thread and costs no request and no thread hand-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from eventing.contracts import ObjectEvent
+from functions.predict import metrics
+from lensflow_core.s3_get import ObjectGetter
+from model_store.errors import ConflictError, StoreUnavailableError
+from model_store.labelqueue import TRAINING_PREFIXES, LabelQueue
+
+log = logging.getLogger("lensflow.predict")
+# The labelling queue's writers: a fresh model finds most pictures uncertain, and a person
+# needs a few hundred of them, not each one; past this backlog offers are dropped (busy).
+LABEL_WRITERS = 2
+LABEL_BACKLOG = 64
+
+
+class CurlObjects:
+    """The train bucket's objects for ``LabelQueue``, through libcurl."""
+
+    def __init__(self, getter: ObjectGetter, bucket: str):
+        self.getter = getter
+        self.bucket = bucket
+
+    def put(self, key: str, body: bytes, *, content_type: str, if_absent: bool = False) -> str:
+        if not if_absent:
+            raise ValueError("the labelling queue only writes records that do not exist yet")
+        result = self.getter.put_if_absent(self.bucket, key, body, content_type)
+        if result.status in (409, 412):
+            raise ConflictError(f"write s3://{self.bucket}/{key}: the record exists")
+        if result.status != 200:
+            raise StoreUnavailableError(f"write s3://{self.bucket}/{key}: {result.error_code}")
+        return result.etag
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return self.getter.list_keys(self.bucket, prefix)
+
+
+class LabelWriter:
+    """Offers uncertain images to the labelling queue on background threads, so that its
+    S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
+
+    At most ``backlog`` offers wait or run at once; past that an offer is dropped and
+    counted ``busy``. Each write's outcome is counted when it completes.
+    """
+
+    def __init__(
+        self, queue: LabelQueue, threads: int = LABEL_WRITERS, backlog: int = LABEL_BACKLOG
+    ):
+        self.queue = queue
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="label-queue")
+        self._room = threading.BoundedSemaphore(backlog)
+
+    def offer(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        """Hand the offer to a writer, or count it: never waits, never raises."""
+        if record.bucket == self.queue.bucket and record.key.startswith(TRAINING_PREFIXES):
+            return  # already training data
+        settled = self.queue.known(model["version"], record.bucket, record.key)
+        if settled is not None:  # full, or queued already: nothing to write
+            metrics.LABEL_QUEUE.labels(settled).inc()
+            return
+        if not self._room.acquire(blocking=False):
+            metrics.LABEL_QUEUE.labels("busy").inc()
+            return
+        try:
+            self._pool.submit(self._write, record, etag, model, predictions)
+        except RuntimeError:  # the interpreter is exiting: no new threads
+            self._room.release()
+            metrics.LABEL_QUEUE.labels("busy").inc()
+
+    def _write(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        try:
+            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
+        except Exception as exc:  # noqa: BLE001 - counted and logged; the prediction is out
+            log.warning("could not queue %s for labelling: %s", record.path, exc)
+            outcome = "error"
+        finally:
+            self._room.release()
+        metrics.LABEL_QUEUE.labels(outcome).inc()
