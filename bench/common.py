@@ -97,14 +97,13 @@ def serving_stack(
             "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
             "LENSFLOW_LOG_LEVEL": "WARNING",
             # The benches' random-weights models find every picture uncertain, so each
-            # would also be queued for labelling (an S3 write a trained model makes for
-            # few): off, to measure the serving path.
-            "LENSFLOW_UNCERTAIN_TOP1": "0",
-            "LENSFLOW_UNCERTAIN_MARGIN": "0",
+            # would also be queued for labelling: off here; the isolated bench measures
+            # the queue on (every picture queued) beside it off (``QUEUE_ON``).
+            "LENSFLOW_LABEL_QUEUE_MAX": "0",
         }
         config = Config.from_env(env)
         s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3, [*config.image_buckets, config.model_bucket, config.train_bucket])
         ensure_topics(config.kafka, topic_specs(*config.topics))
         store = ModelStore.from_config(config, s3=s3)
         store.flip(store.publish(model, labels, created_by="bench").version)
@@ -114,6 +113,11 @@ def serving_stack(
             store,
             {"s3 (moto)": s3_server.proc.pid, "kafka (tansu)": broker.proc.pid},
         )
+
+
+# The labelling queue on, with every picture uncertain and never full: each image of every
+# backlog is queued (the worst case: a new model version's first hours).
+QUEUE_ON = {"LENSFLOW_UNCERTAIN_TOP1": "1.01", "LENSFLOW_LABEL_QUEUE_MAX": "1000000"}
 
 
 def cpu_seconds(roots: dict[str, list[int]]) -> dict[str, float]:

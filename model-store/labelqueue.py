@@ -29,7 +29,7 @@ import posixpath
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -91,7 +91,8 @@ class QueueEntry:
         return f"{self.bucket}/{self.key}"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: asdict's deep copy cost the predict replica ~0.03 ms per queued image
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, value: dict[str, Any], record: str) -> QueueEntry:
