@@ -10,9 +10,10 @@ queued) is counted on the request's thread and costs no request and no thread ha
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 from eventing.contracts import ObjectEvent
 from functions.predict import metrics
@@ -53,15 +54,22 @@ class LabelWriter:
     S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
 
     At most ``backlog`` offers wait or run at once; past that an offer is dropped and
-    counted ``busy``. Each write's outcome is counted when it completes.
+    counted ``busy``. Each write's outcome is counted when it completes. Offers wait in a
+    deque that the writers drain ``BATCH_S`` after the first of a batch arrived: one
+    wake-up per batch rather than a thread hand-off per offer.
     """
+
+    BATCH_S = 0.02
 
     def __init__(
         self, queue: LabelQueue, threads: int = LABEL_WRITERS, backlog: int = LABEL_BACKLOG
     ):
         self.queue = queue
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="label-queue")
         self._room = threading.BoundedSemaphore(backlog)
+        self._pending: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"label-queue-{i}", daemon=True).start()
 
     def offer(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
         """Hand the offer to a writer, or count it: never waits, never raises."""
@@ -74,11 +82,21 @@ class LabelWriter:
         if not self._room.acquire(blocking=False):
             metrics.LABEL_QUEUE.labels("busy").inc()
             return
-        try:
-            self._pool.submit(self._write, record, etag, model, predictions)
-        except RuntimeError:  # the interpreter is exiting: no new threads
-            self._room.release()
-            metrics.LABEL_QUEUE.labels("busy").inc()
+        self._pending.append((record, etag, model, predictions))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.BATCH_S)  # let a batch gather
+            self._wake.clear()
+            while True:
+                try:
+                    offer = self._pending.popleft()
+                except IndexError:
+                    break
+                self._write(*offer)
 
     def _write(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
         try:
