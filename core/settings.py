@@ -218,6 +218,7 @@ def _quantizations(value: str) -> tuple[str, ...]:
         )
     return names
 
+
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
