@@ -143,6 +143,32 @@ def test_the_predict_functions_libcurl_queue_writes_the_same_records_and_knows_w
     assert record["ContentType"] == "application/json"
 
 
+def test_a_replica_writes_at_most_its_rate_and_counts_the_rest_paced(world):
+    """A new model finds everything uncertain: a burst of offers writes a second's worth
+    of records, the rest are counted ``paced`` at once (no request, no thread)."""
+    from eventing.contracts import ObjectEvent
+    from functions.predict import metrics
+    from functions.predict.labels import CurlObjects, LabelWriter
+    from lensflow_core.s3_get import ObjectGetter
+
+    config, s3, bucket, _ = world
+    objects = CurlObjects(ObjectGetter(config), config.train_bucket)
+    queue = LabelQueue(s3, config.train_bucket, limit=1000, objects=objects)
+    writer = LabelWriter(queue, rate=5)
+    before = metrics.counts(metrics.LABEL_QUEUE)
+    for i in range(40):
+        record = ObjectEvent("s3:ObjectCreated:Put", bucket, f"burst/{i}.jpg", "e")
+        writer.offer(record, "e", model("v9"), scores(0.4, 0.3, 0.3))
+    wait_for(lambda: queue.size("v9") >= 5, 10, "the first second's writes never landed")
+
+    def counted(outcome: str) -> int:
+        return metrics.counts(metrics.LABEL_QUEUE).get(outcome, 0) - before.get(outcome, 0)
+
+    wait_for(lambda: counted("recorded") >= 5, 5, "writes not counted")
+    assert 5 <= queue.size("v9") <= 6 and counted("paced") >= 34  # a token may refill
+    assert counted("recorded") + counted("paced") == 40
+
+
 def test_list_is_most_uncertain_first_one_entry_per_image(world):
     _, s3, bucket, queue = world
     queue.offer(bucket, "sure-ish.jpg", "e1", model("v1"), scores(0.55, 0.1, 0.35))

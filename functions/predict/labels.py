@@ -26,6 +26,10 @@ log = logging.getLogger("lensflow.predict")
 # needs a few hundred of them, not each one; past this backlog offers are dropped (busy).
 LABEL_WRITERS = 2
 LABEL_BACKLOG = 64
+# At most this many writes a second per replica (offers past it are counted ``paced``):
+# the queue's 500 places fill in 25 s, for ~0.6% of a core (0.3 ms a write) and a bounded
+# load on the store, however many uncertain photos a new model version meets.
+LABEL_WRITES_PER_S = 20.0
 
 
 class CurlObjects:
@@ -53,8 +57,8 @@ class LabelWriter:
     """Offers uncertain images to the labelling queue on background threads, so that its
     S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
 
-    At most ``backlog`` offers wait or run at once; past that an offer is dropped and
-    counted ``busy``. Each write's outcome is counted when it completes. Offers wait in a
+    At most ``rate`` offers a second are written (past that they are counted ``paced``)
+    and at most ``backlog`` wait or run at once (past that: ``busy``). Each write's outcome is counted when it completes. Offers wait in a
     deque that the writers drain ``BATCH_S`` after the first of a batch arrived: one
     wake-up per batch rather than a thread hand-off per offer.
     """
@@ -62,9 +66,15 @@ class LabelWriter:
     BATCH_S = 0.02
 
     def __init__(
-        self, queue: LabelQueue, threads: int = LABEL_WRITERS, backlog: int = LABEL_BACKLOG
+        self,
+        queue: LabelQueue,
+        threads: int = LABEL_WRITERS,
+        backlog: int = LABEL_BACKLOG,
+        rate: float = LABEL_WRITES_PER_S,
     ):
         self.queue = queue
+        self.rate = rate
+        self._tokens, self._refilled = rate, time.monotonic()  # a second's worth to start
         self._room = threading.BoundedSemaphore(backlog)
         self._pending: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -79,12 +89,26 @@ class LabelWriter:
         if settled is not None:  # full, or queued already: nothing to write
             metrics.LABEL_QUEUE.labels(settled).inc()
             return
+        if not self._paced():
+            metrics.LABEL_QUEUE.labels("paced").inc()
+            return
         if not self._room.acquire(blocking=False):
             metrics.LABEL_QUEUE.labels("busy").inc()
             return
         self._pending.append((record, etag, model, predictions))
         if not self._wake.is_set():
             self._wake.set()
+
+    def _paced(self) -> bool:
+        """Take a token of the writes-per-second bucket (no lock: two request threads
+        racing may let one write more or fewer through, which does not matter)."""
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def _run(self) -> None:
         while True:
