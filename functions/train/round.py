@@ -5,6 +5,10 @@ The champion is whatever the model pointer names. A challenger is always publish
 its metrics, Keras weights and this report) but the pointer moves only when the challenger
 wins by ``config.train_margin`` on ``config.train_metric``, by compare-and-swap against the
 champion that was evaluated, and never while an operator has pinned the pointer.
+
+The challenger is built in several forms (``functions.train.artifacts``): the best one on
+the holdout is judged against the champion, the fastest within ``config.train_tolerance``
+points of it is the one published (docs/training.md, "Which artifact is served").
 """
 
 from __future__ import annotations
