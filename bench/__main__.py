@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, write bench/results/*.json and plots, print a summary.
 
-`python -m bench [NAME ...]` runs only the named ones (predict, isolated, quant, e2e,
+`python -m bench [NAME ...]` runs only the named ones (predict, isolated, queue, quant, e2e,
 train, train_memory, learning, knative_autoscaler, archive); `summary.json` gathers the latest result
 of every benchmark.
 """
@@ -17,6 +17,7 @@ OUT = Path(__file__).parent / "results"
 BENCHMARKS = {
     "predict": "bench.predict_bench",
     "isolated": "bench.isolated_bench",
+    "queue": "bench.queue_bench",
     "quant": "bench.quant_bench",
     "gap": "bench.gap_bench",
     "e2e": "bench.e2e_bench",

@@ -96,10 +96,9 @@ def serving_stack(
             **_bench_env(broker),
             "LENSFLOW_S3_ENDPOINT": s3_server.endpoint,
             # The benches' random-weights models find every picture uncertain, so each
-            # would also be queued for labelling (an S3 write a trained model makes for
-            # few): off, to measure the serving path.
-            "LENSFLOW_UNCERTAIN_TOP1": "0",
-            "LENSFLOW_UNCERTAIN_MARGIN": "0",
+            # would also be queued for labelling: off here; the isolated bench measures
+            # the queue on (every picture queued) beside it off (``QUEUE_ON``).
+            "LENSFLOW_LABEL_QUEUE_MAX": "0",
         }
         config = Config.from_env(env)
         s3 = s3_client(config)
@@ -113,6 +112,11 @@ def serving_stack(
             store,
             {"s3 (moto)": s3_server.proc.pid, "kafka (tansu)": broker.proc.pid},
         )
+
+
+# The labelling queue on, with every picture uncertain and never full: each image of every
+# backlog is queued (the worst case: a new model version's first hours).
+QUEUE_ON = {"LENSFLOW_UNCERTAIN_TOP1": "1.01", "LENSFLOW_LABEL_QUEUE_MAX": "1000000"}
 
 
 def cpu_seconds(roots: dict[str, list[int]]) -> dict[str, float]:

@@ -34,16 +34,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
+from bench.common import QUEUE_ON, cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
 from bench.e2e_bench import PredictionWatcher, upload_at_rate
+from eventing.contracts import ObjectEvent
+from eventing.producer import make_producer, publish_object_event
 from functions.predict.serving_model import ServingModel
 from lensflow.function_server import FunctionServer
-from lensflow.process import function_command
+from lensflow.process import ChildProcess, function_command
 from lensflow.replicas import PREDICT_CONCURRENCY
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow.stack import dispatcher_for
+from lensflow.upload import upload_file
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import InputSpec
+from lensflow_core.s3 import ensure_buckets
+from lensflow_core.settings import SETTINGS, Config
 
 BACKLOGS = int(os.environ.get("LENSFLOW_BENCH_BACKLOGS", "5"))
 BACKLOG_IMAGES = int(os.environ.get("LENSFLOW_BENCH_BACKLOG_IMAGES", "400"))
@@ -173,12 +178,17 @@ class Spec:
     isolated: bool = True
     env: dict[str, str] = field(default_factory=dict)
     prelude: str = ""
+    cli: bool = False  # `lensflow serve predict`, fed by a `lensflow dispatch` of its own
 
 
+# the labelling queue as shipped (serving_stack turns it off)
+DEFAULT_QUEUE = {s.name: s.default for s in SETTINGS if s.name == "LENSFLOW_LABEL_QUEUE_MAX"}
 SPECS = (
-    Spec("isolated"),
+    Spec("isolated"),  # the labelling queue off
+    Spec("isolated_queue", env=QUEUE_ON),  # every picture queued
     Spec("isolated_batch", env={"LENSFLOW_BATCH_DELAY_MS": "2"}),
     Spec("shared", isolated=False),
+    Spec("dispatch_cli", env=DEFAULT_QUEUE, cli=True),  # defaults, as an operator runs it
 )
 
 PROFILES = Path(__file__).parent / "results" / "profiles"
@@ -233,12 +243,44 @@ class Variant:
                 "sys.argv = ['functions-framework'] + sys.argv[1:]\n_cli()"
             )
             command = [sys.executable, "-c", code, *command[1:]]
+        self.topic, self.dispatcher = None, None
+        if spec.cli:  # the operator's commands: its own topic, so no other variant sees it
+            lensflow = str(Path(sys.executable).with_name("lensflow"))
+            command = [lensflow, "serve", "predict", "--port", str(server.port)]
+            self.topic = f"images-{spec.name}"
+            dispatch = [lensflow, "dispatch", "--sink", server.url, "--ordering", "unordered"]
+            dispatch += ["--max-in-flight", str(PREDICT_CONCURRENCY), "--json"]
+            names = {"LENSFLOW_TOPIC_IMAGES": self.topic, "LENSFLOW_SOURCE_NAME": spec.name}
+            allowed = [*Config.from_env(env).image_buckets, CLI_BUCKET]
+            names["LENSFLOW_IMAGE_BUCKETS"] = ",".join(allowed)
+            env_all = {**os.environ, **env, **spec.env, **names}
+            self.dispatcher = ChildProcess(f"dispatch {spec.name}", dispatch, env=env_all)
         if spec.isolated:  # pinned from its first instruction: it sizes itself by its CPUs
             cpus = ",".join(str(c) for c in sorted(self.replica_cpus))
             command = ["taskset", "-c", cpus, *command]
         server.command = command
         self.server = server
         self.backlogs: list[dict] = []
+
+
+CLI_BUCKET = "bench-cli"  # no notification: the operator's dispatcher has a topic of its own
+
+
+def cli_backlog(s3, kafka, topic: str, prefix: str, photos: list[bytes]) -> list[str]:
+    """The backlog of ``lensflow dispatch``'s own topic: the photos put in a bucket nobody
+    watches, and the record MinIO would write for each produced there (the same conversion
+    the embedded S3 uses), so that the variants fed by the bench's dispatcher never see them.
+    """
+    producer = make_producer(kafka)
+    paths = []
+    for i in range(BACKLOG_IMAGES):
+        key, data = f"{prefix}/{i:05d}.jpg", photos[i % len(photos)]
+        stored = upload_file(s3, CLI_BUCKET, key, data, "image/jpeg")
+        event = ObjectEvent("s3:ObjectCreated:Put", CLI_BUCKET, key, stored.etag, len(data))
+        publish_object_event(producer, topic, event)
+        paths.append(f"{CLI_BUCKET}/{key}")
+    producer.flush(10)
+    return paths
 
 
 def backlog(
@@ -261,9 +303,13 @@ def backlog(
     cpu0, busy0, load0 = process_cpu_s(pid), cpu_busy(), os.getloadavg()
     threads0 = thread_cpu_s(pid)
     profiler = _profile(variant, profile_s) if profile_s else None
-    # the photos as drones put them, at once: the bucket's events make the backlog
     prefix = f"{variant.name}-{number}"
-    paths = list(upload_at_rate(s3, bucket, prefix, photos, BACKLOG_IMAGES, lambda t: 1e6, 3600))
+    if variant.topic is None:  # the photos as drones put them, at once: their events
+        paths = list(
+            upload_at_rate(s3, bucket, prefix, photos, BACKLOG_IMAGES, lambda t: 1e6, 3600)
+        )
+    else:
+        paths = cli_backlog(s3, watcher.config.kafka, variant.topic, prefix, photos)
     if not watcher.wait_for(set(paths), 300):
         raise RuntimeError(f"{variant.name}: not every backlog image got a prediction")
     cpu1, busy1 = process_cpu_s(pid), cpu_busy()
@@ -340,6 +386,7 @@ def measure(
     own = os.sched_getaffinity(0)
     with serving_stack(model_bytes, list(CLASSES)) as (env, config, store, servers):
         s3, bucket = store.objects.s3, config.image_buckets[0]
+        ensure_buckets(s3, [CLI_BUCKET])
         stack_pids = list(servers.values())
         variants = [Variant(spec, env, all_cpus) for spec in specs]
         sink_url = [""]
@@ -353,6 +400,8 @@ def measure(
         try:
             for variant in variants:
                 variant.server.__enter__()
+                if variant.dispatcher is not None:  # on the stack's CPUs, as the broker
+                    stack_pids.append(variant.dispatcher.spawn().pid)
             sink_url[0] = variants[0].server.url
             dispatcher.start()
             args = (stack_pids, sink_url, s3, bucket, watcher)
@@ -388,21 +437,35 @@ def measure(
             watcher.stop()
             for variant in variants:
                 variant.server.stop()
+                if variant.dispatcher is not None:
+                    variant.dispatcher.stop()
     return result
 
 
 def run(out_dir: Path) -> dict:
     result = measure(SPECS)
     iso, shared = result["isolated"], result["shared"]
-    batch = result["isolated_batch"]
+    batch, queue, cli = result["isolated_batch"], result["isolated_queue"], result["dispatch_cli"]
     result["batching_gain"] = {
         "images_per_s": round(batch["images_per_s"] / iso["images_per_s"], 3),
         "cpu_ms_per_image": round(
             iso["replica_cpu_ms_per_image"] / batch["replica_cpu_ms_per_image"], 3
         ),
     }
+    # the queue's cost, from the same run: medians, and backlog by backlog (interleaved)
+    pairs = [q["ratio"] / o["ratio"] for q, o in zip(queue["runs"], iso["runs"], strict=True)]
+    result["queue_on_over_off"] = {
+        "ratio": round(queue["ratio"] / iso["ratio"], 3),
+        "cpu_ratio": round(queue["cpu_ratio"] / iso["cpu_ratio"], 3),
+        "paired_median": round(statistics.median(pairs), 3),
+        "replica_cpu_ms_per_image_more": round(
+            queue["replica_cpu_ms_per_image"] - iso["replica_cpu_ms_per_image"], 2
+        ),
+    }
     result["targets"] = {
         "isolated_ratio_c4>=0.85": iso["ratio"] >= 0.85,
+        "queue_on/off>=0.97": result["queue_on_over_off"]["ratio"] >= 0.97,
+        "dispatch_cli_defaults_ratio>=0.85": cli["ratio"] >= 0.85,
         "shared_ratio_reported": shared["ratio"] > 0,
         "peak_rss_mb<250": max(v["peak_rss_mb"] for v in (iso, shared)) < 250,
     }

@@ -1,8 +1,10 @@
-"""The predict function's image GET: libcurl (pycurl), signed by MinIO's SigV4 signer.
+"""The predict function's S3 requests: libcurl (pycurl), signed by MinIO's SigV4 signer.
 
-A kept-alive connection per thread. Measured per GET on this project's stack: about
-0.25 ms of CPU, against 0.75 ms for the MinIO client and 1.7 ms for boto3
-(docs/benchmarks.md), which was most of what a replica spent outside the model.
+The image GET, and the labelling queue's conditional PUT and LIST. A kept-alive
+connection per thread. Measured per GET on this project's stack: about 0.25 ms of CPU,
+against 0.75 ms for the MinIO client and 1.7 ms for boto3 (docs/benchmarks.md), which
+was most of what a replica spent outside the model; the queue's PUT through boto3 cost
+a replica a quarter of its throughput while a new model version filled the queue.
 
 Its own module, imported only by the predict function: pycurl refuses to load in a
 process where TensorFlow (which bundles an older libcurl) was imported first.
@@ -11,6 +13,7 @@ process where TensorFlow (which bundles an older libcurl) was imported first.
 from __future__ import annotations
 
 import hashlib
+import html
 import io
 import re
 import ssl
@@ -30,6 +33,8 @@ from lensflow_core.settings import Config
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _ETAG = re.compile(rb'^etag:\s*"?([^"\r\n]*)"?\s*$', re.IGNORECASE | re.MULTILINE)
+_KEY = re.compile(rb"<Key>([^<]*)</Key>")
+_TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 ERROR_BYTES = 64 * 1024  # more than any S3 error document
 
 
@@ -58,10 +63,12 @@ class GetResult:
 
 
 class ObjectGetter:
-    """``get(bucket, key, limit)``: one object's bytes over a signed, path-style GET.
+    """Signed, path-style requests to one S3 endpoint: ``get(bucket, key, limit)``, one
+    object's bytes; ``put_if_absent`` and ``list_keys`` for the labelling queue.
 
-    Safe from many threads: each thread keeps its own libcurl handle, and so its own
-    kept-alive connection. One quick retry after a 5xx or a failed connection.
+    Safe from many threads: each thread keeps its own libcurl handles (one for reads, one
+    for writes), and so its own kept-alive connections. One quick retry after a 5xx or a
+    failed connection.
     """
 
     def __init__(self, config: Config, timeout_s: float = 5.0):
@@ -79,36 +86,85 @@ class ObjectGetter:
         bytes (never reading more than ``max(limit, ERROR_BYTES)``: a larger declared
         length is refused before the body) and ``Unreachable`` when the store does not
         answer."""
-        try:
-            result = self._get(bucket, key, limit)
-        except Unreachable:
-            return self._get(bucket, key, limit)  # the one quick retry
-        return self._get(bucket, key, limit) if result.status >= 500 else result
+        return self._retried(lambda: self._get(f"{bucket}/{quote(key)}", limit))
 
-    def _get(self, bucket: str, key: str, limit: int) -> GetResult:
-        url = f"{self.base}/{bucket}/{quote(key)}"
-        now = datetime.now(timezone.utc)
-        headers = {
-            "Host": self.host,
-            "x-amz-content-sha256": _EMPTY_SHA256,
-            "x-amz-date": now.strftime("%Y%m%dT%H%M%SZ"),
-        }
-        headers = sign_v4_s3(
-            method="GET",
-            url=urlsplit(url),
-            region=self.region,
-            headers=headers,
-            credentials=self.credentials,
-            content_sha256=_EMPTY_SHA256,
-            date=now,
-        )
-        body, head = io.BytesIO(), io.BytesIO()
-        curl = self._curl()
-        curl.setopt(pycurl.URL, url)
-        curl.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in headers.items()])
+    def put_if_absent(
+        self, bucket: str, key: str, body: bytes, content_type: str = "application/json"
+    ) -> GetResult:
+        """PUT ``body`` with If-None-Match ``*``: 200 when written, 412 (or 409, a
+        concurrent write) when ``key`` exists already. Raises ``Unreachable``."""
+        return self._retried(lambda: self._put(bucket, key, body, content_type))
+
+    def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (ListObjectsV2, page by page). Raises
+        ``Unreachable``, or ``OSError`` with the store's error code."""
+        keys: list[str] = []
+        token = None
+        while True:
+            query = {"list-type": "2", "prefix": prefix}
+            if token:
+                query["continuation-token"] = token
+            encoded = "&".join(f"{k}={_quote_all(v)}" for k, v in sorted(query.items()))
+            page = self._retried(lambda q=encoded: self._get(f"{bucket}?{q}", ERROR_BYTES * 64))
+            if page.status != 200:
+                raise OSError(f"LIST s3://{bucket}/{prefix}: {page.error_code}")
+            keys += [html.unescape(k.decode()) for k in _KEY.findall(page.body)]
+            token = _TOKEN.search(page.body)
+            if token is None:
+                return keys
+            token = html.unescape(token.group(1).decode())
+
+    def _retried(self, request) -> GetResult:
+        try:
+            result = request()
+        except Unreachable:
+            return request()  # the one quick retry
+        return request() if result.status >= 500 else result
+
+    def _get(self, path: str, limit: int) -> GetResult:
+        curl = self._curl("curl")
+        curl.setopt(pycurl.HTTPHEADER, self._signed("GET", path, _EMPTY_SHA256, {}))
         # libcurl refuses a declared length over this before reading the body, and stops
         # a body that grows past it; an error document is far below ERROR_BYTES.
         curl.setopt(pycurl.MAXFILESIZE_LARGE, max(limit, ERROR_BYTES))
+        result = self._perform(curl, "curl", f"{self.base}/{path}", limit)
+        if result.status == 200 and len(result.body) > limit:
+            raise ObjectTooLarge(f"over the limit of {limit} bytes")
+        return result
+
+    def _put(self, bucket: str, key: str, body: bytes, content_type: str) -> GetResult:
+        path = f"{bucket}/{quote(key)}"
+        extra = {"Content-Type": content_type, "If-None-Match": "*"}
+        digest = hashlib.sha256(body).hexdigest()
+        curl = self._curl("put")
+        # "Expect:" off: no 100-continue round trip for a small body
+        curl.setopt(pycurl.HTTPHEADER, [*self._signed("PUT", path, digest, extra), "Expect:"])
+        curl.setopt(pycurl.POSTFIELDS, body)
+        return self._perform(curl, "put", f"{self.base}/{path}", ERROR_BYTES)
+
+    def _signed(self, method: str, path: str, digest: str, extra: dict[str, str]) -> list[str]:
+        """The request's headers, signed (SigV4) by MinIO's signer."""
+        now = datetime.now(timezone.utc)
+        headers = {
+            "Host": self.host,
+            "x-amz-content-sha256": digest,
+            "x-amz-date": now.strftime("%Y%m%dT%H%M%SZ"),
+            **extra,
+        }
+        headers = sign_v4_s3(
+            method=method,
+            url=urlsplit(f"{self.base}/{path}"),
+            region=self.region,
+            headers=headers,
+            credentials=self.credentials,
+            content_sha256=digest,
+            date=now,
+        )
+        return [f"{name}: {value}" for name, value in headers.items()]
+
+    def _perform(self, curl: pycurl.Curl, kind: str, url: str, limit: int) -> GetResult:
+        body, head = io.BytesIO(), io.BytesIO()
+        curl.setopt(pycurl.URL, url)
         curl.setopt(pycurl.WRITEFUNCTION, body.write)  # C methods: no Python frame per chunk
         curl.setopt(pycurl.HEADERFUNCTION, head.write)
         try:
@@ -116,28 +172,28 @@ class ObjectGetter:
         except pycurl.error as exc:
             if exc.args[0] == pycurl.E_FILESIZE_EXCEEDED:
                 raise ObjectTooLarge(f"over the limit of {limit} bytes") from None
-            self._local.curl = None  # a fresh handle (and connection) next time
+            setattr(self._local, kind, None)  # a fresh handle (and connection) next time
             curl.close()
             raise Unreachable(f"object store unreachable: {exc.args[-1]}") from None
         status = curl.getinfo(pycurl.RESPONSE_CODE)
-        if status == 200 and body.tell() > limit:
-            raise ObjectTooLarge(f"over the limit of {limit} bytes")
         etag = _ETAG.findall(head.getvalue())  # the last answer's (after a 100 Continue)
         return GetResult(status, body.getvalue(), etag[-1].decode("latin-1") if etag else "")
 
-    def _curl(self) -> pycurl.Curl:
-        curl = getattr(self._local, "curl", None)
+    def _curl(self, kind: str) -> pycurl.Curl:
+        curl = getattr(self._local, kind, None)
         if curl is None:
             curl = pycurl.Curl()
             curl.setopt(pycurl.NOSIGNAL, 1)  # timeouts without signals: threads
             curl.setopt(pycurl.CONNECTTIMEOUT_MS, self.timeout_ms)
             curl.setopt(pycurl.TIMEOUT_MS, 2 * self.timeout_ms)
+            if kind == "put":
+                curl.setopt(pycurl.CUSTOMREQUEST, "PUT")
             cafile, capath = (self.ca, None) if self.ca else system_ca_store()
             if cafile:
                 curl.setopt(pycurl.CAINFO, cafile)
             if capath:
                 curl.setopt(pycurl.CAPATH, capath)
-            self._local.curl = curl
+            setattr(self._local, kind, curl)
         return curl
 
 
@@ -152,3 +208,8 @@ def system_ca_store() -> tuple[str | None, str | None]:
     import certifi
 
     return certifi.where(), None
+
+
+def _quote_all(value: str) -> str:
+    """A query value as SigV4 canonicalises it (every reserved character escaped)."""
+    return quote(value, safe="-_.~")

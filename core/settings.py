@@ -218,9 +218,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "LENSFLOW_TRAIN_QUANTIZATION",
-        "float32",
-        "what a round publishes: `float32`, `float16` (half-size weights) or `int8` "
-        "(full-integer, uint8 in and out); judged as published",
+        "float32,float16,int8",
+        "the artifacts a round builds, comma-separated: `float32`, `float16` (half-size "
+        "weights), `int8` (full-integer, uint8 in and out); each judged as built, the "
+        "fastest within LENSFLOW_TRAIN_TOLERANCE of the best is published (docs/training.md)",
+    ),
+    Setting(
+        "LENSFLOW_TRAIN_TOLERANCE",
+        "1",
+        "points (0 to 10) of LENSFLOW_TRAIN_METRIC a faster artifact may lose against the "
+        "round's best one and still be the one published",
     ),
     Setting(
         "LENSFLOW_BATCH_DELAY_MS",
@@ -252,6 +259,21 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 QUANTIZATIONS = ("float32", "float16", "int8")
+
+
+def _quantizations(value: str) -> tuple[str, ...]:
+    """The artifacts a round builds, in order, each once; refused before any round starts
+    when the predict runtime could not feed one (an int16 input, a name it does not know)."""
+    names = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [n for n in names if n not in QUANTIZATIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"LENSFLOW_TRAIN_QUANTIZATION: the predict runtime cannot feed "
+            f"{', '.join(map(repr, unknown)) or 'no artifact'}; choose from "
+            f"{', '.join(QUANTIZATIONS)} (comma-separated)"
+        )
+    return names
+
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
@@ -311,7 +333,8 @@ class Config:
     source_name: str
     namespace: str
     log_level: str
-    train_quantization: str
+    train_quantization: tuple[str, ...]
+    train_tolerance: float  # points of train_metric (x100)
     batch_delay_ms: float
     batch_max: int
     log_format: str
@@ -336,11 +359,11 @@ class Config:
             raise ValueError(
                 f"LENSFLOW_TRAIN_BACKBONE must be one of {', '.join(BACKBONES)}, not {backbone!r}"
             )
-        quantization = get("LENSFLOW_TRAIN_QUANTIZATION")
-        if quantization not in QUANTIZATIONS:
+        quantization = _quantizations(get("LENSFLOW_TRAIN_QUANTIZATION"))
+        tolerance = float(get("LENSFLOW_TRAIN_TOLERANCE"))
+        if not 0 <= tolerance <= 10:
             raise ValueError(
-                f"LENSFLOW_TRAIN_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, "
-                f"not {quantization!r}"
+                f"LENSFLOW_TRAIN_TOLERANCE must be 0 to 10 points of {metric}, not {tolerance:g}"
             )
         log_format = get("LENSFLOW_LOG_FORMAT").strip().lower()
         if log_format not in ("text", "json"):
@@ -388,6 +411,7 @@ class Config:
             namespace=get("LENSFLOW_NAMESPACE"),
             log_level=get("LENSFLOW_LOG_LEVEL"),
             train_quantization=quantization,
+            train_tolerance=tolerance,
             batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
             batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
             log_format=log_format,

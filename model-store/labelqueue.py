@@ -10,11 +10,13 @@ Everything lives in the train bucket, next to the ImageFolder splits::
 A queue record is written with If-None-Match ``*``: the key is a function of the image
 path and the model version, so a re-delivered event (or another replica predicting the
 same image) finds the record there and changes nothing. The queue is bounded per model
-version: ``LabelQueue`` keeps a per-replica count, seeded by one LIST of the version's
-folder on first use and refreshed by another LIST every ``limit // 8`` records it writes
-and every 30 s (others write, people label). Between two LISTs a replica only sees its own
-writes, so with R replicas the queue can overshoot the limit by about R x limit / 8 (more
-only if replicas write over a limit/8 each within the same 30 s).
+version: ``LabelQueue`` keeps in memory the records it knows of per version (the last
+LIST's and its own writes since), seeded by one LIST of the version's folder on first use
+and refreshed by another LIST every ``limit // 8`` records it writes and every 30 s
+(others write, people label). Between two LISTs a replica only sees its own writes, so
+with R replicas the queue can overshoot the limit by about R x limit / 8 (more only if
+replicas write over a limit/8 each within the same 30 s). An offer that this record
+settles (a full queue, an image already queued) costs no request: ``known``.
 
 ``model_store.labelling`` turns queued images into labels and takes them off the queue.
 """
@@ -28,7 +30,7 @@ import posixpath
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -91,7 +93,8 @@ class QueueEntry:
         return f"{self.bucket}/{self.key}"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: asdict's deep copy cost the predict replica ~0.03 ms per queued image
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def body(self) -> bytes:
         """What its queue record holds (everything but the record's own key)."""
@@ -113,26 +116,46 @@ class QueueEntry:
 
 
 @dataclass
-class _Count:
-    listed: int  # records the last LIST found
-    written: int = 0  # records this replica wrote since
+class _Known:
+    """What a replica knows of one version's queue: the last LIST's records and its own since."""
+
+    records: set[str]
+    written: int = 0  # records this replica wrote since the LIST
     listed_at: float = field(default_factory=time.monotonic)
 
 
 class LabelQueue:
-    """The ``to-label/`` queue in ``bucket``, at most about ``limit`` images per version."""
+    """The ``to-label/`` queue in ``bucket``, at most about ``limit`` images per version.
+
+    ``objects``: what reads and writes the bucket (``put`` with ``if_absent``, raising
+    ``ConflictError`` when the record exists; ``list_keys``); by default boto3's
+    ``Objects``. The predict function passes its libcurl one.
+    """
 
     RELIST_S = 30.0  # a count older than this is listed again (others write, people label)
+    VERSIONS = 4  # versions remembered: a replica serves one, and the one before for a while
 
-    def __init__(self, s3, bucket: str, limit: int):
-        self.objects = Objects(s3, bucket)
+    def __init__(self, s3, bucket: str, limit: int, objects=None):
+        self.objects = objects or Objects(s3, bucket)
         self.bucket = bucket
         self.limit = max(0, int(limit))
         self.relist_every = max(1, self.limit // 8)
-        self._counts: dict[str, _Count] = {}
+        self._known: dict[str, _Known] = {}
         self._lock = threading.Lock()
 
     # --- writing (the predict function) -------------------------------------------------
+
+    def known(self, version: str, bucket: str, key: str) -> str | None:
+        """``duplicate`` or ``full`` when what this replica knows settles an offer without
+        a request (and its knowledge is not due for a LIST); otherwise None."""
+        record = record_key(version, bucket, key)
+        with self._lock:
+            known = self._known.get(version)
+            if known is None or self._stale(known):
+                return None
+            if record in known.records:
+                return "duplicate"
+            return "full" if len(known.records) >= self.limit else None
 
     def offer(
         self,
@@ -143,10 +166,14 @@ class LabelQueue:
         predictions: Sequence[dict[str, Any]],
     ) -> str:
         """Record an uncertain image once: ``recorded``, ``duplicate`` (already queued for
-        this version) or ``full``. Raises ``ModelStoreError`` when S3 fails."""
+        this version) or ``full``. Raises ``ModelStoreError`` (or ``OSError``, from the
+        libcurl ``objects``) when S3 fails."""
         version = model["version"]
-        if not self._has_room(version):
-            return "full"
+        record = record_key(version, bucket, key)
+        self._refresh(version)
+        settled = self.known(version, bucket, key)
+        if settled is not None:
+            return settled
         top1, margin = top1_and_margin(predictions)
         entry = QueueEntry(
             bucket=bucket,
@@ -160,33 +187,37 @@ class LabelQueue:
         )
         body = json.dumps({k: v for k, v in entry.to_json().items() if k != "record"}).encode()
         try:
-            self.objects.put(
-                record_key(version, bucket, key),
-                body,
-                content_type="application/json",
-                if_absent=True,
-            )
+            self.objects.put(record, body, content_type="application/json", if_absent=True)
         except ConflictError:
+            self._remember(version, record, written=False)
             return "duplicate"
-        with self._lock:
-            self._counts[version].written += 1
+        self._remember(version, record, written=True)
         return "recorded"
 
-    def _has_room(self, version: str) -> bool:
+    def _stale(self, known: _Known) -> bool:
+        return (
+            known.written >= self.relist_every or time.monotonic() - known.listed_at > self.RELIST_S
+        )
+
+    def _refresh(self, version: str) -> None:
+        """One LIST of ``version``'s records when this replica's knowledge is due for one."""
         with self._lock:
-            count = self._counts.get(version)
-            stale = (
-                count is None
-                or count.written >= self.relist_every
-                or time.monotonic() - count.listed_at > self.RELIST_S
-            )
-        if stale:
-            listed = self.size(version)
-            with self._lock:
-                self._counts[version] = _Count(listed)
+            known = self._known.get(version)
+            if known is not None and not self._stale(known):
+                return
+        records = set(self.objects.list_keys(f"{QUEUE}/{version}/"))
         with self._lock:
-            count = self._counts[version]
-            return count.listed + count.written < self.limit
+            self._known.pop(version, None)
+            self._known[version] = _Known(records)  # the newest last
+            while len(self._known) > self.VERSIONS:
+                self._known.pop(next(iter(self._known)))
+
+    def _remember(self, version: str, record: str, written: bool) -> None:
+        with self._lock:
+            known = self._known.get(version)
+            if known is not None:
+                known.records.add(record)
+                known.written += written
 
     def size(self, version: str) -> int:
         """Images queued by ``version`` (one LIST)."""

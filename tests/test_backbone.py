@@ -248,3 +248,24 @@ def test_backbone_with_a_new_head_converts_to_tflite_and_litert_agrees(torchvisi
         print(f"LiteRT vs Keras: max abs difference {np.abs(lite - keras_out).max():.1e}")
         assert np.abs(lite - keras_out).max() < 1e-5
         assert int(lite.argmax()) == int(keras_out.argmax())
+
+
+def test_folding_the_normalisation_into_the_stem_keeps_the_answers(torchvision_weights):
+    """The round's folded artifact: the Normalization layer gone, the stem computing the
+    same features (exactly inside the picture; the one-pixel border now pads with zero
+    pixels instead of the mean, so the scores move a little, never the answer here)."""
+    from functions.train import finetune as F
+
+    weights, _ = torchvision_weights
+    model, classifier = F.build(4, weights, B.preprocessing(), seed=3)
+    dense = classifier.get_layer("probabilities")
+    kernel, bias = dense.get_weights()
+    rng = np.random.default_rng(1)
+    dense.set_weights([rng.normal(0, 0.3, kernel.shape).astype(np.float32), bias])
+    folded = F.fold_normalisation(model)
+    assert not any(isinstance(la, F.keras.layers.Normalization) for la in folded.layers)
+    x = np.random.default_rng(2).random((4, 96, 96, 3)).astype(np.float32)
+    before, after = np.asarray(model(x)), np.asarray(folded(x))
+    assert (before.argmax(1) == after.argmax(1)).all()
+    assert np.abs(before - after).max() < 0.05
+    assert F.fold_normalisation(classifier) is None  # no normalisation layer: nothing to fold

@@ -107,7 +107,15 @@ def test_head_first_then_fine_tune_and_lies_are_not_promoted(env):
     v1 = first.challenger["version"]
     meta = store.get_version(v1).metadata
     assert meta["metrics"]["arch"].startswith(B.NAME) and meta["metrics"]["backbone"] == B.NAME
-    assert meta["input"]["height"] == 96 and meta["input"]["dtype"] == "float32"
+    # every form, the normalisation folded too; the fastest within a point is served
+    built = {a["name"] for a in first.challenger["artifacts"]}
+    assert built == {"float32", "float16", "int8", "float32+folded", "int8+folded"}
+    served = first.challenger["artifact"]
+    assert meta["metrics"]["artifact"] == served
+    dtype = "uint8" if served.startswith("int8") else "float32"
+    assert meta["input"]["height"] == 96 and meta["input"]["dtype"] == dtype
+    folded = meta["input"]["normalisation"].get("folded_into_stem", False)
+    assert folded == served.endswith("+folded")
     # the model normalises: predict feeds pixels / 255 like for every model
     assert (meta["input"]["scale"], meta["input"]["offset"]) == (1 / 255, 0.0)
     assert meta["input"]["normalisation"]["in_model"] is True

@@ -70,6 +70,28 @@ def test_bad_values_are_refused_with_a_reason(env):
         Config.from_env(env)
 
 
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"LENSFLOW_TRAIN_TOLERANCE": "10.5"}, "must be 0 to 10 points of macro_f1, not 10.5"),
+        ({"LENSFLOW_TRAIN_TOLERANCE": "-1"}, "must be 0 to 10 points"),
+        ({"LENSFLOW_TRAIN_QUANTIZATION": "int8,int16"}, "cannot feed 'int16'; choose from"),
+        ({"LENSFLOW_TRAIN_QUANTIZATION": " , "}, "cannot feed no artifact"),
+    ],
+)
+def test_a_rounds_artifacts_and_tolerance_are_refused_before_it_starts(env, reason):
+    with pytest.raises(ValueError, match=reason):
+        Config.from_env(env)
+
+
+def test_a_round_builds_every_artifact_by_default_and_a_tolerance_of_one_point():
+    config = Config.from_env({})
+    assert config.train_quantization == ("float32", "float16", "int8")
+    assert config.train_tolerance == 1.0
+    picked = Config.from_env({"LENSFLOW_TRAIN_QUANTIZATION": "int8, float32,int8"})
+    assert picked.train_quantization == ("int8", "float32")
+
+
 def test_credentials_never_appear_in_the_configs_repr():
     config = Config.from_env(
         {"LENSFLOW_S3_ACCESS_KEY": "AKIAXX", "LENSFLOW_S3_SECRET_KEY": "s3cr3t"}

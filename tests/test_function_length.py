@@ -15,7 +15,6 @@ PRODUCT = ["core", "model-store", "eventing", "functions", "lensflow"]
 MAX_LINES = 60
 # (file, function): long today, to be split
 TO_SPLIT = {
-    ("functions/train/round.py", "_run"),
     ("lensflow/dashboard.py", "make_app"),
     ("functions/predict/handler.py", "_predict"),
     ("core/settings.py", "from_env"),

@@ -87,6 +87,88 @@ def test_an_image_is_queued_once_per_version_and_the_queue_is_bounded(world):
     assert queue.count() == 4
 
 
+class Counted:
+    """The queue's objects, counting the requests made through them."""
+
+    def __init__(self, objects):
+        self.objects, self.puts, self.lists = objects, 0, 0
+
+    def put(self, *args, **kwargs):
+        self.puts += 1
+        return self.objects.put(*args, **kwargs)
+
+    def list_keys(self, prefix):
+        self.lists += 1
+        return self.objects.list_keys(prefix)
+
+
+def test_the_predict_functions_libcurl_queue_writes_the_same_records_and_knows_when_full(world):
+    """Through libcurl (the predict function's client), records are the same objects the
+    operator's boto3 queue reads; a full queue or an image already queued costs no request
+    until the replica's record is due for a LIST."""
+    from functions.predict.labels import CurlObjects
+    from lensflow_core.s3_get import ObjectGetter
+
+    config, s3, bucket, operator = world
+    objects = Counted(CurlObjects(ObjectGetter(config), config.train_bucket))
+    queue = LabelQueue(s3, config.train_bucket, limit=3, objects=objects)
+    queue.relist_every = 100  # as with a limit of 800: no LIST after each of 3 writes
+    etag = put(s3, bucket, "f/a.jpg")
+    assert queue.known("v1", bucket, "f/a.jpg") is None  # nothing known before a LIST
+    assert queue.offer(bucket, "f/a.jpg", etag, model("v1"), scores(0.4, 0.35, 0.25)) == (
+        "recorded"
+    )
+    assert (objects.puts, objects.lists) == (1, 1)
+    assert queue.known("v1", bucket, "f/a.jpg") == "duplicate"
+    assert queue.offer(bucket, "f/a.jpg", etag, model("v1"), scores(0.5, 0.4, 0.1)) == ("duplicate")
+    # another replica's write of the same image: the conditional PUT refuses it
+    operator.offer(bucket, "f/b.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3))
+    assert queue.offer(bucket, "f/b.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3)) == ("duplicate")
+    assert objects.puts == 2
+    assert queue.offer(bucket, "f/c.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3)) == "recorded"
+    puts, lists = objects.puts, objects.lists
+    for i in range(50):
+        assert queue.known("v1", bucket, f"g/{i}.jpg") == "full"
+        assert queue.offer(bucket, f"g/{i}.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3)) == (
+            "full"
+        )
+    assert (objects.puts, objects.lists) == (puts, lists)  # a full queue costs nothing
+    queue.RELIST_S = 0.0  # due for a LIST: a person labelled one meanwhile
+    operator.remove(bucket, "f/a.jpg")
+    assert queue.offer(bucket, "g/0.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3)) == "recorded"
+    pending = {e.key: e for e in operator.pending()}
+    assert sorted(pending) == ["f/b.jpg", "f/c.jpg", "g/0.jpg"]
+    assert pending["g/0.jpg"].model["version"] == "v1" and len(pending["g/0.jpg"].top) == 3
+    record = s3.get_object(Bucket=config.train_bucket, Key=record_key("v1", bucket, "g/0.jpg"))
+    assert record["ContentType"] == "application/json"
+
+
+def test_a_replica_writes_at_most_its_rate_and_counts_the_rest_paced(world):
+    """A new model finds everything uncertain: a burst of offers writes a second's worth
+    of records, the rest are counted ``paced`` at once (no request, no thread)."""
+    from eventing.contracts import ObjectEvent
+    from functions.predict import metrics
+    from functions.predict.labels import CurlObjects, LabelWriter
+    from lensflow_core.s3_get import ObjectGetter
+
+    config, s3, bucket, _ = world
+    objects = CurlObjects(ObjectGetter(config), config.train_bucket)
+    queue = LabelQueue(s3, config.train_bucket, limit=1000, objects=objects)
+    writer = LabelWriter(queue, rate=5)
+    before = metrics.counts(metrics.LABEL_QUEUE)
+    for i in range(40):
+        record = ObjectEvent("s3:ObjectCreated:Put", bucket, f"burst/{i}.jpg", "e")
+        writer.offer(record, "e", model("v9"), scores(0.4, 0.3, 0.3))
+    wait_for(lambda: queue.size("v9") >= 5, 10, "the first second's writes never landed")
+
+    def counted(outcome: str) -> int:
+        return metrics.counts(metrics.LABEL_QUEUE).get(outcome, 0) - before.get(outcome, 0)
+
+    wait_for(lambda: counted("recorded") >= 5, 5, "writes not counted")
+    assert 5 <= queue.size("v9") <= 6 and counted("paced") >= 34  # a token may refill
+    assert counted("recorded") + counted("paced") == 40
+
+
 def test_list_is_most_uncertain_first_one_entry_per_image(world):
     _, s3, bucket, queue = world
     queue.offer(bucket, "sure-ish.jpg", "e1", model("v1"), scores(0.55, 0.1, 0.35))
@@ -255,7 +337,8 @@ def test_a_full_backlog_drops_the_offer_and_never_delays_the_answer(
     from eventing.contracts import ObjectEvent, notification_record
     from functions.predict import metrics
     from functions.predict.fetch import ImageFetcher
-    from functions.predict.handler import LabelWriter, PredictHandler
+    from functions.predict.handler import PredictHandler
+    from functions.predict.labels import LabelWriter
     from functions.predict.sink import PredictionProducer
     from functions.predict.watcher import ModelWatcher
     from lensflow.function_server import knative_request

@@ -75,3 +75,23 @@ def test_threads_each_read_their_own_objects(store):
         t.join()
     assert not errors
     assert seen == {i: bytes([i]) * (1000 + i) for i in range(8)}
+
+
+def test_a_conditional_put_writes_once_and_a_list_sees_every_key(store):
+    """The labelling queue's writes: If-None-Match ``*`` through the same signer; a LIST
+    that pages past 1000 keys and reads escaped names."""
+    config, s3, bucket = store
+    getter = ObjectGetter(config)
+    key = "to-label/v1/ä b&c.json"
+    assert getter.put_if_absent(bucket, key, b'{"n": 1}').status == 200
+    again = getter.put_if_absent(bucket, key, b'{"n": 2}')
+    assert again.status in (409, 412)  # 412 from S3 and MinIO; 409 for a concurrent write
+    stored = s3.get_object(Bucket=bucket, Key=key)
+    assert stored["Body"].read() == b'{"n": 1}' and stored["ContentType"] == "application/json"
+    for i in range(1003):
+        s3.put_object(Bucket=bucket, Key=f"many/{i:04d}", Body=b"")
+    assert getter.list_keys(bucket, "to-label/v1/") == [key]
+    assert getter.list_keys(bucket, "many/") == [f"many/{i:04d}" for i in range(1003)]
+    assert getter.list_keys(bucket, "none/") == []
+    with pytest.raises(OSError, match="NoSuchBucket"):
+        getter.list_keys("no-such-bucket-x", "a/")

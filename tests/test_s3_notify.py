@@ -368,12 +368,14 @@ def test_a_shared_bucket_notified_whole_never_feeds_back(tiny_models, tmp_path, 
             time.sleep(0.2)
         assert main(["label", "forest", f"{bucket}/a.jpg"]) == 0
         assert main(["label", "holdout", "water", f"{bucket}/b.jpg"]) == 0
-        # 2 photos, 2 queue records, 1 labelled and 1 holdout copy: 6 events, 2 images
-        counts = _settled(stack, {"a.jpg", "b.jpg"}, 6)
+        # 2 photos, 2 queue records, 1 labelled and 1 holdout copy, and the 2 decisions
+        # (who labelled what, under decisions/): 8 events, 2 images
+        counts = _settled(stack, {"a.jpg", "b.jpg"}, 8)
         stats = stack.stats()["dispatcher"]
         dead = read_topic(config, config.topic_dlq, 1, timeout_s=3)
         written = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
     assert {"labeled/forest/a.jpg", "holdout/water/b.jpg"} <= written
+    assert sum(key.startswith("decisions/") for key in written) == 2
     assert counts == {f"{bucket}/a.jpg": 1, f"{bucket}/b.jpg": 1}  # nothing predicted twice
     assert dead == [] and stats["dead_lettered"] == 0
-    assert stats["delivered"] == 6
+    assert stats["delivered"] == 8

@@ -334,3 +334,37 @@ def test_a_quantized_challenger_is_judged_and_served_as_published(env, quantizat
     ]
     right = sum(top == truth for top, truth in zip(tops, holdout.classes, strict=True))
     assert right / len(tops) == pytest.approx(again.accuracy, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_round_publishes_its_fastest_artifact_that_keeps_the_quality(env):
+    """Every form is built, scored on the holdout and timed; the int8, faster and as good
+    as float32 (within LENSFLOW_TRAIN_TOLERANCE), is what the round publishes and what the
+    predict runtime serves; the report says which artifact and why."""
+    from functions.predict.serving_model import ServingModel
+    from lensflow_core.runtime import InputSpec
+
+    config = train_config(env, LENSFLOW_TRAIN_EPOCHS="4")
+    store = ModelStore.from_config(config)
+    seed_training_data(config, 24, 10, seed=1)
+    report = run_round(config, force=True)
+    built = {a["name"]: a for a in report.challenger["artifacts"]}
+    assert sorted(built) == ["float16", "float32", "int8"]  # no normalisation layer to fold
+    best = max(a["macro_f1"] for a in built.values())
+    int8, float32 = built["int8"], built["float32"]
+    assert int8["macro_f1"] >= best - config.train_tolerance / 100, built
+    assert int8["cpu_ms_per_image"] < float32["cpu_ms_per_image"], built
+    assert report.challenger["artifact"] == "int8"
+    assert report.challenger["artifact_reason"].startswith("int8: ")
+    assert report.challenger["quantization"] == "int8"
+    assert report.challenger["evaluation"]["macro_f1"] == int8["macro_f1"]
+    info = store.get_version(report.challenger["version"])
+    assert info.metadata["input"]["dtype"] == "uint8"
+    assert info.metadata["metrics"]["artifact"] == "int8"
+    assert report.outcome == "promoted" and store.current().version == info.version
+    stored = store.read_file(info.version, "model.tflite")
+    assert len(stored) == int8["size_bytes"] < float32["size_bytes"]
+    served = ServingModel(
+        "m", info.version, info.sha256, stored, info.labels, InputSpec.from_metadata(info.metadata)
+    )
+    assert served.runtime.spec.dtype == "uint8"

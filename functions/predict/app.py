@@ -18,13 +18,15 @@ import time
 from functions.predict import metrics
 from functions.predict.batcher import Batcher
 from functions.predict.fetch import ImageFetcher
-from functions.predict.handler import LabelWriter, PredictHandler
+from functions.predict.handler import PredictHandler
+from functions.predict.labels import CurlObjects, LabelWriter
 from functions.predict.sink import PredictionProducer
 from functions.predict.watcher import ModelWatcher
 from lensflow_core.cpus import usable_cpus
 from lensflow_core.kafka import KafkaSetupError, connect
 from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
+from lensflow_core.s3_get import ObjectGetter
 from lensflow_core.settings import Config
 from model_store import ModelStore
 from model_store.labelqueue import LabelQueue
@@ -60,10 +62,14 @@ class PredictApp:
         self.watcher.start()
         self.kafka_problem: str | None = "checking the connection to Kafka"
         threading.Thread(target=self._check_kafka, name="kafka-check", daemon=True).start()
+        s3_curl = ObjectGetter(config)  # the image GET's and the labelling queue's
         labels = None
         if config.label_queue_max > 0:
-            labels = LabelWriter(LabelQueue(s3, config.train_bucket, config.label_queue_max))
-        self.handler = PredictHandler(config, ImageFetcher(config), self.watcher, producer, labels)
+            objects = CurlObjects(s3_curl, config.train_bucket)
+            queue = LabelQueue(s3, config.train_bucket, config.label_queue_max, objects)
+            labels = LabelWriter(queue)
+        fetcher = ImageFetcher(config, s3_curl)
+        self.handler = PredictHandler(config, fetcher, self.watcher, producer, labels)
 
     def _check_kafka(self) -> None:
         """Until the brokers answer: record why not (once in the log per new reason)."""

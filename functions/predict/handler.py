@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cloudevents.conversion import to_binary
@@ -27,20 +25,17 @@ from eventing.tracing import TraceContext, incoming_trace, span
 from functions.predict import metrics
 from functions.predict.errors import Rejected
 from functions.predict.fetch import ImageFetcher
+from functions.predict.labels import LabelWriter
 from functions.predict.sink import PredictionProducer, ProduceError
 from functions.predict.watcher import ModelWatcher
 from lensflow_core.imaging import DecodeBudget, ImageError, decode_image
 from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
-from model_store.labelqueue import LabelQueue, is_uncertain
+from model_store.labelqueue import is_uncertain
 from model_store.own import own_prefix
 
 log = logging.getLogger("lensflow.predict")
 NO_MODEL_RETRY_AFTER_S = 2
-# The labelling queue's writers: a fresh model finds most pictures uncertain, and a person
-# needs a few hundred of them, not each one; past this backlog offers are dropped (busy).
-LABEL_WRITERS = 2
-LABEL_BACKLOG = 64
 
 
 @dataclass
@@ -52,43 +47,6 @@ class Reply:
     @classmethod
     def json(cls, status: int, payload: dict) -> Reply:
         return cls(status, {"Content-Type": "application/json"}, json.dumps(payload).encode())
-
-
-class LabelWriter:
-    """Offers uncertain images to the labelling queue on background threads, so that its
-    S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
-
-    At most ``backlog`` offers wait or run at once; past that an offer is dropped and
-    counted ``busy``. Each write's outcome is counted when it completes.
-    """
-
-    def __init__(
-        self, queue: LabelQueue, threads: int = LABEL_WRITERS, backlog: int = LABEL_BACKLOG
-    ):
-        self.queue = queue
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="label-queue")
-        self._room = threading.BoundedSemaphore(backlog)
-
-    def offer(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
-        """Hand the offer to a writer, or count it ``busy``: never waits, never raises."""
-        if not self._room.acquire(blocking=False):
-            metrics.LABEL_QUEUE.labels("busy").inc()
-            return
-        try:
-            self._pool.submit(self._write, record, etag, model, predictions)
-        except RuntimeError:  # the interpreter is exiting: no new threads
-            self._room.release()
-            metrics.LABEL_QUEUE.labels("busy").inc()
-
-    def _write(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
-        try:
-            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
-        except Exception as exc:  # noqa: BLE001 - counted and logged; the prediction is out
-            log.warning("could not queue %s for labelling: %s", record.path, exc)
-            outcome = "error"
-        finally:
-            self._room.release()
-        metrics.LABEL_QUEUE.labels(outcome).inc()
 
 
 class PredictHandler:

@@ -134,3 +134,29 @@ def fine_tune(
     B.set_trainable_blocks(classifier, TOP_BLOCKS)
     M.compile_model(model, learning_rate=FINETUNE_LEARNING_RATE)
     return M.train(model, images, labels, epochs, progress, seed=seed)
+
+
+def fold_normalisation(model):
+    """``model`` with its ``Normalization`` layer folded into the stem convolution and
+    its batch norm: conv(W, (x - m) / s) = conv(W / s, x) - conv(W, m / s), the second
+    term moved into the batch norm's moving mean. Exact but for the stem's one-pixel
+    border (padding is now zero pixels rather than the mean); the holdout judges it.
+    None when ``model`` has no such layer. Shares every other layer with ``model``."""
+    norm = next((la for la in model.layers if isinstance(la, keras.layers.Normalization)), None)
+    inner = next((la for la in model.layers if isinstance(la, keras.Model)), None)
+    if norm is None or inner is None:
+        return None
+    folded = keras.models.clone_model(inner)
+    folded.set_weights(inner.get_weights())
+    conv, batchnorm = folded.get_layer("features_0_0"), folded.get_layer("features_0_1")
+    (w,) = conv.get_weights()  # [kh, kw, in, out], no bias: the batch norm follows
+    mean = np.asarray(norm.mean, np.float32).reshape(-1)
+    std = np.sqrt(np.asarray(norm.variance, np.float32).reshape(-1))
+    conv.set_weights([w / std[None, None, :, None]])
+    gamma, beta, moving_mean, moving_var = batchnorm.get_weights()
+    shift = np.einsum("hwio,i->o", w, mean / std)
+    batchnorm.set_weights([gamma, beta, moving_mean + shift, moving_var])
+    x = inputs = keras.Input(model.input.shape[1:], dtype="float32", name="image")
+    for layer in model.layers[1:]:  # the graph is a chain: input, normalisation, inner...
+        x = folded(x) if layer is inner else x if layer is norm else layer(x)
+    return keras.Model(inputs, x, name=f"{model.name}_folded")

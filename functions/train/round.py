@@ -5,6 +5,10 @@ The champion is whatever the model pointer names. A challenger is always publish
 its metrics, Keras weights and this report) but the pointer moves only when the challenger
 wins by ``config.train_margin`` on ``config.train_metric``, by compare-and-swap against the
 champion that was evaluated, and never while an operator has pinned the pointer.
+
+The challenger is built in several forms (``functions.train.artifacts``): the best one on
+the holdout is judged against the champion, the fastest within ``config.train_tolerance``
+points of it is the one published (docs/training.md, "Which artifact is served").
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from functions.train import dataset
+from functions.train import artifacts, dataset
 from functions.train import fingerprint as fp
+from functions.train.artifacts import Artifact
 from functions.train.evaluate import Evaluation, evaluate_pictures
 from functions.train.reports import keep as keep_report
 from lensflow_core.runtime import DEFAULT_OFFSET, DEFAULT_SCALE
@@ -133,7 +138,7 @@ def run_round(
             progress(ProgressEvent(stage, message, **kw))
 
     try:
-        _run(config, s3, store, report, clock, say, force, seed)
+        _Round(config, s3, store, report, clock, say, seed).run(force)
     finally:
         clock.total()
     keep_report(store, report)
@@ -141,228 +146,332 @@ def run_round(
     return report
 
 
-def _run(  # noqa: C901 (one story, told in order)
-    config: Config,
-    s3,
-    store: ModelStore,
-    report: RoundReport,
-    clock: _Clock,
-    say: Callable[..., None],
-    force: bool,
-    seed: int,
-) -> None:
-    bucket = config.train_bucket
-    say("data", f"listing s3://{bucket}/{dataset.LABELED}/ and /{dataset.HOLDOUT}/")
-    labeled, holdout = dataset.Split(dataset.LABELED), dataset.Split(dataset.HOLDOUT)
-    if _bucket_exists(s3, bucket):
-        labeled = dataset.list_split(s3, bucket, dataset.LABELED)
-        holdout = dataset.list_split(s3, bucket, dataset.HOLDOUT)
-    pointer = store.current()
-    champion = _champion(store, pointer.version) if pointer else None
-    baseline = _baseline(store, champion)
-    entries = fp.entries(labeled.keys, labeled.etags, labeled.classes)
-    since_champion = _changes(store, champion, entries, len(labeled))
-    since_baseline = _changes(store, baseline, entries, len(labeled))
-    report.pointer = pointer.version if pointer else None
-    report.data = {
-        "bucket": bucket,
-        "labeled": labeled.counts,
-        "labeled_total": len(labeled),
-        "holdout": holdout.counts,
-        "holdout_total": len(holdout),
-        "fingerprint": fp.digest(entries),
-        "new_since_champion": since_champion.new,
-        "removed_since_champion": since_champion.removed,
-        "new_since_last_round": since_baseline.new,
-        "removed_since_last_round": since_baseline.removed,
-        "backbone": config.train_backbone,
-    }
-    clock.lap("list_s")
+@dataclass
+class _Data:
+    """What the gate found: the splits, the pointer, the champion and its baseline."""
 
+    labeled: dataset.Split
+    holdout: dataset.Split
+    champion: VersionInfo | None
+    entries: list[fp.Entry]
+    pretrained: tuple[dict, dict] | None = None
+
+
+@dataclass
+class _Trained:
+    """The challenger as Keras left it, and the pictures it was trained and is judged on."""
+
+    keras_model: Any
+    labels: list[str]
+    arch: str
+    size: dataset.Size
+    spec: dict
+    x: np.ndarray
+    judge: dataset.Pictures
+    fold: Any = None  # the model with its normalisation folded into the stem, if it has one
+
+
+@dataclass
+class _Verdict:
+    """The artifact published, the one judged, and whether the pointer should move."""
+
+    published: Artifact
+    best: Artifact
+    promote: bool
+    why: str
+    champion_eval: Evaluation | None = None
+
+
+class _Round:
+    """One round's steps, in order, each filling the report: ``gate`` (whether the round
+    runs: no TensorFlow), ``train``, ``judge``, ``publish``, ``promote``."""
+
+    def __init__(self, config: Config, s3, store: ModelStore, report, clock, say, seed: int):
+        self.config, self.s3, self.store = config, s3, store
+        self.report, self.clock, self.say, self.seed = report, clock, say, seed
+
+    def run(self, force: bool) -> None:
+        data = self.gate(force)
+        if data is None:
+            return
+        trained = self.train(data)
+        if trained is None:
+            return
+        verdict = self.judge(data, trained)
+        info = self.publish(data, trained, verdict)
+        if verdict.promote:
+            self.promote(data, verdict, info)
+
+    # --- gate: whether there is anything to learn (the report's reason when not) -------
+
+    def gate(self, force: bool) -> _Data | None:
+        config, report, bucket = self.config, self.report, self.config.train_bucket
+        self.say("data", f"listing s3://{bucket}/{dataset.LABELED}/ and /{dataset.HOLDOUT}/")
+        labeled, holdout = dataset.Split(dataset.LABELED), dataset.Split(dataset.HOLDOUT)
+        if _bucket_exists(self.s3, bucket):
+            labeled = dataset.list_split(self.s3, bucket, dataset.LABELED)
+            holdout = dataset.list_split(self.s3, bucket, dataset.HOLDOUT)
+        pointer = self.store.current()
+        champion = _champion(self.store, pointer.version) if pointer else None
+        baseline = _baseline(self.store, champion)
+        data = _Data(
+            labeled, holdout, champion, fp.entries(labeled.keys, labeled.etags, labeled.classes)
+        )
+        since_champion = _changes(self.store, champion, data.entries, len(labeled))
+        since_baseline = _changes(self.store, baseline, data.entries, len(labeled))
+        report.pointer = pointer.version if pointer else None
+        report.data = {
+            "bucket": bucket,
+            "labeled": labeled.counts,
+            "labeled_total": len(labeled),
+            "holdout": holdout.counts,
+            "holdout_total": len(holdout),
+            "fingerprint": fp.digest(data.entries),
+            "new_since_champion": since_champion.new,
+            "removed_since_champion": since_champion.removed,
+            "new_since_last_round": since_baseline.new,
+            "removed_since_last_round": since_baseline.removed,
+            "backbone": config.train_backbone,
+        }
+        self.clock.lap("list_s")
+        report.reason = _refusal(config, data, baseline, since_baseline.new, force)
+        if report.reason:
+            return None
+        if config.train_backbone != "none":
+            try:
+                data.pretrained = _load_backbone(self.store, config.train_backbone)
+            except (NotFoundError, IntegrityError, ValueError) as exc:
+                report.reason = (
+                    f"LENSFLOW_TRAIN_BACKBONE is {config.train_backbone} but {exc}; store it "
+                    f"with `lensflow models backbone import` (at "
+                    f"{backbone_path(self.store, config.train_backbone)})"
+                )
+                return None
+        return data
+
+    # --- train: the challenger in Keras ------------------------------------------------
+
+    def train(self, data: _Data) -> _Trained | None:
+        from functions.train import model as M  # TensorFlow: only now, only here
+
+        config, say = self.config, self.say
+        self.clock.lap("import_s")
+        arch, size, spec = M.ARCH, M.INPUT_SIZE, dict(M.INPUT_SPEC)
+        if data.pretrained is not None:
+            from functions.train import finetune as F
+
+            arch, size, spec = F.ARCH, F.INPUT_SIZE, F.input_spec(data.pretrained[1])
+        labeled, holdout = data.labeled, data.holdout
+        sizes = [size, *([champ] if (champ := _input_size(data.champion)) else [])]
+        say(
+            "load",
+            f"fetching and decoding {len(labeled)} labelled and {len(holdout)} holdout images",
+        )
+        limits = {"max_pixels": config.max_image_pixels, "max_bytes": config.max_image_bytes}
+        train_set = dataset.load(self.s3, config.train_bucket, labeled, [size], **limits)
+        judge = dataset.load(self.s3, config.train_bucket, holdout, sizes, **limits)
+        self.clock.lap("load_s")
+        labels = labeled.labels
+        index = {label: i for i, label in enumerate(labels)}
+        x, y = train_set.arrays[size], np.array([index[c] for c in train_set.classes])
+        self.report.data["skipped_undecodable"] = {
+            "labeled": train_set.undecodable,
+            "holdout": judge.undecodable,
+        }
+        if len(set(y.tolist())) < 2 or not len(judge):
+            self.report.reason = "too few decodable images: need two labelled classes and a holdout"
+            return None
+        trained = _Trained(None, labels, arch, size, spec, x, judge)
+        self._fit(data, trained, y)
+        return trained
+
+    def _fit(self, data: _Data, trained: _Trained, y: np.ndarray) -> None:
+        """Build and train ``trained.keras_model`` (warm from the champion where it fits)."""
+        from functions.train import model as M
+
+        config, say, seed, x = self.config, self.say, self.seed, trained.x
+        epochs, labels, arch = config.train_epochs, trained.labels, trained.arch
+
+        def on_epoch(e: int, n: int, logs: dict[str, float]) -> None:
+            say(
+                "train", f"epoch {e}/{n} loss {logs.get('loss', 0):.3f}", done=e, total=n, logs=logs
+            )
+
+        if data.pretrained is None:
+            keras_model = M.build_model(len(labels), seed=seed)
+            warm = _warm_start(self.store, data.champion, labels, keras_model, arch, M)
+            start = f"training on {len(x)} images, {epochs} epochs ({warm or 'from scratch'})"
+            say("train", start, done=0, total=epochs)
+            history = M.train(keras_model, x, y, epochs, on_epoch, seed=seed)
+        else:
+            from functions.train import finetune as F
+
+            keras_model, classifier = F.build(len(labels), *data.pretrained, seed=seed)
+            warm = _warm_start(self.store, data.champion, labels, keras_model, arch, M)
+            phase = "fine-tuning the top blocks" if warm else "training a new head, backbone frozen"
+            start = f"{phase} on {len(x)} images, {epochs} epochs ({warm or 'from ' + config.train_backbone})"
+            say("train", start, done=0, total=epochs)
+            fit = F.fine_tune if warm else F.train_head
+            history = fit(keras_model, classifier, x, y, epochs, on_epoch, seed=seed)
+            trained.fold = F.fold_normalisation(keras_model)
+        self.clock.lap("train_s")
+        trained.keras_model = keras_model
+        self.report.challenger = {
+            "labels": labels,
+            "warm_start": warm,
+            "epochs": epochs,
+            "history": history,
+        }
+
+    # --- judge: every artifact on the holdout, the best against the champion -----------
+
+    def judge(self, data: _Data, trained: _Trained) -> _Verdict:
+        config, report, metric = self.config, self.report, self.config.train_metric
+        forms = ", ".join(config.train_quantization)
+        self.say("convert", f"converting to TFLite ({forms}{', folded' if trained.fold else ''})")
+        built = artifacts.convert(
+            trained.keras_model, config.train_quantization, trained.x, trained.fold
+        )
+        self.clock.lap("convert_s")
+        judge, size, spec = trained.judge, trained.size, trained.spec
+        self.say(
+            "evaluate",
+            f"evaluating {len(built)} artifacts and the champion on {len(judge)} holdout images (LiteRT)",
+        )
+        for artifact in built:
+            artifact.evaluation = evaluate_pictures(
+                artifact.tflite,
+                trained.labels,
+                judge.arrays[size],
+                judge.classes,
+                scale=spec["scale"],
+                offset=spec["offset"],
+            )
+        artifacts.time_artifacts(built, judge.arrays[size], spec["scale"], spec["offset"])
+        published, best, why_artifact = artifacts.choose(built, metric, config.train_tolerance)
+        champion, champ_eval, champ_problem = data.champion, None, None
+        if champion is not None:
+            champ_eval, champ_problem = _evaluate_champion(self.store, champion, judge)
+            report.champion = {
+                "version": champion.version,
+                "labels": champion.labels,
+                "evaluation": champ_eval.to_dict() if champ_eval else None,
+                "problem": champ_problem,
+            }
+        self.clock.lap("evaluate_s")
+        report.challenger.update(
+            size_bytes=len(published.tflite),
+            quantization=published.quantization,
+            artifact=published.name,
+            artifact_reason=why_artifact,
+            judged_by=best.name,
+            tolerance=config.train_tolerance,
+            artifacts=[a.to_dict(metric) for a in built],
+            evaluation=published.evaluation.to_dict(),
+        )
+        promote, why = _decide(config, best.evaluation, champion, champ_eval, champ_problem)
+        return _Verdict(published, best, promote, why, champ_eval)
+
+    # --- publish: the chosen artifact, always; promote: the pointer, by CAS ------------
+
+    def publish(self, data: _Data, trained: _Trained, verdict: _Verdict) -> VersionInfo:
+        from functions.train import model as M
+
+        report, artifact = self.report, verdict.published
+        self.say("publish", f"publishing the challenger ({artifact.name})")
+        metrics = {
+            **artifact.evaluation.summary(),
+            "labeled_images": len(data.labeled),
+            "holdout_images": len(trained.judge),
+            fp.METRIC: report.data["fingerprint"],
+            "arch": trained.arch,
+            "backbone": self.config.train_backbone,
+            "quantization": artifact.quantization,
+            "artifact": artifact.name,
+            "round_id": report.round_id,
+        }
+        spec = dict(trained.spec)
+        if artifact.folded:  # the same input; the normalisation now lives in the stem
+            spec["normalisation"] = {**spec.get("normalisation", {}), "folded_into_stem": True}
+        # What report.json (stored with the version) says; the flip's outcome comes after.
+        report.outcome = "promoting" if verdict.promote else "not_promoted"
+        report.reason = verdict.why if verdict.promote else f"not promoted: {verdict.why}"
+        champion = data.champion
+        info = self.store.publish(
+            artifact.tflite,
+            trained.labels,
+            metrics=metrics,
+            parent=champion.version if champion else None,
+            input_spec=spec,
+            extra_files={
+                M.WEIGHTS_FILE: M.weights_bytes(trained.keras_model),
+                fp.FILE: fp.to_bytes(data.entries),
+                "report.json": json.dumps(report.to_dict(), indent=2, default=str).encode(),
+            },
+            created_by=CREATED_BY,
+        )
+        report.challenger["version"] = info.version
+        report.challenger["sha256"] = info.sha256
+        self.clock.lap("publish_s")
+        return info
+
+    def promote(self, data: _Data, verdict: _Verdict, info: VersionInfo) -> None:
+        report, champion = self.report, data.champion
+        self.say("promote", f"promoting {info.version}")
+        try:
+            flipped = self.store.flip(
+                info.version,
+                expect=champion.version if champion else NO_POINTER,
+                reason=f"train round {report.round_id}: {verdict.why}",
+                by=CREATED_BY,
+                metrics=verdict.published.evaluation.summary(),
+                honour_pin=True,
+            )
+        except ConflictError as exc:
+            now = self.store.current()
+            report.pointer = now.version if now else None
+            report.outcome = "not_promoted"
+            report.reason = f"not promoted: pointer moved (now at {report.pointer}; {exc})"
+            return
+        except PinnedError as exc:
+            report.outcome, report.reason = "not_promoted", f"not promoted: pinned ({exc})"
+            return
+        finally:
+            self.clock.lap("promote_s")
+        report.pointer = flipped.version
+        report.outcome, report.reason = "promoted", f"promoted: {verdict.why}"
+
+
+def _refusal(
+    config: Config, data: _Data, baseline: VersionInfo | None, new: int, force: bool
+) -> str:
+    """Why the round must not train on ``data`` ('' when it may)."""
+    bucket, labeled, holdout, champion = (
+        config.train_bucket,
+        data.labeled,
+        data.holdout,
+        data.champion,
+    )
     if not len(holdout):
-        report.reason = f"no holdout images under s3://{bucket}/{dataset.HOLDOUT}/<class>/: nothing to judge a model by"
-        return
+        return f"no holdout images under s3://{bucket}/{dataset.HOLDOUT}/<class>/: nothing to judge a model by"
     if len(labeled.labels) < 2:
-        report.reason = f"need labelled images of at least two classes under s3://{bucket}/{dataset.LABELED}/<class>/"
-        return
-    new = since_baseline.new
+        return f"need labelled images of at least two classes under s3://{bucket}/{dataset.LABELED}/<class>/"
     if baseline is not None and not force and new < config.train_min_new:
         since = f"{baseline.version}'s round"
         if champion is not None and baseline.version != champion.version:
             since += f" (the last round, which challenged {champion.version})"
-        report.reason = (
+        return (
             f"{new} labelled entries new or changed since {since}; "
             f"LENSFLOW_TRAIN_MIN_NEW is {config.train_min_new}"
         )
-        return
-    pretrained = None
-    if config.train_backbone != "none":
-        try:
-            pretrained = _load_backbone(store, config.train_backbone)
-        except (NotFoundError, IntegrityError, ValueError) as exc:
-            report.reason = (
-                f"LENSFLOW_TRAIN_BACKBONE is {config.train_backbone} but {exc}; store it with "
-                f"`lensflow models backbone import` (at {backbone_path(store, config.train_backbone)})"
-            )
-            return
-
     total = len(labeled) + len(holdout)
     if total > config.train_max_images:
-        report.reason = (
+        return (
             f"{total} labelled and holdout images, over LENSFLOW_TRAIN_MAX_IMAGES "
             f"({config.train_max_images}), the most a round holds in the training Job's "
             "memory: raise the Job's memory limit and the setting together (docs/training.md)"
         )
-        return
-
-    from functions.train import model as M  # TensorFlow: only now, only here
-
-    clock.lap("import_s")
-    arch, size, spec = M.ARCH, M.INPUT_SIZE, dict(M.INPUT_SPEC)
-    if pretrained is not None:
-        from functions.train import finetune as F
-
-        arch, size, spec = F.ARCH, F.INPUT_SIZE, F.input_spec(pretrained[1])
-    sizes = [size, *([champ] if (champ := _input_size(champion)) else [])]
-    say("load", f"fetching and decoding {len(labeled)} labelled and {len(holdout)} holdout images")
-    limits = {"max_pixels": config.max_image_pixels, "max_bytes": config.max_image_bytes}
-    train_set = dataset.load(s3, bucket, labeled, [size], **limits)
-    judge = dataset.load(s3, bucket, holdout, sizes, **limits)
-    clock.lap("load_s")
-    labels = labeled.labels
-    index = {label: i for i, label in enumerate(labels)}
-    x, y = train_set.arrays[size], np.array([index[c] for c in train_set.classes])
-    report.data["skipped_undecodable"] = {
-        "labeled": train_set.undecodable,
-        "holdout": judge.undecodable,
-    }
-    if len(set(y.tolist())) < 2 or not len(judge):
-        report.reason = "too few decodable images: need two labelled classes and a holdout"
-        return
-
-    epochs = config.train_epochs
-
-    def on_epoch(e: int, n: int, logs: dict[str, float]) -> None:
-        say("train", f"epoch {e}/{n} loss {logs.get('loss', 0):.3f}", done=e, total=n, logs=logs)
-
-    if pretrained is None:
-        keras_model = M.build_model(len(labels), seed=seed)
-        warm = _warm_start(store, champion, labels, keras_model, arch, M)
-        say(
-            "train",
-            f"training on {len(x)} images, {epochs} epochs ({warm or 'from scratch'})",
-            done=0,
-            total=epochs,
-        )
-        history = M.train(keras_model, x, y, epochs, on_epoch, seed=seed)
-    else:
-        keras_model, classifier = F.build(len(labels), pretrained[0], pretrained[1], seed=seed)
-        warm = _warm_start(store, champion, labels, keras_model, arch, M)
-        phase = "fine-tuning the top blocks" if warm else "training a new head, backbone frozen"
-        say(
-            "train",
-            f"{phase} on {len(x)} images, {epochs} epochs ({warm or 'from ' + config.train_backbone})",
-            done=0,
-            total=epochs,
-        )
-        fit = F.fine_tune if warm else F.train_head
-        history = fit(keras_model, classifier, x, y, epochs, on_epoch, seed=seed)
-    clock.lap("train_s")
-
-    quantization = config.train_quantization
-    say("convert", f"converting to TFLite ({quantization})")
-    tflite = M.to_tflite(keras_model, quantization, representative=x)
-    weights = M.weights_bytes(keras_model)
-    clock.lap("convert_s")
-
-    say("evaluate", f"evaluating challenger and champion on {len(judge)} holdout images (LiteRT)")
-    chall_eval = evaluate_pictures(
-        tflite,
-        labels,
-        judge.arrays[size],
-        judge.classes,
-        scale=spec["scale"],
-        offset=spec["offset"],
-    )
-    champ_eval, champ_problem = None, None
-    if champion is not None:
-        champ_eval, champ_problem = _evaluate_champion(store, champion, judge)
-    clock.lap("evaluate_s")
-
-    report.challenger = {
-        "labels": labels,
-        "warm_start": warm,
-        "epochs": epochs,
-        "history": history,
-        "size_bytes": len(tflite),
-        "quantization": quantization,
-        "evaluation": chall_eval.to_dict(),
-    }
-    if champion is not None:
-        report.champion = {
-            "version": champion.version,
-            "labels": champion.labels,
-            "evaluation": champ_eval.to_dict() if champ_eval else None,
-            "problem": champ_problem,
-        }
-    promote, why = _decide(config, chall_eval, champion, champ_eval, champ_problem)
-
-    say("publish", "publishing the challenger")
-    metrics = {
-        **chall_eval.summary(),
-        "labeled_images": len(labeled),
-        "holdout_images": len(judge),
-        fp.METRIC: report.data["fingerprint"],
-        "arch": arch,
-        "backbone": config.train_backbone,
-        "quantization": quantization,
-        "round_id": report.round_id,
-    }
-    # What report.json (stored with the version) says; the flip's outcome comes after.
-    report.outcome = "promoting" if promote else "not_promoted"
-    report.reason = why if promote else f"not promoted: {why}"
-    info = store.publish(
-        tflite,
-        labels,
-        metrics=metrics,
-        parent=champion.version if champion else None,
-        input_spec=spec,
-        extra_files={
-            M.WEIGHTS_FILE: weights,
-            fp.FILE: fp.to_bytes(entries),
-            "report.json": json.dumps(report.to_dict(), indent=2, default=str).encode(),
-        },
-        created_by=CREATED_BY,
-    )
-    report.challenger["version"] = info.version
-    report.challenger["sha256"] = info.sha256
-    clock.lap("publish_s")
-
-    if not promote:
-        return
-    say("promote", f"promoting {info.version}")
-    try:
-        flipped = store.flip(
-            info.version,
-            expect=champion.version if champion else NO_POINTER,
-            reason=f"train round {report.round_id}: {why}",
-            by=CREATED_BY,
-            metrics=chall_eval.summary(),
-            honour_pin=True,
-        )
-    except ConflictError as exc:
-        now = store.current()
-        report.pointer = now.version if now else None
-        report.outcome = "not_promoted"
-        report.reason = f"not promoted: pointer moved (now at {report.pointer}; {exc})"
-        return
-    except PinnedError as exc:
-        report.outcome, report.reason = "not_promoted", f"not promoted: pinned ({exc})"
-        return
-    finally:
-        clock.lap("promote_s")
-    report.pointer = flipped.version
-    report.outcome, report.reason = "promoted", f"promoted: {why}"
+    return ""
 
 
 def _bucket_exists(s3, bucket: str) -> bool:
