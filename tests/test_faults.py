@@ -15,12 +15,13 @@ from confluent_kafka.admin import AdminClient
 
 from eventing.predictions import TopicReader
 from eventing.producer import make_producer
+from lensflow.faults import processes_with
 from lensflow.services import KafkaBroker
 from lensflow.stack import EmbeddedStack
 from lensflow_core.settings import Config
 from model_store import ModelStore
 from tests.conftest import LABELS, make_env
-from tests.test_stack import predicted, processes_with, publish_model, stack_env, upload
+from tests.test_stack import predicted, publish_model, stack_env, upload
 
 pytestmark = pytest.mark.slow
 
