@@ -6,8 +6,8 @@ make the faults.
   across broker restarts, keeping every record once, decoded.
 - ``processes_with``: the processes whose environment carries a marker (what a run left
   behind).
-- ``kill9`` and ``pause``: ``kill -9`` of a process group; ``SIGSTOP``, a wait,
-  ``SIGCONT``.
+- ``kill9``, ``pause`` and ``resume``: ``kill -9`` of a process group; ``SIGSTOP``, a
+  wait, ``SIGCONT``.
 """
 
 from __future__ import annotations
@@ -142,5 +142,10 @@ def pause(pid: int, seconds: float, group: bool = True) -> None:
     try:
         time.sleep(seconds)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            send(pid, signal.SIGCONT)
+        resume(pid, group)
+
+
+def resume(pid: int, group: bool = True) -> None:
+    """``SIGCONT`` of ``pid`` (its group); a process that is gone is no error."""
+    with contextlib.suppress(ProcessLookupError):
+        (os.killpg if group else os.kill)(pid, signal.SIGCONT)
