@@ -16,7 +16,7 @@ What it holds every run to (issue 23):
   meanwhile;
 - the pointer history has no gap (sequence 1..n, each flip starting where the last
   ended, the last one where the pointer is);
-- no process is left behind.
+- no process is left behind, and every fault did what it should (a server restarted).
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ def check(history: History) -> Report:
         _check_archive(history, report)
     _check_versions(history, report)
     _check_pointer_history(history, report)
+    for f in history.faults:
+        if f.error:
+            report.invariants_broken.append(f"fault {f.name} did not complete: {f.error}")
     if history.left_behind:
         pids = ", ".join(map(str, sorted(history.left_behind)))
         report.invariants_broken.append(f"processes left behind: {pids}")
