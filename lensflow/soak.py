@@ -439,7 +439,7 @@ class Soak:
             self.processes.pop(f"train-{n}", None)
         text = report_path.read_text().strip()
         try:
-            report = json.loads(text.splitlines()[-1]) if text else {}
+            report = json.loads(text) if text else {}
         except ValueError:
             report = {"reason": text[-300:]}
         if code != 0:
@@ -476,7 +476,7 @@ class Soak:
                 "--port",
                 str(self.dashboard_port),
             ]
-            ready = http_ok(f"http://127.0.0.1:{self.dashboard_port}/healthz", 2.0)
+            ready = http_ok(f"http://127.0.0.1:{self.dashboard_port}/api/state", 2.0)
         process = ChildProcess(name, command, env=self.env, log_path=log_path)
         self.processes[name] = process
         try:
@@ -525,6 +525,7 @@ class Soak:
         folder = Path(tempfile.mkdtemp(prefix="soak-uploads-", dir=self.log_dir))
         uploader = Uploader(self.config, self.schedule, folder, self.options.rate).start()
         t0 = uploader.started
+        self.wall_t0 = time.time() - (time.monotonic() - t0)
         self.say(f"load and faults for {self.options.duration_s:g} s")
         threads = []
         try:
@@ -552,7 +553,7 @@ class Soak:
             run.ended = time.time()
         self.fault_runs.append(run)
         self.say(
-            f"{time.monotonic() - t0:7.1f}s  {planned.fault}: {run.note or ''}"
+            f"{run.started - self.wall_t0:7.1f}s  {planned.fault}: {run.note or ''}"
             + (f" FAILED: {run.error}" if run.error else "")
         )
 
@@ -656,7 +657,7 @@ def rollback(soak: Soak, planned: Planned) -> str:
 
 def train(soak: Soak, planned: Planned) -> str:
     report = soak._train_round()
-    return f"round: {report.get('decision') or report.get('reason') or 'done'}"[:200]
+    return f"round: {report.get('reason') or report.get('outcome') or 'done'}"[:200]
 
 
 INJECT: dict[str, Callable[[Soak, Planned], str]] = {
