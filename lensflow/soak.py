@@ -368,10 +368,11 @@ class Soak:
 
     # --- servers and processes ------------------------------------------------------------
 
-    def _server(self, name: str, server: Server) -> Server:
-        server.env[MARKER] = self.tag
-        self.processes[name] = server  # before start(): stop() must find it whatever happens
+    def _server(self, name: str, make: Callable[[], Server]) -> Server:
         try:
+            server = make()
+            server.env[MARKER] = self.tag
+            self.processes[name] = server  # before start(): stop() must find it
             return server.start(timeout_s=60)
         except Exception as exc:
             raise SoakStartError(
@@ -379,10 +380,12 @@ class Soak:
             ) from None
 
     def _start_servers(self) -> None:
-        s3 = self._server("s3", S3Server(log_dir=self.log_dir))
+        s3 = self._server("s3", lambda: S3Server(log_dir=self.log_dir))
         durable_on = Config.from_env({"LENSFLOW_S3_ENDPOINT": s3.endpoint})
         ensure_buckets(s3_client(durable_on), ["tansu"])
-        kafka = self._server("broker", KafkaBroker(log_dir=self.log_dir, durable_on=durable_on))
+        kafka = self._server(
+            "broker", lambda: KafkaBroker(log_dir=self.log_dir, durable_on=durable_on)
+        )
         self.env = {
             **os.environ,
             MARKER: self.tag,
@@ -606,7 +609,7 @@ def restart(name: str) -> Callable[[Soak, Planned], str]:
             broker = process
             soak._server(
                 "broker",
-                KafkaBroker(
+                lambda: KafkaBroker(
                     port=broker.port,
                     log_dir=soak.log_dir / f"broker-{planned.at_s:g}",
                     durable_on=broker.durable_on,

@@ -98,6 +98,7 @@ class Report:
     sent: int = 0  # acknowledged uploads, valid and hostile
     rejected: int = 0  # refused by the store (unknown bucket)
     unacknowledged: int = 0  # the upload failed (store frozen, broker away): not sent
+    sent_by_kind: dict[str, int] = field(default_factory=dict)  # acknowledged, by kind
     predicted: int = 0
     dead_lettered: int = 0
     duplicates: int = 0
@@ -143,6 +144,7 @@ def _count_uploads(history: History, report: Report) -> None:
     report.sent = outcomes["acked"]
     report.rejected = outcomes["rejected"]
     report.unacknowledged = outcomes["failed"]
+    report.sent_by_kind = dict(Counter(u.kind for u in history.uploads if u.outcome == "acked"))
     for u in history.uploads:
         if u.kind == UNKNOWN_BUCKET and u.outcome == "acked":
             report.invariants_broken.append(f"{u.key}: the store took an unknown bucket")

@@ -69,6 +69,7 @@ def test_a_clean_history_passes_and_is_counted():
     assert report.ok, report.invariants_broken
     assert (report.sent, report.predicted, report.dead_lettered, report.lost) == (6, 3, 3, 0)
     assert report.rejected == 1 and report.duplicates == 0
+    assert report.sent_by_kind == {"valid": 3, "corrupt": 1, "oversized": 1, "bomb": 1}
 
 
 def test_a_lost_upload_is_counted_and_fails():
@@ -208,3 +209,59 @@ def test_bad_flags_get_one_line_and_start_nothing(flags, says):
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0 and says in done.stderr
     assert json.loads(done.stdout) == {"error": done.stderr.strip().split("error: ", 1)[1]}
+
+
+@pytest.mark.slow
+def test_a_soak_whose_broker_cannot_start_says_so_and_leaves_nothing_running():
+    from lensflow.faults import processes_with
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lensflow", "soak", "--duration", "5", "--seed", "987654"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CALF_TANSU_BIN": "/bin/false"},
+    )
+    assert done.returncode != 0
+    error = [line for line in done.stderr.splitlines() if line.startswith("lensflow: error")]
+    assert len(error) == 1 and "the broker server did not start" in error[0], done.stderr
+    assert processes_with("LENSFLOW_SOAK_RUN=soak-987654-") == []
+
+
+# The CI soak: 75 s of load with seed 404, whose schedule has a kill -9 of the dispatcher
+# (twice), a broker restart, two S3 freezes, a frozen and a killed replica, a flip and a
+# training round (test_the_ci_seed_draws_every_kind_of_fault). ``make bench`` runs 600 s.
+CI_SEED, CI_DURATION = 404, 75
+
+
+def test_the_ci_seed_draws_every_kind_of_fault():
+    drawn = {p.fault for p in plan(CI_SEED, CI_DURATION).faults}
+    assert {"kill-dispatcher", "broker-restart", "s3-freeze", "train", "flip"} <= drawn
+    assert {"kill-replica", "stop-replica", "stop-dispatcher", "kill-dashboard"} <= drawn
+
+
+@pytest.mark.slow
+def test_a_short_soak_with_a_fixed_seed_loses_nothing_and_breaks_no_invariant():
+    done = lensflow(
+        "soak", "--duration", str(CI_DURATION), "--seed", str(CI_SEED), "--json", timeout=900
+    )
+    result = json.loads(done.stdout)
+    assert done.returncode == 0, (
+        result["invariants_broken"],
+        result["lost_keys"],
+        done.stderr[-3000:],
+    )
+    assert result["seed"] == CI_SEED and result["lost"] == 0 and result["invariants_broken"] == []
+    planned = plan(CI_SEED, CI_DURATION).faults
+    assert [f["name"] for f in result["faults"]] and len(result["faults"]) == len(planned)
+    assert not [f for f in result["faults"] if f["error"]]
+    assert result["sent"] >= 150 and result["predicted"] + result["dead_lettered"] == result["sent"]
+    hostile = sum(n for kind, n in result["sent_by_kind"].items() if kind != "valid")
+    assert hostile >= 5 and result["dead_lettered"] == hostile
+    assert result["rejected"] >= 1  # the unknown bucket
+    assert set(result["duplicates_why"]) <= {
+        "kill-dispatcher",
+        "kill-replica",
+        "broker-restart",
+        "stop-dispatcher",
+    }
