@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark, write bench/results/*.json and plots, print a summary.
 
 `python -m bench [NAME ...]` runs only the named ones (predict, isolated, quant, e2e,
-train, train_memory, learning, knative_autoscaler); `summary.json` gathers the latest result
+train, train_memory, learning, knative_autoscaler, faults, soak); `summary.json` gathers the latest result
 of every benchmark.
 """
 
@@ -25,6 +25,7 @@ BENCHMARKS = {
     "learning": "bench.learning_bench",
     "knative_autoscaler": "bench.knative_autoscaler",
     "faults": "bench.faults",
+    "soak": "bench.soak_bench",
 }
 
 
