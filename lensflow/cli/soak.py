@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 from lensflow.cli.output import CliError, add_json_flag, emit
 
@@ -81,10 +85,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
     from lensflow.soak import Soak, SoakStartError, plan
 
     options = options_from(args)
-    out = sys.stderr if args.json else sys.stdout
 
     def say(text: str) -> None:
-        print(text, file=out, flush=True)
+        print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     schedule = plan(options.seed, options.duration_s, options.faults)
     say(f"soak: seed {options.seed}, {options.duration_s:g} s, {len(schedule.faults)} faults")
@@ -92,12 +95,33 @@ def cmd_soak(args: argparse.Namespace) -> int:
         say(f"  {line}")
     if args.schedule:
         return 0
+    soak = Soak(options, say)
     try:
-        result = Soak(options, say).run()
+        with client_logs_to(soak.log_dir / "kafka-clients.log"):
+            result = soak.run()
     except SoakStartError as exc:
         raise CliError(f"soak: {exc}") from None
     emit(args, result.as_dict(), summary(result))
     return 0 if result.report.ok else 1
+
+
+@contextlib.contextmanager
+def client_logs_to(path: Path) -> Iterator[None]:
+    """librdkafka writes its own logs to file descriptor 2 (every broker restart makes
+    hundreds of lines): send them to ``path``, and keep Python's stderr where it was."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    previous, sys.stderr = sys.stderr, open(saved, "w", buffering=1)  # noqa: SIM115
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr.close()
+        sys.stderr = previous
 
 
 def summary(result) -> str:
