@@ -77,11 +77,16 @@ def write_json(out_dir: Path, name: str, result: dict) -> Path:
     return path
 
 
+def _bench_env(broker) -> dict[str, str]:
+    return {"LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap, "LENSFLOW_LOG_LEVEL": "WARNING"}
+
+
 @contextmanager
 def serving_stack(
     model: bytes, labels: list[str]
 ) -> Iterator[tuple[dict[str, str], object, object]]:
-    """S3 and Kafka on free ports, buckets and topics made, ``model`` published and current.
+    """S3 and Kafka on free ports, buckets and topics made, ``model`` published and current;
+    the S3 server announces every photo put in the image bucket, as MinIO does.
 
     Yields (env, config, model store, {server name: pid}).
     """
@@ -91,11 +96,10 @@ def serving_stack(
     from lensflow_core.settings import Config
     from model_store import ModelStore
 
-    with S3Server() as s3_server, KafkaBroker() as broker:
+    with KafkaBroker() as broker, S3Server(notify=_bench_env(broker)) as s3_server:
         env = {
+            **_bench_env(broker),
             "LENSFLOW_S3_ENDPOINT": s3_server.endpoint,
-            "LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap,
-            "LENSFLOW_LOG_LEVEL": "WARNING",
             # The benches' random-weights models find every picture uncertain, so each
             # would also be queued for labelling (an S3 write a trained model makes for
             # few): off, to measure the serving path.
@@ -104,7 +108,7 @@ def serving_stack(
         }
         config = Config.from_env(env)
         s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3, config.buckets)
         ensure_topics(config.kafka, topic_specs(*config.topics))
         store = ModelStore.from_config(config, s3=s3)
         store.flip(store.publish(model, labels, created_by="bench").version)

@@ -1,10 +1,10 @@
 """End-to-end benchmark (issue 3): broker → dispatcher → predict replicas → predictions.
 
-1. Throughput: records for N uploaded photos wait on the images topic; the dispatcher
-   drains them through the replica pool. Images/s from first to last prediction, versus
+1. Throughput: N photos are put in the image bucket (its notification puts their records
+   on the images topic); the dispatcher then drains them through the replica pool. Images/s from first to last prediction, versus
    the bare decode + invoke loop on the same photos and model, on the same cores.
-2. Latency at half that rate: upload-to-prediction p50/p95 (record produced → prediction
-   event time).
+2. Latency at half that rate: upload-to-prediction p50/p95 (PUT answered → prediction
+   event time: S3's notification, broker, dispatcher, replica).
 3. Burst: a base rate, 10x for 20 s, base again; lag, throughput and replicas sampled every
    0.5 s; the time from the burst's end until the lag is back to zero.
 """
@@ -19,12 +19,11 @@ from pathlib import Path
 
 from bench.common import cpu_seconds, mobilenet_v2_tflite, percentile, serving_stack, write_json
 from bench.predict_bench import bare_loop
-from eventing.contracts import ObjectEvent
 from eventing.predictions import TopicReader, parse_prediction
-from eventing.producer import make_producer, publish_object_event
 from lensflow.replicas import ReplicaPool
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow.stack import dispatcher_for
+from lensflow.upload import upload_file
 from lensflow_core.settings import Config
 
 THROUGHPUT_IMAGES = int(os.environ.get("LENSFLOW_BENCH_E2E_IMAGES", "400"))
@@ -82,41 +81,26 @@ def cpu_use(servers: dict[str, int], pool: ReplicaPool) -> dict[str, float]:
     return used
 
 
-def put_photos(s3, bucket: str, prefix: str, photos: list[bytes], count: int) -> list[ObjectEvent]:
-    events = []
-    for i in range(count):
-        data = photos[i % len(photos)]
-        key = f"{prefix}/{i:05d}.jpg"
-        etag = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/jpeg")["ETag"]
-        events.append(
-            ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg")
-        )
-    return events
-
-
-def publish_at_rate(
-    producer, config: Config, events: list[ObjectEvent], rate_at, duration_s: float
+def upload_at_rate(
+    s3, bucket: str, prefix: str, photos: list[bytes], count: int, rate_at, duration_s: float
 ) -> dict[str, float]:
-    """Publish records following ``rate_at(t)`` images/s; subject -> publish time."""
+    """PUT up to ``count`` photos following ``rate_at(t)`` images/s, as drones do (the
+    bucket's notification makes each an event); subject -> when its PUT completed."""
     sent: dict[str, float] = {}
-    started = time.monotonic()
+    started = last = time.monotonic()
     credit = 0.0
-    last = started
-    index = 0
-    while index < len(events):
+    while len(sent) < count:
         now = time.monotonic()
         if now - started >= duration_s:
             break
         credit += rate_at(now - started) * (now - last)
         last = now
-        while credit >= 1 and index < len(events):
-            publish_object_event(producer, config.topic_images, events[index])
-            sent[events[index].path] = time.time()
-            index += 1
+        while credit >= 1 and len(sent) < count:
+            key = f"{prefix}/{len(sent):05d}.jpg"
+            upload_file(s3, bucket, key, photos[len(sent) % len(photos)], "image/jpeg")
+            sent[f"{bucket}/{key}"] = time.time()
             credit -= 1
-        producer.poll(0)
         time.sleep(0.005)
-    producer.flush(10)
     return sent
 
 
@@ -131,23 +115,24 @@ def run(out_dir: Path) -> dict:
         result["bare_c2_images_per_s"] = bare["images_per_s"]
 
         watcher = PredictionWatcher(config).start()
-        producer = make_producer(config.kafka)
         pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
         dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
         try:
             # 1. throughput: a backlog drained as fast as the chain allows
-            events = put_photos(s3, bucket, "throughput", photos, THROUGHPUT_IMAGES)
-            publish_at_rate(producer, config, events, lambda t: 1e6, 3600)
+            uploaded = upload_at_rate(
+                s3, bucket, "throughput", photos, THROUGHPUT_IMAGES, lambda t: 1e6, 3600
+            )
             dispatcher.start()
-            paths = {e.path for e in events}
-            warm = {e.path for e in events[: len(events) // 10]}
+            order = list(uploaded)
+            paths = set(order)
+            warm = set(order[: len(order) // 10])
             watcher.wait_for(warm, 120)  # replicas started and warm: measure from here
             before = cpu_use(servers, pool)
             seen_before, started = len(paths & watcher.seen.keys()), time.monotonic()
             if not watcher.wait_for(paths, 600):
                 raise RuntimeError("not every throughput image got a prediction")
             after, elapsed = cpu_use(servers, pool), time.monotonic() - started
-            times = sorted(watcher.seen[e.path] for e in events)
+            times = sorted(watcher.seen[path] for path in paths)
             e2e_rate = (len(times) - 1) / (times[-1] - times[0])
             result["e2e_images_per_s"] = round(e2e_rate, 2)
             result["ratio_e2e_to_bare"] = round(e2e_rate / bare["images_per_s"], 3)
@@ -163,8 +148,10 @@ def run(out_dir: Path) -> dict:
 
             # 2. latency at half the measured rate
             half = e2e_rate / 2
-            events = put_photos(s3, bucket, "latency", photos, int(half * LATENCY_SECONDS) + 1)
-            sent = publish_at_rate(producer, config, events, lambda t: half, LATENCY_SECONDS)
+            count = int(half * LATENCY_SECONDS) + 1
+            sent = upload_at_rate(
+                s3, bucket, "latency", photos, count, lambda t: half, LATENCY_SECONDS
+            )
             watcher.wait_for(set(sent), 120)
             latencies = sorted(watcher.seen[k] - t for k, t in sent.items() if k in watcher.seen)
             result["latency_rate_images_per_s"] = round(half, 2)
@@ -174,22 +161,18 @@ def run(out_dir: Path) -> dict:
 
             # 3. a 10x burst over a base of a fifth of capacity, from a scaled-down pool
             time.sleep(8)
-            result["burst"] = burst(
-                config, s3, bucket, photos, producer, watcher, dispatcher, pool, e2e_rate / 5
-            )
+            result["burst"] = burst(s3, bucket, photos, watcher, dispatcher, pool, e2e_rate / 5)
         finally:
             dispatcher.stop()
             pool.stop()
             watcher.stop()
-            producer.flush(5)
-            del producer  # before the broker stops: no reconnect noise
     result["targets"] = {"ratio_e2e_to_bare>=0.8": result["ratio_e2e_to_bare"] >= 0.8}
     write_json(out_dir, "e2e", result)
     plot(out_dir, result)
     return result
 
 
-def burst(config, s3, bucket, photos, producer, watcher, dispatcher, pool, base_rate) -> dict:
+def burst(s3, bucket, photos, watcher, dispatcher, pool, base_rate) -> dict:
     b = BURST
     total_s = b["base_s"] + b["burst_s"] + b["after_s"]
 
@@ -198,7 +181,6 @@ def burst(config, s3, bucket, photos, producer, watcher, dispatcher, pool, base_
         return base_rate * (b["factor"] if in_burst else 1)
 
     expected = int(base_rate * (b["base_s"] + b["after_s"] + b["factor"] * b["burst_s"])) + 10
-    events = put_photos(s3, bucket, "burst", photos, expected)
     samples: list[dict] = []
     stop = threading.Event()
     started = time.monotonic()
@@ -219,7 +201,7 @@ def burst(config, s3, bucket, photos, producer, watcher, dispatcher, pool, base_
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    sent = publish_at_rate(producer, config, events, rate_at, total_s)
+    sent = upload_at_rate(s3, bucket, "burst", photos, expected, rate_at, total_s)
     watcher.wait_for(set(sent), 300)
     time.sleep(1.0)
     stop.set()

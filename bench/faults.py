@@ -1,8 +1,8 @@
 """The fault suite (issue 11): inject each fault into a running stack under load, count.
 
 ``make test-faults`` (``python -m bench.faults [--repeats N] [SCENARIO...]``) runs every
-scenario ``--repeats`` times (2) and prints, per run: uploads **sent** (acknowledged by
-the broker), **predicted** (a prediction on the predictions topic), **dead-lettered** (on
+scenario ``--repeats`` times (2) and prints, per run: uploads **sent** (PUTs S3 answered;
+its bucket notification keeps each event until the broker has it), **predicted** (a prediction on the predictions topic), **dead-lettered** (on
 the dead-letter topic, not predicted), **duplicates** (predictions beyond the first for
 one upload) and **lost** (acknowledged, neither predicted nor dead-lettered). Objects
 are counted by key, as the issue's injector did. ``make bench`` runs it once per scenario
@@ -40,6 +40,7 @@ from lensflow.process import free_port
 from lensflow.scenes import scene_jpeg
 from lensflow.services import KafkaBroker, S3Server
 from lensflow.stack import EmbeddedStack
+from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
 from model_store import ModelStore
@@ -65,40 +66,43 @@ class Outcome:
 
 
 class Uploads:
-    """``UPLOADS`` images put into S3 up front, their notification records published at
-    ``RATE`` per second in a thread; ``acked`` are the keys the broker acknowledged."""
+    """``UPLOADS`` images put into S3 at ``RATE`` per second in a thread, as drones do (the
+    bucket's notification makes each an event), and ``bad`` records produced among them;
+    ``acked`` are the keys S3 stored (or, for bad records, the broker acknowledged)."""
 
     def __init__(self, config: Config, prefix: str, bad: Callable[[str], dict] | None = None):
         self.config = config
         self.bucket = config.image_buckets[0]
-        s3 = s3_client(config)
-        self.records: list[tuple[str, bytes, bytes, dict]] = []
-        for i in range(UPLOADS):
-            key = f"{prefix}/{i}.jpg"
-            data = scene_jpeg(LABELS[i % 3], i, (320, 240), 85)
-            etag = s3.put_object(Bucket=self.bucket, Key=key, Body=data)["ETag"].strip('"')
-            event = ObjectEvent("s3:ObjectCreated:Put", self.bucket, key, etag, len(data))
-            record_key, value = notification_record(event)
-            self.records.append((f"{self.bucket}/{key}", record_key, value, {}))
+        self.s3 = s3_client(config)
+        self.photos = [
+            (f"{prefix}/{i}.jpg", scene_jpeg(LABELS[i % 3], i, (320, 240), 85))
+            for i in range(UPLOADS)
+        ]
+        self.bad: list[tuple[str, bytes, dict]] = []
         for name, (value, headers) in (bad(self.bucket) if bad else {}).items():
-            path = f"{self.bucket}/{prefix}/bad-{name}"
-            self.records.append((path, path.encode(), value, headers))
+            self.bad.append((f"{self.bucket}/{prefix}/bad-{name}", value, headers))
         self.acked: list[str] = []
-        self.thread = threading.Thread(target=self._publish, daemon=True)
+        self.thread = threading.Thread(target=self._upload, daemon=True)
 
     def start(self) -> Uploads:
         self.thread.start()
         return self
 
-    def _publish(self) -> None:
+    def _upload(self) -> None:
         producer = make_producer(self.config.kafka_bootstrap, **{"message.timeout.ms": 30000})
-        pending = []
-        for path, key, value, headers in self.records:
-            pending.append((path, send(producer, self.config.topic_images, key, value, headers)))
-            producer.poll(0)
+        pending = [
+            (path, send(producer, self.config.topic_images, path.encode(), value, headers))
+            for path, value, headers in self.bad
+        ]
+        for key, data in self.photos:
+            try:
+                upload_file(self.s3, self.bucket, key, data, "image/jpeg")
+                self.acked.append(f"{self.bucket}/{key}")
+            except Exception:  # noqa: BLE001 - not stored: not sent
+                pass
             time.sleep(1 / RATE)
         producer.flush(35)
-        self.acked = [path for path, future in pending if future.done() and not future.exception()]
+        self.acked += [path for path, future in pending if future.done() and not future.exception()]
 
     def join(self) -> list[str]:
         self.thread.join(60)
@@ -134,11 +138,12 @@ def _in_stack(
     log_dir = Path(tempfile.mkdtemp(prefix=f"faults-{name}-"))
     with contextlib.ExitStack() as servers:
         if fault is durable_broker_restart:  # external servers: S3, Tansu writing into it
-            s3 = servers.enter_context(S3Server(log_dir=log_dir))
+            s3_port, kafka_port = free_port(), free_port()
+            env = env_for(tag, f"http://127.0.0.1:{s3_port}", f"127.0.0.1:{kafka_port}")
+            s3 = servers.enter_context(S3Server(port=s3_port, log_dir=log_dir, notify=env))
             durable_on = Config.from_env({"LENSFLOW_S3_ENDPOINT": s3.endpoint})
             ensure_buckets(s3_client(durable_on), ["tansu"])
-            broker = KafkaBroker(log_dir=log_dir, durable_on=durable_on).start()
-            env = env_for(tag, s3.endpoint, broker.bootstrap)
+            broker = KafkaBroker(port=kafka_port, log_dir=log_dir, durable_on=durable_on).start()
             stack = EmbeddedStack(env, log_dir=log_dir, idle_s=60, external={"kafka", "s3"})
             stack.durable_broker = broker  # type: ignore[attr-defined]
             servers.callback(lambda: stack.durable_broker.stop())
@@ -267,10 +272,11 @@ def _with_up(name: str, run: int, model: bytes, stop_signal: int) -> Outcome:
     tag = f"{name}-{run}-{os.getpid()}"
     outcome = Outcome(name, run)
     started = time.monotonic()
-    with S3Server() as s3, KafkaBroker() as kafka:
-        env = env_for(tag, s3.endpoint, kafka.bootstrap)
+    s3_port, kafka_port = free_port(), free_port()
+    env = env_for(tag, f"http://127.0.0.1:{s3_port}", f"127.0.0.1:{kafka_port}")
+    with KafkaBroker(port=kafka_port) as kafka, S3Server(port=s3_port, notify=env) as s3:
         config = Config.from_env(env)
-        ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3_client(config), config.buckets)
         publish_model(config, model)
         proc = _up(env, kafka, s3)
         watch = Watch(config.kafka_bootstrap, config.topic_predictions, config.topic_dlq)

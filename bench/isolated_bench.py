@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
-from bench.e2e_bench import PredictionWatcher, put_photos
-from eventing.producer import make_producer, publish_object_event
+from bench.e2e_bench import PredictionWatcher, upload_at_rate
 from functions.predict.serving_model import ServingModel
 from lensflow.function_server import FunctionServer
 from lensflow.process import function_command
@@ -249,15 +248,12 @@ def backlog(
     sink_url: list[str],
     s3,
     bucket: str,
-    config,
-    producer,
     watcher: PredictionWatcher,
     model_bytes: bytes,
     photos: list[bytes],
     profile_s: float = 0.0,
 ) -> dict:
     pin(stack_pids, variant.other_cpus)
-    events = put_photos(s3, bucket, f"{variant.name}-{number}", photos, BACKLOG_IMAGES)
     before, cpu_before = bare_loop(model_bytes, photos, variant.replica_cpus, BARE_SECONDS)
     sink_url[0] = variant.server.url
     pid = variant.server.proc.pid
@@ -265,17 +261,16 @@ def backlog(
     cpu0, busy0, load0 = process_cpu_s(pid), cpu_busy(), os.getloadavg()
     threads0 = thread_cpu_s(pid)
     profiler = _profile(variant, profile_s) if profile_s else None
-    for event in events:
-        publish_object_event(producer, config.topic_images, event)
-    producer.flush(10)
-    paths = [e.path for e in events]
+    # the photos as drones put them, at once: the bucket's events make the backlog
+    prefix = f"{variant.name}-{number}"
+    paths = list(upload_at_rate(s3, bucket, prefix, photos, BACKLOG_IMAGES, lambda t: 1e6, 3600))
     if not watcher.wait_for(set(paths), 300):
         raise RuntimeError(f"{variant.name}: not every backlog image got a prediction")
     cpu1, busy1 = process_cpu_s(pid), cpu_busy()
     threads = len(tasks(pid))
     threads1 = thread_cpu_s(pid)
     by_thread = {
-        name: round((used - threads0.get(name, 0.0)) * 1000 / len(events), 2)
+        name: round((used - threads0.get(name, 0.0)) * 1000 / len(paths), 2)
         for name, used in sorted(threads1.items(), key=lambda kv: -kv[1])
         if used - threads0.get(name, 0.0) > 0
     }
@@ -314,7 +309,7 @@ def backlog(
         "replica_threads": threads,
         "replica_cpu_ms_per_image_by_thread": by_thread,
         "stage_cpu_ms_per_image": {
-            name: round((used - stages0.get(name, 0.0)) * 1000 / len(events), 2)
+            name: round((used - stages0.get(name, 0.0)) * 1000 / len(paths), 2)
             for name, used in (stages1 or {}).items()
         },
     }
@@ -349,7 +344,6 @@ def measure(
         variants = [Variant(spec, env, all_cpus) for spec in specs]
         sink_url = [""]
         watcher = PredictionWatcher(config).start()
-        producer = make_producer(config.kafka)
         dispatcher = dispatcher_for(
             config,
             lambda: sink_url[0],
@@ -361,7 +355,7 @@ def measure(
                 variant.server.__enter__()
             sink_url[0] = variants[0].server.url
             dispatcher.start()
-            args = (stack_pids, sink_url, s3, bucket, config, producer, watcher)
+            args = (stack_pids, sink_url, s3, bucket, watcher)
             for variant in variants:  # warm-up, not counted: threads, connections, arenas
                 backlog(variant, "warm", *args, model_bytes, photos)
             for number in range(backlogs):
@@ -374,8 +368,6 @@ def measure(
                             sink_url,
                             s3,
                             bucket,
-                            config,
-                            producer,
                             watcher,
                             model_bytes,
                             photos,
@@ -396,8 +388,6 @@ def measure(
             watcher.stop()
             for variant in variants:
                 variant.server.stop()
-            producer.flush(5)
-            del producer
     return result
 
 

@@ -63,7 +63,7 @@ def run(out_dir: Path) -> dict:
         env = {"LENSFLOW_S3_ENDPOINT": server.endpoint, "LENSFLOW_LOG_LEVEL": "WARNING"}
         config = Config.from_env(env)
         s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3, config.buckets)
         result["epochs"] = config.train_epochs
         result["metric"] = config.train_metric
 

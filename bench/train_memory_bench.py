@@ -84,7 +84,7 @@ def variant(server: S3Server, backbone: str) -> dict:
             "LENSFLOW_LOG_LEVEL": "WARNING",
         }
         config = Config.from_env(env)
-        ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3_client(config), config.buckets)
         if backbone != "none":
             subprocess.run(
                 [sys.executable, "-m", "lensflow", "models", "backbone", "import"],

@@ -9,6 +9,7 @@ every function can use it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ class Setting:
     default: str
     meaning: str
     secret: bool = False
+    embedded: bool = False  # only the embedded stack reads it (not in the cluster's config)
 
 
 # Ports the embedded stack listens on (loopback only).
@@ -82,11 +84,39 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LENSFLOW_MODEL_NAME", "aerial", "which model (prefix in the model bucket)"),
     Setting(
         "LENSFLOW_TRAIN_BUCKET",
-        "",
-        "bucket with `labeled/<class>/...` and `holdout/<class>/...` "
-        "(empty: the first image bucket)",
+        "lensflow-train",
+        "bucket with `to-label/...`, `labeled/<class>/...` and `holdout/<class>/...`: one of "
+        "its own, so that what lensflow writes never arrives as an image event",
     ),
     Setting("LENSFLOW_TOPIC_IMAGES", "images", "topic of bucket-notification records"),
+    Setting(
+        "LENSFLOW_S3_NOTIFY_BUCKETS",
+        "",
+        "buckets whose new objects the embedded S3 announces on the images topic, as "
+        "`mc event add BUCKET arn:minio:sqs::_:kafka --event put` does on MinIO (empty: the "
+        "image buckets)",
+        embedded=True,
+    ),
+    Setting(
+        "LENSFLOW_S3_NOTIFY_PREFIX",
+        "",
+        "the embedded S3 announces only keys starting with this (`mc event add --prefix`)",
+        embedded=True,
+    ),
+    Setting(
+        "LENSFLOW_S3_NOTIFY_SUFFIX",
+        "",
+        "the embedded S3 announces only keys ending with this (`mc event add --suffix`, "
+        "e.g. `.jpg`)",
+        embedded=True,
+    ),
+    Setting(
+        "LENSFLOW_S3_NOTIFY_QUEUE_DIR",
+        "",
+        "where the embedded S3 keeps each event, one file apiece, until the broker has it "
+        "(MinIO's `queue_dir`; empty: a new folder per server, removed when it stops)",
+        embedded=True,
+    ),
     Setting("LENSFLOW_TOPIC_PREDICTIONS", "predictions", "topic of prediction events"),
     Setting("LENSFLOW_TOPIC_DLQ", "images-dlq", "dead-letter topic"),
     Setting(
@@ -226,6 +256,10 @@ class Config:
     model_name: str
     train_bucket: str
     topic_images: str
+    notify_buckets: tuple[str, ...]  # what the embedded S3 announces (MinIO: mc event add)
+    notify_prefix: str
+    notify_suffix: str
+    notify_queue_dir: str | None
     topic_predictions: str
     topic_dlq: str
     pointer_ttl_s: float
@@ -291,8 +325,12 @@ class Config:
             image_buckets=buckets,
             model_bucket=get("LENSFLOW_MODEL_BUCKET"),
             model_name=get("LENSFLOW_MODEL_NAME"),
-            train_bucket=get("LENSFLOW_TRAIN_BUCKET") or buckets[0],
+            train_bucket=get("LENSFLOW_TRAIN_BUCKET") or default("LENSFLOW_TRAIN_BUCKET"),
             topic_images=get("LENSFLOW_TOPIC_IMAGES"),
+            notify_buckets=_notify_buckets(get("LENSFLOW_S3_NOTIFY_BUCKETS")) or buckets,
+            notify_prefix=_filter_value("LENSFLOW_S3_NOTIFY_PREFIX", get),
+            notify_suffix=_filter_value("LENSFLOW_S3_NOTIFY_SUFFIX", get),
+            notify_queue_dir=get("LENSFLOW_S3_NOTIFY_QUEUE_DIR") or None,
             topic_predictions=get("LENSFLOW_TOPIC_PREDICTIONS"),
             topic_dlq=get("LENSFLOW_TOPIC_DLQ"),
             pointer_ttl_s=float(get("LENSFLOW_POINTER_TTL_S")),
@@ -322,6 +360,11 @@ class Config:
         )
 
     @property
+    def buckets(self) -> list[str]:
+        """Every bucket lensflow uses: image buckets, train bucket, model bucket (once each)."""
+        return list(dict.fromkeys([*self.image_buckets, self.train_bucket, self.model_bucket]))
+
+    @property
     def topics(self) -> tuple[str, str, str]:
         """(images, predictions, dead-letter) topic names."""
         return self.topic_images, self.topic_predictions, self.topic_dlq
@@ -333,6 +376,36 @@ class Config:
             f"/apis/v1/namespaces/{self.namespace}/kafkasources/"
             f"{self.source_name}#{self.topic_images}"
         )
+
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _notify_buckets(text: str) -> tuple[str, ...]:
+    buckets = tuple(b.strip() for b in text.split(",") if b.strip())
+    for bucket in buckets:
+        if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+            raise ValueError(f"LENSFLOW_S3_NOTIFY_BUCKETS: {bucket!r} is not a bucket name")
+    return buckets
+
+
+def _filter_value(name: str, get) -> str:
+    """A prefix or suffix filter, refused as MinIO refuses it (``ValidateFilterRuleValue``
+    in minio/minio internal/event/config.go): no ``.`` or ``..`` path segment, no
+    backslash, at most 1024 bytes."""
+    value = get(name)
+    if not value:
+        return value
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:  # undecodable bytes in the environment
+        size = 1025
+    if {".", ".."} & set(value.split("/")) or "\\" in value or size > 1024:
+        raise ValueError(
+            f"{name}={value!r} is not a filter MinIO accepts (no '.' or '..' path segment, "
+            "no backslash, at most 1024 bytes of UTF-8)"
+        )
+    return value
 
 
 def settings_table() -> str:

@@ -10,7 +10,7 @@ Builders and parsers live side by side so a producer and its consumer cannot dis
 from __future__ import annotations
 
 import json
-import uuid
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -60,51 +60,131 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def notification_record(event: ObjectEvent) -> tuple[bytes, bytes]:
+# Go's encoding/json escapes these inside strings; so does MinIO's record, so ours does too.
+_GO_JSON_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+
+
+def _go_json(value: Any) -> bytes:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in _GO_JSON_ESCAPES.items():
+        text = text.replace(char, escaped)
+    return text.encode()
+
+
+def notification_record(
+    event: ObjectEvent,
+    *,
+    principal: str = "lensflow",
+    region: str = "",
+    source_ip: str = "127.0.0.1",
+    user_agent: str = "lensflow",
+    request_id: str | None = None,
+    endpoint: str = "",
+    deployment_id: str = "",
+    sequencer: str | None = None,
+) -> tuple[bytes, bytes]:
     """(key, value) of the Kafka record MinIO's notification target writes for ``event``.
 
-    The record key is ``<bucket>/<key>`` unescaped; in the JSON the object key is
-    query-escaped. ``size``, ``eTag``, ``contentType`` and ``userMetadata`` appear only on
-    created events, as MinIO does.
+    As ``eventArgs.ToEvent`` (minio/minio cmd/event-notification.go) builds the event and
+    ``KafkaTarget.send`` (internal/event/target/kafka.go) the record: key
+    ``<bucket>/<key>`` unescaped; value ``{"EventName", "Key", "Records": [event]}`` with
+    the object key query-escaped; ``size``, ``eTag``, ``contentType`` and
+    ``userMetadata`` only on created events. The keyword arguments are the request's
+    (who, from where, which server); the defaults suit records lensflow makes itself.
     """
-    obj: dict[str, Any] = {"key": quote_plus(event.key), "sequencer": uuid.uuid4().hex[:16].upper()}
+    content_type = event.content_type or "application/octet-stream"
+    obj: dict[str, Any] = {"key": quote_plus(event.key, safe="")}
     if event.created:
         obj.update(
             size=event.size or 0,
             eTag=(event.etag or "").strip('"'),
-            contentType=event.content_type or "application/octet-stream",
-            userMetadata={
-                "content-type": event.content_type or "application/octet-stream",
-                **event.user_metadata,
-            },
+            contentType=content_type,
+            userMetadata=dict(
+                sorted({"content-type": content_type, **event.user_metadata}.items())
+            ),
         )
+    obj["sequencer"] = sequencer or f"{time.time_ns():X}"
+    owner = {"principalId": principal}
+    response = {
+        "x-amz-id-2": "",
+        "x-amz-request-id": request_id or f"{time.time_ns():X}",
+        "x-minio-deployment-id": deployment_id,
+        "x-minio-origin-endpoint": endpoint,
+    }
     record = {
         "eventVersion": "2.0",
         "eventSource": "minio:s3",
-        "awsRegion": "",
+        "awsRegion": region,
         "eventTime": event.event_time or _now_iso(),
         "eventName": event.event_name,
-        "userIdentity": {"principalId": "lensflow"},
+        "userIdentity": owner,
         "requestParameters": {
-            "principalId": "lensflow",
-            "region": "",
-            "sourceIPAddress": "127.0.0.1",
+            "principalId": principal,
+            "region": region,
+            "sourceIPAddress": source_ip,
         },
-        "responseElements": {"x-amz-request-id": uuid.uuid4().hex.upper()[:16]},
+        "responseElements": response,
         "s3": {
             "s3SchemaVersion": "1.0",
             "configurationId": "Config",
             "bucket": {
                 "name": event.bucket,
-                "ownerIdentity": {"principalId": "lensflow"},
+                "ownerIdentity": owner,
                 "arn": f"arn:aws:s3:::{event.bucket}",
             },
             "object": obj,
         },
-        "source": {"host": "127.0.0.1", "port": "", "userAgent": "lensflow"},
+        "source": {"host": source_ip, "port": "", "userAgent": user_agent},
     }
     value = {"EventName": event.event_name, "Key": event.path, "Records": [record]}
-    return event.path.encode(), json.dumps(value, separators=(",", ":")).encode()
+    return event.path.encode(), _go_json(value)
+
+
+def notify_pattern(prefix: str, suffix: str) -> str:
+    """The wildcard pattern of a ``--prefix``/``--suffix`` filter, as MinIO's
+    ``NewPattern`` (internal/event/rules.go) makes it; ``*`` when there is no filter."""
+    pattern = ""
+    if prefix:
+        pattern = prefix if prefix.endswith("*") else prefix + "*"
+    if suffix:
+        pattern += suffix if suffix.startswith("*") else "*" + suffix
+    return pattern.replace("**", "*") or "*"
+
+
+def _wildcard(name: bytes, pattern: bytes) -> bool:
+    """``*`` any run of bytes, ``?`` one byte (minio/pkg wildcard ``deepMatchRune``)."""
+    s = p = 0
+    star, mark = -1, 0
+    while s < len(name) or p < len(pattern):
+        if p < len(pattern):
+            char = pattern[p : p + 1]
+            if char == b"*":
+                star, mark, p = p, s, p + 1
+                continue
+            if s < len(name) and (char == b"?" or char == name[s : s + 1]):
+                s, p = s + 1, p + 1
+                continue
+        if star < 0 or mark + 1 > len(name):
+            return False
+        mark += 1
+        s, p = mark, star + 1
+    return True
+
+
+def notify_matches(key: str, prefix: str = "", suffix: str = "") -> bool:
+    """Whether MinIO announces object ``key`` (unescaped) under a ``--prefix``/``--suffix``
+    filter: ``wildcard.MatchSimple`` (minio/pkg), where a ``?`` the name runs out at
+    matches too."""
+    pattern, name = notify_pattern(prefix, suffix).encode(), key.encode()
+    if pattern == b"*" or _wildcard(name, pattern):
+        return True
+    return any(char == ord("?") and _wildcard(name, pattern[:i]) for i, char in enumerate(pattern))
 
 
 def parse_notification(data: Any) -> list[ObjectEvent]:

@@ -1,15 +1,17 @@
 """Producing to Kafka: one producer factory and one way to wait for the broker's ack.
 
 Every writer in lensflow goes through here: the predict function's prediction sink, the
-dispatcher's dead letters, ``lensflow upload``, the drone simulator and the benchmarks.
+dispatcher's dead letters, the embedded S3's bucket notifications (``notify_queue``),
+``lensflow dlq replay`` and the tests' hand-made records.
 ``send`` queues a record and returns a future that the delivery report resolves;
 ``wait_acked`` polls the producer until every future is resolved (or the time is up);
 ``produce_and_wait`` is the two together for one message. Safe from many threads at
 once: whichever thread's ``poll`` serves a delivery report resolves that record's future.
 
 ``publish_object_event`` writes what MinIO's Kafka notification target writes for an
-upload (``eventing.contracts.notification_record``): keyed ``<bucket>/<key>``, no headers,
-so the dispatcher and the predict function cannot tell the difference.
+object (``eventing.contracts.notification_record``): keyed ``<bucket>/<key>``, no headers.
+Uploads never call it (the bucket's notification does that); tests do, to hand a record
+straight to the dispatcher.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def render() -> str:
         "# Non-secret settings only; credentials come from the Secrets lensflow-s3-<role>.",
     ]
     for s in SETTINGS:
-        if not s.secret:
+        if not s.secret and not s.embedded:  # MinIO notifies on the cluster (mc event add)
             lines.append(f"{s.name}={CLUSTER_VALUES.get(s.name, s.default)}")
     return "\n".join(lines) + "\n"
 

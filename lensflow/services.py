@@ -9,11 +9,17 @@ In production these are MinIO and Kafka: nothing else in lensflow knows the diff
 
 from __future__ import annotations
 
+import logging
+import shutil
 import sys
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from lensflow.process import ChildProcess, free_port, port_open
 from lensflow_core.settings import Config
+
+log = logging.getLogger(__name__)
 
 
 class Server(ChildProcess):
@@ -61,11 +67,40 @@ class S3Server(Server):
     the connection after every answer: MinIO keeps connections alive, and a client
     reconnecting for every object is not what production measures (docs/benchmarks.md).
     One worker: moto keeps its buckets in that process's memory.
+
+    ``notify``: settings (``LENSFLOW_*``) under which the server announces new objects on
+    Kafka as MinIO's bucket notification does (``lensflow.s3_notify``); None: it does not.
+    Without a ``LENSFLOW_S3_NOTIFY_QUEUE_DIR`` its event queue is a new folder, removed
+    when the server stops (the objects die with it: moto keeps them in memory).
     """
 
     kind = "s3"
 
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_dir: Path | None = None,
+        notify: Mapping[str, str] | None = None,
+    ):
+        self.notify = notify
+        self.queue_dir: Path | None = None
+        self._own_queue = False
+        super().__init__(host, port, log_dir)
+        if notify is not None:
+            self.env.update(notify)
+            queue_dir = Config.from_env(notify).notify_queue_dir
+            self._own_queue = not queue_dir
+            self.queue_dir = Path(queue_dir or tempfile.mkdtemp(prefix="lensflow-s3-events-"))
+            self.env["LENSFLOW_S3_NOTIFY_QUEUE_DIR"] = str(self.queue_dir)
+            self.env["LENSFLOW_S3_ENDPOINT"] = self.endpoint  # its own (x-minio-origin-endpoint)
+
     def server_command(self) -> list[str]:
+        app = (
+            "lensflow.s3_notify:notifying_app()"
+            if self.notify is not None
+            else "lensflow.services:moto_app()"
+        )
         return [
             sys.executable,
             "-m",
@@ -76,8 +111,22 @@ class S3Server(Server):
             f"--bind={self.host}:{self.port}",
             "--header-map=dangerous",  # S3 metadata names may hold underscores (moto's own)
             "--keep-alive=30",
-            "lensflow.services:moto_app()",
+            app,
         ]
+
+    def events_waiting(self) -> int:
+        """Events kept but not yet acknowledged by the broker (0 when not notifying)."""
+        if self.queue_dir is None or not self.queue_dir.is_dir():
+            return 0
+        return sum(1 for p in self.queue_dir.iterdir() if p.name.endswith(".event"))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        super().stop(timeout_s)
+        if self._own_queue and self.queue_dir is not None:
+            left = self.events_waiting()
+            if left:
+                log.warning("%d bucket event(s) were never acknowledged by the broker", left)
+            shutil.rmtree(self.queue_dir, ignore_errors=True)
 
     @property
     def endpoint(self) -> str:

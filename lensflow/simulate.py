@@ -6,10 +6,10 @@ advance (evenly spaced uploads, so a plan always makes the same number), and upl
 belongs to drone ``k % N``; each drone is a thread that uploads its own photos in order,
 catching up at once when it falls behind.
 
-Every upload is what a drone does against MinIO: PUT the JPEG into the image bucket, and
-(standing in for MinIO's notification target) publish the bucket-notification record to
-the images topic. A ``labelled_fraction`` of the photos are also stored, without an event,
-under ``labeled/<class>/`` in the train bucket, so the next training round has new data.
+Every upload is what a drone does against MinIO: one PUT of the JPEG into the image
+bucket (``lensflow.upload.upload_file``); the bucket's notification announces it. A
+``labelled_fraction`` of the photos are also stored under ``labeled/<class>/`` in the
+train bucket (a bucket of its own, so no event), so the next training round has new data.
 
 Photos are rendered before the clock starts (``pool_size`` deterministic scenes, random
 classes), so rendering never limits the rate.
@@ -23,12 +23,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
-from eventing.producer import ProduceError, make_producer, publish_object_event, wait_acked
 from lensflow.scenes import CLASSES, scene_jpeg
+from lensflow.upload import upload_file
 from lensflow_core.settings import Config
 
 
@@ -139,7 +137,6 @@ class Result:
     plan: dict[str, Any]
     planned: int
     uploaded: int
-    published: int
     labelled: int
     errors: int
     last_error: str | None
@@ -158,15 +155,13 @@ class Result:
 class Simulator:
     """Runs one ``Plan`` against ``config``'s image bucket and images topic."""
 
-    def __init__(self, config: Config, plan: Plan, *, s3=None, producer=None):
+    def __init__(self, config: Config, plan: Plan, *, s3=None):
         from lensflow_core.s3 import s3_client
 
         self.config = config
         self.plan = plan
         self.s3 = s3 or s3_client(config)
-        self.producer = producer or make_producer(config.kafka, **{"client.id": "lensflow-drones"})
         self.photos: list[Photo] = []
-        self.acks: list = []  # one future per published record
         self.progress = Progress(0, per_drone=[0] * plan.drones)
         self._lock = threading.Lock()
         self._per_class: dict[str, int] = {}
@@ -182,7 +177,7 @@ class Simulator:
         stop: threading.Event | None = None,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Result:
-        """Fly the plan (until it ends or ``stop`` is set); wait for every record's ack."""
+        """Fly the plan (until it ends or ``stop`` is set)."""
         self.prepare()
         stop = stop or threading.Event()
         times = self.schedule = self.plan.schedule()
@@ -209,14 +204,8 @@ class Simulator:
             self.progress.elapsed_s = time.monotonic() - start
             if on_progress is not None:
                 on_progress(self.progress)
-            self.producer.poll(0)
         elapsed = time.monotonic() - start
         self.progress.elapsed_s = elapsed
-        try:
-            wait_acked(self.producer, self.acks, 30)
-        except ProduceError as exc:  # reported, not raised: the uploads happened
-            self.progress.last_error = str(exc)
-        published = sum(f.done() and f.exception() is None for f in self.acks)
         if on_progress is not None:
             on_progress(self.progress)
         p = self.progress
@@ -224,7 +213,6 @@ class Simulator:
             plan={**asdict(self.plan), "bursts": [asdict(b) for b in self.plan.bursts]},
             planned=p.planned,
             uploaded=p.uploaded,
-            published=published,
             labelled=p.labelled,
             errors=p.errors,
             last_error=p.last_error,
@@ -258,34 +246,22 @@ class Simulator:
         bucket = self.config.image_buckets[0]
         key = f"{self.plan.prefix}/drone-{drone:02d}/{self.plan.seed}-{k:06d}.jpg"
         try:
-            reply = self.s3.put_object(
-                Bucket=bucket,
-                Key=key,
-                Body=photo.jpeg,
-                ContentType="image/jpeg",
-                Metadata={"drone": str(drone), "class": photo.cls},
-            )
-            now = time.time()
-            self.uploaded_at[f"{bucket}/{key}"] = now
-            event = ObjectEvent(
-                OBJECT_CREATED_PUT,
+            upload_file(
+                self.s3,
                 bucket,
                 key,
-                etag=reply["ETag"].strip('"'),
-                size=len(photo.jpeg),
-                content_type="image/jpeg",
-                user_metadata={"X-Amz-Meta-Drone": str(drone)},
-                event_time=_iso(now),
+                photo.jpeg,
+                "image/jpeg",
+                {"drone": str(drone), "class": photo.cls},
             )
-            ack = publish_object_event(self.producer, self.config.topic_images, event)
-            with self._lock:
-                self.acks.append(ack)
+            self.uploaded_at[f"{bucket}/{key}"] = time.time()
             if labelled:
-                self.s3.put_object(
-                    Bucket=self.config.train_bucket,
-                    Body=photo.jpeg,
-                    ContentType="image/jpeg",
-                    Key=f"labeled/{photo.cls}/{self.plan.prefix}-{self.plan.seed}-{k:06d}.jpg",
+                upload_file(
+                    self.s3,
+                    self.config.train_bucket,
+                    f"labeled/{photo.cls}/{self.plan.prefix}-{self.plan.seed}-{k:06d}.jpg",
+                    photo.jpeg,
+                    "image/jpeg",
                 )
         except Exception as exc:  # noqa: BLE001 - a drone keeps flying; the count says it
             with self._lock:
@@ -300,8 +276,3 @@ class Simulator:
             p.per_drone[drone] += 1
             p.max_behind_s = max(p.max_behind_s, late)
             self._per_class[photo.cls] = self._per_class.get(photo.cls, 0) + 1
-
-
-def _iso(epoch_s: float) -> str:
-    when = datetime.fromtimestamp(epoch_s, timezone.utc)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -49,7 +49,7 @@ from lensflow.soak_check import (
     check,
     iso_seconds,
 )
-from lensflow.upload import upload_files
+from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
 from model_store import ConflictError, ModelStore, ModelStoreError
@@ -155,17 +155,10 @@ def plan(seed: int, duration_s: float, faults: tuple[str, ...] = tuple(FAULTS)) 
 # --- uploads ---------------------------------------------------------------------------------
 
 
-def upload_one(config: Config, bucket: str, key: str, body: bytes, *, s3, producer, folder: Path):
-    """One upload, the way any client uploads (the one place to change the upload path).
-    Raises what S3 or the broker raised when it was not acknowledged."""
-    path = folder / key.rsplit("/", 1)[-1]
-    path.write_bytes(body)
-    try:
-        upload_files(
-            config, [path], bucket, key.rsplit("/", 1)[0], s3=s3, producer=producer, timeout_s=15
-        )
-    finally:
-        path.unlink(missing_ok=True)
+def upload_one(s3, bucket: str, key: str, body: bytes) -> None:
+    """One upload, the way any S3 client uploads (the event comes from the bucket's
+    notification). Raises what S3 raised when it did not take the object."""
+    upload_file(s3, bucket, key, body, "image/png" if key.endswith(".png") else "image/jpeg")
 
 
 @functools.cache
@@ -199,17 +192,14 @@ def hostile_body(kind: str, rng: random.Random) -> bytes:
 class Uploader:
     """Uploads at the schedule's rate until stopped; records every attempt."""
 
-    def __init__(self, config: Config, schedule: Schedule, folder: Path, base_rate: float):
-        from eventing.producer import make_producer
-
-        self.config, self.schedule, self.folder = config, schedule, folder
+    def __init__(self, config: Config, schedule: Schedule, base_rate: float):
+        self.config, self.schedule = config, schedule
         self.base_rate = base_rate
         self.uploads: list[Upload] = []
         self.stopping = threading.Event()
         self._rng = random.Random(schedule.seed + 1)
         self._images = [scene_jpeg(LABEL_SCENES[i % 3], i, (160, 120), 85) for i in range(12)]
         self._s3 = s3_client(config, timeout_s=30)
-        self._producer = make_producer(config.kafka, **{"message.timeout.ms": 60_000})
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
 
     def start(self) -> Uploader:
@@ -220,7 +210,6 @@ class Uploader:
     def stop(self) -> None:
         self.stopping.set()
         self._thread.join(60)
-        self._producer.flush(5)
 
     def _run(self) -> None:
         i = 0
@@ -249,15 +238,7 @@ class Uploader:
         key = f"{PREFIX}/{i:06d}-{kind}.{'png' if kind == 'bomb' else 'jpg'}"
         record = Upload(f"{bucket}/{key}", kind, time.time(), "acked")
         try:
-            upload_one(
-                self.config,
-                bucket,
-                key,
-                body,
-                s3=self._s3,
-                producer=self._producer,
-                folder=self.folder,
-            )
+            upload_one(self._s3, bucket, key, body)
         except Exception as exc:  # noqa: BLE001 - every outcome is recorded
             record.error = f"{type(exc).__name__}: {exc}"[:300]
             record.outcome = "rejected" if "NoSuchBucket" in record.error else "failed"
@@ -380,22 +361,24 @@ class Soak:
             ) from None
 
     def _start_servers(self) -> None:
-        s3 = self._server("s3", lambda: S3Server(log_dir=self.log_dir))
-        durable_on = Config.from_env({"LENSFLOW_S3_ENDPOINT": s3.endpoint})
-        ensure_buckets(s3_client(durable_on), ["tansu"])
-        kafka = self._server(
-            "broker", lambda: KafkaBroker(log_dir=self.log_dir, durable_on=durable_on)
-        )
+        """S3 first (it announces uploads to the broker-to-be, keeping the events until
+        the broker takes them), then Tansu writing its log into that S3."""
+        kafka_port = free_port()
         self.env = {
             **os.environ,
             MARKER: self.tag,
-            "LENSFLOW_S3_ENDPOINT": s3.endpoint,
-            "LENSFLOW_KAFKA_BOOTSTRAP": kafka.bootstrap,
+            "LENSFLOW_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
             "LENSFLOW_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+            "LENSFLOW_S3_NOTIFY_QUEUE_DIR": str(self.log_dir / "s3-events"),
         }
+        s3 = self._server("s3", lambda: S3Server(log_dir=self.log_dir, notify=self.env))
+        self.env["LENSFLOW_S3_ENDPOINT"] = s3.endpoint
         self.config = Config.from_env(self.env)
-        buckets = [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
-        ensure_buckets(s3_client(self.config), list(dict.fromkeys(buckets)))
+        ensure_buckets(s3_client(self.config), ["tansu", *self.config.buckets])
+        self._server(
+            "broker",
+            lambda: KafkaBroker(port=kafka_port, log_dir=self.log_dir, durable_on=self.config),
+        )
 
     def _seed_models(self) -> None:
         """A first model trained on synthetic scenes (as the demo's), and a second version
@@ -525,8 +508,7 @@ class Soak:
     # --- load and faults ------------------------------------------------------------------
 
     def _load_and_faults(self) -> list[Upload]:
-        folder = Path(tempfile.mkdtemp(prefix="soak-uploads-", dir=self.log_dir))
-        uploader = Uploader(self.config, self.schedule, folder, self.options.rate).start()
+        uploader = Uploader(self.config, self.schedule, self.options.rate).start()
         t0 = uploader.started
         self.wall_t0 = time.time() - (time.monotonic() - t0)
         self.say(f"load and faults for {self.options.duration_s:g} s")

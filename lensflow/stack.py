@@ -7,7 +7,10 @@
    used, not started: ``LENSFLOW_*`` or ``up --kafka/--s3`` name real MinIO and Kafka).
    Both embedded servers keep their data **in memory only**: a restart loses every
    topic, offset and object. A loopback port that something else already listens on is
-   an error, never silently adopted (it may be an orphan of another run);
+   an error, never silently adopted (it may be an orphan of another run). The embedded
+   S3 announces every object created in the watched buckets on the images topic, as a
+   MinIO bucket notification does (``lensflow.s3_notify``; ``LENSFLOW_S3_NOTIFY_*``); an
+   external MinIO does it itself (``mc event add``, docs/deploy.md);
 2. creates the image, train and model buckets and the three topics;
 3. starts the predict function's ``ReplicaPool`` (scale to zero) and the dispatcher (the
    KafkaSource stand-in) delivering the images topic to it, with the ordering, delivery
@@ -184,10 +187,7 @@ class EmbeddedStack:
         self._start_server(
             "s3", embedded_s3_address(self.config), S3Server, self.config.s3_endpoint or "AWS S3"
         )
-        buckets = dict.fromkeys(
-            [*self.config.image_buckets, self.config.train_bucket, self.config.model_bucket]
-        )
-        ensure_buckets(s3_client(self.config), list(buckets))
+        ensure_buckets(s3_client(self.config), self.config.buckets)
         ensure_topics(self.config.kafka, topic_specs(*self.config.topics))
         pool_log = self.log_dir
         self.pool = ReplicaPool(
@@ -223,14 +223,18 @@ class EmbeddedStack:
                 f"a process lensflow did not start; stop it, or pass {flag} {configured} "
                 "to use it as an external server"
             )
-        server = kind(host=host, port=port, log_dir=self.log_dir)
+        options = {"notify": self.env} if kind is S3Server else {}
+        server = kind(host=host, port=port, log_dir=self.log_dir, **options)
         self.servers.append(server)  # before start(): stop() must find it whatever happens
         server.start()
 
     def backlog(self) -> int:
-        """Acknowledged records of the images topic the dispatcher has not finished
+        """Uploads not finished: bucket events the embedded S3 keeps for the broker, and
+        acknowledged records of the images topic the dispatcher has not finished
         (delivered or dead-lettered), asked of the broker now."""
-        return group_lag(self.config.kafka_bootstrap, self.config.topic_images, self.group_id)
+        waiting = sum(s.events_waiting() for s in self.servers if isinstance(s, S3Server))
+        lag = group_lag(self.config.kafka_bootstrap, self.config.topic_images, self.group_id)
+        return waiting + lag
 
     def drain(self, timeout_s: float, progress: Callable[[int], None] | None = None) -> int:
         """Before stopping: keep dispatching until every record the broker acknowledged
@@ -384,6 +388,7 @@ class EmbeddedStack:
             "external": dict(self.external),
             "image_buckets": list(self.config.image_buckets),
             "train_bucket": self.config.train_bucket,
+            "notifications": self._notifications(),
             "model": f"{self.config.model_bucket}/{self.config.model_name}",
             "topics": [
                 self.config.topic_images,
@@ -392,6 +397,17 @@ class EmbeddedStack:
             ],
             "logs": str(self.log_dir) if self.log_dir else None,
             "pids": self.pids(),
+        }
+
+    def _notifications(self) -> dict[str, Any] | str:
+        """What announces new objects: the embedded S3 (and its rule), or MinIO itself."""
+        if "s3" in self.external or not any(isinstance(s, S3Server) for s in self.servers):
+            return "the S3 server's own bucket notifications (MinIO: mc event add)"
+        c = self.config
+        return {
+            "buckets": list(c.notify_buckets),
+            "prefix": c.notify_prefix,
+            "suffix": c.notify_suffix,
         }
 
     def pids(self) -> dict[str, list[int]]:

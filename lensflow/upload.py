@@ -1,22 +1,29 @@
-"""``lensflow upload``: put files in S3 and publish the record MinIO would write for each.
+"""``lensflow upload``: an ordinary S3 upload, nothing more.
 
-Locally (moto has no notification targets) and for tools that upload through lensflow,
-this stands in for MinIO's Kafka notification target
-(``eventing.producer.publish_object_event``).
+The event comes from the bucket's notification, as for any S3 client: MinIO's Kafka
+target on a cluster (``mc event add``), the embedded S3 locally (``lensflow.s3_notify``).
+``upload_file`` is the one upload path: the CLI, the drone simulator, the demo and the
+benchmarks all call it.
 """
 
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Producer
-
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
-from eventing.producer import make_producer, publish_object_event, wait_acked
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    content_type: str
 
 
 def object_key(path: Path, prefix: str) -> str:
@@ -29,49 +36,37 @@ def guess_content_type(path: Path) -> str:
     return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
+def upload_file(
+    s3,
+    bucket: str,
+    key: str,
+    body: bytes,
+    content_type: str = "application/octet-stream",
+    metadata: Mapping[str, str] | None = None,
+) -> Uploaded:
+    """One PUT of ``body`` to ``bucket``/``key`` (so S3 announces ``s3:ObjectCreated:Put``);
+    what S3 stored. Raises botocore's errors."""
+    reply = s3.put_object(
+        Bucket=bucket, Key=key, Body=body, ContentType=content_type, Metadata=dict(metadata or {})
+    )
+    return Uploaded(bucket, key, reply["ETag"].strip('"'), len(body), content_type)
+
+
 def upload_files(
     config: Config,
     paths: Iterable[str | Path],
     bucket: str | None = None,
     prefix: str = "",
     *,
-    producer: Producer | None = None,
     s3=None,
-    timeout_s: float = 30.0,
-) -> list[ObjectEvent]:
-    """Put each file in S3, publish its notification record, and confirm delivery.
-
-    ``bucket`` defaults to the first image bucket. Objects are uploaded one by one with a
-    single PUT (so the event is ``s3:ObjectCreated:Put``, and the ETag is the one S3
-    returned). Raises ``eventing.producer.ProduceError`` if any record was not
-    acknowledged by the broker: the objects are in S3 then, but nothing will predict them
-    until they are re-published.
-    """
+) -> list[Uploaded]:
+    """Put each file in ``bucket`` (default: the first image bucket) under ``prefix``."""
     bucket = bucket or config.image_buckets[0]
     s3 = s3 or s3_client(config)
-    own_producer = producer is None
-    producer = producer or make_producer(config.kafka)
-    events: list[ObjectEvent] = []
-    acks = []
-    try:
-        for raw in paths:
-            path = Path(raw)
-            body = path.read_bytes()
-            key = object_key(path, prefix)
-            content_type = guess_content_type(path)
-            reply = s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
-            event = ObjectEvent(
-                event_name=OBJECT_CREATED_PUT,
-                bucket=bucket,
-                key=key,
-                etag=reply["ETag"].strip('"'),
-                size=len(body),
-                content_type=content_type,
-            )
-            acks.append(publish_object_event(producer, config.topic_images, event))
-            events.append(event)
-        wait_acked(producer, acks, timeout_s)
-    finally:
-        if own_producer:
-            producer.flush(0)
-    return events
+    uploaded = []
+    for raw in paths:
+        path = Path(raw)
+        body = path.read_bytes()
+        key = object_key(path, prefix)
+        uploaded.append(upload_file(s3, bucket, key, body, guess_content_type(path)))
+    return uploaded

@@ -31,6 +31,7 @@ def make_env(s3_endpoint: str, bootstrap: str = "127.0.0.1:1", **extra: str) -> 
         "LENSFLOW_KAFKA_BOOTSTRAP": bootstrap,
         "LENSFLOW_IMAGE_BUCKETS": f"images-{tag}",
         "LENSFLOW_MODEL_BUCKET": f"models-{tag}",
+        "LENSFLOW_TRAIN_BUCKET": f"train-{tag}",
         "LENSFLOW_MODEL_NAME": "aerial",
         "LENSFLOW_TOPIC_IMAGES": f"images-{tag}",
         "LENSFLOW_TOPIC_PREDICTIONS": f"predictions-{tag}",
@@ -46,7 +47,7 @@ def env(s3_server) -> dict[str, str]:
     """Environment for one test: its own buckets on the shared S3 server; no broker."""
     values = make_env(s3_server.endpoint)
     config = Config.from_env(values)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+    ensure_buckets(s3_client(config), config.buckets)
     return values
 
 
@@ -55,7 +56,7 @@ def kafka_env(s3_server, kafka_broker) -> dict[str, str]:
     """Environment for one test: its own buckets and topic names on both servers."""
     values = make_env(s3_server.endpoint, kafka_broker.bootstrap)
     config = Config.from_env(values)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+    ensure_buckets(s3_client(config), config.buckets)
     return values
 
 

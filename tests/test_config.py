@@ -40,7 +40,9 @@ def test_contract_variables_all_exist():
 
 def test_defaults_and_overrides():
     config = Config.from_env({})
-    assert config.train_bucket == config.image_buckets[0] == "drone-images"
+    assert config.image_buckets == ("drone-images",)
+    assert config.train_bucket == "lensflow-train"  # its own: lensflow's writes are no images
+    assert config.buckets == ["drone-images", "lensflow-train", "lensflow-models"]
     assert config.topics == ("images", "predictions", "images-dlq")  # the contract's defaults
     assert (
         config.kafkasource_ce_source

@@ -14,9 +14,9 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from eventing.predictions import TopicReader
-from eventing.producer import make_producer
 from lensflow.faults import processes_with
-from lensflow.services import KafkaBroker
+from lensflow.process import free_port
+from lensflow.services import KafkaBroker, S3Server
 from lensflow.stack import EmbeddedStack
 from lensflow_core.settings import Config
 from model_store import ModelStore
@@ -79,11 +79,14 @@ def test_kill_9_of_up_leaves_no_child_behind(tiny_models):
 
 
 def test_sigterm_during_an_upload_drains_every_acknowledged_upload(
-    s3_server, kafka_broker, tiny_models
+    kafka_broker, tiny_models, tmp_path
 ):
-    """Durable (external) servers, so that what `up` left behind can be counted."""
-    env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
+    """Durable (external) servers, so that what `up` left behind can be counted; the S3
+    server announces each upload, as MinIO with `mc event add` does."""
+    port = free_port()
+    env = make_env(f"http://127.0.0.1:{port}", kafka_broker.bootstrap)
     config = Config.from_env(env)
+    s3_server = S3Server(port=port, notify=env, log_dir=tmp_path).start()
     proc = start_up(env, "--kafka", kafka_broker.bootstrap, "--s3", s3_server.endpoint)
     acked: list[str] = []
     try:
@@ -93,9 +96,8 @@ def test_sigterm_during_an_upload_drains_every_acknowledged_upload(
         keys = [f"drain/{i}.jpg" for i in range(60)]
 
         def uploader() -> None:
-            producer = make_producer(config.kafka_bootstrap)
             for start in range(0, len(keys), 5):
-                upload(running(config), keys[start : start + 5], producer)
+                upload(running(config), keys[start : start + 5])
                 acked.extend(keys[start : start + 5])
                 time.sleep(0.1)
 
@@ -108,6 +110,7 @@ def test_sigterm_during_an_upload_drains_every_acknowledged_upload(
     finally:
         if proc.poll() is None:
             proc.kill()
+        s3_server.stop()
     err = proc.stderr.read()
     assert proc.returncode == 0, err
     assert "finishing what the broker acknowledged" in err

@@ -124,7 +124,6 @@ def test_labelling_copies_keeps_the_name_and_takes_the_image_off_the_queue(world
         ("lake", "{bucket}/ok.jpg", "unknown class 'lake'"),
         ("forest", "{bucket}/missing.jpg", "no such object"),
         ("forest", "private/ok.jpg", "not one of the image buckets"),
-        ("forest", "{bucket}/labeled/forest/x.jpg", "already a training object"),
         ("forest", "just-a-name", "not <bucket>/<key>"),
     ],
 )
@@ -138,6 +137,19 @@ def test_a_bad_image_refuses_the_whole_request(world, cls, path, reason):
     listed = s3.list_objects_v2(Bucket=config.train_bucket, Prefix="labeled/")
     assert listed.get("KeyCount", 0) == 0  # not even the good one
     assert [e.key for e in queue.pending()] == ["ok.jpg"]
+
+
+def test_a_shared_bucket_refuses_its_own_training_objects(env):
+    """Train bucket = image bucket: what lensflow wrote there is no image to label."""
+    from lensflow_core.settings import Config
+
+    config = Config.from_env({**env, "LENSFLOW_TRAIN_BUCKET": env["LENSFLOW_IMAGE_BUCKETS"]})
+    s3 = s3_client(config)
+    bucket = config.image_buckets[0]
+    world = (config, s3, bucket, LabelQueue(s3, bucket, limit=3))
+    put(s3, bucket, "labeled/forest/x.jpg")
+    with pytest.raises(LabelRefused, match="already a training object"):
+        relabel(world, "water", [f"{bucket}/labeled/forest/x.jpg"])
 
 
 def test_holdout_and_training_data_never_share_an_image(world):
@@ -303,7 +315,8 @@ def _uncertain_stack(s3_server, kafka_broker, tiny_models, train_bucket: str):
     )
     config = Config.from_env(env)
     s3 = s3_client(config)
-    ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+    missing = {"no-such-train-bucket"}
+    ensure_buckets(s3, [b for b in config.buckets if b not in missing])
     ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
     store = ModelStore.from_config(config)
     store.flip(store.publish(tiny_models["random"], LABELS).version, reason="test")

@@ -49,7 +49,7 @@ def label_values(text: str) -> set[str]:
 def replica(s3_server, kafka_broker, tiny_models, tmp_path_factory):
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_LOG_FORMAT="json")
     config = Config.from_env(env)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+    ensure_buckets(s3_client(config), config.buckets)
     config, store = start_stack(env, tiny_models)
     log = tmp_path_factory.mktemp("metrics") / "predict.log"
     with FunctionServer("predict", env, log) as server:
@@ -104,7 +104,8 @@ def test_stats_counts_are_the_prometheus_counters(replica):
         by_name.setdefault(name, {})[",".join(v for _k, v in labels)] = v
     assert stats["requests"] == by_name["lensflow_predict_requests_total"]
     assert stats["requests"]["200"] >= 2
-    assert stats["skipped"] == value(text, "lensflow_predict_skipped_total") >= 1
+    assert stats["skipped"] == sum(by_name["lensflow_predict_skipped_total"].values()) >= 1
+    assert value(text, "lensflow_predict_skipped_total", reason="not_created") >= 1
     assert stats["predictions"] == sum(by_name["lensflow_predict_predictions_total"].values())
     assert stats["predictions"] >= 1
     assert stats["uncertain"] == value(text, "lensflow_predict_uncertain_total")
@@ -206,7 +207,7 @@ def test_two_gunicorn_workers_add_up_in_multiprocess_mode(
     )
     (tmp_path / "prom").mkdir()
     config = Config.from_env(env)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+    ensure_buckets(s3_client(config), config.buckets)
     config, _store = start_stack(env, tiny_models)
     s3 = s3_client(config)
     bucket = config.image_buckets[0]

@@ -49,7 +49,7 @@ def served(s3_server, kafka_broker, tiny_models, tmp_path_factory):
         LENSFLOW_MAX_IMAGE_PIXELS="4000000",
     )
     config = Config.from_env(env)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket, "private"])
+    ensure_buckets(s3_client(config), [*config.buckets, "private"])
     config, store = start_stack(env, tiny_models)
     log = tmp_path_factory.mktemp("predict") / "predict.log"
     with FunctionServer("predict", env, log) as server:
@@ -147,8 +147,16 @@ def test_bad_events_answer_400_or_422_or_skip(served):
         ObjectEvent("s3:ObjectCreated:CompleteMultipartUpload", bucket, "big/m.jpg", "e", 100)
     )
     assert knative_post(server.url, config, multipart).status_code == 200
+    own = ((config.train_bucket, "to-label/v1/x.json"), (config.model_bucket, "aerial/lock.json"))
+    for own_bucket, own_key in own:  # what lensflow wrote, announced by a shared bucket
+        _, value = notification_record(ObjectEvent("s3:ObjectCreated:Put", own_bucket, own_key))
+        reply = knative_post(server.url, config, value)
+        assert reply.status_code == 200, reply.text
+        assert "lensflow's own object" in reply.json()["skipped"]
+    _, drones = notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, "labeled/x.jpg"))
+    assert knative_post(server.url, config, drones).status_code == 422  # a drone's: no skip
     metrics = server.metrics()
-    assert metrics["requests"]["400"] >= 4 and metrics["skipped"] >= 1
+    assert metrics["requests"]["400"] >= 4 and metrics["skipped"] >= 3
 
 
 def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models, tmp_path):
@@ -159,7 +167,7 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
         env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
         config = Config.from_env(env)
         s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3, config.buckets)
         config, store = start_stack(env, tiny_models, flip=None)
         with FunctionServer("predict", env, tmp_path / "predict.log") as server:
             image = scene_jpeg("water", 1, (96, 96), 85)

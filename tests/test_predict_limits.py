@@ -29,7 +29,7 @@ from tests.test_predict_function import start_stack
 def small_limits(s3_server, kafka_broker, tiny_models, tmp_path_factory):
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_MAX_EVENT_BYTES="8192")
     config = Config.from_env(env)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+    ensure_buckets(s3_client(config), config.buckets)
     config, _store = start_stack(env, tiny_models)
     log = tmp_path_factory.mktemp("limits") / "predict.log"
     with FunctionServer("predict", env, log) as server:
@@ -185,7 +185,7 @@ def test_four_worst_legal_16_bit_pngs_at_once_keep_a_replica_under_its_bound(
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap, THREADS="4")
     config = Config.from_env(env)
     s3 = s3_client(config)
-    ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+    ensure_buckets(s3, config.buckets)
     config, _ = start_stack(env, tiny_models)
     data = png16(7999, 7999)
     assert len(data) < 200_000 and 7999 * 7999 <= config.max_image_pixels
@@ -215,7 +215,7 @@ def test_readiness_waits_for_the_pointers_model_and_metrics_stay_up(
         env = make_env(s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_POINTER_TTL_S="0.2")
         config = Config.from_env(env)
         s3 = s3_client(config)
-        ensure_buckets(s3, [*config.image_buckets, config.model_bucket])
+        ensure_buckets(s3, config.buckets)
         config, store = start_stack(env, tiny_models, flip="first")
         # the current version's file is damaged before the replica starts
         key = f"{config.model_name}/versions/v1/model.tflite"
@@ -252,7 +252,7 @@ def test_readiness_waits_for_the_pointers_model_and_metrics_stay_up(
 def test_no_pointer_yet_is_ready_and_says_so(s3_server, kafka_broker, tiny_models, tmp_path):
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
     config = Config.from_env(env)
-    ensure_buckets(s3_client(config), [*config.image_buckets, config.model_bucket])
+    ensure_buckets(s3_client(config), config.buckets)
     with FunctionServer("predict", env, tmp_path / "predict.log") as server:
         health = requests.get(f"{server.url}/healthz", timeout=5)
         assert health.status_code == 200

@@ -11,8 +11,12 @@ import pytest
 
 from eventing.contracts import parse_notification
 from eventing.topics import ensure_topics, topic_specs
+from lensflow.process import free_port
+from lensflow.services import S3Server
 from lensflow.simulate import Burst, Plan, Simulator
-from lensflow_core.s3 import s3_client
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.settings import Config
+from tests.conftest import make_env
 from tests.kafka_reading import read_topic
 
 
@@ -36,10 +40,21 @@ def test_schedule_count_is_the_integral_of_the_rate():
     assert len(Plan(rate=2.5, duration_s=3).schedule()) == 8  # ceil(7.5): the first at t=0
 
 
+@pytest.fixture
+def notifying_config(kafka_broker, tmp_path):
+    """Settings naming an S3 server that announces new objects, as MinIO does."""
+    port = free_port()
+    env = make_env(f"http://127.0.0.1:{port}", kafka_broker.bootstrap)
+    with S3Server(port=port, notify=env, log_dir=tmp_path):
+        config = Config.from_env(env)
+        ensure_buckets(s3_client(config), config.buckets)
+        ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
+        yield config
+
+
 @pytest.mark.slow
-def test_a_short_flight_uploads_and_publishes_the_planned_records(kafka_config):
-    config = kafka_config
-    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
+def test_a_short_flight_uploads_and_each_photo_becomes_one_event(notifying_config):
+    config = notifying_config
     plan = Plan(
         drones=3,
         rate=10,
@@ -53,16 +68,17 @@ def test_a_short_flight_uploads_and_publishes_the_planned_records(kafka_config):
     planned = len(plan.schedule())
     assert planned == 10 * 2 + 30 * 1
     result = Simulator(config, plan).run()
-    assert result.uploaded == result.published == planned and result.errors == 0
+    assert result.uploaded == planned and result.errors == 0
     assert sum(result.per_drone) == planned and all(result.per_drone)
     assert result.duration_s < 3 + 2 and result.max_behind_s < 1
 
-    records = read_topic(config, config.topic_images, planned, timeout_s=20)
-    assert len(records) == planned
+    records = read_topic(config, config.topic_images, planned + 1, timeout_s=10)
+    assert len(records) == planned  # the labelled copies go to the train bucket: no event
     bucket = config.image_buckets[0]
     events = [parse_notification(m.value())[0] for m in records]
     assert {m.key().decode() for m in records} == {e.path for e in events}
     assert all(e.bucket == bucket and e.created and e.size for e in events)
+    assert all(e.user_metadata["X-Amz-Meta-Drone"] in ("0", "1", "2") for e in events)
 
     s3 = s3_client(config)
     listed = s3.list_objects_v2(Bucket=bucket, Prefix="drones/")["KeyCount"]
@@ -100,7 +116,7 @@ def test_simulate_cli_prints_json(kafka_env):
     )
     assert reply.returncode == 0, reply.stderr
     result = json.loads(reply.stdout)
-    assert result["uploaded"] == result["published"] == result["planned"] == 8
+    assert result["uploaded"] == result["planned"] == 8
     assert result["labelled"] == 0
 
 

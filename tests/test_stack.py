@@ -9,13 +9,12 @@ import time
 import pytest
 import requests
 
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent
 from eventing.predictions import read_predictions
-from eventing.producer import make_producer, publish_object_event, wait_acked
 from lensflow.faults import processes_with
 from lensflow.process import free_port, port_open
 from lensflow.scenes import scene_jpeg
 from lensflow.stack import EmbeddedStack, ServerPortTaken
+from lensflow.upload import upload_file
 from lensflow_core.s3 import s3_client
 from model_store import ModelStore
 from tests.conftest import LABELS, make_env
@@ -29,20 +28,12 @@ def stack_env(**extra: str) -> dict[str, str]:
     return make_env(f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", **extra)
 
 
-def upload(stack: EmbeddedStack, keys: list[str], producer=None) -> None:
-    config = stack.config
-    s3 = s3_client(config)
-    producer = producer or make_producer(config.kafka_bootstrap)
-    acks = []
-    bucket = config.image_buckets[0]
+def upload(stack: EmbeddedStack, keys: list[str]) -> None:
+    """Plain S3 PUTs: the embedded S3's bucket notification makes the events."""
+    s3 = s3_client(stack.config)
+    bucket = stack.config.image_buckets[0]
     for i, key in enumerate(keys):
-        data = scene_jpeg("water", seed=i, size=(320, 240))
-        etag = s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/jpeg")["ETag"]
-        event = ObjectEvent(
-            OBJECT_CREATED_PUT, bucket, key, etag.strip('"'), len(data), "image/jpeg"
-        )
-        acks.append(publish_object_event(producer, config.topic_images, event))
-    wait_acked(producer, acks, 15)
+        upload_file(s3, bucket, key, scene_jpeg("water", seed=i, size=(320, 240)), "image/jpeg")
 
 
 def predicted(stack: EmbeddedStack, keys: set[str], timeout_s: float = 60) -> dict[str, int]:
@@ -131,11 +122,10 @@ def test_upload_to_prediction_through_the_stack_and_a_killed_replica_loses_nothi
 
         # kill every replica mid-stream: nothing uploaded meanwhile may be lost
         second = [f"e2e/second-{i}.jpg" for i in range(40)]
-        producer = make_producer(stack.config.kafka_bootstrap)
-        upload(stack, second[:20], producer)
+        upload(stack, second[:20])
         for replica in stack.pool.replicas():
             os.killpg(replica.proc.pid, signal.SIGKILL)
-        upload(stack, second[20:], producer)
+        upload(stack, second[20:])
         counts = predicted(stack, set(second), timeout_s=90)
         missing = {k for k in second if f"{bucket}/{k}" not in counts}
         assert not missing

@@ -1,7 +1,8 @@
 """One image event in, one prediction out: the predict function's logic, free of the web framework.
 
 Status codes follow the contract: 200 with the prediction CloudEvent; 200 for events
-that are acknowledged and skipped (not ObjectCreated); 400/413/415/422 with a JSON reason
+that are acknowledged and skipped (not ObjectCreated, or an object lensflow wrote itself:
+``model_store.own``); 400/413/415/422 with a JSON reason
 for input no retry can fix; 503 for transient trouble (store or broker unreachable, no
 model yet), which Knative's dispatcher retries.
 
@@ -31,7 +32,8 @@ from functions.predict.watcher import ModelWatcher
 from lensflow_core.imaging import DecodeBudget, ImageError, decode_image
 from lensflow_core.logs import bind, log_fields
 from lensflow_core.settings import Config
-from model_store.labelqueue import TRAINING_PREFIXES, LabelQueue, is_uncertain
+from model_store.labelqueue import LabelQueue, is_uncertain
+from model_store.own import own_prefix
 
 log = logging.getLogger("lensflow.predict")
 NO_MODEL_RETRY_AFTER_S = 2
@@ -69,8 +71,6 @@ class LabelWriter:
 
     def offer(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
         """Hand the offer to a writer, or count it ``busy``: never waits, never raises."""
-        if record.bucket == self.queue.bucket and record.key.startswith(TRAINING_PREFIXES):
-            return  # already training data
         if not self._room.acquire(blocking=False):
             metrics.LABEL_QUEUE.labels("busy").inc()
             return
@@ -150,8 +150,16 @@ class PredictHandler:
             raise Rejected(400, str(exc)) from None
         created = [r for r in records if r.created]
         if not created:
-            metrics.SKIPPED.inc()
+            metrics.SKIPPED.labels("not_created").inc()
             return Reply.json(200, {"skipped": f"{records[0].event_name} is not predicted"})
+        own = {r.path: own_prefix(self.config, r.bucket, r.key) for r in created}
+        created = [r for r in created if own[r.path] is None]
+        if not created:  # a shared bucket announcing what lensflow wrote: no image, no retry
+            path, prefix = next(iter(own.items()))
+            metrics.SKIPPED.labels("own_object").inc()
+            log.info("skipped %s: lensflow's own %s", path, prefix)
+            reason = f"{path} is lensflow's own object ({prefix}), not an image to predict"
+            return Reply.json(200, {"skipped": reason})
         outputs = [self._predict(record, event["id"], trace) for record in created]
         predicted, data = outputs[-1]
         out_headers, out_body = to_binary(predicted, data_marshaller=lambda _: data)

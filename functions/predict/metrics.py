@@ -8,8 +8,8 @@ Without it, this process's registry is exposed. ``GET /stats`` reads this proces
 values (``counts``, ``total``): these counters are the one home of the replica's counts.
 
 Label values are bounded: HTTP status codes, the four stages, the model's class labels
-(at most ``MAX_CLASSES``, the rest as ``other``), model versions and the labelling queue's
-five outcomes; never object keys or event ids.
+(at most ``MAX_CLASSES``, the rest as ``other``), model versions, the labelling queue's
+five outcomes and two skip reasons; never object keys or event ids.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ PREDICTIONS = Counter(
     "lensflow_predict_predictions", "Images predicted, by top class", ["model", "class"]
 )
 SKIPPED = Counter(
-    "lensflow_predict_skipped", "Events acknowledged and not predicted (not ObjectCreated)"
+    "lensflow_predict_skipped",
+    "Events acknowledged and not predicted, by reason: not_created (not ObjectCreated), "
+    "own_object (something lensflow wrote itself: to-label/, labeled/, holdout/, models)",
+    ["reason"],
 )
 UNCERTAIN = Counter(
     "lensflow_predict_uncertain",

@@ -11,7 +11,6 @@ import sys
 from eventing.delivery import DeliverySpec
 from eventing.dispatcher_metrics import dispatcher_registry, serve_metrics
 from eventing.predictions import read_predictions
-from eventing.producer import ProduceError
 from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli.output import CliError, add_json_flag, emit, load_config
 from lensflow.stack import dispatcher_for
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     upload = subparsers.add_parser(
-        "upload", help="put images in S3 and publish their bucket-notification records"
+        "upload", help="put images in S3 (the bucket's notification announces them)"
     )
     upload.add_argument("files", nargs="+", metavar="FILE")
     upload.add_argument(
@@ -85,29 +84,24 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     config = load_config()
-    _ensure_topics(config)
     try:
-        events = upload_files(config, args.files, args.bucket, args.prefix)
+        uploaded = upload_files(config, args.files, args.bucket, args.prefix)
     except FileNotFoundError as exc:
         raise CliError(f"no such file: {exc.filename}") from None
     except (ClientError, BotoCoreError) as exc:
         raise CliError(f"upload failed: {exc}") from None
-    except ProduceError as exc:
-        raise CliError(f"uploaded, but the event was not published: {exc}") from None
     rows = [
         {
-            "bucket": e.bucket,
-            "key": e.key,
-            "etag": e.etag,
-            "size": e.size,
-            "content_type": e.content_type,
-            "topic": config.topic_images,
+            "bucket": u.bucket,
+            "key": u.key,
+            "etag": u.etag,
+            "size": u.size,
+            "content_type": u.content_type,
         }
-        for e in events
+        for u in uploaded
     ]
     text = "\n".join(
-        f"s3://{r['bucket']}/{r['key']}  {r['size']} bytes  etag {r['etag']}  -> {r['topic']}"
-        for r in rows
+        f"s3://{r['bucket']}/{r['key']}  {r['size']} bytes  etag {r['etag']}" for r in rows
     )
     emit(args, rows, text)
     return 0
