@@ -52,7 +52,7 @@ from lensflow.soak_check import (
 from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from model_store import ConflictError, ModelStore, ModelStoreError
+from model_store import ModelStore, ModelStoreError
 
 FAULTS: dict[str, str] = {
     "kill-replica": "kill -9 of a predict replica (the pool starts another)",
@@ -626,8 +626,8 @@ def flip(soak: Soak, planned: Planned) -> str:
     target = others[min(int(planned.pick * len(others)), len(others) - 1)]
     try:
         store.flip(target, expect=current.version if current else None, reason="soak", by="soak")
-    except ConflictError as exc:
-        return f"conflict, nothing written ({exc})"
+    except ModelStoreError as exc:  # moved meanwhile, or the store is frozen: refused
+        return f"refused, nothing written ({exc})"
     return f"{current.version if current else 'none'} -> {target}"
 
 
@@ -635,8 +635,8 @@ def rollback(soak: Soak, planned: Planned) -> str:
     store = ModelStore.from_config(soak.config)
     try:
         pointer = store.rollback(reason="soak", by="soak")
-    except ConflictError as exc:
-        return f"conflict, nothing written ({exc})"
+    except ModelStoreError as exc:  # nothing to go back to, moved meanwhile, store frozen
+        return f"refused, nothing written ({exc})"
     return f"back to {pointer.version}"
 
 

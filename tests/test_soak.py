@@ -265,3 +265,29 @@ def test_a_short_soak_with_a_fixed_seed_loses_nothing_and_breaks_no_invariant():
         "broker-restart",
         "stop-dispatcher",
     }
+
+
+@pytest.mark.slow
+def test_seed_11_rollback_with_nothing_to_go_back_to_is_refused_not_a_failed_fault(
+    config, tiny_models
+):
+    """Found by `lensflow soak --seed 11`: its schedule rolls back (31.5 s) before any
+    flip, when the pointer has only its first version; the fault raised, and the soak
+    counted a broken invariant although nothing was wrong with the stack."""
+    from types import SimpleNamespace
+
+    from lensflow.soak import Planned, flip, rollback
+    from model_store import ModelStore
+    from tests.conftest import LABELS
+
+    first = [p.fault for p in plan(11, 600).faults if p.fault in ("flip", "rollback")][0]
+    assert first == "rollback"
+    store = ModelStore.from_config(config)
+    store.flip(store.publish(tiny_models["first"], LABELS).version)
+    soak = SimpleNamespace(config=config)
+    assert rollback(soak, Planned(31.5, "rollback")).startswith("refused, nothing written")
+    assert store.current().version == "v1" and len(store.history()) == 1
+    store.publish(tiny_models["last"], LABELS)
+    assert flip(soak, Planned(55.1, "flip")) == "v1 -> v2"
+    assert rollback(soak, Planned(60.0, "rollback")) == "back to v1"
+    assert [r["version"] for r in store.history()] == ["v1", "v2", "v1"]
