@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eventing.offsets import group_lag
 from lensflow.faults import Watch, kill9, pause, processes_with, resume
 from lensflow.process import ChildProcess, free_port, http_ok
 from lensflow.scenes import scene_jpeg
@@ -49,6 +50,7 @@ from lensflow.soak_check import (
     check,
     iso_seconds,
 )
+from lensflow.stack import kafkasource_settings
 from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
@@ -324,6 +326,7 @@ class Soak:
                 f"settling: waiting for {sum(u.outcome == 'acked' for u in uploads)} acknowledged uploads"
             )
             watch.settle([u.key for u in uploads if u.outcome == "acked"], self.options.settle_s)
+            left = self._left_in_broker()
             pointer_history, pointer_now = self._pointer_history()
         finally:
             if watch is not None:
@@ -338,6 +341,7 @@ class Soak:
             faults=self.fault_runs,
             left_behind=self.left_behind(),
             pointer_ttl_s=self.config.pointer_ttl_s,
+            left_in_broker=left,
         )
         return SoakResult(
             self.schedule,
@@ -492,6 +496,15 @@ class Soak:
         while (left := processes_with(f"{MARKER}={self.tag}")) and time.monotonic() < deadline:
             time.sleep(0.2)
         return left
+
+    def _left_in_broker(self) -> int | None:
+        """What the dispatcher's consumer group has not finished, asked of the broker
+        (None if it cannot say): tells a record stuck in the log from one gone."""
+        try:
+            group = kafkasource_settings()[2]
+            return group_lag(self.config.kafka_bootstrap, self.config.topic_images, group)
+        except Exception:  # noqa: BLE001 - a diagnosis only
+            return None
 
     def _pointer_history(self) -> tuple[list[dict[str, Any]], str | None]:
         store = ModelStore.from_config(self.config)

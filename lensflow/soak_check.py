@@ -91,6 +91,7 @@ class History:
     left_behind: list[int] = field(default_factory=list)
     pointer_ttl_s: float = 1.0
     archive: list[Predicted] | None = None  # None: no archive to check against
+    left_in_broker: int | None = None  # images-topic records the dispatcher never finished
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Report:
     duplicates_why: dict[str, int] = field(default_factory=dict)
     lost: int = 0
     lost_keys: list[str] = field(default_factory=list)
+    left_in_broker: int | None = None  # of the lost: still in the log, never dispatched
     archived: int | None = None
     invariants_broken: list[str] = field(default_factory=list)
 
@@ -122,7 +124,7 @@ def iso_seconds(text: str) -> float:
 
 
 def check(history: History) -> Report:
-    report = Report()
+    report = Report(left_in_broker=history.left_in_broker)
     _count_uploads(history, report)
     _check_outcomes(history, report)
     _check_duplicates(history, report)

@@ -135,6 +135,11 @@ def summary(result) -> str:
         f"duplicates {r.duplicates}{f' ({why})' if why else ''}  lost {r.lost}",
         f"refused by the store {r.rejected} (unknown bucket), not acknowledged {r.unacknowledged}",
     ]
+    if r.lost and r.left_in_broker:
+        lines.append(
+            f"of the lost, {r.left_in_broker} are still in the broker, never dispatched "
+            "(the dispatcher's consumer group made no progress)"
+        )
     if r.lost_keys:
         lines.append(
             f"lost: {', '.join(r.lost_keys[:10])}{' ...' if len(r.lost_keys) > 10 else ''}"
