@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -114,8 +114,10 @@ class TopicReader:
 
     ``assign``, never ``subscribe``, and no commits: reading never moves anyone's offsets,
     and any number of readers can read at once. Starts at the beginning of each
-    partition, at its end (``from_end``), or ``last`` records before its end. A topic
-    that does not exist yet has no partitions: reading it gives nothing.
+    partition, at its end (``from_end``), or ``last`` records before its end; ``start``
+    (partition -> offset) resumes where an earlier reader stopped, on a log that still
+    reaches there (a durable broker). A topic that does not exist yet has no partitions:
+    reading it gives nothing.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class TopicReader:
         last: int | None = None,
         timeout_s: float = 10.0,
         group: str = "lensflow-reader",
+        start: Mapping[int, int] | None = None,
     ):
         self.topic = topic
         self._consumer = Consumer(
@@ -149,6 +152,8 @@ class TopicReader:
             assignment = []
             for number in self.partitions:
                 tp = TopicPartition(topic, number, OFFSET_END if from_end else OFFSET_BEGINNING)
+                if start and number in start:
+                    tp.offset = start[number]
                 if last is not None:
                     # Tansu answers ListOffsets(latest) too low when the producer batched
                     # (5 records in one batch: high 1), so this may start earlier than

@@ -35,8 +35,21 @@ class Watch:
     ``DeadLetter`` on the dead-letter topic (``images`` names the topic it came from).
     """
 
-    def __init__(self, bootstrap: str, predictions: str, dlq: str, images: str = "images"):
+    def __init__(
+        self,
+        bootstrap: str,
+        predictions: str,
+        dlq: str,
+        images: str = "images",
+        durable: bool = False,
+    ):
         self.records: dict[str, dict[tuple, Any]] = {predictions: {}, dlq: {}}
+        # ``durable``: offsets never go back, so a reconnect goes on where it was; reading
+        # every record again each time loads the broker more the longer the run (issue
+        # 23's soak). An in-memory broker restarts empty: read from the start again.
+        self._next: dict[str, dict[int, int]] | None = (
+            {predictions: {}, dlq: {}} if durable else None
+        )
         self.predictions, self.dlq, self.images = predictions, dlq, images
         self._bootstrap = bootstrap
         self._lock = threading.Lock()
@@ -59,7 +72,8 @@ class Watch:
     def _read(self, topic: str) -> None:
         while not self._stop.is_set():
             try:
-                with TopicReader(self._bootstrap, topic, timeout_s=3) as reader:
+                start = dict(self._next[topic]) if self._next is not None else None
+                with TopicReader(self._bootstrap, topic, timeout_s=3, start=start) as reader:
                     idle_since = time.monotonic()
                     while not self._stop.is_set():
                         records = reader.poll(0.2)
@@ -74,6 +88,8 @@ class Watch:
                                 with self._lock:
                                     if identity not in self.records[topic]:
                                         self.records[topic][identity] = self._decode(topic, m)
+                            if self._next is not None:
+                                self._next[topic][m.partition()] = m.offset() + 1
                         if records:
                             idle_since = time.monotonic()
                         elif not reader.partitions or time.monotonic() - idle_since > 3:

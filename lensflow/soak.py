@@ -320,6 +320,7 @@ class Soak:
                 self.config.topic_predictions,
                 self.config.topic_dlq,
                 self.config.topic_images,
+                durable=True,
             )
             uploads = self._load_and_faults()
             self.say(

@@ -291,3 +291,47 @@ def test_seed_11_rollback_with_nothing_to_go_back_to_is_refused_not_a_failed_fau
     assert flip(soak, Planned(55.1, "flip")) == "v1 -> v2"
     assert rollback(soak, Planned(60.0, "rollback")) == "back to v1"
     assert [r["version"] for r in store.history()] == ["v1", "v2", "v1"]
+
+
+@pytest.mark.slow
+def test_seed_7_a_durable_broker_gets_a_fetch_wait_its_reads_fit_in(s3_server, kafka_broker):
+    """Found by `lensflow soak --seed 7` (600 s): Tansu on its S3 engine answers a fetch
+    whose read takes longer than the fetch wait with nothing; with the 50 ms wait meant
+    for the in-memory broker, the dispatcher of `up --kafka` got no record once reads
+    slowed down, and ~1000 acknowledged uploads were never dispatched. A broker the stack
+    did not start now gets librdkafka's default wait (500 ms)."""
+    from lensflow.stack import EXTERNAL_BROKER_FETCH, EmbeddedStack
+    from tests.conftest import make_env
+
+    env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
+    with EmbeddedStack(env, log_dir=None, external={"kafka", "s3"}) as stack:
+        wait = stack.dispatcher._consumer_settings["fetch.wait.max.ms"]
+    assert wait == EXTERNAL_BROKER_FETCH["fetch.wait.max.ms"] >= 500
+
+
+@pytest.mark.slow
+def test_a_watch_reconnecting_resumes_where_it_was_not_from_the_start(kafka_config):
+    """Found with seed 7 too: the soak's reader of the predictions topic reopened every
+    3 idle seconds and read the whole topic again each time, loading the broker more the
+    longer the run. On a durable broker, TopicReader's ``start`` resumes."""
+    from eventing.predictions import TopicReader
+    from eventing.producer import make_producer
+    from eventing.topics import ensure_topics, topic_specs
+
+    topic = kafka_config.topic_predictions
+    ensure_topics(kafka_config.kafka, topic_specs(*kafka_config.topics))
+    producer = make_producer(kafka_config.kafka)
+    for i in range(5):
+        producer.produce(topic, key=b"k", value=str(i).encode(), partition=0)
+    producer.flush(10)
+
+    def offsets(start):
+        with TopicReader(kafka_config.kafka, topic, start=start) as reader:
+            found = []
+            while not reader.caught_up:
+                found += [m.offset() for m in reader.poll(0.2) if m.partition() == 0]
+            return found
+
+    assert offsets(None) == [0, 1, 2, 3, 4]
+    assert offsets({0: 3}) == [3, 4]
+    assert offsets({1: 0}) == [0, 1, 2, 3, 4]  # partitions not named: from the start
