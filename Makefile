@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast test-container test-faults lint bench knative-check lock screenshots clean
+.PHONY: install demo up test test-fast test-container test-faults soak lint bench knative-check lock screenshots clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test-container: install
 # dead-lettered, duplicates and lost (several minutes: not in `make test`; `make bench` runs it once)
 test-faults: install
 	$(BIN)/python -m bench.faults --repeats 2
+
+# issue 23: ten minutes of load under a random fault schedule on durable servers, then a
+# check of the history (`make soak SOAK="--seed 7"`; `make test` runs 75 s of it, `make bench` 600 s)
+soak: install
+	$(BIN)/lensflow soak $(SOAK)
 
 lint: install
 	$(BIN)/ruff check .

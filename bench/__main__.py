@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark, write bench/results/*.json and plots, print a summary.
 
 `python -m bench [NAME ...]` runs only the named ones (predict, isolated, queue, quant, e2e,
-train, train_memory, learning, knative_autoscaler, archive); `summary.json` gathers the latest result
+train, train_memory, learning, knative_autoscaler, archive, faults, soak); `summary.json` gathers the latest result
 of every benchmark.
 """
 
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "knative_autoscaler": "bench.knative_autoscaler",
     "faults": "bench.faults",
     "archive": "bench.archive_bench",
+    "soak": "bench.soak_bench",
 }
 
 

@@ -28,15 +28,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.common import mobilenet_v2_tflite, write_json
 from eventing.contracts import ObjectEvent, notification_record
-from eventing.predictions import TopicReader
 from eventing.producer import make_producer, send
+from lensflow.faults import Watch, pause, processes_with
 from lensflow.process import free_port
 from lensflow.scenes import scene_jpeg
 from lensflow.services import KafkaBroker, S3Server
@@ -64,57 +63,6 @@ class Outcome:
     note: str = ""
     seconds: float = 0.0
     checks: dict[str, bool] = field(default_factory=dict)
-
-
-class Watch:
-    """Reads the predictions and dead-letter topics from the start, all the time, and
-    survives the broker restarting (records are told apart by key, partition, offset and
-    timestamp, so re-reading after a reconnect counts nothing twice)."""
-
-    def __init__(self, bootstrap: str, predictions: str, dlq: str):
-        self.seen: dict[str, set[tuple]] = {predictions: set(), dlq: set()}
-        self.predictions, self.dlq = predictions, dlq
-        self._bootstrap = bootstrap
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._read, args=(topic,), daemon=True) for topic in self.seen
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _read(self, topic: str) -> None:
-        while not self._stop.is_set():
-            try:
-                with TopicReader(self._bootstrap, topic, timeout_s=3) as reader:
-                    idle_since = time.monotonic()
-                    while not self._stop.is_set():
-                        records = reader.poll(0.2)
-                        for m in records:
-                            if m.key():
-                                self.seen[topic].add(
-                                    (m.key().decode(), m.partition(), m.offset(), m.timestamp()[1])
-                                )
-                        if records:
-                            idle_since = time.monotonic()
-                        elif not reader.partitions or time.monotonic() - idle_since > 3:
-                            break  # topic missing, or maybe recreated: open again
-            except Exception:  # noqa: BLE001 - broker away: try again
-                pass
-            self._stop.wait(0.5)
-
-    def counts(self, sent: list[str]) -> tuple[int, int, int, int]:
-        predictions = Counter(key for key, *_ in self.seen[self.predictions])
-        dead = {key for key, *_ in self.seen[self.dlq]}
-        wanted = set(sent)
-        predicted = {k for k in wanted if predictions[k]}
-        dead_only = (wanted & dead) - predicted
-        duplicates = sum(predictions[k] - 1 for k in predicted)
-        return len(predicted), len(dead_only), duplicates, len(wanted - predicted - dead_only)
-
-    def close(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(5)
 
 
 class Uploads:
@@ -159,17 +107,6 @@ class Uploads:
     def join(self) -> list[str]:
         self.thread.join(60)
         return self.acked
-
-
-def settle(watch: Watch, sent: list[str], timeout_s: float = SETTLE_S) -> tuple[int, ...]:
-    """Counts once every sent upload is predicted or dead-lettered, or the time is up."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        counts = watch.counts(sent)
-        if counts[3] == 0 or time.monotonic() > deadline:
-            time.sleep(1.0)  # let late duplicates show
-            return watch.counts(sent)
-        time.sleep(0.5)
 
 
 def env_for(tag: str, s3: str, kafka: str) -> dict[str, str]:
@@ -229,7 +166,7 @@ def _run_in(stack: EmbeddedStack, name: str, run: int, model: bytes, fault, bad)
             time.sleep(1.5)  # mid-stream
             outcome.note = fault(stack)
             sent = uploads.join()
-            counts = settle(watch, sent)
+            counts = watch.settle(sent, SETTLE_S)
         finally:
             watch.close()
     outcome.sent = len(sent)
@@ -267,10 +204,7 @@ def durable_broker_restart(stack: EmbeddedStack) -> str:
 
 def freeze(name: str, seconds: float = 10.0) -> Callable[[EmbeddedStack], str]:
     def fault(stack: EmbeddedStack) -> str:
-        server = _server(stack, name)
-        os.kill(server.pid, signal.SIGSTOP)
-        time.sleep(seconds)
-        os.kill(server.pid, signal.SIGCONT)
+        pause(_server(stack, name).pid, seconds, group=False)
         return f"SIGSTOP of {name} for {seconds:g} s"
 
     return fault
@@ -334,18 +268,6 @@ def _up(env: dict[str, str], kafka: KafkaBroker, s3: S3Server) -> subprocess.Pop
     return proc
 
 
-def _processes_with(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                if text.encode() in Path(f"/proc/{entry}/environ").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
 def _with_up(name: str, run: int, model: bytes, stop_signal: int) -> Outcome:
     tag = f"{name}-{run}-{os.getpid()}"
     outcome = Outcome(name, run)
@@ -366,7 +288,7 @@ def _with_up(name: str, run: int, model: bytes, stop_signal: int) -> Outcome:
             proc.wait(120)
             tagged = f"faults-{tag}"
             time.sleep(2.0)
-            orphans = [p for p in _processes_with(tagged) if p != proc.pid]
+            orphans = [p for p in processes_with(tagged) if p != proc.pid]
             outcome.checks["no process left behind"] = not orphans
             if stop_signal == signal.SIGKILL:
                 restarted = _up(env, kafka, s3)  # a new `up` resumes from the commits
@@ -375,7 +297,7 @@ def _with_up(name: str, run: int, model: bytes, stop_signal: int) -> Outcome:
                 outcome.checks["exit 0 (drained)"] = proc.returncode == 0
                 outcome.note = f"SIGTERM mid-upload: drained, exit {proc.returncode}"
             sent = uploads.join()
-            counts = settle(watch, sent)
+            counts = watch.settle(sent, SETTLE_S)
         finally:
             watch.close()
             for p in (proc, restarted):

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -128,8 +128,10 @@ class TopicReader:
 
     ``assign``, never ``subscribe``, and no commits: reading never moves anyone's offsets,
     and any number of readers can read at once. Starts at the beginning of each
-    partition, at its end (``from_end``), or ``last`` records before its end. A topic
-    that does not exist yet has no partitions: reading it gives nothing.
+    partition, at its end (``from_end``), or ``last`` records before its end; ``start``
+    (partition -> offset) resumes where an earlier reader stopped, on a log that still
+    reaches there (a durable broker). A topic that does not exist yet has no partitions:
+    reading it gives nothing.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class TopicReader:
         last: int | None = None,
         timeout_s: float = 10.0,
         group: str = "lensflow-reader",
+        start: Mapping[int, int] | None = None,
     ):
         self.topic = topic
         self._consumer = Consumer(
@@ -163,7 +166,9 @@ class TopicReader:
             assignment = []
             for number in self.partitions:
                 tp = TopicPartition(topic, number, OFFSET_BEGINNING)
-                if from_end:
+                if start and number in start:
+                    tp.offset = start[number]
+                elif from_end:
                     # the end now, as a number: OFFSET_END would be resolved only at the
                     # first fetch, missing what arrives between placing and polling
                     tp.offset = self._consumer.get_watermark_offsets(

@@ -118,6 +118,14 @@ def embedded_s3_address(config: Config) -> tuple[str, int] | None:
     return _loopback_address(url.hostname, url.port)
 
 
+# The dispatcher's 50 ms fetch wait suits the embedded in-memory Tansu, which never answers
+# a waiting fetch early. A broker we did not start gets librdkafka's default: Kafka answers
+# early when records arrive, and Tansu on its S3 engine answers a fetch whose read takes
+# longer than the wait with nothing, so a 50 ms wait starves the dispatcher once reads
+# slow down (issue 23's soak, seed 7: ~1000 uploads never dispatched; docs/benchmarks.md).
+EXTERNAL_BROKER_FETCH = {"fetch.wait.max.ms": 500}
+
+
 class ServerPortTaken(RuntimeError):
     """An embedded server's port is in use by a process this stack did not start."""
 
@@ -208,6 +216,7 @@ class EmbeddedStack:
                 max_in_flight=self.max_in_flight,
                 group_id=self.group_id,
                 topics=topic_specs(*self.config.topics),  # recreated if the broker loses them
+                consumer_settings=EXTERNAL_BROKER_FETCH if "kafka" in self.external else None,
             ).start()
         if self.archive:
             self.archiver = Respawned(

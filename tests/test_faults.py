@@ -14,13 +14,14 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from eventing.predictions import TopicReader
+from lensflow.faults import processes_with
 from lensflow.process import free_port
 from lensflow.services import KafkaBroker, S3Server
 from lensflow.stack import EmbeddedStack
 from lensflow_core.settings import Config
 from model_store import ModelStore
 from tests.conftest import LABELS, make_env
-from tests.test_stack import predicted, processes_with, publish_model, stack_env, upload
+from tests.test_stack import predicted, publish_model, stack_env, upload
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from eventing.predictions import read_predictions
+from lensflow.faults import processes_with
 from lensflow.process import free_port, port_open
 from lensflow.scenes import scene_jpeg
 from lensflow.stack import EmbeddedStack, ServerPortTaken
@@ -163,20 +164,6 @@ def test_a_short_demo_predicts_every_upload(tiny_models, tmp_path):
     )
     assert 0 < summary["latency_s"]["p50"] <= summary["latency_s"]["p95"]
     assert summary["predict"]["cold_starts"] == 1
-
-
-def processes_with(text: str) -> list[int]:
-    """Pids of processes whose environment mentions ``text``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if text.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 def test_demo_command_seeds_a_model_flies_and_leaves_nothing_behind():

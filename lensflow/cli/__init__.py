@@ -6,13 +6,24 @@ import argparse
 import logging
 import sys
 
-from lensflow.cli import archive, dashboard, dlq, eventing, functions, label, models, stack, train
+from lensflow.cli import (
+    archive,
+    dashboard,
+    dlq,
+    eventing,
+    functions,
+    label,
+    models,
+    soak,
+    stack,
+    train,
+)
 from lensflow.cli.output import CliError, fail
 from lensflow_core.kafka import KafkaSetupError
 
 # Modules that add verbs. Each exposes ``register(subparsers)`` and sets ``func`` on its
 # parsers; ``func(args) -> int`` returns the exit code.
-VERB_MODULES = (models, functions, eventing, dlq, train, label, stack, dashboard, archive)
+VERB_MODULES = (models, functions, eventing, dlq, train, label, stack, dashboard, archive, soak)
 
 
 def build_parser() -> argparse.ArgumentParser:
