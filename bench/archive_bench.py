@@ -1,11 +1,11 @@
 """The predictions archive (issue 19): how fast, how big, how fresh.
 
-- ``throughput``: the archiver (``functions.archive``) draining a backlog of prediction
+- ``throughput``: the archiver (``lensflow_archive``) draining a backlog of prediction
   events in a process pinned to one CPU (``taskset``), from its first record to its last
   commit: predictions per second of wall time and per CPU-second, against one predict
   replica's rate on one CPU (``bench/results/predict.json``, ``http_c1_images_per_s``);
 - ``bytes per prediction``: the Parquet (zstd) the drain wrote, and after compaction;
-- ``query latency``: each named question (``functions.archive.query.REPORTS``) over one
+- ``query latency``: each named question (``lensflow_archive.query.REPORTS``) over one
   million synthetic archived predictions (30 dates x 3 partitions), a fresh DuckDB each
   time (listing and reading S3 included), median of 3;
 - ``lag``: produce to queryable under the demo's load (3/s, 30/s for 15 s), the archiver
@@ -35,10 +35,10 @@ DAYS, PARTITIONS = 30, 3
 
 @contextmanager
 def servers():
-    from eventing.topics import ensure_topics, topic_specs
-    from lensflow.services import KafkaBroker, S3Server
+    from lensflow.servers import KafkaBroker, S3Server
     from lensflow_core.s3 import ensure_buckets, s3_client
     from lensflow_core.settings import Config
+    from lensflow_eventing.topics import ensure_topics, topic_specs
 
     with S3Server() as s3_server, KafkaBroker() as broker:
         env = {
@@ -65,7 +65,7 @@ def drain_pinned(env: dict[str, str]) -> dict:
 
 def drain_here() -> dict:
     """Drain the backlog once; time from the first record taken to the last commit."""
-    from functions.archive.archiver import Archiver
+    from lensflow_archive.archiver import Archiver
     from lensflow_core.settings import Config
 
     class Timed(Archiver):
@@ -91,7 +91,7 @@ def drain_here() -> dict:
 
 
 def archive_bytes(config) -> tuple[int, int]:
-    from functions.archive.store import ArchiveStore
+    from lensflow_archive.store import ArchiveStore
     from lensflow_core.s3 import s3_client
 
     files = ArchiveStore(s3_client(config), config.archive_bucket).list("predictions/")
@@ -99,11 +99,11 @@ def archive_bytes(config) -> tuple[int, int]:
 
 
 def measure_throughput(env, config) -> dict:
-    from eventing.offsets import committed_offsets
-    from functions.archive.compact import compact_day
-    from functions.archive.store import ArchiveStore
+    from lensflow_archive.compact import compact_day
+    from lensflow_archive.store import ArchiveStore
     from lensflow_core.s3 import s3_client
-    from tests.archive_support import make_prediction, produce
+    from lensflow_eventing.offsets import committed_offsets
+    from tests.support.archive_support import make_prediction, produce
 
     produce(config, [make_prediction(i) for i in range(BACKLOG)])
     drained = drain_pinned(env)
@@ -137,7 +137,7 @@ def synthetic_rows(day: str, partition: int, n: int, first_offset: int):
     import numpy as np
     import pyarrow as pa
 
-    from functions.archive.records import SCHEMA
+    from lensflow_archive.records import SCHEMA
 
     rng = np.random.default_rng(hash((day, partition)) % 2**32)
     labels = np.array(["car", "truck", "person", "boat", "building", "tree"])
@@ -178,7 +178,7 @@ def synthetic_rows(day: str, partition: int, n: int, first_offset: int):
 
 
 def fill_million(config) -> int:
-    from functions.archive.store import PREDICTIONS, ArchiveStore, file_key, parquet_bytes
+    from lensflow_archive.store import PREDICTIONS, ArchiveStore, file_key, parquet_bytes
     from lensflow_core.s3 import s3_client
 
     store = ArchiveStore(s3_client(config), config.archive_bucket)
@@ -197,7 +197,7 @@ def fill_million(config) -> int:
 
 
 def measure_queries(config) -> dict:
-    from functions.archive.query import REPORTS, archive_dataset, connect, report, run_sql
+    from lensflow_archive.query import REPORTS, archive_dataset, connect, report, run_sql
 
     rows = fill_million(config)
     latencies = {}
@@ -217,12 +217,12 @@ def measure_queries(config) -> dict:
 def measure_lag(env, config, duration_s: float = 40.0) -> dict:
     """Produce at the demo's rates while the archiver follows; when each event is first
     seen by a query of the archive."""
-    from eventing.producer import make_producer
-    from functions.archive.query import query
-    from tests.archive_support import make_prediction, produce
+    from lensflow_archive.query import query
+    from lensflow_eventing.producer import make_producer
+    from tests.support.archive_support import make_prediction, produce
 
     child = subprocess.Popen(
-        [sys.executable, "-m", "functions.archive.job", "--follow"],
+        [sys.executable, "-m", "lensflow_archive.job", "--follow"],
         env={**os.environ, **env},  # the drain's group: the backlog is committed already
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

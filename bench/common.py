@@ -85,11 +85,11 @@ def serving_stack(
 
     Yields (env, config, model store, {server name: pid}).
     """
-    from eventing.topics import ensure_topics, topic_specs
-    from lensflow.services import KafkaBroker, S3Server
+    from lensflow.servers import KafkaBroker, S3Server
     from lensflow_core.s3 import ensure_buckets, s3_client
     from lensflow_core.settings import Config
-    from model_store import ModelStore
+    from lensflow_eventing.topics import ensure_topics, topic_specs
+    from lensflow_model_store import ModelStore
 
     with KafkaBroker() as broker, S3Server(notify=_bench_env(broker)) as s3_server:
         env = {

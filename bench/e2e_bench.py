@@ -19,20 +19,20 @@ from pathlib import Path
 
 from bench.common import cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
 from bench.predict_bench import bare_loop
-from eventing.predictions import Prediction, PredictionFeed
 from lensflow.figures import percentile, rounded
 from lensflow.replicas import ReplicaPool
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow.stack import dispatcher_for
 from lensflow.upload import upload_file
 from lensflow_core.settings import Config
+from lensflow_eventing.predictions import Prediction, PredictionFeed
 
 THROUGHPUT_IMAGES = int(os.environ.get("LENSFLOW_BENCH_E2E_IMAGES", "400"))
 LATENCY_SECONDS = 15.0
 BURST = {"base_s": 10.0, "burst_s": 20.0, "after_s": 60.0, "factor": 10}
 
 
-class PredictionWatcher:
+class ArrivalLog:
     """When each subject's first prediction was made (its event time) and arrived: a
     ``PredictionFeed`` from the start of the predictions topic."""
 
@@ -44,7 +44,7 @@ class PredictionWatcher:
             config.kafka, config.topic_predictions, self._arrived, group="bench-watcher"
         )
 
-    def start(self) -> PredictionWatcher:
+    def start(self) -> ArrivalLog:
         self._feed.start()
         return self
 
@@ -110,7 +110,7 @@ def run(out_dir: Path) -> dict:
         bare = bare_loop(model_bytes, photos, 2, config.max_image_pixels)
         result["bare_c2_images_per_s"] = bare["images_per_s"]
 
-        watcher = PredictionWatcher(config).start()
+        watcher = ArrivalLog(config).start()
         pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
         dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
         try:

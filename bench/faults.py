@@ -33,17 +33,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.common import mobilenet_v2_tflite, write_json
-from eventing.contracts import ObjectEvent, notification_record
-from eventing.producer import make_producer, send
 from lensflow.faults import Watch, pause, processes_with
 from lensflow.process import free_port
 from lensflow.scenes import scene_jpeg
-from lensflow.services import KafkaBroker, S3Server
+from lensflow.servers import KafkaBroker, S3Server
 from lensflow.stack import EmbeddedStack
 from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
+from lensflow_eventing.contracts import ObjectEvent, notification_record
+from lensflow_eventing.producer import make_producer, send
+from lensflow_model_store import ModelStore
 
 LABELS = ["field", "forest", "water"]
 UPLOADS = 40
@@ -98,7 +98,7 @@ class Uploads:
             try:
                 upload_file(self.s3, self.bucket, key, data, "image/jpeg")
                 self.acked.append(f"{self.bucket}/{key}")
-            except Exception:  # noqa: BLE001 - not stored: not sent
+            except Exception:  # not stored: not sent
                 pass
             time.sleep(1 / RATE)
         producer.flush(35)

@@ -33,7 +33,7 @@ BACKLOGS = int(os.environ.get("LENSFLOW_BENCH_GAP_BACKLOGS", "3"))
 OFF = {"LENSFLOW_BATCH_DELAY_MS": "0"}
 
 NO_S3 = """
-import functions.predict.fetch as _fetch
+import lensflow_predict.fetch as _fetch
 from lensflow.scenes import CLASSES, scene_jpeg
 _photos = [scene_jpeg(CLASSES[i % len(CLASSES)], i, (640, 480), 88) for i in range(16)]
 def _from_memory(self, bucket, key):
@@ -41,8 +41,8 @@ def _from_memory(self, bucket, key):
 _fetch.ImageFetcher.fetch = _from_memory
 """
 NO_KAFKA_ACK = """
-import functions.predict.sink as _sink
-import eventing.producer as _producer
+import lensflow_predict.sink as _sink
+import lensflow_eventing.producer as _producer
 def _no_wait(producer, topic, message, timeout_s, polled=False):  # produced, but nobody waits for the ack
     _producer.send(producer, topic, message.key, message.value, message.headers)
     producer.poll(0)
@@ -57,10 +57,10 @@ _cpus.usable_cpus = lambda *args, **kwargs: 3
 # time.thread_time() deltas are exact), summed; /stats reports them as stage_cpu_s.
 STAGE_CPU = """
 import collections, json, threading, time
-import functions.predict.app as _app
-import functions.predict.fetch as _fetch
-import functions.predict.handler as _handler
-import functions.predict.sink as _sink
+import lensflow_predict.app as _app
+import lensflow_predict.fetch as _fetch
+import lensflow_predict.handler as _handler
+import lensflow_predict.sink as _sink
 import lensflow_core.runtime as _runtime
 _cpu = collections.Counter()
 _lock = threading.Lock()

@@ -35,10 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import QUEUE_ON, cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
-from bench.e2e_bench import PredictionWatcher, upload_at_rate
-from eventing.contracts import ObjectEvent
-from eventing.producer import make_producer, publish_object_event
-from functions.predict.serving_model import ServingModel
+from bench.e2e_bench import ArrivalLog, upload_at_rate
 from lensflow.function_server import FunctionServer
 from lensflow.process import ChildProcess, function_command
 from lensflow.replicas import PREDICT_CONCURRENCY
@@ -49,6 +46,9 @@ from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import InputSpec
 from lensflow_core.s3 import ensure_buckets
 from lensflow_core.settings import SETTINGS, Config
+from lensflow_eventing.contracts import ObjectEvent
+from lensflow_eventing.producer import make_producer, publish_object_event
+from lensflow_predict.serving_model import ServingModel
 
 BACKLOGS = int(os.environ.get("LENSFLOW_BENCH_BACKLOGS", "5"))
 BACKLOG_IMAGES = int(os.environ.get("LENSFLOW_BENCH_BACKLOG_IMAGES", "400"))
@@ -290,7 +290,7 @@ def backlog(
     sink_url: list[str],
     s3,
     bucket: str,
-    watcher: PredictionWatcher,
+    watcher: ArrivalLog,
     model_bytes: bytes,
     photos: list[bytes],
     profile_s: float = 0.0,
@@ -299,7 +299,7 @@ def backlog(
     before, cpu_before = bare_loop(model_bytes, photos, variant.replica_cpus, BARE_SECONDS)
     sink_url[0] = variant.server.url
     pid = variant.server.proc.pid
-    metrics_before = variant.server.metrics()
+    metrics_before = variant.server.stats()
     cpu0, busy0, load0 = process_cpu_s(pid), cpu_busy(), os.getloadavg()
     threads0 = thread_cpu_s(pid)
     profiler = _profile(variant, profile_s) if profile_s else None
@@ -322,7 +322,7 @@ def backlog(
     }
     if profiler is not None:
         profiler.wait(60)
-    metrics_after = variant.server.metrics()
+    metrics_after = variant.server.stats()
     after, cpu_after = bare_loop(model_bytes, photos, variant.replica_cpus, BARE_SECONDS)
     times = sorted(watcher.seen[p] for p in paths)
     skip = len(times) // 10  # the first tenth: connections and caches warming
@@ -390,7 +390,7 @@ def measure(
         stack_pids = list(servers.values())
         variants = [Variant(spec, env, all_cpus) for spec in specs]
         sink_url = [""]
-        watcher = PredictionWatcher(config).start()
+        watcher = ArrivalLog(config).start()
         dispatcher = dispatcher_for(
             config,
             lambda: sink_url[0],
@@ -428,7 +428,7 @@ def measure(
                     backlog(variant, backlogs, *args, model_bytes, photos, profile[variant.name])
             for variant in variants:
                 result[variant.name] = summarise(variant)
-                stats = variant.server.metrics()
+                stats = variant.server.stats()
                 result[variant.name]["peak_rss_mb"] = stats["max_rss_mb"]
                 result[variant.name]["batches"] = stats.get("batches")
         finally:

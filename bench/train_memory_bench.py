@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from bench.common import write_json
-from functions.train import dataset
 from lensflow import scenes
 from lensflow.seeding import seed_training_data
-from lensflow.services import S3Server
+from lensflow.servers import S3Server
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config, default
+from lensflow_train import dataset
 
 SIZES_PER_CLASS = (50, 550)  # labelled per class; x 6 classes, plus the holdout
 HOLDOUT_PER_CLASS = 20
@@ -50,7 +50,7 @@ def job_round(env: dict[str, str], tag: str) -> dict:
         )
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "functions.train.job", "--event", str(event)],
+            [sys.executable, "-m", "lensflow_train.job", "--event", str(event)],
             env=env,
             capture_output=True,
             text=True,

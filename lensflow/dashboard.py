@@ -36,14 +36,20 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from eventing.dlq import group_by_reason, read_dead_letters
-from eventing.offsets import group_lag
-from eventing.predictions import TopicReader, parse_prediction
 from lensflow.history import ArchiveHistory
 from lensflow_core.imaging import ImageError, decode_image
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import NO_POINTER, ConflictError, ModelStore, ModelStoreError, NotFoundError
+from lensflow_eventing.dlq_replay import group_by_reason, read_dead_letters
+from lensflow_eventing.offsets import group_lag
+from lensflow_eventing.predictions import TopicReader, parse_prediction
+from lensflow_model_store import (
+    NO_POINTER,
+    ConflictError,
+    ModelStore,
+    ModelStoreError,
+    NotFoundError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +133,14 @@ class DashboardState:
                             self._add(message)
                         if not reader.partitions:
                             break  # the topic does not exist yet: look again
-            except Exception as exc:  # noqa: BLE001 - the broker may come and go
+            except Exception as exc:  # the broker may come and go
                 log.warning("dashboard: reading predictions: %s", exc)
             self._stop.wait(2.0)
 
     def _add(self, message) -> None:
         try:
             prediction = parse_prediction(message)
-        except Exception:  # noqa: BLE001 - not ours to judge; skip what we cannot read
+        except Exception:  # not ours to judge; skip what we cannot read
             return
         if prediction is None:
             return
@@ -219,7 +225,7 @@ class DashboardState:
                 self.config.topic_images,
                 timeout_s=3.0,
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.debug("dashboard: reading dead letters: %s", exc)
             return None
         return group_by_reason(letters)
@@ -230,7 +236,7 @@ class DashboardState:
             return group_lag(
                 self.config.kafka, self.config.topic_images, self.config.source_name, 3.0
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.debug("dashboard: lag of %s: %s", self.config.source_name, exc)
             return None
 
@@ -406,7 +412,7 @@ def _thumbnail(config: Config, bucket: str, key: str, side: int = THUMB_SIDE) ->
         image = decode_image(data, (side, side), max_pixels=config.max_image_pixels)
     except ImageError as exc:
         return JSONResponse({"error": exc.reason}, exc.status)
-    except Exception as exc:  # noqa: BLE001 - missing object, store away: no thumbnail
+    except Exception as exc:  # missing object, store away: no thumbnail
         return JSONResponse({"error": f"no thumbnail: {type(exc).__name__}"}, 404)
     image.thumbnail((side, side))
     out = io.BytesIO()

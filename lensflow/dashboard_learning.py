@@ -5,11 +5,11 @@
 - ``GET /queue-image?record=to-label/...``: the photo a queue record names, as a JPEG of
   at most ``VIEW_SIDE`` pixels a side; read-only, and only for photos still queued.
 - ``POST /api/label`` ``{"image": "<bucket>/<key>", "class", "holdout": false}`` and
-  ``POST /api/label/undo`` ``{"image"}``: ``model_store.labelling.label`` / ``undo``, the
+  ``POST /api/label/undo`` ``{"image"}``: ``lensflow_model_store.label_images.label`` / ``undo``, the
   CLI's own functions, with ``strict`` (only queued photos, never a relabel). 200 with the
   stored object's name; 409 not queued, labelled already, or another labeller won; 422
   malformed body or unknown class; 403/401 as for flips (``LENSFLOW_DASHBOARD_TOKEN``).
-- ``GET /api/quality``: the rounds the model store keeps (``model_store.rounds``), the
+- ``GET /api/quality``: the rounds the model store keeps (``lensflow_model_store.rounds``), the
   serving model's score across versions, the champion's confusion matrix, the round
   running now (the lease), the last one and the next scheduled.
 
@@ -30,10 +30,17 @@ from starlette.routing import Route
 
 from lensflow.dashboard import STATIC, _authorise, _thumbnail
 from lensflow_core.s3 import s3_client
-from model_store import ModelStoreError, NotFoundError, StoreUnavailableError
-from model_store.labelling import LabelConflict, LabelRefused, label, serving_labels, undo
-from model_store.labelqueue import HOLDOUT, LABELED, QUEUE, LabelQueue, QueueEntry
-from model_store.rounds import RoundLog, summary
+from lensflow_model_store import ModelStoreError, NotFoundError, StoreUnavailableError
+from lensflow_model_store.label_images import (
+    LabelConflict,
+    LabelRefused,
+    label,
+    serving_labels,
+    undo,
+)
+from lensflow_model_store.label_queue import LabelQueue, QueueEntry
+from lensflow_model_store.layout import HOLDOUT, LABELED, QUEUE
+from lensflow_model_store.rounds import RoundLog, summary
 
 VIEW_SIDE = 512  # large enough to judge, small enough to move quickly
 QUEUE_PAGE = 50

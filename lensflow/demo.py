@@ -24,14 +24,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from eventing.predictions import Prediction, PredictionFeed, TopicReader
+from lensflow.demo_labeller import label_queued
 from lensflow.figures import percentile, rounded
-from lensflow.labeller import label_queued
 from lensflow.seeding import seed_training_data
 from lensflow.simulate import Burst, Plan, Simulator
 from lensflow.stack import EmbeddedStack
 from lensflow_core.settings import Config
-from model_store import ModelStore
+from lensflow_eventing.predictions import Prediction, PredictionFeed, TopicReader
+from lensflow_model_store import ModelStore
 
 # A first model on little data: good enough to serve, with room for the drones' labelled
 # photos to improve on in the mid-flight round.
@@ -262,7 +262,7 @@ def _run(
             return
         try:
             close_the_loop(stack, options, state, stop)
-        except Exception as exc:  # noqa: BLE001 - the demo goes on without it
+        except Exception as exc:  # the demo goes on without it
             state.training = f"failed: {exc}"
             state.rounds.append({"outcome": "failed", "reason": str(exc)})
 
@@ -299,7 +299,7 @@ ARCHIVE_COUNT = (
 def archive_summary(stack: EmbeddedStack, expected: int, timeout_s: float = 30.0):
     """What the archive holds once it has the ``expected`` predictions (or the time is up:
     the archiver writes at least every ``LENSFLOW_ARCHIVE_FLUSH_S``)."""
-    from functions.archive.query import QueryError, query
+    from lensflow_archive.query import QueryError, query
 
     if stack.archiver is None:
         return None
@@ -333,7 +333,7 @@ def close_the_loop(
     A batch waits until the queue holds enough photos for a round to start
     (``LENSFLOW_TRAIN_MIN_NEW``), or until 60% of the flight is over."""
     from lensflow_core.s3 import s3_client
-    from model_store.labelqueue import LabelQueue
+    from lensflow_model_store.label_queue import LabelQueue
 
     s3 = s3_client(stack.config)
     store = ModelStore.from_config(stack.config, s3)

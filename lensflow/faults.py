@@ -21,8 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from eventing.dlq import parse_dead_letter
-from eventing.predictions import TopicReader, parse_prediction
+from lensflow_eventing.dlq_replay import parse_dead_letter
+from lensflow_eventing.predictions import TopicReader, parse_prediction
 
 
 class Watch:
@@ -66,7 +66,7 @@ class Watch:
             if topic == self.predictions:
                 return parse_prediction(message)
             return parse_dead_letter(message, self.images)
-        except Exception:  # noqa: BLE001 - kept undecoded: still counted by key
+        except Exception:  # kept undecoded: still counted by key
             return None
 
     def _read(self, topic: str) -> None:
@@ -94,7 +94,7 @@ class Watch:
                             idle_since = time.monotonic()
                         elif not reader.partitions or time.monotonic() - idle_since > 3:
                             break  # topic missing, or maybe recreated: open again
-            except Exception:  # noqa: BLE001 - broker away: try again
+            except Exception:  # broker away: try again
                 pass
             self._stop.wait(0.5)
 

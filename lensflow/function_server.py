@@ -13,9 +13,9 @@ from pathlib import Path
 import requests
 from cloudevents.conversion import to_binary
 
-from eventing.contracts import kafkasource_event
 from lensflow.process import ChildProcess, free_port, function_command, http_ok
 from lensflow_core.settings import Config
+from lensflow_eventing.contracts import kafkasource_event
 
 
 class FunctionServer(ChildProcess):
@@ -45,7 +45,7 @@ class FunctionServer(ChildProcess):
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def metrics(self) -> dict:
+    def stats(self) -> dict:
         """The replica's counters (``GET /stats``, JSON)."""
         return requests.get(f"{self.url}/stats", timeout=10).json()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from lensflow_core.settings import Config
 
-# Named reports of functions.archive.query: the only SQL the dashboard runs.
+# Named reports of lensflow_archive.query: the only SQL the dashboard runs.
 QUESTIONS = {"per_class_per_day": "per-class-per-day", "per_version": "low-confidence-by-version"}
 
 
@@ -32,7 +32,7 @@ class ArchiveHistory:
             return self._answer
 
     def _ask(self) -> dict[str, Any]:
-        from functions.archive.query import QueryError, archive_dataset, connect, report
+        from lensflow_archive.query import QueryError, archive_dataset, connect, report
 
         answer: dict[str, Any] = {
             "archive": f"s3://{self.config.archive_bucket}/predictions/",

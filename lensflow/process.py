@@ -83,7 +83,7 @@ def function_command(name: str, port: int, host: str = "127.0.0.1") -> list[str]
         if not found:
             raise FileNotFoundError("functions-framework is not installed (run `make install`)")
         binary = Path(found)
-    source = FUNCTIONS_DIR / name / "main.py"
+    source = FUNCTIONS_DIR / name / f"lensflow_{name}" / "main.py"
     return [
         str(binary),
         *ASGI_FUNCTIONS.get(name, ()),
@@ -127,7 +127,7 @@ class _Spawner:
             start, done = jobs.get()
             try:
                 done.set_result(start())
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            except BaseException as exc:  # handed to the caller
                 done.set_exception(exc)
 
 
@@ -163,9 +163,9 @@ class ChildProcess:
         """Start the process (without waiting for it to be ready)."""
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log_file = open(self.log_path, "ab")  # closed in stop(
         if self.stdout_path is not None:
-            self._stdout_file = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in stop()
+            self._stdout_file = open(self.stdout_path, "wb")  # closed in stop(
         log_file = self._log_file or subprocess.DEVNULL
         self.started_at = time.monotonic()
         self.proc = _SPAWNER.popen(
@@ -197,7 +197,7 @@ class ChildProcess:
             try:
                 if ready():
                     return
-            except Exception:  # noqa: BLE001 - not ready yet, whatever the check raised
+            except Exception:  # not ready yet, whatever the check raised
                 pass
             time.sleep(0.05)
         raise NotReady(f"not ready after {timeout_s:.0f} s")

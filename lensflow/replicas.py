@@ -1,6 +1,6 @@
 """Scale to zero, locally: a pool of function replicas that behaves like Knative Serving.
 
-``ReplicaPool`` is a sink for the dispatcher (``eventing.delivery.Sink``). Each replica is
+``ReplicaPool`` is a sink for the dispatcher (``lensflow_eventing.delivery.Sink``). Each replica is
 a ``lensflow.process.ChildProcess`` running the function exactly as its container does
 (``lensflow.process.function_command``); the pool plays the parts of Knative's
 activator and autoscaler (KPA, concurrency metric):
@@ -189,7 +189,7 @@ class ReplicaPool:
         self, headers: Mapping[str, str], body: bytes, timeout_s: float
     ) -> tuple[int, bytes, Mapping[str, str]]:
         """POST to the least-busy ready replica, starting one first if none is running.
-        (status, body, response headers), as ``eventing.delivery.HttpSink``."""
+        (status, body, response headers), as ``lensflow_eventing.delivery.HttpSink``."""
         replica = self._acquire(time.monotonic() + min(timeout_s, self.startup_timeout_s))
         try:
             reply = self._session().post(
@@ -354,7 +354,7 @@ class ReplicaPool:
         while not self._stopping.wait(self.tick_s):
             try:
                 self._tick()
-            except Exception:  # noqa: BLE001 - the pool must keep ticking
+            except Exception:  # the pool must keep ticking
                 log.exception("%s pool tick failed", self.function)
 
     def _tick(self) -> None:

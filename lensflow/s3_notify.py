@@ -10,8 +10,8 @@ its WSGI application in the S3 server process:
    in the request's thread; a wrapper notes the created object there (``_created``).
 2. ``NotifyingS3`` holds moto's answer until it knows the outcome: on a 2xx, an object
    noted and its bucket and key matching the rule (``LENSFLOW_S3_NOTIFY_*``), it builds
-   MinIO's record (``eventing.contracts.notification_record``) and writes it to the event
-   queue folder (``eventing.notify_queue``) *before* the answer leaves. If the event
+   MinIO's record (``lensflow_eventing.contracts.notification_record``) and writes it to the event
+   queue folder (``lensflow_eventing.notify_queue``) *before* the answer leaves. If the event
    cannot be kept (disk, queue full) the client gets 503 SlowDown and retries the upload,
    so a created object never silently misses its event.
 3. ``EventSender`` produces the queued events to the images topic and deletes each one
@@ -30,10 +30,10 @@ import time
 import uuid
 from typing import Any
 
-from eventing.contracts import ObjectEvent, notification_record, notify_matches
-from eventing.notify_queue import EventQueue, EventSender
-from lensflow.services import moto_app
+from lensflow.servers import moto_app
 from lensflow_core.settings import Config
+from lensflow_eventing.contracts import ObjectEvent, notification_record, notify_matches
+from lensflow_eventing.notify_queue import EventQueue, EventSender
 
 log = logging.getLogger("lensflow.s3_notify")
 
@@ -115,7 +115,7 @@ class NotifyingS3:
         if created and status.startswith("2") and self.watches(created[1], created[2].name):
             try:
                 self._keep(environ, headers, *created)
-            except Exception as exc:  # noqa: BLE001 - the client must upload again
+            except Exception as exc:  # the client must upload again
                 log.error("could not keep the event of %s/%s: %s", created[1], created[2].name, exc)
                 if hasattr(body, "close"):
                     body.close()

@@ -6,10 +6,11 @@ labels real photos (``docs/training.md``).
 
 from __future__ import annotations
 
-from functions.train import dataset
 from lensflow import scenes
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
+from lensflow_model_store import layout
+from lensflow_train import dataset
 
 HOLDOUT_SEED_OFFSET = 1_000  # holdout scenes use seed + this: never the training scenes
 
@@ -34,6 +35,6 @@ def seed_training_data(
     holdout = scenes.labelled_set(n_holdout_per_class, seed + HOLDOUT_SEED_OFFSET, size)
     tag = f"scene-{seed}"
     return {
-        dataset.LABELED: dataset.upload(s3, config.train_bucket, dataset.LABELED, labeled, tag),
-        dataset.HOLDOUT: dataset.upload(s3, config.train_bucket, dataset.HOLDOUT, holdout, tag),
+        layout.LABELED: dataset.upload(s3, config.train_bucket, layout.LABELED, labeled, tag),
+        layout.HOLDOUT: dataset.upload(s3, config.train_bucket, layout.HOLDOUT, holdout, tag),
     }

@@ -263,7 +263,7 @@ class Simulator:
                     photo.jpeg,
                     "image/jpeg",
                 )
-        except Exception as exc:  # noqa: BLE001 - a drone keeps flying; the count says it
+        except Exception as exc:  # a drone keeps flying; the count says it
             with self._lock:
                 self.progress.errors += 1
                 self.progress.last_error = f"{type(exc).__name__}: {exc}"

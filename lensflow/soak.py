@@ -32,12 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eventing.offsets import group_lag
 from lensflow.faults import Watch, kill9, pause, processes_with, resume
 from lensflow.process import ChildProcess, free_port, http_ok
 from lensflow.scenes import scene_jpeg
 from lensflow.seeding import seed_training_data
-from lensflow.services import KafkaBroker, S3Server, Server
+from lensflow.servers import KafkaBroker, S3Server, Server
 from lensflow.soak_check import (
     UNKNOWN_BUCKET,
     VALID,
@@ -54,7 +53,8 @@ from lensflow.stack import kafkasource_settings
 from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore, ModelStoreError
+from lensflow_eventing.offsets import group_lag
+from lensflow_model_store import ModelStore, ModelStoreError
 
 FAULTS: dict[str, str] = {
     "kill-replica": "kill -9 of a predict replica (the pool starts another)",
@@ -241,7 +241,7 @@ class Uploader:
         record = Upload(f"{bucket}/{key}", kind, time.time(), "acked")
         try:
             upload_one(self._s3, bucket, key, body)
-        except Exception as exc:  # noqa: BLE001 - every outcome is recorded
+        except Exception as exc:  # every outcome is recorded
             record.error = f"{type(exc).__name__}: {exc}"[:300]
             record.outcome = "rejected" if "NoSuchBucket" in record.error else "failed"
         self.uploads.append(record)
@@ -504,7 +504,7 @@ class Soak:
         try:
             group = kafkasource_settings()[2]
             return group_lag(self.config.kafka_bootstrap, self.config.topic_images, group)
-        except Exception:  # noqa: BLE001 - a diagnosis only
+        except Exception:  # a diagnosis only
             return None
 
     def _pointer_history(self) -> tuple[list[dict[str, Any]], str | None]:
@@ -547,7 +547,7 @@ class Soak:
             run = FaultRun(planned.fault, time.time(), 0.0)
             try:
                 run.note = INJECT[planned.fault](self, planned)
-            except Exception as exc:  # noqa: BLE001 - recorded; the checker reports it
+            except Exception as exc:  # recorded; the checker reports it
                 run.error = f"{type(exc).__name__}: {exc}"[:300]
             run.ended = time.time()
         self.fault_runs.append(run)

@@ -17,7 +17,7 @@
    spec and consumer group read from the KafkaSource manifest
    (``knative/base/kafkasource-images.yaml``);
 4. the archiver (``lensflow-archive-job --follow``, as a child): every prediction into
-   Parquet files in the archive bucket (``functions.archive``);
+   Parquet files in the archive bucket (``lensflow_archive``);
 5. optionally a training timer (the PingSource stand-in): every ``train_every_s`` one
    round, run as the JobSink runs it: ``lensflow-train-job`` as a child process on the
    event a PingSource sends (``train_round``).
@@ -46,15 +46,15 @@ from urllib.parse import urlsplit
 from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent
 
-from eventing.delivery import DeliverySpec
-from eventing.dispatcher import Dispatcher
-from eventing.offsets import group_lag
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.process import ChildProcess, port_open
 from lensflow.replicas import PREDICT_CONCURRENCY, ReplicaPool
-from lensflow.services import KafkaBroker, S3Server, Server
+from lensflow.servers import KafkaBroker, S3Server, Server
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import SETTINGS, Config
+from lensflow_eventing.delivery import DeliverySpec
+from lensflow_eventing.dispatcher import Dispatcher
+from lensflow_eventing.offsets import group_lag
+from lensflow_eventing.topics import ensure_topics, topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ DEFAULT_LOG_DIR = ROOT / "var" / "logs"
 
 KAFKASOURCE_MANIFEST = ROOT / "knative" / "base" / "kafkasource-images.yaml"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-TRAIN_JOB = [sys.executable, "-m", "functions.train.job"]  # what `lensflow-train-job` runs
-ARCHIVE_JOB = [sys.executable, "-m", "functions.archive.job", "--follow"]  # lensflow-archive-job
+TRAIN_JOB = [sys.executable, "-m", "lensflow_train.job"]  # what `lensflow-train-job` runs
+ARCHIVE_JOB = [sys.executable, "-m", "lensflow_archive.job", "--follow"]  # lensflow-archive-job
 DRAIN_QUIET_S = 0.5  # a drain ends once nothing was left, nor arrived, for this long
 
 
@@ -313,7 +313,7 @@ class EmbeddedStack:
         for name, step in steps:
             try:
                 step()
-            except BaseException as exc:  # noqa: BLE001 - stop the rest regardless
+            except BaseException as exc:  # stop the rest regardless
                 log.warning("stopping %s: %s", name, exc)
         self.timer = self.dispatcher = self.pool = self.train_job = self.archiver = None
         self.servers = []
@@ -336,7 +336,7 @@ class EmbeddedStack:
         handler = logging.FileHandler(self.log_dir / "stack.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(self.config.log_level.upper())
-        for name in ("lensflow", "eventing", "model_store"):
+        for name in ("lensflow", "lensflow_eventing", "lensflow_model_store"):
             logger = logging.getLogger(name)
             logger.addHandler(handler)
             if logger.getEffectiveLevel() > handler.level:
@@ -345,7 +345,7 @@ class EmbeddedStack:
 
     def _close_log(self) -> None:
         if self._log_handler is not None:
-            for name in ("lensflow", "eventing", "model_store"):
+            for name in ("lensflow", "lensflow_eventing", "lensflow_model_store"):
                 logging.getLogger(name).removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
@@ -453,7 +453,7 @@ class EmbeddedStack:
             lag = group_lag(
                 self.config.kafka, self.config.topic_predictions, self.config.archive_group
             )
-        except Exception:  # noqa: BLE001 - a stat, not a failure
+        except Exception:  # a stat, not a failure
             lag = None
         code = None if self.archiver.alive else self.archiver.proc.returncode
         return {
@@ -530,7 +530,7 @@ class TrainingTimer:
             try:
                 self.last = self.round()
                 self.rounds += 1
-            except Exception as exc:  # noqa: BLE001 - keep ticking
+            except Exception as exc:  # keep ticking
                 log.warning("training round failed: %s", exc)
                 self.last = {"error": str(exc)}
             self.next_at = time.time() + self.every_s

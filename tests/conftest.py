@@ -5,30 +5,15 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
-import shutil
-import uuid
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-from lensflow.services import KafkaBroker, S3Server
+from lensflow.servers import KafkaBroker, S3Server
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-
-
-def system_tool(names: tuple[str, ...], install: str) -> str:
-    """The first of ``names`` on PATH. In CI (CI=true) none fails the test (`.ci/run` installs
-    them); elsewhere it skips, saying how to install it."""
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    message = f"{names[0]} is not installed: `{install}` (.ci/run does it)"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message)
-    pytest.skip(message)
+from tests.support.env import make_env
 
 
 @pytest.fixture(scope="session")
@@ -41,25 +26,6 @@ def s3_server():
 def kafka_broker():
     with KafkaBroker() as broker:
         yield broker
-
-
-def make_env(s3_endpoint: str, bootstrap: str = "127.0.0.1:1", **extra: str) -> dict[str, str]:
-    """An environment naming fresh buckets and topics, so tests never see each other's data."""
-    tag = uuid.uuid4().hex[:8]
-    env = {
-        "LENSFLOW_S3_ENDPOINT": s3_endpoint,
-        "LENSFLOW_KAFKA_BOOTSTRAP": bootstrap,
-        "LENSFLOW_IMAGE_BUCKETS": f"images-{tag}",
-        "LENSFLOW_MODEL_BUCKET": f"models-{tag}",
-        "LENSFLOW_TRAIN_BUCKET": f"train-{tag}",
-        "LENSFLOW_MODEL_NAME": "aerial",
-        "LENSFLOW_TOPIC_IMAGES": f"images-{tag}",
-        "LENSFLOW_TOPIC_PREDICTIONS": f"predictions-{tag}",
-        "LENSFLOW_TOPIC_DLQ": f"images-dlq-{tag}",
-        "LENSFLOW_POINTER_TTL_S": "0.3",
-    }
-    env.update(extra)
-    return env
 
 
 @pytest.fixture
@@ -93,16 +59,13 @@ def kafka_config(kafka_env) -> Config:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, bytes]:
     """Three real 3-class models: random, always-class-0 and always-class-2."""
-    from tests.tflite_models import tiny_classifier
+    from tests.support.tflite_models import tiny_classifier
 
     return {
         "random": tiny_classifier(seed=1),
         "first": tiny_classifier(seed=2, bias=0),
         "last": tiny_classifier(seed=3, bias=2),
     }
-
-
-LABELS = ["field", "forest", "water"]
 
 
 # What makes a test an integration test: a fixture that starts a server, builds models

@@ -18,13 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from cloudevents.kafka import to_binary
 
-from eventing.offsets import committed_offsets
-from eventing.topics import ensure_topics, topic_specs
-from functions.archive.archiver import Archiver
-from functions.archive.compact import compact_day
-from functions.archive.query import query
-from functions.archive.records import Rejected, to_row
-from functions.archive.store import (
+from lensflow_archive.archiver import Archiver
+from lensflow_archive.compact import compact_day
+from lensflow_archive.query import query
+from lensflow_archive.records import Rejected, to_row
+from lensflow_archive.store import (
     PREDICTIONS,
     ArchiveFile,
     ArchiveStore,
@@ -35,7 +33,9 @@ from functions.archive.store import (
 )
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from tests.archive_support import archived, doubled, keys, make_prediction, produce
+from lensflow_eventing.offsets import committed_offsets
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from tests.support.archive_support import archived, doubled, keys, make_prediction, produce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -276,7 +276,7 @@ def test_the_job_exits_non_zero_with_the_reason_when_the_bucket_cannot_be_writte
     produce(config, [make_prediction(1)])
     env = {**os.environ, **config.env, "LENSFLOW_ARCHIVE_BUCKET": "no-such-archive-bucket"}
     out = subprocess.run(
-        [sys.executable, "-m", "functions.archive.job"],
+        [sys.executable, "-m", "lensflow_archive.job"],
         env=env,
         capture_output=True,
         text=True,
@@ -338,7 +338,7 @@ def test_kill_9_at_random_moments_during_a_burst_loses_and_doubles_nothing(archi
     kills = 0
     while burst.is_alive() or kills < 4:
         child = subprocess.Popen(
-            [sys.executable, "-m", "functions.archive.job", "--follow"],
+            [sys.executable, "-m", "lensflow_archive.job", "--follow"],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -530,7 +530,7 @@ def test_the_stacks_archiver_stops_on_an_unwritable_bucket_and_is_started_again(
     s3_server, kafka_broker, tmp_path
 ):
     from lensflow.stack import EmbeddedStack
-    from tests.conftest import make_env
+    from tests.support.env import make_env
 
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_ARCHIVE_FLUSH_S="0.2")
     env["LENSFLOW_ARCHIVE_BUCKET"] = env["LENSFLOW_MODEL_BUCKET"] + "-arch"
@@ -558,7 +558,7 @@ def test_the_stacks_archiver_stops_on_an_unwritable_bucket_and_is_started_again(
 def test_the_dashboard_page_shows_the_archives_history(filled):
     from lensflow.dashboard import DashboardServer
     from lensflow.process import free_port
-    from tests.browser import Browser
+    from tests.support.browser import Browser
 
     dashboard = DashboardServer(filled, port=free_port()).start()
     try:

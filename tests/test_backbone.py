@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from functions.train import backbone as B
 from lensflow import backbone_import as BI
+from lensflow_train import backbone as B
 
 DATA = Path(__file__).parent / "data"
 
@@ -225,7 +225,7 @@ def test_frozen_backbone_trains_only_the_head_and_top_blocks_unfreeze(torchvisio
 def test_backbone_with_a_new_head_converts_to_tflite_and_litert_agrees(torchvision_weights):
     from ai_edge_litert.interpreter import Interpreter
 
-    from functions.train.model import to_tflite
+    from lensflow_train.model import to_tflite
 
     weights, _ = torchvision_weights
     model = B.build_classifier(weights, num_classes=4, input_size=96, seed=3)
@@ -254,7 +254,7 @@ def test_folding_the_normalisation_into_the_stem_keeps_the_answers(torchvision_w
     """The round's folded artifact: the Normalization layer gone, the stem computing the
     same features (exactly inside the picture; the one-pixel border now pads with zero
     pixels instead of the mean, so the scores move a little, never the answer here)."""
-    from functions.train import finetune as F
+    from lensflow_train import finetune as F
 
     weights, _ = torchvision_weights
     model, classifier = F.build(4, weights, B.preprocessing(), seed=3)

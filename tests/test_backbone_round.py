@@ -9,17 +9,17 @@ import random
 
 import pytest
 
-from functions.train import backbone as B
-from functions.train import dataset
-from functions.train.round import run_round
 from lensflow import backbone_import as BI
 from lensflow import scenes
 from lensflow.seeding import seed_training_data
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from model_store.backbones import get_backbone
-from tests.test_cli_models import lensflow
+from lensflow_model_store import ModelStore, layout
+from lensflow_model_store.backbones import get_backbone
+from lensflow_train import backbone as B
+from lensflow_train import dataset
+from lensflow_train.round import run_round
+from tests.support.cli import lensflow
 
 LABELS = sorted(scenes.CLASSES)
 needs_wheel = pytest.mark.skipif(
@@ -123,11 +123,11 @@ def test_head_first_then_fine_tune_and_lies_are_not_promoted(env):
     assert first.challenger["evaluation"]["macro_f1"] >= 0.6  # 8 labels a class
 
     s3 = s3_client(config)
-    for key in dataset.list_split(s3, config.train_bucket, dataset.LABELED).keys:
+    for key in dataset.list_split(s3, config.train_bucket, layout.LABELED).keys:
         s3.delete_object(Bucket=config.train_bucket, Key=key)
     rng = random.Random(0)
     lies = [(rng.choice(LABELS), body) for _, body in scenes.labelled_set(8, seed=9)]
-    dataset.upload(s3, config.train_bucket, dataset.LABELED, lies, "shuffled")
+    dataset.upload(s3, config.train_bucket, layout.LABELED, lies, "shuffled")
 
     second = run_round(config)
     assert second.challenger["warm_start"] == f"warm start from {v1}"  # fine-tuned

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from functions.predict.batcher import Batcher
 from lensflow.scenes import CLASSES, render_scene
 from lensflow_core.runtime import LiteModel
+from lensflow_predict.batcher import Batcher
 
 
 @pytest.fixture

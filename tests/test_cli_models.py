@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import LABELS
-
-
-def lensflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lensflow", *args],
-        env={**os.environ, **env, "LENSFLOW_OPERATOR": "tester"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.support.cli import lensflow
+from tests.support.env import LABELS
 
 
 @pytest.fixture

@@ -29,14 +29,14 @@ import pytest
 import requests
 from cloudevents.http import from_http
 
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.process import ChildProcess, free_port, http_ok
 from lensflow.scenes import scene_jpeg
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from tests.conftest import LABELS
-from tests.functions_harness import put_and_notify
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from lensflow_model_store import ModelStore
+from tests.support.env import LABELS
+from tests.support.functions_harness import put_and_notify
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "var" / "container"
@@ -151,7 +151,15 @@ class Replay:
         if venv is None:
             return
         for site in venv.glob("lib/python*/site-packages"):
-            for package in ("lensflow_core", "model_store", "eventing", "functions", "lensflow"):
+            for package in (
+                "lensflow_core",
+                "lensflow_model_store",
+                "lensflow_eventing",
+                "lensflow_archive",
+                "lensflow_predict",
+                "lensflow_train",
+                "lensflow",
+            ):
                 shutil.rmtree(site / package, ignore_errors=True)
 
     def final(self, stage: Stage, build: Replay | None = None) -> tuple[list[str], dict[str, str]]:
@@ -224,7 +232,7 @@ def test_predict_image_serves_a_prediction_and_cannot_import_tensorflow(
     files = sorted(
         str(p.relative_to(predict_image.app)) for p in predict_image.app.rglob("*") if p.is_file()
     )
-    assert files == ["functions/predict/main.py"]
+    assert files == ["functions/predict/lensflow_predict/main.py"]
 
     config = Config.from_env(kafka_env)
     ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))

@@ -7,16 +7,16 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.dashboard import DashboardServer, DashboardState, make_app
 from lensflow.process import free_port
 from lensflow.scenes import scene_jpeg
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from tests.browser import Browser
-from tests.conftest import LABELS
-from tests.functions_harness import FunctionServer, put_and_notify
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from lensflow_model_store import ModelStore
+from tests.support.browser import Browser
+from tests.support.env import LABELS
+from tests.support.functions_harness import FunctionServer, put_and_notify
 
 TOKEN = "correct horse battery staple"
 EVIL_KEYS = (

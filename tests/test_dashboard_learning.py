@@ -16,10 +16,10 @@ from lensflow.dashboard_learning import next_cron
 from lensflow.scenes import scene_jpeg
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from model_store.decisions import DecisionLog
-from model_store.labelqueue import LabelQueue
-from tests.conftest import LABELS
+from lensflow_model_store import ModelStore
+from lensflow_model_store.decisions import DecisionLog
+from lensflow_model_store.label_queue import LabelQueue
+from tests.support.env import LABELS
 
 TOKEN = "s3cret token"
 EVIL_KEY = 'flight 9/<img src=x onerror="window.__xss=1">.jpg'
@@ -178,9 +178,9 @@ def test_next_scheduled_round_from_cron():
 def a_champion_and_twelve_queued_photos(config: Config) -> tuple[str, dict[str, str]]:
     """A holdout, a serving model that learnt nothing, and twelve photos (two a class)
     queued as equally uncertain: (the champion's version, {photo: its true class})."""
-    from functions.train import model as M
     from lensflow import scenes
     from lensflow.seeding import seed_training_data
+    from lensflow_train import model as M
 
     s3 = s3_client(config)
     seed_training_data(config, 0, 8, seed=3)  # a holdout only: no labels yet
@@ -244,10 +244,10 @@ def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on
     """Done when: twelve queued photos labelled in the browser with the keyboard (one
     mislabelled, undone with Backspace and labelled again), then a round promotes on
     those labels and the quality view shows its figures."""
-    from functions.train.round import run_round
     from lensflow.dashboard import DashboardServer
     from lensflow.process import free_port
-    from tests.browser import Browser
+    from lensflow_train.round import run_round
+    from tests.support.browser import Browser
 
     config = Config.from_env(
         {**env, "LENSFLOW_DASHBOARD_TOKEN": TOKEN, "LENSFLOW_TRAIN_MIN_NEW": "10"}
@@ -309,8 +309,8 @@ def label_with_key(browser, classes: list[str], cls: str, path: str) -> None:
 
 @pytest.mark.slow
 def test_rounds_that_did_not_train_show_why_on_the_page_and_in_models_history(labelling):
-    from functions.train.round import run_round
-    from tests.test_cli_models import lensflow
+    from lensflow_train.round import run_round
+    from tests.support.cli import lensflow
 
     config, s3, queue, client, bucket = labelling
     report = run_round(config)  # queued photos but nothing labelled, no holdout: no round

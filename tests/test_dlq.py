@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from cloudevents.http import CloudEvent
 from confluent_kafka import Producer
 
-from eventing.contracts import ObjectEvent, notification_record
-from eventing.deadletter import kafka_binary
-from eventing.delivery import DeliverySpec
-from eventing.dlq import parse_since
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli import main as lensflow
 from lensflow.scenes import scene_jpeg
 from lensflow.stack import dispatcher_for
 from lensflow_core.kafka import client_settings
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from tests.conftest import LABELS
-from tests.functions_harness import FunctionServer
-from tests.kafka_reading import read_topic
+from lensflow_eventing.contracts import ObjectEvent, notification_record
+from lensflow_eventing.dead_letter import kafka_binary
+from lensflow_eventing.delivery import DeliverySpec
+from lensflow_eventing.dlq_replay import parse_since
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from lensflow_model_store import ModelStore
+from tests.support.env import LABELS
+from tests.support.functions_harness import FunctionServer
+from tests.support.kafka_reading import read_topic
+from tests.support.waiting import wait_for
 
 NO_RETRY = DeliverySpec(retry=0, backoff_delay_s=0.01, timeout_s=10)
 
@@ -34,16 +34,6 @@ def run(capsys, *argv: str):
     code = lensflow([*argv, "--json"])
     out = capsys.readouterr().out
     return code, json.loads(out) if out.strip() else None
-
-
-def wait_for(check, timeout_s: float, why: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(why)
 
 
 @pytest.fixture
@@ -190,7 +180,7 @@ def test_uploads_before_the_first_model_wait_for_it_instead_of_dying(
             producer.produce(config.topic_images, key=key, value=value)
             producer.flush(10)
             # the function says "no model yet": no retry budget (0 here) is spent, it waits
-            wait_for(lambda: server.metrics()["requests"].get("503", 0) >= 2, 30, "503s")
+            wait_for(lambda: server.stats()["requests"].get("503", 0) >= 2, 30, "503s")
             stats = dispatcher.stats()
             assert stats["dead_lettered"] == 0 and stats["in_flight"] == 1
             store = ModelStore.from_config(config)

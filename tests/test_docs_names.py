@@ -5,7 +5,7 @@ Checked, from the `backticked` spans and the links of README.md and docs/*.md:
   imports, attribute by attribute;
 - ``Class.member`` and ``module.name`` (``LiteModel.tensor``, ``cpus.usable_cpus``), when the
   first part is a class or module of the project: some such class or module defines it;
-- a path whose first folder is one of the checkout's (``functions/predict/main.py``,
+- a path whose first folder is one of the checkout's (``functions/predict/lensflow_predict/main.py``,
   ``eventing/``) exists, and ``path: name`` names something defined in that file;
 - a relative link leads to a file.
 Names are resolved as the code spells them today, so a rename that forgets the docs fails here.

@@ -6,69 +6,26 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cloudevents.kafka import KafkaMessage, from_binary
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, notification_record
-from eventing.delivery import DeliverySpec
-from eventing.dispatcher import Dispatcher
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.process import free_port
 from lensflow.stack import dispatcher_for
 from lensflow_core.settings import Config
-from tests.kafka_reading import read_topic
+from lensflow_eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, notification_record
+from lensflow_eventing.delivery import DeliverySpec
+from lensflow_eventing.dispatcher import Dispatcher
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from tests.support.eventing_dispatcher import Sink, wait_until
+from tests.support.kafka_reading import read_topic
 
 FAST = DeliverySpec(retry=3, backoff_policy="exponential", backoff_delay_s=0.02, timeout_s=5)
 
 
 # --- a recording sink ------------------------------------------------------------------------
-
-
-class Sink:
-    """A real HTTP server that records each POST and answers what ``respond`` says."""
-
-    def __init__(self, respond: Callable[[dict, bytes, int], tuple[int, bytes]] | None = None):
-        self.respond = respond or (lambda headers, body, n: (200, b""))
-        self.requests: list[tuple[dict[str, str], bytes, float]] = []
-        self.lock = threading.Lock()
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with sink.lock:
-                    sink.requests.append((headers, body, time.monotonic()))
-                    n = len(sink.requests)
-                status, reply = sink.respond(headers, body, n)
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def wait(self, count: int, timeout_s: float = 20.0) -> list[tuple[dict, bytes, float]]:
-        wait_until(
-            lambda: len(self.requests) >= count,
-            timeout_s,
-            lambda: f"sink got {len(self.requests)} of {count} requests",
-        )
-        return list(self.requests)
 
 
 @pytest.fixture
@@ -105,14 +62,6 @@ def topics(kafka_config: Config) -> Config:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, why: Callable[[], str] | str = ""):
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(why() if callable(why) else why or "timed out")
-        time.sleep(0.02)
 
 
 def producer(config: Config) -> Producer:

@@ -10,14 +10,14 @@ from cloudevents.conversion import to_json
 from cloudevents.kafka import KafkaMessage, to_binary
 from confluent_kafka import Consumer, Producer
 
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, prediction_event
-from eventing.producer import ProduceError, make_producer, send
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli import main
 from lensflow.upload import upload_files
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from tests.kafka_reading import read_topic
+from lensflow_eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, prediction_event
+from lensflow_eventing.producer import ProduceError, make_producer, send
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from tests.support.kafka_reading import read_topic
 
 
 def test_ensure_topics_creates_once_with_the_partition_counts(kafka_config):
@@ -115,7 +115,7 @@ def test_predictions_tail(kafka_env, kafka_config, monkeypatch, capsys):
 
 
 def test_structured_prediction_is_read_too(kafka_config):
-    from eventing.predictions import read_predictions
+    from lensflow_eventing.predictions import read_predictions
 
     config = kafka_config
     ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
@@ -147,7 +147,7 @@ def test_structured_prediction_is_read_too(kafka_config):
 def test_predictions_follow_yields_new_ones(kafka_config):
     import threading
 
-    from eventing.predictions import read_predictions
+    from lensflow_eventing.predictions import read_predictions
 
     config = kafka_config
     ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
@@ -180,7 +180,7 @@ def test_with_a_poller_many_threads_wait_on_their_own_acks(kafka_config):
     """The predict function's way: one thread serves delivery reports, waiters sleep."""
     import threading
 
-    from eventing.producer import Poller, produce_and_wait, wait_acked
+    from lensflow_eventing.producer import Poller, produce_and_wait, wait_acked
 
     ensure_topics(kafka_config.kafka_bootstrap, topic_specs(*kafka_config.topics))
     topic = kafka_config.topic_predictions
@@ -193,7 +193,7 @@ def test_with_a_poller_many_threads_wait_on_their_own_acks(kafka_config):
             for i in range(10):
                 message = KafkaMessage(None, f"{worker}/{i}".encode(), b"{}")
                 produce_and_wait(producer, topic, message, 10, polled=True)
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=produce, args=(w,)) for w in range(4)]

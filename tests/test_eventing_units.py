@@ -8,10 +8,10 @@ import pytest
 from cloudevents.http import CloudEvent
 from cloudevents.kafka import KafkaMessage, from_binary
 
-from eventing.contracts import kafkasource_event
-from eventing.deadletter import annotate, kafka_binary
-from eventing.delivery import DeliverySpec, deliver, parse_duration, retryable
-from eventing.offsets import OffsetTracker
+from lensflow_eventing.contracts import kafkasource_event
+from lensflow_eventing.dead_letter import annotate, kafka_binary
+from lensflow_eventing.delivery import DeliverySpec, deliver, parse_duration, retryable
+from lensflow_eventing.offsets import OffsetTracker
 
 
 def test_backoff_delays_are_knatives():
@@ -137,7 +137,7 @@ def test_dead_letter_with_datacontenttype_uses_the_sdk():
 
 
 def test_retry_after_is_honoured_up_to_the_cap_on_429_and_503_only():
-    from eventing.delivery import parse_retry_after
+    from lensflow_eventing.delivery import parse_retry_after
 
     spec = DeliverySpec(retry=3, backoff_delay_s=0.1, retry_after_max_s=5.0)
     assert spec.pause_s(1, 503, "2") == 2.0  # longer than the 0.2 s backoff
@@ -153,7 +153,7 @@ def test_a_503_with_retry_after_waits_as_asked():
     import threading
     import time
 
-    from eventing.delivery import deliver
+    from lensflow_eventing.delivery import deliver
 
     class Sink:
         url = "test://sink"

@@ -13,15 +13,15 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from eventing.predictions import TopicReader
 from lensflow.faults import processes_with
 from lensflow.process import free_port
-from lensflow.services import KafkaBroker, S3Server
+from lensflow.servers import KafkaBroker, S3Server
 from lensflow.stack import EmbeddedStack
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from tests.conftest import LABELS, make_env
-from tests.test_stack import predicted, publish_model, stack_env, upload
+from lensflow_eventing.predictions import TopicReader
+from lensflow_model_store import ModelStore
+from tests.support.env import LABELS, make_env
+from tests.support.stack import predicted, publish_model, stack_env, upload
 
 pytestmark = pytest.mark.slow
 

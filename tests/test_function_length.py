@@ -11,14 +11,14 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRODUCT = ["core", "model-store", "eventing", "functions", "lensflow"]
+PRODUCT = ["core", "model-store", "lensflow_eventing", "functions", "lensflow"]
 MAX_LINES = 60
 # (file, function): long today, to be split
 TO_SPLIT = {
     ("lensflow/dashboard.py", "make_app"),
-    ("functions/predict/handler.py", "_predict"),
-    ("core/settings.py", "from_env"),
-    ("model-store/store.py", "publish"),
+    ("functions/predict/lensflow_predict/handler.py", "_predict_object"),
+    ("core/lensflow_core/settings.py", "from_env"),
+    ("model-store/lensflow_model_store/store.py", "publish"),
     ("lensflow/cli/stack.py", "register"),
 }
 

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from lensflow.scenes import render_scene
 from lensflow_core.imaging import ImageError, decode_image
+from tests.support.images import encode, png_with_declared_size
 
 LIMIT = 50_000_000
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
 
 
 def scene(size=(120, 80)) -> Image.Image:
@@ -71,15 +62,6 @@ def test_jpeg_draft_mode_decodes_a_large_photo_at_reduced_scale():
     full = decode_image(data, (224, 224), max_pixels=LIMIT, draft=False)
     assert full.size == (4000, 3000)
     assert reduced.size == (500, 375)  # 1/8 scale, still above 224 on both sides
-
-
-def png_with_declared_size(width: int, height: int) -> bytes:
-    """A PNG header claiming ``width`` x ``height``: a decompression bomb's calling card."""
-    data = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
-    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return bytes(data)
 
 
 @pytest.mark.parametrize(

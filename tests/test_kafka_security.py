@@ -16,7 +16,7 @@ import requests
 from lensflow.cli import main as cli
 from lensflow.function_server import FunctionServer
 from lensflow.process import port_open
-from lensflow.services import KafkaBroker
+from lensflow.servers import KafkaBroker
 from lensflow_core.kafka import (
     KafkaConnectError,
     KafkaConnection,
@@ -25,8 +25,8 @@ from lensflow_core.kafka import (
     connect,
 )
 from lensflow_core.settings import SETTINGS, Config
-from tests.conftest import make_env
-from tests.tls_certs import TestCA, TlsListener
+from tests.support.env import make_env
+from tests.support.tls_certs import TestCA, TlsListener
 
 # Distinctive secrets: no output, log or error may ever contain them.
 PASSWORD = "kafka-pw-Q7vX2mZ9"
@@ -149,8 +149,8 @@ def test_every_client_kind_starts_from_the_same_settings(files):
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient
 
-    from eventing.dispatcher import Dispatcher
-    from eventing.producer import make_producer
+    from lensflow_eventing.dispatcher import Dispatcher
+    from lensflow_eventing.producer import make_producer
 
     kafka = Config.from_env(
         {**sasl("SASL_SSL"), "LENSFLOW_KAFKA_CA_FILE": files["ca"].replace("ca.pem", "none")}

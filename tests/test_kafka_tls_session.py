@@ -17,19 +17,19 @@ import time
 import pytest
 from cloudevents.kafka import KafkaMessage
 
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, notification_record
-from eventing.delivery import DeliverySpec
-from eventing.predictions import TopicReader
-from eventing.producer import make_producer, produce_and_wait
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.process import free_port
-from lensflow.services import KafkaBroker
+from lensflow.servers import KafkaBroker
 from lensflow.stack import dispatcher_for
 from lensflow_core.kafka import KafkaConnectError, KafkaConnection, connect
 from lensflow_core.settings import Config
-from tests.conftest import make_env
-from tests.test_eventing_dispatcher import Sink
-from tests.tls_certs import Stunnel, TestCA, stunnel_binary
+from lensflow_eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, notification_record
+from lensflow_eventing.delivery import DeliverySpec
+from lensflow_eventing.predictions import TopicReader
+from lensflow_eventing.producer import make_producer, produce_and_wait
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from tests.support.env import make_env
+from tests.support.eventing_dispatcher import Sink
+from tests.support.tls_certs import Stunnel, TestCA, stunnel_binary
 
 pytestmark = pytest.mark.slow
 

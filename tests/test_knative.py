@@ -4,7 +4,7 @@ No cluster runs here, so the suite checks offline what the API server and Knativ
 would check at ``kubectl apply``, against the releases ``knative/versions.yaml`` pins:
 
 - both overlays build with ``kubectl kustomize`` and every rendered object validates strictly
-  against the CRDs vendored in ``knative/crds/`` (``tests/knative_manifests.py``); broken
+  against the CRDs vendored in ``knative/crds/`` (``tests/support/knative_manifests.py``); broken
   objects (an unknown field, a removed apiVersion) fail that validator;
 - the Serving webhook's rules we rely on: autoscaling annotation names and bounds, timeouts
   within max-revision-timeout, and each Service's effective response-start timeout covering
@@ -35,7 +35,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from lensflow_core import settings as config
-from tests.knative_manifests import (
+from tests.support.knative_manifests import (
     KNATIVE,
     NAMESPACES,
     OVERLAYS,
@@ -699,12 +699,12 @@ def test_dockerfile(function: str) -> None:
     assert text.index(f"COPY {lock}") < text.index("--require-hashes") < text.index("COPY core")
     if function == "predict":
         assert re.search(rf"\bPORT={config.PREDICT_PORT}\b", text)
-        assert "--source functions/predict/main.py --target predict" in text
+        assert "--source functions/predict/lensflow_predict/main.py --target predict" in text
     else:  # the JobSink's Job: the command the manifest names, made in the image
         command = f"lensflow-{function}-job"
         assert text.rstrip().endswith(f'CMD ["{command}"]')
         assert f"> /opt/venv/bin/{command}" in text and f"{command} --help" in text
-        assert f"-m functions.{function}.job" in text
+        assert f"-m lensflow_{function}.job" in text
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("0", "root"), "the image runs as a non-root user"
     if function == "predict":

@@ -1,7 +1,7 @@
 """The dashboard on the cluster: both overlays deploy it, cluster-local, scaling to zero,
 with its own MinIO user, its own read-only KafkaUser in prod and its token from a Secret.
 
-Offline, against the rendered overlays (``tests.knative_manifests``; every object is also
+Offline, against the rendered overlays (``tests.support.knative_manifests``; every object is also
 validated against the pinned CRDs by tests/test_knative.py) and the policy files.
 """
 
@@ -12,8 +12,17 @@ from datetime import datetime, timezone
 import pytest
 
 from lensflow.dashboard_learning import next_cron
-from tests.knative_manifests import OVERLAYS, build, config_map, env_of, of_kind, one, pod_spec
-from tests.test_knative_security import allowed, obj, policy
+from tests.support.knative_manifests import (
+    OVERLAYS,
+    build,
+    config_map,
+    env_of,
+    of_kind,
+    one,
+    pod_spec,
+)
+from tests.support.knative_security import obj
+from tests.test_knative_security import allowed, policy
 
 NAME = "lensflow-dashboard"
 

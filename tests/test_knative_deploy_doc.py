@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from tests.knative_manifests import (
+from tests.support.knative_manifests import (
     CORE_SCHEMAS,
     CRDS,
     KNATIVE,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.knative_manifests import (
+from tests.support.knative_manifests import (
     KNATIVE,
     NAMESPACES,
     Doc,
@@ -31,6 +31,7 @@ from tests.knative_manifests import (
     one,
     pod_spec,
 )
+from tests.support.knative_security import obj
 
 PROD = "prod"
 QUEUE_PROXY_METRICS_PORT = 9091
@@ -313,10 +314,6 @@ def store() -> dict[str, Any]:
         "models": data["LENSFLOW_MODEL_BUCKET"],
         "name": data["LENSFLOW_MODEL_NAME"],
     }
-
-
-def obj(bucket: str, key: str) -> str:
-    return f"arn:aws:s3:::{bucket}/{key}"
 
 
 def test_policy_files_are_well_formed() -> None:

@@ -7,12 +7,12 @@ import json
 import pytest
 
 from lensflow_core.s3 import s3_client
-from model_store import ModelStore
-from model_store.labelling import LabelRefused, label
-from model_store.labelqueue import LabelQueue, is_uncertain, record_key
-from tests.conftest import LABELS
-from tests.test_cli_models import lensflow
-from tests.test_dlq import wait_for
+from lensflow_model_store import ModelStore
+from lensflow_model_store.label_images import LabelRefused, label
+from lensflow_model_store.label_queue import LabelQueue, is_uncertain, record_key
+from tests.support.cli import lensflow
+from tests.support.env import LABELS
+from tests.support.waiting import wait_for
 
 
 def model(version: str) -> dict[str, str]:
@@ -106,8 +106,8 @@ def test_the_predict_functions_libcurl_queue_writes_the_same_records_and_knows_w
     """Through libcurl (the predict function's client), records are the same objects the
     operator's boto3 queue reads; a full queue or an image already queued costs no request
     until the replica's record is due for a LIST."""
-    from functions.predict.labels import CurlObjects
     from lensflow_core.s3_get import ObjectGetter
+    from lensflow_predict.labels import CurlObjects
 
     config, s3, bucket, operator = world
     objects = Counted(CurlObjects(ObjectGetter(config), config.train_bucket))
@@ -146,10 +146,10 @@ def test_the_predict_functions_libcurl_queue_writes_the_same_records_and_knows_w
 def test_a_replica_writes_at_most_its_rate_and_counts_the_rest_paced(world):
     """A new model finds everything uncertain: a burst of offers writes a second's worth
     of records, the rest are counted ``paced`` at once (no request, no thread)."""
-    from eventing.contracts import ObjectEvent
-    from functions.predict import metrics
-    from functions.predict.labels import CurlObjects, LabelWriter
     from lensflow_core.s3_get import ObjectGetter
+    from lensflow_eventing.contracts import ObjectEvent
+    from lensflow_predict import metrics
+    from lensflow_predict.labels import CurlObjects, LabelWriter
 
     config, s3, bucket, _ = world
     objects = CurlObjects(ObjectGetter(config), config.train_bucket)
@@ -300,7 +300,7 @@ def test_the_predict_function_queues_uncertain_images_once(
     from cloudevents.http import from_http
 
     from lensflow.scenes import scene_jpeg
-    from tests.functions_harness import FunctionServer, put_and_notify
+    from tests.support.functions_harness import FunctionServer, put_and_notify
 
     env, config, s3 = _uncertain_stack(s3_server, kafka_broker, tiny_models, train_bucket)
     bucket = config.image_buckets[0]
@@ -312,9 +312,9 @@ def test_the_predict_function_queues_uncertain_images_once(
             assert reply.status_code == 200, reply.text
             assert from_http(reply.headers, reply.content).data["uncertain"] is True
             outcomes = wait_for(
-                lambda n=sent: _settled(server.metrics(), n), 20, f"offer {sent} not written"
+                lambda n=sent: _settled(server.stats(), n), 20, f"offer {sent} not written"
             )
-        assert server.metrics()["uncertain"] == 2
+        assert server.stats()["uncertain"] == 2
     if train_bucket == "missing":
         assert outcomes == {"error": 2}
         assert "could not queue" in (tmp_path / "predict.log").read_text()
@@ -334,15 +334,15 @@ def test_a_full_backlog_drops_the_offer_and_never_delays_the_answer(
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from eventing.contracts import ObjectEvent, notification_record
-    from functions.predict import metrics
-    from functions.predict.fetch import ImageFetcher
-    from functions.predict.handler import PredictHandler
-    from functions.predict.labels import LabelWriter
-    from functions.predict.sink import PredictionProducer
-    from functions.predict.watcher import ModelWatcher
     from lensflow.function_server import knative_request
     from lensflow.scenes import scene_jpeg
+    from lensflow_eventing.contracts import ObjectEvent, notification_record
+    from lensflow_predict import metrics
+    from lensflow_predict.fetch import ImageFetcher
+    from lensflow_predict.handler import PredictHandler
+    from lensflow_predict.labels import LabelWriter
+    from lensflow_predict.sink import PredictionProducer
+    from lensflow_predict.watcher import ModelWatcher
 
     class HeldQueue(LabelQueue):
         """A labelling queue whose writes wait until the test lets them go."""
@@ -393,10 +393,10 @@ def test_a_full_backlog_drops_the_offer_and_never_delays_the_answer(
 def _uncertain_stack(s3_server, kafka_broker, tiny_models, train_bucket: str):
     """(env, config, s3): buckets, topics and the random model as v1; every prediction
     counts as uncertain."""
-    from eventing.topics import ensure_topics, topic_specs
     from lensflow_core.s3 import ensure_buckets
     from lensflow_core.settings import Config
-    from tests.conftest import make_env
+    from lensflow_eventing.topics import ensure_topics, topic_specs
+    from tests.support.env import make_env
 
     extra = {"LENSFLOW_TRAIN_BUCKET": "no-such-train-bucket"} if train_bucket == "missing" else {}
     env = make_env(
@@ -419,8 +419,8 @@ def _settled(stats: dict, offers: int) -> dict[str, int] | None:
 
 
 def test_every_label_is_a_decision_with_who_and_when_and_a_move_is_not_undone(world):
-    from model_store.decisions import DecisionLog
-    from model_store.labelling import LabelConflict, undo
+    from lensflow_model_store.decisions import DecisionLog
+    from lensflow_model_store.label_images import LabelConflict, undo
 
     config, s3, bucket, queue = world
     etag = put(s3, bucket, "d/p.jpg", b"photo")

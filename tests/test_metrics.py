@@ -13,19 +13,19 @@ from cloudevents.http import from_http
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from eventing.dispatcher_metrics import dispatcher_registry
-from eventing.topics import ensure_topics, topic_specs
-from eventing.tracing import new_trace, parse_traceparent
-from functions.train.metrics import RoundMetrics, write_textfile
 from lensflow.function_server import knative_request
 from lensflow.process import http_ok
 from lensflow.scenes import scene_jpeg
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from tests.conftest import make_env
-from tests.functions_harness import FunctionServer, knative_post, put_and_notify
-from tests.kafka_reading import read_topic
-from tests.test_predict_function import start_stack
+from lensflow_eventing.dispatcher_metrics import dispatcher_registry
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from lensflow_eventing.tracing import new_trace, parse_traceparent
+from lensflow_train.metrics import RoundMetrics, write_textfile
+from tests.support.env import make_env
+from tests.support.functions_harness import FunctionServer, knative_post, put_and_notify
+from tests.support.kafka_reading import read_topic
+from tests.support.predict import start_stack
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -98,7 +98,7 @@ def test_stats_counts_are_the_prometheus_counters(replica):
     assert knative_post(server.url, config, removed).status_code == 200
     photo = scene_jpeg("field", 4, (96, 96))
     assert put_and_notify(server.url, config, s3, bucket, "counted.jpg", photo).status_code == 200
-    stats, text = server.metrics(), server.prometheus()
+    stats, text = server.stats(), server.prometheus()
     by_name: dict[str, dict[str, float]] = {}
     for (name, labels), v in samples(text).items():
         by_name.setdefault(name, {})[",".join(v for _k, v in labels)] = v
@@ -177,7 +177,7 @@ def test_trace_context_is_carried_or_started_and_logged_as_json(replica):
 
 
 def _record(bucket: str, key: str, event: str = "s3:ObjectCreated:Put") -> tuple[bytes, bytes]:
-    from eventing.contracts import ObjectEvent, notification_record
+    from lensflow_eventing.contracts import ObjectEvent, notification_record
 
     return notification_record(ObjectEvent(event, bucket, key, "e", 10))
 
@@ -234,7 +234,7 @@ def test_two_gunicorn_workers_add_up_in_multiprocess_mode(
         assert statuses == [200] * sent
         per_worker = {}
         for _ in range(40):  # each answer comes from one worker: find both
-            stats = server.metrics()
+            stats = server.stats()
             per_worker[stats["pid"]] = stats["requests"].get("200", 0)
             if len(per_worker) == 2:
                 break
@@ -300,10 +300,10 @@ def test_opentelemetry_export_is_off_by_default_and_on_with_otel_variables(capsy
     import subprocess
     import sys
 
-    from eventing.tracing import span
+    from lensflow_eventing.tracing import span
 
     probe = (
-        "import sys; from eventing.tracing import new_trace, span\n"
+        "import sys; from lensflow_eventing.tracing import new_trace, span\n"
         "with span('x', new_trace()) as t: pass\n"
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported'\n"
         "print(t.traceparent)"

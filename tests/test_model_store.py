@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from lensflow_core.s3 import s3_client
-from model_store import (
+from lensflow_model_store import (
     ConflictError,
     IntegrityError,
     InvalidModelError,
@@ -15,7 +15,7 @@ from model_store import (
     NotFoundError,
     PinnedError,
 )
-from tests.conftest import LABELS
+from tests.support.env import LABELS
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_publish_refuses_models_that_do_not_load_or_fit_their_labels(store, tiny
 
 
 def test_publish_refuses_a_model_the_runtime_cannot_feed_saying_why(store):
-    from tests.tflite_models import unfeedable_classifiers
+    from tests.support.tflite_models import unfeedable_classifiers
 
     models = unfeedable_classifiers()
     with pytest.raises(InvalidModelError, match="input type int16 is not one the runtime"):
@@ -165,7 +165,7 @@ def test_read_if_changed_is_a_conditional_get(store, tiny_models):
 
 
 def test_expect_no_pointer_fails_once_someone_flipped(store, tiny_models):
-    from model_store import NO_POINTER
+    from lensflow_model_store import NO_POINTER
 
     store.publish(tiny_models["random"], LABELS)
     store.publish(tiny_models["first"], LABELS)

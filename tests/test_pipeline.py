@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from eventing.predictions import read_predictions
 from lensflow.stack import EmbeddedStack
 from lensflow_core.s3 import s3_client
-from tests.kafka_reading import read_topic
-from tests.test_stack import predicted, publish_model, stack_env, upload
+from lensflow_eventing.predictions import read_predictions
+from tests.support.kafka_reading import read_topic
+from tests.support.stack import predicted, publish_model, stack_env, upload
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +44,8 @@ def test_poison_image_is_dead_lettered_with_its_reason_while_later_events_flow(
 
 
 def test_a_training_round_reaches_the_running_replica_without_a_restart(tiny_models, tmp_path):
-    from functions.train.round import run_round
     from lensflow.seeding import seed_training_data
+    from lensflow_train.round import run_round
 
     env = stack_env(LENSFLOW_TRAIN_EPOCHS="6", LENSFLOW_TRAIN_MIN_NEW="1")
     with EmbeddedStack(env, log_dir=tmp_path, idle_s=120) as stack:

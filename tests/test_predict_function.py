@@ -12,29 +12,17 @@ import requests
 from cloudevents.http import from_http
 from PIL import Image
 
-from eventing.contracts import ObjectEvent, notification_record
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.scenes import scene_jpeg
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from tests.conftest import LABELS, make_env
-from tests.functions_harness import FunctionServer, knative_post, put_and_notify
-from tests.kafka_reading import read_topic
-from tests.test_imaging import png_with_declared_size
-
-
-def start_stack(
-    env: dict[str, str], tiny_models, flip: str | None = "first"
-) -> tuple[Config, ModelStore]:
-    config = Config.from_env(env)
-    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
-    store = ModelStore.from_config(config)
-    for name in ("first", "last"):
-        store.publish(tiny_models[name], LABELS)
-    if flip:
-        store.flip({"first": "v1", "last": "v2"}[flip], reason="test")
-    return config, store
+from lensflow_eventing.contracts import ObjectEvent, notification_record
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from lensflow_model_store import ModelStore
+from tests.support.env import LABELS, make_env
+from tests.support.functions_harness import FunctionServer, knative_post, put_and_notify
+from tests.support.images import png_with_declared_size
+from tests.support.kafka_reading import read_topic
+from tests.support.predict import start_stack
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +143,12 @@ def test_bad_events_answer_400_or_422_or_skip(served):
         assert "lensflow's own object" in reply.json()["skipped"]
     _, drones = notification_record(ObjectEvent("s3:ObjectCreated:Put", bucket, "labeled/x.jpg"))
     assert knative_post(server.url, config, drones).status_code == 422  # a drone's: no skip
-    metrics = server.metrics()
+    metrics = server.stats()
     assert metrics["requests"]["400"] >= 4 and metrics["skipped"] >= 3
 
 
 def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models, tmp_path):
-    from lensflow.services import S3Server
+    from lensflow.servers import S3Server
     from lensflow_core.s3 import ensure_buckets
 
     with S3Server() as s3_server:
@@ -180,14 +168,14 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
             )
             store.flip("v2")
             deadline = time.monotonic() + 5
-            while server.metrics()["model"] is None and time.monotonic() < deadline:
+            while server.stats()["model"] is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             reply = knative_post(server.url, config, again)
             assert reply.status_code == 200 and reply.json()["model"]["version"] == "v2"
             s3_server.stop()
             reply = knative_post(server.url, config, again)
             assert reply.status_code == 503, reply.text
-            assert server.metrics()["model"]["version"] == "v2"  # still serving
+            assert server.stats()["model"]["version"] == "v2"  # still serving
 
 
 @pytest.mark.parametrize("batch_delay_ms", ["0", "20"])
@@ -227,7 +215,7 @@ def test_live_swap_under_concurrent_load_drops_nothing(
         stop.set()
         for t in threads:
             t.join()
-        metrics = server.metrics()
+        metrics = server.stats()
     assert len(results) > 20
     assert all(status == 200 for _, status, _, _ in results), {r[1] for r in results}
     assert all(
@@ -267,9 +255,9 @@ def test_corrupt_or_mismatched_models_are_refused_and_the_old_one_keeps_serving(
             replacing=pointer,
         )
         deadline = time.monotonic() + 5
-        while server.metrics()["model_refusals"] < 1 and time.monotonic() < deadline:
+        while server.stats()["model_refusals"] < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-        metrics = server.metrics()
+        metrics = server.stats()
         assert metrics["model_refusals"] == 1 and "v2" in metrics["last_refusal"]
         reply = put_and_notify(
             server.url, config, s3, bucket, "a.jpg", scene_jpeg("water", 1, (96, 96), 85)
@@ -282,10 +270,10 @@ def test_corrupt_or_mismatched_models_are_refused_and_the_old_one_keeps_serving(
             replacing=pointer,
         )
         deadline = time.monotonic() + 5
-        while server.metrics()["model_refusals"] < 2 and time.monotonic() < deadline:
+        while server.stats()["model_refusals"] < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert server.metrics()["model"]["version"] == "v1"
-        assert server.metrics()["model_refusals"] == 2
+        assert server.stats()["model"]["version"] == "v1"
+        assert server.stats()["model_refusals"] == 2
 
 
 def test_a_full_integer_model_is_served_through_the_function(kafka_env, tmp_path):
@@ -293,7 +281,7 @@ def test_a_full_integer_model_is_served_through_the_function(kafka_env, tmp_path
     served like any other: same answer over HTTP as the runtime gives for the picture."""
     from lensflow_core.imaging import decode_image
     from lensflow_core.runtime import LiteModel
-    from tests.tflite_models import tiny_classifier
+    from tests.support.tflite_models import tiny_classifier
 
     config = Config.from_env(kafka_env)
     ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))

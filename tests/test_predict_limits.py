@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import requests
 
-from eventing.contracts import ObjectEvent, notification_record
 from lensflow.function_server import knative_request
 from lensflow.scenes import scene_jpeg
-from lensflow.services import S3Server
+from lensflow.servers import S3Server
 from lensflow_core.imaging import DecodeBudget, decode_image, decode_peak_bytes
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from tests.conftest import make_env
-from tests.functions_harness import FunctionServer, knative_post, put_and_notify
-from tests.test_predict_function import start_stack
+from lensflow_eventing.contracts import ObjectEvent, notification_record
+from tests.support.env import make_env
+from tests.support.functions_harness import FunctionServer, knative_post, put_and_notify
+from tests.support.predict import start_stack
 
 
 @pytest.fixture(scope="module")

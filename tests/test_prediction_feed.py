@@ -7,9 +7,9 @@ import time
 from cloudevents.kafka import to_binary
 from confluent_kafka import Producer
 
-from eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, prediction_event
-from eventing.predictions import Prediction, PredictionFeed
-from eventing.topics import ensure_topics, topic_specs
+from lensflow_eventing.contracts import OBJECT_CREATED_PUT, ObjectEvent, prediction_event
+from lensflow_eventing.predictions import Prediction, PredictionFeed
+from lensflow_eventing.topics import ensure_topics, topic_specs
 
 
 def produce(producer: Producer, topic: str, key: str, label: str) -> None:

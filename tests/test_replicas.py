@@ -11,15 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from eventing.contracts import ObjectEvent, notification_record
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.function_server import knative_request
 from lensflow.replicas import ReplicaPool
 from lensflow.scenes import scene_jpeg
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from tests.conftest import LABELS
+from lensflow_eventing.contracts import ObjectEvent, notification_record
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from lensflow_model_store import ModelStore
+from tests.support.env import LABELS
+from tests.support.processes import alive, gone
 
 pytestmark = pytest.mark.slow
 
@@ -46,25 +47,6 @@ def upload_event(config: Config, key: str, size=(640, 480), offset: int = 0):
         ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(data), "image/jpeg")
     )
     return knative_request(config, value, record_key, offset)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead too
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ", 1)[1][0] != "Z"
-
-
-def gone(pids: list[int], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while any(alive(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_cold_start_on_first_event_then_scale_to_zero(ready_env, tmp_path):

@@ -9,7 +9,7 @@ from PIL import Image
 from lensflow import scenes
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import InputSpec, LiteModel, ModelError, describe, quantize, to_input
-from tests.tflite_models import tiny_classifier
+from tests.support.tflite_models import tiny_classifier
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_a_batch_scores_each_picture_as_it_scores_alone(twins):
 
 
 def test_a_model_whose_batch_is_fixed_runs_batches_one_picture_at_a_time():
-    from tests.tflite_models import fixed_batch_classifier
+    from tests.support.tflite_models import fixed_batch_classifier
 
     model = LiteModel(fixed_batch_classifier(seed=3))
     assert not model.batchable  # its signature says batch 1, not -1
@@ -75,7 +75,7 @@ def test_a_model_whose_batch_is_fixed_runs_batches_one_picture_at_a_time():
 
 
 def test_models_the_runtime_cannot_feed_are_refused_with_the_reason():
-    from tests.tflite_models import unfeedable_classifiers
+    from tests.support.tflite_models import unfeedable_classifiers
 
     models = unfeedable_classifiers()
     with pytest.raises(ModelError, match="input type int16 is not one the runtime can feed"):

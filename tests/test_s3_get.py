@@ -10,7 +10,7 @@ from lensflow.process import free_port
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.s3_get import ObjectGetter, ObjectTooLarge, Unreachable
 from lensflow_core.settings import Config
-from tests.conftest import make_env
+from tests.support.env import make_env
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_threads_each_read_their_own_objects(store):
         try:
             for _ in range(5):
                 seen[i] = getter.get(bucket, f"t/{i}.jpg", limit=10_000).body
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]

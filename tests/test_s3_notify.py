@@ -20,22 +20,22 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from eventing.contracts import (
+from lensflow.process import free_port
+from lensflow.servers import KafkaBroker, S3Server
+from lensflow.upload import upload_file
+from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.settings import Config
+from lensflow_eventing.contracts import (
     ObjectEvent,
     notification_record,
     notify_matches,
     notify_pattern,
     parse_notification,
 )
-from eventing.notify_queue import EventQueue, QueueFull
-from eventing.topics import ensure_topics, topic_specs
-from lensflow.process import free_port
-from lensflow.services import KafkaBroker, S3Server
-from lensflow.upload import upload_file
-from lensflow_core.s3 import ensure_buckets, s3_client
-from lensflow_core.settings import Config
-from tests.conftest import make_env
-from tests.kafka_reading import read_topic
+from lensflow_eventing.notify_queue import EventQueue, QueueFull
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from tests.support.env import make_env
+from tests.support.kafka_reading import read_topic
 
 MIB = 1024 * 1024
 
@@ -152,15 +152,15 @@ def test_the_queue_keeps_events_in_order_and_is_bounded(tmp_path):
     ],
 )
 def test_what_lensflow_writes_itself_is_known_per_bucket(train, bucket, key, own):
-    from model_store.own import own_prefix
+    from lensflow_model_store.own import own_prefix
 
     config = Config.from_env({"LENSFLOW_TRAIN_BUCKET": train})
     assert own_prefix(config, bucket, key) == own
 
 
 def test_the_archive_prefixes_are_the_archivers():
-    from functions.archive.store import PREDICTIONS, REJECTS
-    from model_store.own import ARCHIVE_PREFIXES
+    from lensflow_archive.store import PREDICTIONS, REJECTS
+    from lensflow_model_store.own import ARCHIVE_PREFIXES
 
     assert ARCHIVE_PREFIXES == (f"{PREDICTIONS}/", f"{REJECTS}/")
 
@@ -308,7 +308,7 @@ def test_an_event_that_cannot_be_kept_fails_the_upload(kafka_broker, tmp_path):
 def _settled(stack, keys: set[str], delivered: int) -> dict[str, int]:
     """Predictions per key once the dispatcher answered ``delivered`` events and a moment
     passed with nothing new (so a second prediction would have shown)."""
-    from tests.test_stack import predicted
+    from tests.support.stack import predicted
 
     deadline = time.monotonic() + 60
     while stack.dispatcher.stats()["delivered"] < delivered and time.monotonic() < deadline:
@@ -321,7 +321,7 @@ def _settled(stack, keys: set[str], delivered: int) -> dict[str, int]:
 def test_on_the_stack_put_multipart_and_copy_each_give_one_prediction(tiny_models, tmp_path):
     from lensflow.scenes import scene_jpeg
     from lensflow.stack import EmbeddedStack
-    from tests.test_stack import publish_model, stack_env
+    from tests.support.stack import publish_model, stack_env
 
     with EmbeddedStack(stack_env(), log_dir=tmp_path, idle_s=30) as stack:
         publish_model(stack, tiny_models["first"])
@@ -347,8 +347,8 @@ def test_a_shared_bucket_notified_whole_never_feeds_back(tiny_models, tmp_path, 
     from lensflow.cli import main
     from lensflow.scenes import scene_jpeg
     from lensflow.stack import EmbeddedStack
-    from model_store.labelqueue import LabelQueue
-    from tests.test_stack import publish_model, stack_env
+    from lensflow_model_store.label_queue import LabelQueue
+    from tests.support.stack import publish_model, stack_env
 
     env = stack_env(LENSFLOW_UNCERTAIN_TOP1="1.01")  # every prediction is uncertain: queued
     env["LENSFLOW_TRAIN_BUCKET"] = env["LENSFLOW_IMAGE_BUCKETS"]

@@ -11,12 +11,12 @@ import json
 import pytest
 
 from lensflow.cli import main as cli
-from lensflow.services import S3Server
+from lensflow.servers import S3Server
 from lensflow_core.s3 import s3_client
 from lensflow_core.s3_get import ObjectGetter, Unreachable, system_ca_store
 from lensflow_core.settings import Config
-from tests.conftest import make_env
-from tests.tls_certs import TestCA
+from tests.support.env import make_env
+from tests.support.tls_certs import TestCA
 
 S3_SECRET = "s3-secret-J3kW9pL2"
 

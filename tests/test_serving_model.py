@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from functions.predict.serving_model import ServingModel
 from lensflow.scenes import CLASSES, render_scene
 from lensflow_core.runtime import InputSpec
-from tests.conftest import LABELS
+from lensflow_predict.serving_model import ServingModel
+from tests.support.env import LABELS
 
 
 def test_concurrent_predictions_equal_sequential_ones(tiny_models):
@@ -46,7 +46,7 @@ def test_labels_must_match_outputs(tiny_models):
 
 def test_predict_path_never_imports_tensorflow():
     code = (
-        "import sys, functions.predict.main, functions.predict.app; "
+        "import sys, lensflow_predict.main, lensflow_predict.app; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

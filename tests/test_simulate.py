@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from eventing.contracts import parse_notification
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.process import free_port
-from lensflow.services import S3Server
+from lensflow.servers import S3Server
 from lensflow.simulate import Burst, Plan, Simulator
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
-from tests.conftest import make_env
-from tests.kafka_reading import read_topic
+from lensflow_eventing.contracts import parse_notification
+from lensflow_eventing.topics import ensure_topics, topic_specs
+from tests.support.env import make_env
+from tests.support.kafka_reading import read_topic
 
 
 def test_burst_parses_and_rejects_nonsense():

@@ -277,8 +277,8 @@ def test_seed_11_rollback_with_nothing_to_go_back_to_is_refused_not_a_failed_fau
     from types import SimpleNamespace
 
     from lensflow.soak import Planned, flip, rollback
-    from model_store import ModelStore
-    from tests.conftest import LABELS
+    from lensflow_model_store import ModelStore
+    from tests.support.env import LABELS
 
     first = [p.fault for p in plan(11, 600).faults if p.fault in ("flip", "rollback")][0]
     assert first == "rollback"
@@ -301,7 +301,7 @@ def test_seed_7_a_durable_broker_gets_a_fetch_wait_its_reads_fit_in(s3_server, k
     slowed down, and ~1000 acknowledged uploads were never dispatched. A broker the stack
     did not start now gets librdkafka's default wait (500 ms)."""
     from lensflow.stack import EXTERNAL_BROKER_FETCH, EmbeddedStack
-    from tests.conftest import make_env
+    from tests.support.env import make_env
 
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
     with EmbeddedStack(env, log_dir=None, external={"kafka", "s3"}) as stack:
@@ -314,9 +314,9 @@ def test_a_watch_reconnecting_resumes_where_it_was_not_from_the_start(kafka_conf
     """Found with seed 7 too: the soak's reader of the predictions topic reopened every
     3 idle seconds and read the whole topic again each time, loading the broker more the
     longer the run. On a durable broker, TopicReader's ``start`` resumes."""
-    from eventing.predictions import TopicReader
-    from eventing.producer import make_producer
-    from eventing.topics import ensure_topics, topic_specs
+    from lensflow_eventing.predictions import TopicReader
+    from lensflow_eventing.producer import make_producer
+    from lensflow_eventing.topics import ensure_topics, topic_specs
 
     topic = kafka_config.topic_predictions
     ensure_topics(kafka_config.kafka, topic_specs(*kafka_config.topics))

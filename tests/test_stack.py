@@ -9,55 +9,17 @@ import time
 import pytest
 import requests
 
-from eventing.predictions import read_predictions
 from lensflow.faults import processes_with
-from lensflow.process import free_port, port_open
-from lensflow.scenes import scene_jpeg
+from lensflow.process import port_open
 from lensflow.stack import EmbeddedStack, ServerPortTaken
-from lensflow.upload import upload_file
 from lensflow_core.s3 import s3_client
-from model_store import ModelStore
-from tests.conftest import LABELS, make_env
-from tests.test_replicas import gone
+from lensflow_eventing.predictions import read_predictions
+from lensflow_model_store import ModelStore, layout
+from tests.support.env import LABELS, make_env
+from tests.support.processes import gone
+from tests.support.stack import predicted, publish_model, stack_env, upload
 
 pytestmark = pytest.mark.slow
-
-
-def stack_env(**extra: str) -> dict[str, str]:
-    """Fresh names, and loopback ports nothing listens on: the stack starts both servers."""
-    return make_env(f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", **extra)
-
-
-def upload(stack: EmbeddedStack, keys: list[str]) -> None:
-    """Plain S3 PUTs: the embedded S3's bucket notification makes the events."""
-    s3 = s3_client(stack.config)
-    bucket = stack.config.image_buckets[0]
-    for i, key in enumerate(keys):
-        upload_file(s3, bucket, key, scene_jpeg("water", seed=i, size=(320, 240)), "image/jpeg")
-
-
-def predicted(stack: EmbeddedStack, keys: set[str], timeout_s: float = 60) -> dict[str, int]:
-    """How many predictions each key got, once every key has one (or the time is up)."""
-    bucket = stack.config.image_buckets[0]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        counts: dict[str, int] = {}
-        for p in read_predictions(
-            stack.config.kafka_bootstrap,
-            stack.config.topic_predictions,
-            from_beginning=True,
-            timeout_s=5,
-        ):
-            counts[p.subject] = counts.get(p.subject, 0) + 1
-        if {f"{bucket}/{k}" for k in keys} <= set(counts) or time.monotonic() > deadline:
-            return counts
-        time.sleep(0.5)
-
-
-def publish_model(stack: EmbeddedStack, model: bytes) -> None:
-    store = ModelStore.from_config(stack.config)
-    version = store.publish(model, LABELS).version
-    store.flip(version, reason="test")
 
 
 def test_stack_starts_and_stops_without_leaving_processes(tmp_path):
@@ -253,11 +215,11 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind(sig, tiny_models):
 def test_the_demo_closes_the_learning_loop(tmp_path):
     """Uncertain photos are queued, the scripted labeller labels them into labeled/ (never
     the holdout) and the round they feed promotes a new model mid-flight."""
-    from functions.train import dataset
     from lensflow.demo import DemoOptions, run_demo, summary_text
     from lensflow.scenes import CLASSES
     from lensflow.seeding import seed_training_data
-    from tests.tflite_models import tiny_classifier
+    from lensflow_train import dataset
+    from tests.support.tflite_models import tiny_classifier
 
     env = stack_env(
         LENSFLOW_UNCERTAIN_TOP1="1.01",  # an untrained model is never that sure: all queued
@@ -273,10 +235,10 @@ def test_the_demo_closes_the_learning_loop(tmp_path):
         store.flip(store.publish(untrained, sorted(CLASSES)).version, reason="test")
         seed_training_data(stack.config, 0, 4, seed=5)  # a holdout only
         s3 = s3_client(stack.config)
-        holdout_before = dataset.list_split(s3, stack.config.train_bucket, dataset.HOLDOUT).keys
+        holdout_before = dataset.list_split(s3, stack.config.train_bucket, layout.HOLDOUT).keys
         summary = run_demo(stack, options, live=False, say=lambda text: None)
-        labeled = dataset.list_split(s3, stack.config.train_bucket, dataset.LABELED)
-        holdout = dataset.list_split(s3, stack.config.train_bucket, dataset.HOLDOUT).keys
+        labeled = dataset.list_split(s3, stack.config.train_bucket, layout.LABELED)
+        holdout = dataset.list_split(s3, stack.config.train_bucket, layout.HOLDOUT).keys
     assert summary["missing"] == 0
     rounds = summary["training_rounds"]
     assert rounds and rounds[-1]["outcome"] == "promoted", rounds

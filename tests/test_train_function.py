@@ -11,15 +11,15 @@ import pytest
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
-from functions.train import dataset
 from lensflow import scenes
 from lensflow.cli import main as cli_main
 from lensflow.seeding import seed_training_data
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
+from lensflow_model_store import ModelStore, layout
+from lensflow_train import dataset
 
-SOURCE = Path(__file__).resolve().parents[1] / "functions" / "train" / "main.py"
+SOURCE = Path(__file__).resolve().parents[1] / "functions" / "train" / "lensflow_train" / "main.py"
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def ping_event(data: dict | None = None) -> CloudEvent:
 def labelled_only(env: dict[str, str]) -> Config:
     config = Config.from_env(env)
     s3 = s3_client(config)
-    dataset.upload(s3, config.train_bucket, dataset.LABELED, scenes.labelled_set(2, 1), "x")
+    dataset.upload(s3, config.train_bucket, layout.LABELED, scenes.labelled_set(2, 1), "x")
     return config
 
 

@@ -15,17 +15,17 @@ import pytest
 from cloudevents.conversion import to_json
 from cloudevents.http import CloudEvent
 
-from functions.train import dataset, job
-from functions.train.evaluate import evaluate_pictures, evaluate_tflite
-from functions.train.round import run_round
 from lensflow import scenes
 from lensflow.seeding import seed_training_data
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import LeaseHeldError, ModelStore
-from tests.conftest import LABELS
+from lensflow_model_store import LeaseHeldError, ModelStore, layout
+from lensflow_train import dataset, job
+from lensflow_train.evaluate import evaluate_pictures, evaluate_tflite
+from lensflow_train.round import run_round
+from tests.support.env import LABELS
 
-JOB = [sys.executable, "-m", "functions.train.job"]
+JOB = [sys.executable, "-m", "lensflow_train.job"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +59,7 @@ def run_job_process(env: dict[str, str], event: Path) -> subprocess.CompletedPro
 
 def labelled_only(config: Config) -> None:
     s3 = s3_client(config)
-    dataset.upload(s3, config.train_bucket, dataset.LABELED, scenes.labelled_set(2, 1), "x")
+    dataset.upload(s3, config.train_bucket, layout.LABELED, scenes.labelled_set(2, 1), "x")
 
 
 # --- the lease ----------------------------------------------------------------------------
@@ -241,10 +241,10 @@ def test_a_round_over_the_image_limit_is_refused_before_loading(env):
 def test_load_decodes_once_into_uint8_arrays_and_drops_what_does_not_decode(config):
     s3 = s3_client(config)
     bucket = config.train_bucket
-    dataset.upload(s3, bucket, dataset.HOLDOUT, scenes.labelled_set(2, 7), "h")
+    dataset.upload(s3, bucket, layout.HOLDOUT, scenes.labelled_set(2, 7), "h")
     s3.put_object(Bucket=bucket, Key="holdout/field/broken.jpg", Body=b"\xff\xd8 not a jpeg")
     s3.put_object(Bucket=bucket, Key="holdout/water/huge.jpg", Body=b"\xff\xd8" * 60_000)
-    split = dataset.list_split(s3, bucket, dataset.HOLDOUT)
+    split = dataset.list_split(s3, bucket, layout.HOLDOUT)
     pictures = dataset.load(
         s3,
         bucket,
@@ -267,8 +267,8 @@ def test_holdout_arrays_score_exactly_as_the_encoded_images_do(config, tiny_mode
     s3 = s3_client(config)
     bucket = config.train_bucket
     items = [(LABELS[i % 3], scenes.scene_jpeg(LABELS[i % 3], i, (300, 200))) for i in range(12)]
-    dataset.upload(s3, bucket, dataset.HOLDOUT, items, "h")
-    split = dataset.list_split(s3, bucket, dataset.HOLDOUT)
+    dataset.upload(s3, bucket, layout.HOLDOUT, items, "h")
+    split = dataset.list_split(s3, bucket, layout.HOLDOUT)
     pictures = dataset.load(
         s3, bucket, split, [(32, 32)], config.max_image_pixels, config.max_image_bytes
     )
@@ -284,7 +284,7 @@ def test_the_lease_outlasts_the_jobs_deadline_and_the_image_bound_fits_its_memor
     """The lease must not expire under a running Job; LENSFLOW_TRAIN_MAX_IMAGES must fit the
     Job's memory limit by the last measurement (bench/results/train_memory.json)."""
     from bench.train_memory_bench import HEADROOM
-    from tests.knative_manifests import build, config_map, one, pod_spec
+    from tests.support.knative_manifests import build, config_map, one, pod_spec
 
     docs = build(overlay)
     values = config_map(docs)["data"]

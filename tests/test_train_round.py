@@ -10,14 +10,14 @@ import random
 
 import pytest
 
-from functions.train import dataset
-from functions.train.round import run_round
 from lensflow import scenes
 from lensflow.seeding import seed_training_data
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
-from model_store import ModelStore
-from model_store.rounds import RoundLog, summary
+from lensflow_model_store import ModelStore, layout
+from lensflow_model_store.rounds import RoundLog, summary
+from lensflow_train import dataset
+from lensflow_train.round import run_round
 
 LABELS = sorted(scenes.CLASSES)
 
@@ -25,7 +25,7 @@ LABELS = sorted(scenes.CLASSES)
 @pytest.fixture(scope="module")
 def untrained_tflite() -> bytes:
     """A model of the right shape that has learnt nothing: any trained challenger beats it."""
-    from functions.train import model as M
+    from lensflow_train import model as M
 
     return M.to_tflite(M.build_model(len(LABELS), seed=3))
 
@@ -50,7 +50,7 @@ def stored_rounds(store: ModelStore) -> list[dict]:
 def test_no_holdout_changes_nothing(env):
     config = train_config(env)
     s3 = s3_client(config)
-    dataset.upload(s3, config.train_bucket, dataset.LABELED, scenes.labelled_set(3, 1), "x")
+    dataset.upload(s3, config.train_bucket, layout.LABELED, scenes.labelled_set(3, 1), "x")
     report = run_round(config, force=True)
     assert report.outcome == "skipped" and "no holdout" in report.reason
     assert report.data["labeled_total"] == 3 * len(scenes.CLASSES)
@@ -72,7 +72,7 @@ def test_seeding_is_additive_and_listing_counts_per_class(config):
     s3 = s3_client(config)
     seed_training_data(config, 2, 1, seed=4)
     seed_training_data(config, 3, 1, seed=4)
-    labeled = dataset.list_split(s3, config.train_bucket, dataset.LABELED)
+    labeled = dataset.list_split(s3, config.train_bucket, layout.LABELED)
     assert labeled.counts == {cls: 3 for cls in LABELS}
     assert labeled.labels == LABELS
     pictures = dataset.load(
@@ -129,7 +129,7 @@ def test_relabelling_is_new_data_though_the_count_stays(env):
     assert "0 labelled entries new or changed" in same.reason
 
     bucket = config.train_bucket
-    keys = dataset.list_split(s3, bucket, dataset.LABELED).keys
+    keys = dataset.list_split(s3, bucket, layout.LABELED).keys
     moved = [k for k in keys if k.startswith("labeled/field/")][:2]  # field -> forest
     for key in moved:
         new_key = key.replace("labeled/field/", "labeled/forest/was-field-")
@@ -141,7 +141,7 @@ def test_relabelling_is_new_data_though_the_count_stays(env):
     assert two.outcome == "skipped" and "2 labelled entries" in two.reason
 
     # one more: an image replaced in place (same key, new bytes)
-    key = dataset.list_split(s3, bucket, dataset.LABELED).keys[-1]
+    key = dataset.list_split(s3, bucket, layout.LABELED).keys[-1]
     s3.put_object(Bucket=bucket, Key=key, Body=scenes.scene_jpeg("water", 77))
     three = run_round(config)
     assert three.data["new_since_last_round"] == 3
@@ -205,11 +205,11 @@ def test_worse_challenger_is_published_but_not_promoted(env):
     champion = first.challenger["version"]
 
     # The same number of images, but every label is a lie.
-    for key in dataset.list_split(s3, config.train_bucket, dataset.LABELED).keys:
+    for key in dataset.list_split(s3, config.train_bucket, layout.LABELED).keys:
         s3.delete_object(Bucket=config.train_bucket, Key=key)
     rng = random.Random(0)
     lies = [(rng.choice(LABELS), body) for _, body in scenes.labelled_set(40, seed=9)]
-    dataset.upload(s3, config.train_bucket, dataset.LABELED, lies, "shuffled")
+    dataset.upload(s3, config.train_bucket, layout.LABELED, lies, "shuffled")
 
     report = run_round(config, force=True)
     assert report.outcome == "not_promoted", report.reason
@@ -273,7 +273,7 @@ def test_operator_flip_during_training_wins(env, untrained_tflite):
 def test_a_full_integer_champion_is_scored_on_the_holdout_like_any_other(env):
     """A uint8-in/uint8-out champion is judged on the holdout, not skipped as unreadable
     (which would let any challenger that beats chance replace it)."""
-    from tests.tflite_models import tiny_classifier
+    from tests.support.tflite_models import tiny_classifier
 
     config = train_config(env, LENSFLOW_TRAIN_EPOCHS="1")
     store = ModelStore.from_config(config)
@@ -299,10 +299,10 @@ def test_a_full_integer_champion_is_scored_on_the_holdout_like_any_other(env):
 def test_a_quantized_challenger_is_judged_and_served_as_published(env, quantization, dtype):
     """The round converts as LENSFLOW_TRAIN_QUANTIZATION says, scores that very artifact,
     publishes it, and the predict function's runtime serves it with the same answers."""
-    from functions.predict.serving_model import ServingModel
-    from functions.train.evaluate import evaluate_tflite
     from lensflow_core.imaging import decode_image
     from lensflow_core.runtime import InputSpec
+    from lensflow_predict.serving_model import ServingModel
+    from lensflow_train.evaluate import evaluate_tflite
 
     config = train_config(env, LENSFLOW_TRAIN_QUANTIZATION=quantization, LENSFLOW_TRAIN_EPOCHS="3")
     store = ModelStore.from_config(config)
@@ -315,7 +315,7 @@ def test_a_quantized_challenger_is_judged_and_served_as_published(env, quantizat
 
     stored = store.read_file(info.version, "model.tflite")
     s3 = s3_client(config)
-    holdout = dataset.list_split(s3, config.train_bucket, dataset.HOLDOUT)
+    holdout = dataset.list_split(s3, config.train_bucket, layout.HOLDOUT)
     blobs = [s3.get_object(Bucket=config.train_bucket, Key=k)["Body"].read() for k in holdout.keys]
     again = evaluate_tflite(stored, info.labels, blobs, holdout.classes)
     assert again.confusion == report.challenger["evaluation"]["confusion"]
@@ -341,8 +341,8 @@ def test_a_round_publishes_its_fastest_artifact_that_keeps_the_quality(env):
     """Every form is built, scored on the holdout and timed; the int8, faster and as good
     as float32 (within LENSFLOW_TRAIN_TOLERANCE), is what the round publishes and what the
     predict runtime serves; the report says which artifact and why."""
-    from functions.predict.serving_model import ServingModel
     from lensflow_core.runtime import InputSpec
+    from lensflow_predict.serving_model import ServingModel
 
     config = train_config(env, LENSFLOW_TRAIN_EPOCHS="4")
     store = ModelStore.from_config(config)

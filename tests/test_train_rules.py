@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from functions.train import dataset
-from functions.train.artifacts import Artifact, choose
-from functions.train.evaluate import Evaluation
-from functions.train.round import _Data, _refusal
 from lensflow_core.settings import Config
-from model_store import VersionInfo
+from lensflow_model_store import VersionInfo
+from lensflow_train import dataset
+from lensflow_train.artifacts import Artifact, choose
+from lensflow_train.evaluate import Evaluation
+from lensflow_train.round import _Data, _refusal
 
 
 def artifact(name: str, macro_f1: float, cpu_ms: float) -> Artifact:

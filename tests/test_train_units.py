@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from functions.train.evaluate import score
 from lensflow import scenes
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import to_input
+from lensflow_train.evaluate import score
 
 
 def prepare(blobs: list[bytes], height: int, width: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_to_input_shape_range_and_normalisation():
 def test_model_exports_a_softmax_tflite_with_the_documented_input():
     from ai_edge_litert.interpreter import Interpreter
 
-    from functions.train import model as M
+    from lensflow_train import model as M
 
     keras_model = M.build_model(len(scenes.CLASSES))
     assert 5_000 < keras_model.count_params() < 100_000

@@ -8,7 +8,8 @@ import io
 import json
 import sys
 
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.cli.config import load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
 
 
 def register(subparsers) -> None:
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
 
 def register_predictions(predictions_sub) -> None:
     """``query`` and ``report`` under ``lensflow predictions``."""
-    from functions.archive.query import REPORTS
+    from lensflow_archive.query import REPORTS
 
     query = predictions_sub.add_parser(
         "query", help="SQL (DuckDB) over the archive's predictions view"
@@ -67,7 +68,7 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from functions.archive.job import run_archive, stop_on_signals
+    from lensflow_archive.job import run_archive, stop_on_signals
 
     config = load_config()
     if args.action == "compact":
@@ -85,10 +86,10 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace, config) -> int:
-    from eventing.offsets import committed_offsets
-    from functions.archive.compact import compact_day
-    from functions.archive.store import ArchiveStore, ArchiveUnwritable
+    from lensflow_archive.compact import compact_day
+    from lensflow_archive.store import ArchiveStore, ArchiveUnwritable
     from lensflow_core.s3 import s3_client
+    from lensflow_eventing.offsets import committed_offsets
 
     store = ArchiveStore(s3_client(config), config.archive_bucket)
     committed = committed_offsets(config.kafka, config.topic_predictions, config.archive_group)
@@ -106,7 +107,7 @@ def _compact(args: argparse.Namespace, config) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from functions.archive.query import QueryError, query
+    from lensflow_archive.query import QueryError, query
 
     try:
         result = query(load_config(), args.sql)
@@ -117,7 +118,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from functions.archive.query import QueryError, report, report_sql
+    from lensflow_archive.query import QueryError, report, report_sql
 
     config = load_config()
     if args.sql:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.cli.config import load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
 from lensflow.process import free_port, port_open
 
 DEFAULT_PORT = 8090
@@ -23,8 +24,8 @@ def register(subparsers) -> None:
 
 def start_dashboard(config, stack=None, port: int | None = DEFAULT_PORT, host: str = "127.0.0.1"):
     """A running ``DashboardServer``; another port if ``port`` is taken (``up``, ``demo``)."""
-    from eventing.dispatcher_metrics import dispatcher_registry
     from lensflow.dashboard import DashboardServer
+    from lensflow_eventing.dispatcher_metrics import dispatcher_registry
 
     if port is None or port_open(host, port):
         port = free_port()

@@ -1,6 +1,6 @@
 """`lensflow dlq list|show|replay`: dead letters by reason, one by one, and sent again.
 
-The logic is ``eventing.dlq``; this module reads the settings and prints.
+The logic is ``lensflow_eventing.dlq_replay``; this module reads the settings and prints.
 """
 
 from __future__ import annotations
@@ -10,7 +10,12 @@ import json
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from eventing.dlq import (
+from lensflow.cli.config import load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
+from lensflow_core.kafka import connect
+from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
+from lensflow_eventing.dlq_replay import (
     ReplayLedger,
     already_replayed,
     group_by_reason,
@@ -19,11 +24,7 @@ from eventing.dlq import (
     replay,
     select,
 )
-from eventing.producer import ProduceError, make_producer
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
-from lensflow_core.kafka import connect
-from lensflow_core.s3 import s3_client
-from lensflow_core.settings import Config
+from lensflow_eventing.producer import ProduceError, make_producer
 
 LEDGER_PREFIX = "dlq-replayed"
 
@@ -80,7 +81,7 @@ def _letters(args: argparse.Namespace, config: Config):
     try:
         connect(config.kafka)  # a refused login or TLS handshake: said at once, on one line
         letters = read_dead_letters(config.kafka, config.topic_dlq, config.topic_images)
-    except Exception as exc:  # noqa: BLE001 - one line, as every verb fails
+    except Exception as exc:  # one line, as every verb fails
         raise CliError(
             f"cannot read {config.topic_dlq} at {config.kafka_bootstrap}: {exc}"
         ) from None
@@ -90,7 +91,7 @@ def _letters(args: argparse.Namespace, config: Config):
 def _replayed(config: Config, letters) -> set[tuple[int, int]]:
     try:
         ledger = ledger_for(config).replayed()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CliError(f"cannot read the replay markers in {config.model_bucket}: {exc}") from None
     return {d.position for d in letters if already_replayed(d, ledger)}
 

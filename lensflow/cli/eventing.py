@@ -8,16 +8,17 @@ import logging
 import signal
 import sys
 
-from eventing.delivery import DeliverySpec
-from eventing.dispatcher_metrics import dispatcher_registry, serve_metrics
-from eventing.predictions import read_predictions
-from eventing.topics import ensure_topics, topic_specs
 from lensflow.cli import archive
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.cli.config import load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
 from lensflow.stack import dispatcher_for
 from lensflow.upload import upload_files
 from lensflow_core.kafka import KafkaSetupError, connect
 from lensflow_core.settings import Config
+from lensflow_eventing.delivery import DeliverySpec
+from lensflow_eventing.dispatcher_metrics import dispatcher_registry, serve_metrics
+from lensflow_eventing.predictions import read_predictions
+from lensflow_eventing.topics import ensure_topics, topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _ensure_topics(config: Config) -> None:
         ensure_topics(config.kafka, topic_specs(*config.topics), timeout_s=10)
     except KafkaSetupError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the real operation will say what is wrong
+    except Exception as exc:  # the real operation will say what is wrong
         log.warning("could not check or create topics: %s", exc)
 
 
@@ -133,7 +134,7 @@ def cmd_predictions_tail(args: argparse.Namespace) -> int:
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
     config = load_config()
-    logging.getLogger("eventing").setLevel(config.log_level.upper())
+    logging.getLogger("lensflow_eventing").setLevel(config.log_level.upper())
     _ensure_topics(config)
     try:
         delivery = DeliverySpec(args.retry, args.backoff_policy, args.backoff_delay, args.timeout)
@@ -167,7 +168,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         )
     try:
         dispatcher.run()
-    except Exception as exc:  # noqa: BLE001 - one line, as every verb fails
+    except Exception as exc:  # one line, as every verb fails
         raise CliError(f"dispatcher failed: {exc}") from None
     finally:
         for sig, handler in previous.items():

@@ -6,7 +6,7 @@
     lensflow label undo KEY...              undo the label that stands: off labeled/, queued again
 
 KEY is ``<bucket>/<key>`` (as ``label list`` and prediction events name images). The
-logic lives in ``model_store.labelling`` and ``model_store.labelqueue``; this is the
+logic lives in ``lensflow_model_store.label_images`` and ``lensflow_model_store.label_queue``; this is the
 person's door to it.
 """
 
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 
+from lensflow.cli.config import load_config
 from lensflow.cli.models import operator
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
 from lensflow_core.s3 import s3_client
-from model_store import ModelStore, ModelStoreError, StoreUnavailableError
-from model_store.labelling import LabelRefused, label, serving_labels, undo
-from model_store.labelqueue import HOLDOUT, LABELED, LabelQueue
+from lensflow_model_store import ModelStore, ModelStoreError, StoreUnavailableError
+from lensflow_model_store.label_images import LabelRefused, label, serving_labels, undo
+from lensflow_model_store.label_queue import LabelQueue
+from lensflow_model_store.layout import HOLDOUT, LABELED
 
 
 def _queue(config, s3) -> LabelQueue:

@@ -10,8 +10,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
-from model_store import ModelStore, ModelStoreError, Pointer, StoreUnavailableError, parse_labels
+from lensflow.cli.config import load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
+from lensflow_model_store import (
+    ModelStore,
+    ModelStoreError,
+    Pointer,
+    StoreUnavailableError,
+    parse_labels,
+)
 
 
 def operator() -> str:
@@ -108,7 +115,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Every flip and every training round (its figures and decision), oldest first."""
-    from model_store.rounds import RoundLog, summary
+    from lensflow_model_store.rounds import RoundLog, summary
 
     store = _store()
     flips = [{"kind": "flip", **r} for r in store.history()]

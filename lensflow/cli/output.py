@@ -7,8 +7,6 @@ import json
 import sys
 from typing import Any
 
-from lensflow_core.settings import Config
-
 
 class CliError(Exception):
     """A reason to stop with a non-zero exit code and one line of explanation."""
@@ -39,11 +37,3 @@ def fail(args: argparse.Namespace, reason: str, code: int = 1) -> int:
         print(json.dumps({"error": reason}))
     print(f"lensflow: error: {reason}", file=sys.stderr)
     return code
-
-
-def load_config() -> Config:
-    """The settings from the environment; a bad value is a one-line error."""
-    try:
-        return Config.from_env()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None

@@ -114,7 +114,7 @@ def client_logs_to(path: Path) -> Iterator[None]:
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(target, 2)
     os.close(target)
-    previous, sys.stderr = sys.stderr, open(saved, "w", buffering=1)  # noqa: SIM115
+    previous, sys.stderr = sys.stderr, open(saved, "w", buffering=1)
     try:
         yield
     finally:

@@ -10,9 +10,10 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from lensflow.cli.config import load_config
 from lensflow.cli.dashboard import DEFAULT_PORT as DEFAULT_DASHBOARD_PORT
 from lensflow.cli.dashboard import start_dashboard
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
 from lensflow.demo import DemoOptions, ensure_model, run_demo, summary_text
 from lensflow.simulate import Burst, Plan, Simulator
 from lensflow.stack import EmbeddedStack
@@ -265,7 +266,7 @@ def _drain(stack, timeout_s: float, quiet: bool) -> None:
         stack.drain(timeout_s, progress)
     except KeyboardInterrupt:
         say("  interrupted: stopping now")
-    except Exception as exc:  # noqa: BLE001 - the count after the stop says what is left
+    except Exception as exc:  # the count after the stop says what is left
         say(f"  cannot drain: {exc}")
 
 
@@ -294,7 +295,7 @@ def _model_at_start(stack, seed: bool, quiet: bool) -> str | None:
     """The version served; with ``seed`` and an empty store, a first model trained now.
     An empty store is said out loud: events would otherwise wait on 503s and end up
     as dead letters (replayable: ``lensflow dlq replay --reason "no model"``)."""
-    from model_store import ModelStore, ModelStoreError
+    from lensflow_model_store import ModelStore, ModelStoreError
 
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     try:
@@ -307,7 +308,7 @@ def _model_at_start(stack, seed: bool, quiet: bool) -> str | None:
     if seed:
         try:
             return ensure_model(stack, say)["version"]
-        except Exception as exc:  # noqa: BLE001 - one line, as every verb fails
+        except Exception as exc:  # one line, as every verb fails
             raise CliError(f"could not seed a first model: {exc}") from None
     say(
         "warning: the model store is empty: uploads are answered 503 (no model yet), retried, "
@@ -506,14 +507,14 @@ def _check_reachable(config: Config) -> None:
             f"image bucket {bucket} at {config.s3_endpoint or 'AWS S3'} is not "
             f"reachable ({exc}); is `lensflow up` running?"
         ) from None
-    from eventing.topics import ensure_topics, topic_specs
     from lensflow_core.kafka import KafkaSetupError
+    from lensflow_eventing.topics import ensure_topics, topic_specs
 
     try:
         ensure_topics(config.kafka, topic_specs(*config.topics), timeout_s=5)
     except KafkaSetupError as exc:
         raise CliError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CliError(
             f"Kafka at {config.kafka_bootstrap} is not reachable ({exc}); is `lensflow up` running?"
         ) from None

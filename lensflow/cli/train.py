@@ -16,7 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from lensflow.cli.output import CliError, add_json_flag, emit, load_config
+from lensflow.cli.config import load_config
+from lensflow.cli.output import CliError, add_json_flag, emit
 from lensflow_core.settings import Config
 
 DEFAULT_INTERVAL_S = 300.0
@@ -100,10 +101,10 @@ def report_text(report: dict[str, Any]) -> str:
 def run_once(
     config: Config, force: bool, show_progress: bool, metrics_file: str | None = None
 ) -> dict[str, Any]:
-    """One round by the training Job's own entry point (``functions.train.job.run_job``)."""
-    from functions.train.job import EXIT_OK, run_job
-    from functions.train.metrics import write_textfile
-    from functions.train.trigger import Trigger
+    """One round by the training Job's own entry point (``lensflow_train.job.run_job``)."""
+    from lensflow_train.job import EXIT_OK, run_job
+    from lensflow_train.metrics import write_textfile
+    from lensflow_train.trigger import Trigger
 
     trigger = Trigger("manual", force, type="lensflow train", source="lensflow/cli")
     started = time.perf_counter()

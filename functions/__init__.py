@@ -1,1 +1,0 @@
-"""The two functions lensflow deploys: predict (serving) and train (a training round)."""

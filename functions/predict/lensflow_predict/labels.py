@@ -1,0 +1,131 @@
+"""The labelling queue as the predict function writes it: off the request's path, over libcurl.
+
+``LabelWriter`` offers uncertain images on background threads; ``CurlObjects`` gives
+``lensflow_model_store.label_queue.LabelQueue`` the conditional PUT and the LIST it needs through
+the replica's libcurl client (``lensflow_core.s3_get``) instead of boto3: about 1.5 ms of
+a replica's CPU per queued image through boto3, a fraction of that here
+(docs/benchmarks.md). An offer the queue's in-memory record settles (full, already
+queued) is counted on the request's thread and costs no request and no thread hand-off.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+from lensflow_core.s3_get import ObjectGetter
+from lensflow_eventing.contracts import ObjectEvent
+from lensflow_model_store.errors import ConflictError, StoreUnavailableError
+from lensflow_model_store.label_queue import LabelQueue
+from lensflow_predict import metrics
+
+log = logging.getLogger("lensflow.predict")
+# The labelling queue's writers: a fresh model finds most pictures uncertain, and a person
+# needs a few hundred of them, not each one; past this backlog offers are dropped (busy).
+LABEL_WRITERS = 2
+LABEL_BACKLOG = 64
+# At most this many writes a second per replica (offers past it are counted ``paced``):
+# the queue's 500 places fill in 50 s, for ~0.3-1% of a core (0.3 to 1 ms a write) and a
+# bounded load on the store, however many uncertain photos a new model version meets.
+LABEL_WRITES_PER_S = 10.0
+
+
+class CurlObjects:
+    """The train bucket's objects for ``LabelQueue``, through libcurl."""
+
+    def __init__(self, getter: ObjectGetter, bucket: str):
+        self.getter = getter
+        self.bucket = bucket
+
+    def put(self, key: str, body: bytes, *, content_type: str, if_absent: bool = False) -> str:
+        if not if_absent:
+            raise ValueError("the labelling queue only writes records that do not exist yet")
+        result = self.getter.put_if_absent(self.bucket, key, body, content_type)
+        if result.status in (409, 412):
+            raise ConflictError(f"write s3://{self.bucket}/{key}: the record exists")
+        if result.status != 200:
+            raise StoreUnavailableError(f"write s3://{self.bucket}/{key}: {result.error_code}")
+        return result.etag
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return self.getter.list_keys(self.bucket, prefix)
+
+
+class LabelWriter:
+    """Offers uncertain images to the labelling queue on background threads, so that its
+    S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
+
+    At most ``rate`` offers a second are written (past that they are counted ``paced``)
+    and at most ``backlog`` wait or run at once (past that: ``busy``). Each write's outcome is counted when it completes. Offers wait in a
+    deque that the writers drain ``BATCH_S`` after the first of a batch arrived: one
+    wake-up per batch rather than a thread hand-off per offer.
+    """
+
+    BATCH_S = 0.02
+
+    def __init__(
+        self,
+        queue: LabelQueue,
+        threads: int = LABEL_WRITERS,
+        backlog: int = LABEL_BACKLOG,
+        rate: float = LABEL_WRITES_PER_S,
+    ):
+        self.queue = queue
+        self.rate = rate
+        self._tokens, self._refilled = rate, time.monotonic()  # a second's worth to start
+        self._room = threading.BoundedSemaphore(backlog)
+        self._pending: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        for i in range(threads):
+            threading.Thread(target=self._run, name=f"label-queue-{i}", daemon=True).start()
+
+    def offer(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        """Hand the offer to a writer, or count it: never waits, never raises."""
+        settled = self.queue.known(model["version"], record.bucket, record.key)
+        if settled is not None:  # full, or queued already: nothing to write
+            metrics.LABEL_QUEUE.labels(settled).inc()
+            return
+        if not self._paced():
+            metrics.LABEL_QUEUE.labels("paced").inc()
+            return
+        if not self._room.acquire(blocking=False):
+            metrics.LABEL_QUEUE.labels("busy").inc()
+            return
+        self._pending.append((record, etag, model, predictions))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _paced(self) -> bool:
+        """Take a token of the writes-per-second bucket (no lock: two request threads
+        racing may let one write more or fewer through, which does not matter)."""
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.BATCH_S)  # let a batch gather
+            self._wake.clear()
+            while True:
+                try:
+                    offer = self._pending.popleft()
+                except IndexError:
+                    break
+                self._write(*offer)
+
+    def _write(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+        try:
+            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
+        except Exception as exc:  # counted and logged; the prediction is out
+            log.warning("could not queue %s for labelling: %s", record.path, exc)
+            outcome = "error"
+        finally:
+            self._room.release()
+        metrics.LABEL_QUEUE.labels(outcome).inc()

@@ -1,0 +1,44 @@
+"""Produces prediction events to Kafka and waits until the broker has them.
+
+A KafkaSource discards its sink's reply, so the function itself must put the prediction
+on the output topic *before* answering 2xx; otherwise an acknowledged event could vanish.
+"""
+
+from __future__ import annotations
+
+from cloudevents.abstract import AnyCloudEvent
+from cloudevents.kafka import to_binary
+
+from lensflow_core.kafka import KafkaConnection
+from lensflow_eventing.producer import Poller, ProduceError, make_producer, produce_and_wait
+
+__all__ = ["PredictionProducer", "ProduceError"]
+
+
+class PredictionProducer:
+    def __init__(self, bootstrap: KafkaConnection | str, topic: str, timeout_s: float = 10.0):
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._producer = make_producer(
+            bootstrap,
+            **{
+                "client.id": "lensflow-predict",
+                "linger.ms": 0,  # every event waits for its ack: batching only adds latency
+                "message.timeout.ms": int(timeout_s * 1000),
+                "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
+            },
+        )
+        self._poller = Poller(self._producer)  # made in the worker (PredictApp is lazy)
+
+    def send(self, event: AnyCloudEvent, data: bytes | None = None) -> None:
+        """Produce ``event`` (binary mode, keyed by its partitionkey); block until acked.
+
+        ``data``: the event's data already serialised, so it is not serialised twice.
+        Raises ``ProduceError`` (a transient failure: 503) when the broker does not confirm.
+        """
+        message = to_binary(event, data_marshaller=None if data is None else lambda _: data)
+        produce_and_wait(self._producer, self.topic, message, self.timeout_s + 1, polled=True)
+
+    def close(self) -> None:
+        self._poller.stop()
+        self._producer.flush(self.timeout_s)

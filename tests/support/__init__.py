@@ -1,0 +1,3 @@
+"""What test modules share: servers and functions to drive, waiting, images, manifests.
+
+Test modules import helpers from here, never from each other."""
