@@ -42,7 +42,7 @@ from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from lensflow_eventing.dlq_replay import group_by_reason, read_dead_letters
 from lensflow_eventing.offsets import group_lag
-from lensflow_eventing.predictions import TopicReader, parse_prediction
+from lensflow_eventing.predictions import Prediction, PredictionFeed
 from lensflow_model_store import (
     NO_POINTER,
     ConflictError,
@@ -59,6 +59,7 @@ SERIES_POINTS = 300  # one a second: five minutes of throughput, lag and replica
 THUMB_MAX_BYTES = 8 * 1024 * 1024
 THUMB_SIDE = 160
 THROUGHPUT_WINDOW_S = 10.0
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 class DashboardState:
@@ -83,22 +84,32 @@ class DashboardState:
         }
         self._group_lag: int | None = None
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._refresher = threading.Thread(
+            target=self._refresh, name="dashboard-state", daemon=True
+        )
+        self._feed: PredictionFeed | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> DashboardState:
         self.refresh_model()  # the page's first view already knows the pointer
-        for target, name in ((self._read_predictions, "predictions"), (self._refresh, "state")):
-            thread = threading.Thread(target=target, name=f"dashboard-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._feed = PredictionFeed(
+            self.config.kafka,
+            self.config.topic_predictions,
+            lambda prediction, _produced_ms: self._add(prediction),
+            last=50,
+            group="lensflow-dashboard",
+            poll_s=0.5,
+        ).start(open_timeout_s=0)  # the page may show before the broker answers
+        self._refresher.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
-            thread.join(5)
+        if self._feed is not None:
+            self._feed.stop()
+        if self._refresher.is_alive():
+            self._refresher.join(5)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -119,31 +130,7 @@ class DashboardState:
                 "flips_enabled": bool(self.config.dashboard_token),
             }
 
-    def _read_predictions(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with TopicReader(
-                    self.config.kafka,
-                    self.config.topic_predictions,
-                    last=50,
-                    group="lensflow-dashboard",
-                ) as reader:
-                    while not self._stop.is_set():
-                        for message in reader.poll(0.5):
-                            self._add(message)
-                        if not reader.partitions:
-                            break  # the topic does not exist yet: look again
-            except Exception as exc:  # the broker may come and go
-                log.warning("dashboard: reading predictions: %s", exc)
-            self._stop.wait(2.0)
-
-    def _add(self, message) -> None:
-        try:
-            prediction = parse_prediction(message)
-        except Exception:  # not ours to judge; skip what we cannot read
-            return
-        if prediction is None:
-            return
+    def _add(self, prediction: Prediction) -> None:
         image = prediction.data.get("image", {}) if isinstance(prediction.data, dict) else {}
         with self._lock:
             self._seq += 1
@@ -253,45 +240,41 @@ class DashboardState:
 
 
 def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
+    from lensflow.dashboard_learning import learning_routes
+
+    return Starlette(
+        routes=[
+            *learning_routes(state),
+            *_view_routes(state),
+            *_control_routes(state),
+            Route("/metrics", _metrics_endpoint(metrics_registry)),
+        ]
+    )
+
+
+def _static(name: str, media_type: str | None = None):
+    async def endpoint(_request: Request) -> Response:
+        return FileResponse(STATIC / name, media_type=media_type, headers=NO_STORE)
+
+    return endpoint
+
+
+def _view_routes(state: DashboardState) -> list[Route]:
+    """What the page reads: itself, the state, the event stream, thumbnails, history."""
     config = state.config
     history = ArchiveHistory(config)
 
-    async def history_script(_request: Request) -> Response:
-        return FileResponse(STATIC / "history.js", media_type="text/javascript")
-
     async def api_history(_request: Request) -> Response:
-        return JSONResponse(
-            await asyncio.to_thread(history.get), headers={"Cache-Control": "no-store"}
-        )
-
-    async def page(_request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
-
-    async def script(_request: Request) -> Response:
-        return FileResponse(STATIC / "dashboard.js", media_type="text/javascript")
+        return JSONResponse(await asyncio.to_thread(history.get), headers=NO_STORE)
 
     async def api_state(_request: Request) -> Response:
         return JSONResponse(await asyncio.to_thread(state.snapshot))
 
     async def events(request: Request) -> Response:
-        async def stream():
-            seq = max(state.snapshot()["seq"] - 30, 0)  # the newest few at once
-            last_state = 0.0
-            yield "retry: 2000\n\n"
-            while not await request.is_disconnected() and not state._stop.is_set():
-                for prediction in state.predictions_after(seq):
-                    seq = prediction["seq"]
-                    yield f"event: prediction\ndata: {json.dumps(prediction)}\n\n"
-                if time.monotonic() - last_state >= 1.0:
-                    last_state = time.monotonic()
-                    snapshot = await asyncio.to_thread(state.snapshot)
-                    yield f"event: state\ndata: {json.dumps(snapshot, default=str)}\n\n"
-                await asyncio.sleep(0.2)
-
         return StreamingResponse(
-            stream(),
+            _event_stream(state, request),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            headers={**NO_STORE, "X-Accel-Buffering": "no"},
         )
 
     async def thumb(request: Request) -> Response:
@@ -301,8 +284,39 @@ def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
             return JSONResponse({"error": "not an image of LENSFLOW_IMAGE_BUCKETS"}, 404)
         return await asyncio.to_thread(_thumbnail, config, bucket, key)
 
+    return [
+        Route("/", _static("index.html")),
+        Route("/dashboard.js", _static("dashboard.js", "text/javascript")),
+        Route("/history.js", _static("history.js", "text/javascript")),
+        Route("/api/state", api_state),
+        Route("/api/history", api_history),
+        Route("/events", events),
+        Route("/thumb", thumb),
+    ]
+
+
+async def _event_stream(state: DashboardState, request: Request):
+    """Server-sent events: each new prediction, and the state once a second."""
+    seq = max(state.snapshot()["seq"] - 30, 0)  # the newest few at once
+    last_state = 0.0
+    yield "retry: 2000\n\n"
+    while not await request.is_disconnected() and not state._stop.is_set():
+        for prediction in state.predictions_after(seq):
+            seq = prediction["seq"]
+            yield f"event: prediction\ndata: {json.dumps(prediction)}\n\n"
+        if time.monotonic() - last_state >= 1.0:
+            last_state = time.monotonic()
+            snapshot = await asyncio.to_thread(state.snapshot)
+            yield f"event: state\ndata: {json.dumps(snapshot, default=str)}\n\n"
+        await asyncio.sleep(0.2)
+
+
+def _control_routes(state: DashboardState) -> list[Route]:
+    """Flip and rollback: the CLI's compare-and-swap, behind the dashboard token."""
+    token = state.config.dashboard_token
+
     async def flip(request: Request) -> Response:
-        refused = _authorise(request, config.dashboard_token)
+        refused = _authorise(request, token)
         if refused is not None:
             return refused
         body = await _json(request)
@@ -313,7 +327,7 @@ def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
         )
 
     async def rollback(request: Request) -> Response:
-        refused = _authorise(request, config.dashboard_token)
+        refused = _authorise(request, token)
         if refused is not None:
             return refused
         body = await _json(request)
@@ -321,6 +335,13 @@ def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
             return JSONResponse({"error": "send expect (the version shown)"}, 400)
         return await asyncio.to_thread(_change, state, "rollback", None, _expected(body["expect"]))
 
+    return [
+        Route("/api/flip", flip, methods=["POST"]),
+        Route("/api/rollback", rollback, methods=["POST"]),
+    ]
+
+
+def _metrics_endpoint(metrics_registry):
     async def metrics(_request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -328,23 +349,7 @@ def make_app(state: DashboardState, metrics_registry=None) -> Starlette:
             return JSONResponse({"error": "no stack here: scrape the dispatcher itself"}, 404)
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    from lensflow.dashboard_learning import learning_routes
-
-    return Starlette(
-        routes=[
-            *learning_routes(state),
-            Route("/", page),
-            Route("/dashboard.js", script),
-            Route("/api/state", api_state),
-            Route("/api/history", api_history),
-            Route("/history.js", history_script),
-            Route("/events", events),
-            Route("/thumb", thumb),
-            Route("/api/flip", flip, methods=["POST"]),
-            Route("/api/rollback", rollback, methods=["POST"]),
-            Route("/metrics", metrics),
-        ]
-    )
+    return metrics
 
 
 async def _json(request: Request) -> dict[str, Any]:

@@ -21,8 +21,7 @@ from tests.support.knative_manifests import (
     one,
     pod_spec,
 )
-from tests.support.knative_security import obj
-from tests.test_knative_security import allowed, policy
+from tests.support.knative_security import allowed, obj, policy
 
 NAME = "lensflow-dashboard"
 

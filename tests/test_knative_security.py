@@ -14,7 +14,6 @@ Offline, against the rendered overlays and the files they rely on:
 from __future__ import annotations
 
 import base64
-import fnmatch
 import json
 from typing import Any
 
@@ -31,7 +30,7 @@ from tests.support.knative_manifests import (
     one,
     pod_spec,
 )
-from tests.support.knative_security import obj
+from tests.support.knative_security import allowed, as_list, obj, policy
 
 PROD = "prod"
 QUEUE_PROXY_METRICS_PORT = 9091
@@ -211,12 +210,12 @@ def test_event_policies_admit_only_the_intended_senders() -> None:
     ns = NAMESPACES[PROD]
     objects = {doc_key(d): d for d in docs}
     senders: dict[tuple[str, str, str], list[Any]] = {}
-    for policy in of_kind(docs, "EventPolicy"):
-        for to in policy["spec"]["to"]:
+    for event_policy in of_kind(docs, "EventPolicy"):
+        for to in event_policy["spec"]["to"]:
             assert ref_key(to["ref"]) in objects, f"no such receiver {to['ref']}"
             assert ref_key(to["ref"]) not in senders, "one policy per receiver"
             froms = []
-            for f in policy["spec"]["from"]:
+            for f in event_policy["spec"]["from"]:
                 if "ref" in f:
                     assert f["ref"].get("namespace", ns) == ns
                     assert ref_key(f["ref"]) in objects, f"no such sender {f['ref']}"
@@ -245,7 +244,7 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
     docs = prod()
     policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(docs, "NetworkPolicy")}
     ksvc = one(docs, "Service", "lensflow-predict", "serving.knative.dev")
-    allowed = {"knative-serving", "knative-eventing", "kourier-system", "monitoring"}
+    admitted = {"knative-serving", "knative-eventing", "kourier-system", "monitoring"}
     scrape_port = int(ksvc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
 
     predict = policies["lensflow-predict-ingress"]
@@ -271,7 +270,7 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
             assert ports == {scrape_port, QUEUE_PROXY_METRICS_PORT}, ports
         else:
             assert ports <= {8012, 8013}, "queue-proxy's serving ports only"
-    assert seen == allowed
+    assert seen == admitted
 
     for name in ("lensflow-train", "lensflow-archive"):
         job = one(docs, "JobSink", name)["spec"]["job"]["spec"]["template"]
@@ -281,24 +280,6 @@ def test_network_policy_admits_only_knatives_data_plane() -> None:
 
 
 # ------------------------------------------------------------------------------ MinIO
-
-
-def policy(role: str) -> Doc:
-    return json.loads((KNATIVE / "minio" / "policies" / f"{role}.json").read_text())
-
-
-def as_list(value: Any) -> list[str]:
-    return value if isinstance(value, list) else [value]
-
-
-def allowed(doc: Doc, action: str, arn: str) -> bool:
-    """Whether any Allow statement matches (conditions taken as met: errs towards allowing)."""
-    assert all(s["Effect"] == "Allow" for s in doc["Statement"]), "lensflow grants, never denies"
-    return any(
-        any(fnmatch.fnmatchcase(action, a) for a in as_list(s["Action"]))
-        and any(fnmatch.fnmatchcase(arn, r) for r in as_list(s["Resource"]))
-        for s in doc["Statement"]
-    )
 
 
 WRITES = ("s3:PutObject", "s3:DeleteObject", "s3:DeleteBucket", "s3:PutBucketPolicy")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from lensflow_core.kafka import KafkaConnection
 
@@ -348,74 +349,12 @@ class Config:
         def get(name: str) -> str:
             return _get(env, name)
 
-        buckets = tuple(b.strip() for b in get("LENSFLOW_IMAGE_BUCKETS").split(",") if b.strip())
-        if not buckets:
-            raise ValueError("LENSFLOW_IMAGE_BUCKETS names no bucket")
-        metric = get("LENSFLOW_TRAIN_METRIC")
-        if metric not in ("accuracy", "macro_f1"):
-            raise ValueError(f"LENSFLOW_TRAIN_METRIC must be accuracy or macro_f1, not {metric!r}")
-        backbone = get("LENSFLOW_TRAIN_BACKBONE")
-        if backbone not in BACKBONES:
-            raise ValueError(
-                f"LENSFLOW_TRAIN_BACKBONE must be one of {', '.join(BACKBONES)}, not {backbone!r}"
-            )
-        quantization = _quantizations(get("LENSFLOW_TRAIN_QUANTIZATION"))
-        tolerance = float(get("LENSFLOW_TRAIN_TOLERANCE"))
-        if not 0 <= tolerance <= 10:
-            raise ValueError(
-                f"LENSFLOW_TRAIN_TOLERANCE must be 0 to 10 points of {metric}, not {tolerance:g}"
-            )
-        log_format = get("LENSFLOW_LOG_FORMAT").strip().lower()
-        if log_format not in ("text", "json"):
-            raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
         return cls(
-            kafka_bootstrap=get("LENSFLOW_KAFKA_BOOTSTRAP"),
-            kafka=KafkaConnection.from_env(env, get("LENSFLOW_KAFKA_BOOTSTRAP")),
-            s3_endpoint=get("LENSFLOW_S3_ENDPOINT") or None,
-            s3_access_key=get("LENSFLOW_S3_ACCESS_KEY"),
-            s3_secret_key=get("LENSFLOW_S3_SECRET_KEY"),
-            s3_region=get("LENSFLOW_S3_REGION"),
-            s3_ca_bundle=get("LENSFLOW_S3_CA_BUNDLE") or None,
-            image_buckets=buckets,
-            model_bucket=get("LENSFLOW_MODEL_BUCKET"),
-            model_name=get("LENSFLOW_MODEL_NAME"),
-            train_bucket=get("LENSFLOW_TRAIN_BUCKET") or default("LENSFLOW_TRAIN_BUCKET"),
-            archive_bucket=get("LENSFLOW_ARCHIVE_BUCKET"),
-            archive_group=get("LENSFLOW_ARCHIVE_GROUP"),
-            archive_batch=max(1, int(get("LENSFLOW_ARCHIVE_BATCH"))),
-            archive_flush_s=max(0.0, float(get("LENSFLOW_ARCHIVE_FLUSH_S"))),
-            topic_images=get("LENSFLOW_TOPIC_IMAGES"),
-            notify_buckets=_notify_buckets(get("LENSFLOW_S3_NOTIFY_BUCKETS")) or buckets,
-            notify_prefix=_filter_value("LENSFLOW_S3_NOTIFY_PREFIX", get),
-            notify_suffix=_filter_value("LENSFLOW_S3_NOTIFY_SUFFIX", get),
-            notify_queue_dir=get("LENSFLOW_S3_NOTIFY_QUEUE_DIR") or None,
-            topic_predictions=get("LENSFLOW_TOPIC_PREDICTIONS"),
-            topic_dlq=get("LENSFLOW_TOPIC_DLQ"),
-            pointer_ttl_s=float(get("LENSFLOW_POINTER_TTL_S")),
-            max_image_bytes=int(get("LENSFLOW_MAX_IMAGE_BYTES")),
-            max_image_pixels=int(get("LENSFLOW_MAX_IMAGE_PIXELS")),
-            max_event_bytes=int(get("LENSFLOW_MAX_EVENT_BYTES")),
-            decode_budget_mb=int(get("LENSFLOW_DECODE_BUDGET_MB")),
-            train_metric=metric,
-            train_margin=float(get("LENSFLOW_TRAIN_MARGIN")),
-            train_min_new=int(get("LENSFLOW_TRAIN_MIN_NEW")),
-            train_epochs=int(get("LENSFLOW_TRAIN_EPOCHS")),
-            train_backbone=backbone,
-            uncertain_top1=float(get("LENSFLOW_UNCERTAIN_TOP1")),
-            uncertain_margin=float(get("LENSFLOW_UNCERTAIN_MARGIN")),
-            label_queue_max=int(get("LENSFLOW_LABEL_QUEUE_MAX")),
-            train_lease_ttl_s=float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
-            train_schedule=get("LENSFLOW_TRAIN_SCHEDULE"),
-            train_max_images=int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
-            source_name=get("LENSFLOW_SOURCE_NAME"),
-            namespace=get("LENSFLOW_NAMESPACE"),
-            log_level=get("LENSFLOW_LOG_LEVEL"),
-            train_quantization=quantization,
-            train_tolerance=tolerance,
-            batch_delay_ms=max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
-            batch_max=max(1, int(get("LENSFLOW_BATCH_MAX"))),
-            log_format=log_format,
-            dashboard_token=get("LENSFLOW_DASHBOARD_TOKEN"),
+            **_connections(env, get),
+            **_buckets_and_topics(get),
+            **_limits(get),
+            **_training(get),
+            **_running(get),
             env=dict(env),
         )
 
@@ -440,6 +379,102 @@ class Config:
             f"/apis/v1/namespaces/{self.namespace}/kafkasources/"
             f"{self.source_name}#{self.topic_images}"
         )
+
+
+# Config.from_env's parts: each reads and checks one group of settings.
+Get = Callable[[str], str]
+
+
+def _connections(env: Mapping[str, str], get: Get) -> dict[str, Any]:
+    return {
+        "kafka_bootstrap": get("LENSFLOW_KAFKA_BOOTSTRAP"),
+        "kafka": KafkaConnection.from_env(env, get("LENSFLOW_KAFKA_BOOTSTRAP")),
+        "s3_endpoint": get("LENSFLOW_S3_ENDPOINT") or None,
+        "s3_access_key": get("LENSFLOW_S3_ACCESS_KEY"),
+        "s3_secret_key": get("LENSFLOW_S3_SECRET_KEY"),
+        "s3_region": get("LENSFLOW_S3_REGION"),
+        "s3_ca_bundle": get("LENSFLOW_S3_CA_BUNDLE") or None,
+    }
+
+
+def _buckets_and_topics(get: Get) -> dict[str, Any]:
+    buckets = tuple(b.strip() for b in get("LENSFLOW_IMAGE_BUCKETS").split(",") if b.strip())
+    if not buckets:
+        raise ValueError("LENSFLOW_IMAGE_BUCKETS names no bucket")
+    return {
+        "image_buckets": buckets,
+        "model_bucket": get("LENSFLOW_MODEL_BUCKET"),
+        "model_name": get("LENSFLOW_MODEL_NAME"),
+        "train_bucket": get("LENSFLOW_TRAIN_BUCKET") or default("LENSFLOW_TRAIN_BUCKET"),
+        "archive_bucket": get("LENSFLOW_ARCHIVE_BUCKET"),
+        "archive_group": get("LENSFLOW_ARCHIVE_GROUP"),
+        "archive_batch": max(1, int(get("LENSFLOW_ARCHIVE_BATCH"))),
+        "archive_flush_s": max(0.0, float(get("LENSFLOW_ARCHIVE_FLUSH_S"))),
+        "topic_images": get("LENSFLOW_TOPIC_IMAGES"),
+        "notify_buckets": _notify_buckets(get("LENSFLOW_S3_NOTIFY_BUCKETS")) or buckets,
+        "notify_prefix": _filter_value("LENSFLOW_S3_NOTIFY_PREFIX", get),
+        "notify_suffix": _filter_value("LENSFLOW_S3_NOTIFY_SUFFIX", get),
+        "notify_queue_dir": get("LENSFLOW_S3_NOTIFY_QUEUE_DIR") or None,
+        "topic_predictions": get("LENSFLOW_TOPIC_PREDICTIONS"),
+        "topic_dlq": get("LENSFLOW_TOPIC_DLQ"),
+    }
+
+
+def _limits(get: Get) -> dict[str, Any]:
+    return {
+        "pointer_ttl_s": float(get("LENSFLOW_POINTER_TTL_S")),
+        "max_image_bytes": int(get("LENSFLOW_MAX_IMAGE_BYTES")),
+        "max_image_pixels": int(get("LENSFLOW_MAX_IMAGE_PIXELS")),
+        "max_event_bytes": int(get("LENSFLOW_MAX_EVENT_BYTES")),
+        "decode_budget_mb": int(get("LENSFLOW_DECODE_BUDGET_MB")),
+        "uncertain_top1": float(get("LENSFLOW_UNCERTAIN_TOP1")),
+        "uncertain_margin": float(get("LENSFLOW_UNCERTAIN_MARGIN")),
+        "label_queue_max": int(get("LENSFLOW_LABEL_QUEUE_MAX")),
+        "batch_delay_ms": max(0.0, float(get("LENSFLOW_BATCH_DELAY_MS"))),
+        "batch_max": max(1, int(get("LENSFLOW_BATCH_MAX"))),
+    }
+
+
+def _training(get: Get) -> dict[str, Any]:
+    metric = get("LENSFLOW_TRAIN_METRIC")
+    if metric not in ("accuracy", "macro_f1"):
+        raise ValueError(f"LENSFLOW_TRAIN_METRIC must be accuracy or macro_f1, not {metric!r}")
+    backbone = get("LENSFLOW_TRAIN_BACKBONE")
+    if backbone not in BACKBONES:
+        raise ValueError(
+            f"LENSFLOW_TRAIN_BACKBONE must be one of {', '.join(BACKBONES)}, not {backbone!r}"
+        )
+    quantization = _quantizations(get("LENSFLOW_TRAIN_QUANTIZATION"))
+    tolerance = float(get("LENSFLOW_TRAIN_TOLERANCE"))
+    if not 0 <= tolerance <= 10:
+        raise ValueError(
+            f"LENSFLOW_TRAIN_TOLERANCE must be 0 to 10 points of {metric}, not {tolerance:g}"
+        )
+    return {
+        "train_metric": metric,
+        "train_margin": float(get("LENSFLOW_TRAIN_MARGIN")),
+        "train_min_new": int(get("LENSFLOW_TRAIN_MIN_NEW")),
+        "train_epochs": int(get("LENSFLOW_TRAIN_EPOCHS")),
+        "train_backbone": backbone,
+        "train_lease_ttl_s": float(get("LENSFLOW_TRAIN_LEASE_TTL_S")),
+        "train_schedule": get("LENSFLOW_TRAIN_SCHEDULE"),
+        "train_max_images": int(get("LENSFLOW_TRAIN_MAX_IMAGES")),
+        "train_quantization": quantization,
+        "train_tolerance": tolerance,
+    }
+
+
+def _running(get: Get) -> dict[str, Any]:
+    log_format = get("LENSFLOW_LOG_FORMAT").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
+    return {
+        "source_name": get("LENSFLOW_SOURCE_NAME"),
+        "namespace": get("LENSFLOW_NAMESPACE"),
+        "log_level": get("LENSFLOW_LOG_LEVEL"),
+        "log_format": log_format,
+        "dashboard_token": get("LENSFLOW_DASHBOARD_TOKEN"),
+    }
 
 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")

@@ -21,6 +21,12 @@ from lensflow_core.settings import Config
 
 
 def register(subparsers) -> None:
+    _register_up(subparsers)
+    _register_demo(subparsers)
+    _register_simulate(subparsers)
+
+
+def _register_up(subparsers) -> None:
     up = subparsers.add_parser(
         "up", help="start the embedded stack in the foreground; Ctrl-C stops all of it"
     )
@@ -58,6 +64,8 @@ def register(subparsers) -> None:
     add_json_flag(up)
     up.set_defaults(func=cmd_up)
 
+
+def _register_demo(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo", help="start the stack, seed a model, fly simulated drones, summarise, stop"
     )
@@ -79,6 +87,8 @@ def register(subparsers) -> None:
     add_json_flag(demo)
     demo.set_defaults(func=cmd_demo)
 
+
+def _register_simulate(subparsers) -> None:
     simulate = subparsers.add_parser("simulate", help="drone fleet load generator")
     _flight_options(simulate, rate=5.0, default_bursts=[])
     simulate.add_argument("--size", default="640x480", metavar="WxH", help="photo size")

@@ -81,17 +81,7 @@ class ModelStore:
         reserved = {layout.MODEL_FILE, layout.LABELS_FILE, layout.METADATA_FILE} & set(extra_files)
         if reserved:
             raise ValueError(f"extra files may not be named {sorted(reserved)}")
-        _, height, width, channels = shape["input_shape"]
-        number = self._next_number()
-        for _ in range(_PUBLISH_ATTEMPTS):
-            version = layout.version_name(number)
-            try:
-                self.objects.put(self._key(version, layout.MODEL_FILE), model, if_absent=True)
-                break
-            except ConflictError:
-                number += 1  # someone published this number first
-        else:
-            raise ModelStoreError("could not claim a version number")
+        version = self._claim_version(model)
         self.objects.put(
             self._key(version, layout.LABELS_FILE),
             ("\n".join(labels) + "\n").encode(),
@@ -106,14 +96,7 @@ class ModelStore:
             "sha256": digest,
             "size": len(model),
             "labels": labels,
-            "input": {
-                "height": height,
-                "width": width,
-                "channels": channels,
-                "dtype": shape["input_dtype"],
-                **(input_spec or DEFAULT_INPUT_SPEC),
-            },
-            "output": {"size": shape["output_size"], "dtype": shape["output_dtype"]},
+            **_shape_metadata(shape, input_spec),
             "metrics": metrics or {},
             "parent": parent,
             "files": sorted([layout.MODEL_FILE, layout.LABELS_FILE, *extra_files]),
@@ -124,6 +107,18 @@ class ModelStore:
         self.objects.put_json(self._key(version, layout.METADATA_FILE), metadata, if_absent=True)
         log.info("published %s/%s (%s)", self.name, version, digest[:12])
         return VersionInfo(version, digest, metadata)
+
+    def _claim_version(self, model: bytes) -> str:
+        """The next free version, claimed by writing its model file first (If-None-Match)."""
+        number = self._next_number()
+        for _ in range(_PUBLISH_ATTEMPTS):
+            version = layout.version_name(number)
+            try:
+                self.objects.put(self._key(version, layout.MODEL_FILE), model, if_absent=True)
+                return version
+            except ConflictError:
+                number += 1  # someone published this number first
+        raise ModelStoreError("could not claim a version number")
 
     def get_version(self, version: str) -> VersionInfo:
         try:
@@ -279,3 +274,18 @@ class ModelStore:
 
     def _key(self, version: str, filename: str) -> str:
         return layout.version_key(self.name, version, filename)
+
+
+def _shape_metadata(shape: dict[str, Any], input_spec: dict[str, float] | None) -> dict[str, Any]:
+    """The metadata's ``input`` and ``output``: the model's tensors and how to feed it."""
+    _, height, width, channels = shape["input_shape"]
+    return {
+        "input": {
+            "height": height,
+            "width": width,
+            "channels": channels,
+            "dtype": shape["input_dtype"],
+            **(input_spec or DEFAULT_INPUT_SPEC),
+        },
+        "output": {"size": shape["output_size"], "dtype": shape["output_dtype"]},
+    }
