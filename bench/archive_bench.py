@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from bench.common import ROOT, percentile, write_json
+from bench.common import ROOT, percentile, pyplot, save_plot, write_json
 
 BACKLOG = int(os.environ.get("LENSFLOW_BENCH_ARCHIVE_BACKLOG", "20000"))
 ROWS = int(os.environ.get("LENSFLOW_BENCH_ARCHIVE_ROWS", "1000000"))
@@ -287,10 +287,7 @@ def run(out_dir: Path) -> dict:
 
 
 def plot(out_dir: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     rates = {
@@ -305,9 +302,7 @@ def plot(out_dir: Path, result: dict) -> None:
     right.barh(names, [result["query_ms"][n] for n in names], color="#1e8e3e")
     right.set_xlabel(f"ms, over {result['query_rows']:,} predictions")
     right.set_title("named questions (median of 3)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "archive.png", dpi=100)
-    plt.close(fig)
+    save_plot(fig, out_dir / "archive.png")
 
 
 if __name__ == "__main__":

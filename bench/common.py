@@ -72,6 +72,26 @@ def write_json(out_dir: Path, name: str, result: dict) -> Path:
     return path
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing off-screen (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plot(fig, path: Path, dpi: int = 100) -> Path:
+    """Lay ``fig`` out, write it to ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _bench_env(broker) -> dict[str, str]:
     return {"LENSFLOW_KAFKA_BOOTSTRAP": broker.bootstrap, "LENSFLOW_LOG_LEVEL": "WARNING"}
 

@@ -17,7 +17,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from bench.common import cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
+from bench.common import (
+    cpu_seconds,
+    mobilenet_v2_tflite,
+    pyplot,
+    save_plot,
+    serving_stack,
+    write_json,
+)
 from bench.predict_bench import bare_loop
 from lensflow.figures import percentile, rounded
 from lensflow.replicas import ReplicaPool
@@ -221,10 +228,7 @@ def burst(s3, bucket, photos, watcher, dispatcher, pool, base_rate) -> dict:
 
 
 def plot(out_dir: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     samples = result["burst"]["samples"][1:]
     t = [s["t"] for s in samples]
@@ -244,9 +248,7 @@ def plot(out_dir: Path, result: dict) -> None:
     axes[2].set_xlabel("seconds")
     for ax in axes:
         ax.axvspan(BURST["base_s"], BURST["base_s"] + BURST["burst_s"], color="#fd8", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "e2e.png", dpi=100)
-    plt.close(fig)
+    save_plot(fig, out_dir / "e2e.png")
 
 
 if __name__ == "__main__":

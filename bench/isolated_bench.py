@@ -34,7 +34,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import QUEUE_ON, cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
+from bench.common import (
+    QUEUE_ON,
+    cpu_seconds,
+    mobilenet_v2_tflite,
+    pyplot,
+    save_plot,
+    serving_stack,
+    write_json,
+)
 from bench.e2e_bench import ArrivalLog, upload_at_rate
 from lensflow.function_server import FunctionServer
 from lensflow.process import ChildProcess, function_command
@@ -500,10 +508,7 @@ def summarise(variant: Variant) -> dict:
 
 
 def plot(out_dir: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = result["variants"]
@@ -523,9 +528,7 @@ def plot(out_dir: Path, result: dict) -> None:
     right.set_xticks(range(len(names)), names)
     right.set_ylabel("images/s (grey: bare loop, green: replica)")
     right.set_title("MobileNetV2 224 float32, 640x480 JPEG backlogs")
-    fig.tight_layout()
-    fig.savefig(out_dir / "isolated.png", dpi=100)
-    plt.close(fig)
+    save_plot(fig, out_dir / "isolated.png")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from bench.common import pyplot, save_plot
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DT = 0.1
 
@@ -327,10 +329,7 @@ def recommend(
 
 
 def plot(result: dict[str, Any], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     s = result["series"]
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
@@ -351,9 +350,7 @@ def plot(result: dict[str, Any], title: str, path: Path) -> None:
     ax3.set_xlabel("time (s)")
     ax3.legend(loc="upper right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, path, dpi=110)
 
 
 def run(out_dir: Path | str = RESULTS, slo_p95_s: float = 5.0) -> dict[str, Any]:

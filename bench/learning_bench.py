@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import write_json
+from bench.common import pyplot, save_plot, write_json
 from lensflow_model_store import layout
 
 PER_CLASS = (5, 10, 20, 40)
@@ -154,10 +154,7 @@ def _f1_at(result: dict, backbone: str, n: int) -> float:
 
 def panels(result: dict):
     """(figure, [(axes, data set name)]): one panel per data set the result has."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = [name for name in ("synthetic", "fashion_mnist") if result.get(name)]
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
@@ -168,13 +165,9 @@ def panels(result: dict):
 
 
 def save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     for ax in fig.axes:
         ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, path, dpi=110)
 
 
 def plot(out_dir: Path, result: dict) -> None:

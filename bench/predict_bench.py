@@ -20,7 +20,15 @@ from pathlib import Path
 
 import requests
 
-from bench.common import median_of, mobilenet_v2_tflite, run_for, serving_stack, write_json
+from bench.common import (
+    median_of,
+    mobilenet_v2_tflite,
+    pyplot,
+    run_for,
+    save_plot,
+    serving_stack,
+    write_json,
+)
 from lensflow.function_server import FunctionServer, knative_post
 from lensflow.process import free_port
 from lensflow.scenes import CLASSES, scene_jpeg
@@ -238,10 +246,7 @@ def run(out_dir: Path) -> dict:
 
 
 def plot(out_dir: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     names = ["bare c1", "http c1", "bare c2", "http c2"]
@@ -261,9 +266,7 @@ def plot(out_dir: Path, result: dict) -> None:
     )
     right.set_ylabel("seconds to first prediction")
     right.set_title("cold start")
-    fig.tight_layout()
-    fig.savefig(out_dir / "predict.png", dpi=100)
-    plt.close(fig)
+    save_plot(fig, out_dir / "predict.png")
 
 
 if __name__ == "__main__":

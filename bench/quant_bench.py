@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import CACHE, write_json
+from bench.common import CACHE, pyplot, save_plot, write_json
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import LiteModel, to_input
@@ -238,10 +238,7 @@ def _speedups(result: dict) -> None:
 
 
 def plot(out_dir: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = result["artifacts"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
@@ -269,9 +266,7 @@ def plot(out_dir: Path, result: dict) -> None:
     right.set_ylim(0, 100)
     right.set_ylabel(f"holdout macro-F1, % ({result['holdout_images']} images)")
     right.set_title(f"served: {served['macro_f1_points_lost']} points lost")
-    fig.tight_layout()
-    fig.savefig(out_dir / "quant.png", dpi=100)
-    plt.close(fig)
+    save_plot(fig, out_dir / "quant.png")
 
 
 if __name__ == "__main__":
