@@ -37,6 +37,7 @@ from lensflow_eventing.topics import ensure_topics, topic_specs
 from lensflow_model_store import ModelStore
 from tests.support.env import LABELS
 from tests.support.functions_harness import put_and_notify
+from tests.support.packages import FIRST_PARTY
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "var" / "container"
@@ -151,15 +152,7 @@ class Replay:
         if venv is None:
             return
         for site in venv.glob("lib/python*/site-packages"):
-            for package in (
-                "lensflow_core",
-                "lensflow_model_store",
-                "lensflow_eventing",
-                "lensflow_archive",
-                "lensflow_predict",
-                "lensflow_train",
-                "lensflow",
-            ):
+            for package in FIRST_PARTY:
                 shutil.rmtree(site / package, ignore_errors=True)
 
     def final(self, stage: Stage, build: Replay | None = None) -> tuple[list[str], dict[str, str]]:

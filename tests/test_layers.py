@@ -13,17 +13,10 @@ import yaml
 
 from lensflow.stack import KAFKASOURCE_MANIFEST, EmbeddedStack
 from lensflow_eventing.delivery import DeliverySpec, parse_duration
+from tests.support import packages
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_PARTY = {
-    "lensflow_core",
-    "lensflow_model_store",
-    "lensflow_eventing",
-    "lensflow_archive",
-    "lensflow_predict",
-    "lensflow_train",
-    "lensflow",
-}
+FIRST_PARTY = set(packages.FIRST_PARTY)
 # What each folder may import, first-party (the folder holds the package of that name).
 ALLOWED = {
     "core": {"lensflow_core"},
