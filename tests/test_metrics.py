@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lensflow.function_server import knative_request
 from lensflow.process import http_ok
 from lensflow.scenes import scene_jpeg
-from lensflow_core.s3 import ensure_buckets, s3_client
+from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from lensflow_eventing.dispatcher_metrics import dispatcher_registry
 from lensflow_eventing.topics import ensure_topics, topic_specs
@@ -48,8 +48,6 @@ def label_values(text: str) -> set[str]:
 @pytest.fixture(scope="module")
 def replica(s3_server, kafka_broker, tiny_models, tmp_path_factory):
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_LOG_FORMAT="json")
-    config = Config.from_env(env)
-    ensure_buckets(s3_client(config), config.buckets)
     config, store = start_stack(env, tiny_models)
     log = tmp_path_factory.mktemp("metrics") / "predict.log"
     with FunctionServer("predict", env, log) as server:
@@ -206,8 +204,6 @@ def test_two_gunicorn_workers_add_up_in_multiprocess_mode(
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
     )
     (tmp_path / "prom").mkdir()
-    config = Config.from_env(env)
-    ensure_buckets(s3_client(config), config.buckets)
     config, _store = start_stack(env, tiny_models)
     s3 = s3_client(config)
     bucket = config.image_buckets[0]

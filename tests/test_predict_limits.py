@@ -28,8 +28,6 @@ from tests.support.predict import start_stack
 @pytest.fixture(scope="module")
 def small_limits(s3_server, kafka_broker, tiny_models, tmp_path_factory):
     env = make_env(s3_server.endpoint, kafka_broker.bootstrap, LENSFLOW_MAX_EVENT_BYTES="8192")
-    config = Config.from_env(env)
-    ensure_buckets(s3_client(config), config.buckets)
     config, _store = start_stack(env, tiny_models)
     log = tmp_path_factory.mktemp("limits") / "predict.log"
     with FunctionServer("predict", env, log) as server:
