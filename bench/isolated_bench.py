@@ -34,15 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import (
-    QUEUE_ON,
-    cpu_seconds,
-    mobilenet_v2_tflite,
-    pyplot,
-    save_plot,
-    serving_stack,
-    write_json,
-)
+from bench.common import QUEUE_ON, cpu_seconds, mobilenet_v2_tflite, serving_stack, write_json
 from bench.e2e_bench import ArrivalLog, upload_at_rate
 from lensflow.function_server import FunctionServer
 from lensflow.process import ChildProcess, function_command
@@ -508,6 +500,8 @@ def summarise(variant: Variant) -> dict:
 
 
 def plot(out_dir: Path, result: dict) -> None:
+    from bench.common import pyplot, save_plot
+
     plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
