@@ -68,10 +68,11 @@ knative-check: install
 LOCK_PYTHON := 3.11
 lock: install
 	$(BIN)/python -m pip install --quiet uv
-	for f in predict train archive; do \
-	  $(BIN)/uv pip compile pyproject.toml --extra $$f --generate-hashes --no-annotate --quiet \
-	    --python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_28 \
-	    --custom-compile-command "make lock" -o functions/$$f/requirements.lock || exit 1; \
+	for lock in functions/predict functions/train functions/archive dashboard; do \
+	  $(BIN)/uv pip compile pyproject.toml --extra $$(basename $$lock) --generate-hashes \
+	    --no-annotate --quiet --python-version $(LOCK_PYTHON) \
+	    --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+	    -o $$lock/requirements.lock || exit 1; \
 	done
 
 clean:
