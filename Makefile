@@ -68,8 +68,12 @@ knative-check: install
 LOCK_PYTHON := 3.11
 lock: install
 	$(BIN)/python -m pip install --quiet uv
+	# Every lock keeps the predict lock's versions where it can (-c): the images share the
+	# tested versions, and uv 0.13 would otherwise take backports-strenum 1.3.1, whose
+	# Requires-Python (<3.11) excludes the images' Python (found by tests/test_container.py).
 	for lock in functions/predict functions/train functions/archive dashboard; do \
 	  $(BIN)/uv pip compile pyproject.toml --extra $$(basename $$lock) --generate-hashes \
+	    -c functions/predict/requirements.lock \
 	    --no-annotate --quiet --python-version $(LOCK_PYTHON) \
 	    --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
 	    -o $$lock/requirements.lock || exit 1; \
