@@ -1,4 +1,4 @@
-"""The predict function's S3 requests: libcurl (pycurl), signed by MinIO's SigV4 signer.
+"""The predict function's S3 requests: libcurl (pycurl), SigV4-signed as MinIO's signer signs.
 
 The image GET, and the labelling queue's conditional PUT and LIST. A kept-alive
 connection per thread. Measured per GET on this project's stack: about 0.25 ms of CPU,
@@ -148,7 +148,7 @@ class ObjectGetter:
         """The request's headers, signed (SigV4), as MinIO's ``sign_v4_s3`` signs them (a
         test holds them equal) with less work a request: the day's signing key is kept
         (four HMACs fewer) and the headers are already canonical. Cold, between two
-        requests of a busy replica, this took a PUT's signature from ~0.12 to ~0.04 ms of
+        requests of a busy replica, this took a PUT's signature from ~0.12 to ~0.06 ms of
         CPU (docs/benchmarks.md, "Labelling queue")."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         headers = {"host": self.host, "x-amz-content-sha256": digest, "x-amz-date": stamp}
