@@ -235,6 +235,9 @@ class Variant:
         self.replica_cpus = {all_cpus[0]} if spec.isolated else set(all_cpus)
         self.other_cpus = set(all_cpus[1:]) if spec.isolated else set(all_cpus)
         threads = {"THREADS": str(PREDICT_CONCURRENCY)}  # env: serving_stack's, queue off
+        if spec.cli:  # the replica predicts the bucket of the operator's backlog too
+            allowed = [*Config.from_env(env).image_buckets, CLI_BUCKET]
+            threads["LENSFLOW_IMAGE_BUCKETS"] = ",".join(allowed)
         server = FunctionServer("predict", {**env, **threads, **spec.env})
         command = function_command("predict", server.port)
         if spec.prelude:  # the same command line, after the prelude, in one interpreter
@@ -251,8 +254,7 @@ class Variant:
             dispatch = [lensflow, "dispatch", "--sink", server.url, "--ordering", "unordered"]
             dispatch += ["--max-in-flight", str(PREDICT_CONCURRENCY), "--json"]
             names = {"LENSFLOW_TOPIC_IMAGES": self.topic, "LENSFLOW_SOURCE_NAME": spec.name}
-            allowed = [*Config.from_env(env).image_buckets, CLI_BUCKET]
-            names["LENSFLOW_IMAGE_BUCKETS"] = ",".join(allowed)
+            names["LENSFLOW_IMAGE_BUCKETS"] = threads["LENSFLOW_IMAGE_BUCKETS"]
             env_all = {**os.environ, **env, **spec.env, **names}
             self.dispatcher = ChildProcess(f"dispatch {spec.name}", dispatch, env=env_all)
         if spec.isolated:  # pinned from its first instruction: it sizes itself by its CPUs

@@ -15,7 +15,6 @@ PRODUCT = ["core", "model-store", "eventing", "functions", "lensflow"]
 MAX_LINES = 60
 # (file, function): long today, to be split
 TO_SPLIT = {
-    ("functions/predict/lensflow_predict/handler.py", "_predict_object"),
 }
 
 

@@ -95,7 +95,7 @@ class QueueEntry:
 
     def body(self) -> bytes:
         """What its queue record holds (everything but the record's own key)."""
-        return json.dumps({k: v for k, v in self.to_json().items() if k != "record"}).encode()
+        return json.dumps({name: getattr(self, name) for name in _BODY}).encode()
 
     @classmethod
     def from_json(cls, value: dict[str, Any], record: str) -> QueueEntry:
@@ -110,6 +110,9 @@ class QueueEntry:
             recorded_at=str(value.get("recorded_at", "")),
             record=record,
         )
+
+
+_BODY = tuple(f.name for f in fields(QueueEntry) if f.name != "record")
 
 
 @dataclass
@@ -145,7 +148,9 @@ class LabelQueue:
     def known(self, version: str, bucket: str, key: str) -> str | None:
         """``duplicate`` or ``full`` when what this replica knows settles an offer without
         a request (and its knowledge is not due for a LIST); otherwise None."""
-        record = record_key(version, bucket, key)
+        return self._settled(version, record_key(version, bucket, key))
+
+    def _settled(self, version: str, record: str) -> str | None:
         with self._lock:
             known = self._known.get(version)
             if known is None or self._stale(known):
@@ -168,7 +173,7 @@ class LabelQueue:
         version = model["version"]
         record = record_key(version, bucket, key)
         self._refresh(version)
-        settled = self.known(version, bucket, key)
+        settled = self._settled(version, record)
         if settled is not None:
             return settled
         top1, margin = top1_and_margin(predictions)
@@ -176,15 +181,14 @@ class LabelQueue:
             bucket=bucket,
             key=key,
             etag=(etag or "").strip('"') or None,
-            model=dict(model),
-            top=[dict(p) for p in predictions[:TOP_K]],
+            model=model,  # serialised right away: no copies
+            top=list(predictions[:TOP_K]),
             top1=round(top1, 6),
             margin=round(margin, 6),
             recorded_at=_now(),
         )
-        body = json.dumps({k: v for k, v in entry.to_json().items() if k != "record"}).encode()
         try:
-            self.objects.put(record, body, content_type="application/json", if_absent=True)
+            self.objects.put(record, entry.body(), content_type="application/json", if_absent=True)
         except ConflictError:
             self._remember(version, record, written=False)
             return "duplicate"

@@ -134,14 +134,7 @@ class PredictHandler:
     ) -> tuple[CloudEvent, bytes]:
         """The prediction event for ``record``, produced to Kafka; and its serialised data."""
         bind(object_key=record.path)
-        limit = self.config.max_image_bytes
-        if record.bucket not in self.config.image_buckets:
-            raise Rejected(422, f"bucket {record.bucket!r} is not in LENSFLOW_IMAGE_BUCKETS")
-        if {".", ".."} & set(record.key.split("/")):
-            # S3 and MinIO refuse such names: permanent, never "store unreachable"
-            raise Rejected(422, f"key {record.key!r} has a '.' or '..' path segment")
-        if record.size is not None and record.size > limit:
-            raise Rejected(413, f"object is {record.size} bytes, over the limit of {limit}")
+        self._check_record(record)
         model = self.watcher.model  # this request stays on this version
         if model is None:
             raise Rejected(503, "no model is being served yet", waiting="no_model")
@@ -149,26 +142,11 @@ class PredictHandler:
         t0 = time.perf_counter()
         data, etag = self.fetcher.fetch(record.bucket, record.key)
         t1 = time.perf_counter()
-        side = max(model.spec.height, model.spec.width)
-        try:
-            image = decode_image(
-                data,
-                (side, side),
-                max_pixels=self.config.max_image_pixels,
-                budget=self.decode_budget,
-            )
-        except ImageError as exc:
-            raise Rejected(exc.status, f"{record.path}: {exc.reason}") from None
+        image = self._decode(record, data, max(model.spec.height, model.spec.width))
         t2 = time.perf_counter()
         predictions = model.predict(image)
         t3 = time.perf_counter()
-        uncertain = is_uncertain(
-            predictions, self.config.uncertain_top1, self.config.uncertain_margin
-        )
-        if uncertain:
-            metrics.UNCERTAIN.inc()
-            if self.labels is not None:
-                self.labels.offer(record, etag, model.identity, predictions)
+        uncertain = self._offer_if_uncertain(record, etag, model.identity, predictions)
         event = prediction_event(
             image=ObjectEvent(
                 record.event_name, record.bucket, record.key, etag, event_time=record.event_time
@@ -185,15 +163,49 @@ class PredictHandler:
             self.producer.send(event, data)
         except ProduceError as exc:
             raise Rejected(503, str(exc)) from None
-        t4 = time.perf_counter()
-        for stage, seconds in zip(
-            metrics.STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True
-        ):
-            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
-        top = predictions[0]["label"] if predictions else "none"
-        metrics.predicted(model.name, top)
-        log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
+        _observe(model.name, predictions, (t0, t1, t2, t3, time.perf_counter()))
         return event, data
+
+    def _check_record(self, record: ObjectEvent) -> None:
+        """Refuse, before any request, an object no retry could predict."""
+        limit = self.config.max_image_bytes
+        if record.bucket not in self.config.image_buckets:
+            raise Rejected(422, f"bucket {record.bucket!r} is not in LENSFLOW_IMAGE_BUCKETS")
+        if {".", ".."} & set(record.key.split("/")):
+            # S3 and MinIO refuse such names: permanent, never "store unreachable"
+            raise Rejected(422, f"key {record.key!r} has a '.' or '..' path segment")
+        if record.size is not None and record.size > limit:
+            raise Rejected(413, f"object is {record.size} bytes, over the limit of {limit}")
+
+    def _decode(self, record: ObjectEvent, data: bytes, side: int):
+        try:
+            return decode_image(
+                data,
+                (side, side),
+                max_pixels=self.config.max_image_pixels,
+                budget=self.decode_budget,
+            )
+        except ImageError as exc:
+            raise Rejected(exc.status, f"{record.path}: {exc.reason}") from None
+
+    def _offer_if_uncertain(self, record: ObjectEvent, etag: str, model: dict, predictions) -> bool:
+        uncertain = is_uncertain(
+            predictions, self.config.uncertain_top1, self.config.uncertain_margin
+        )
+        if uncertain:
+            metrics.UNCERTAIN.inc()
+            if self.labels is not None:
+                self.labels.offer(record, etag, model, predictions)
+        return uncertain
+
+
+def _observe(model_name: str, predictions, stamps: tuple[float, ...]) -> None:
+    """Each stage's seconds, the prediction's count and its log line."""
+    for stage, began, ended in zip(metrics.STAGES, stamps[:-1], stamps[1:], strict=True):
+        metrics.STAGE_SECONDS.labels(stage).observe(ended - began)
+    top = predictions[0]["label"] if predictions else "none"
+    metrics.predicted(model_name, top)
+    log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
 
 
 def _ms(seconds: float) -> float:

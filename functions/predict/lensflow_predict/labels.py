@@ -27,9 +27,9 @@ log = logging.getLogger("lensflow.predict")
 LABEL_WRITERS = 2
 LABEL_BACKLOG = 64
 # At most this many writes a second per replica (offers past it are counted ``paced``):
-# the queue's 500 places fill in 50 s, for ~0.3-1% of a core (0.3 to 1 ms a write) and a
+# the queue's 500 places fill in 50 s, for ~0.3-1% of a core (0.26 to 1 ms a write) and a
 # bounded load on the store, however many uncertain photos a new model version meets.
-LABEL_WRITES_PER_S = 10.0
+LABEL_WRITES_PER_S = 10.0  # why: docs/benchmarks.md, "The pacing, reviewed"
 
 
 class CurlObjects:
