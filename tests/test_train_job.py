@@ -193,6 +193,7 @@ def test_a_round_while_the_lease_is_held_is_refused_and_changes_nothing(env, tmp
     report = json.loads(done.stdout)
     assert report["outcome"] == "skipped"
     assert report["reason"].startswith("another round holds the lease")
+    assert report["decision"] == "refused: another round running"
     assert "another-job" in report["reason"] and "another round holds the lease" in done.stderr
     assert store.list_versions() == [] and store.current() is None
     assert store.lease(1).read().etag == other.etag  # still theirs
@@ -206,6 +207,7 @@ def test_an_unreachable_store_fails_the_job(env, tmp_path):
     assert done.returncode == job.EXIT_FAILED
     report = json.loads(done.stdout)
     assert report["outcome"] == "failed" and "training lease" in report["reason"]
+    assert report["decision"] == "failed"
 
 
 def test_bind_threads_takes_the_manifest_variables_first(monkeypatch):
