@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from starlette.testclient import TestClient
@@ -152,7 +153,14 @@ def test_flips_are_off_without_a_configured_token_and_thumbnails_are_bounded(env
     assert client.get("/thumb", params={"bucket": bucket, "key": "b.pdf"}).status_code == 415
     assert client.get("/thumb", params={"bucket": bucket, "key": "gone.jpg"}).status_code == 404
     page = client.get("/")
-    assert page.status_code == 200 and "innerHTML" not in client.get("/dashboard.js").text
+    assert page.status_code == 200
+    # names of images, classes and reasons go in as text: no script writes markup
+    scripts = re.findall(r'<script src="/?([^"]+)"', page.text)
+    assert "dashboard.js" in scripts and "learning.js" in scripts, scripts
+    for script in scripts:
+        text = client.get(f"/{script}").text
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+            assert sink not in text, (script, sink)
 
 
 def test_standalone_the_lag_is_the_kafkasource_groups(kafka_env):
