@@ -291,7 +291,7 @@ def test_a_person_labels_queued_photos_with_the_keyboard_and_a_round_promotes_on
             browser.wait_for(
                 f"document.getElementById('pointer-version').textContent === '{served}'"
             )
-            browser.screenshot(screens / "dashboard-quality.png")
+            browser.screenshot(screens / "dashboard-quality.png", full_page=True)
     finally:
         dashboard.stop()
     assert (screens / "dashboard-labelling.png").stat().st_size > 10_000
