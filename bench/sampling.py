@@ -72,8 +72,8 @@ def backbone_features(images: list[bytes]) -> np.ndarray:
 def train_head(x: np.ndarray, y: np.ndarray, k: int, steps: int = 300) -> np.ndarray:
     """A softmax head (weights with a bias row) by full-batch gradient descent, L2 1e-3."""
     xb = np.hstack([x, np.ones((len(x), 1), x.dtype)])
-    w = np.zeros((xb.shape[1], k))
-    onehot = np.eye(k)[y]
+    w = np.zeros((xb.shape[1], k), x.dtype)  # float32 like the features: half the work
+    onehot = np.eye(k, dtype=x.dtype)[y]
     for _ in range(steps):
         p = softmax(xb @ w)
         w -= 0.5 * (xb.T @ (p - onehot) / len(x) + 1e-3 * w)
