@@ -179,7 +179,10 @@ def test_a_jobsink_event_runs_one_round_and_exits_0_with_its_report(env, tmp_pat
     assert report["trigger"]["reason"] == "schedule"
     assert report["trigger"]["type"] == "dev.knative.sources.ping"
     assert "no holdout" in done.stderr  # the reason is in the log too
-    assert store_keys(config) == [], "lease released, nothing written"
+    # lease released; nothing written but the round's report, with its decision
+    (kept,) = store_keys(config)
+    assert kept.startswith(f"{config.model_name}/rounds/") and report["round_id"] in kept
+    assert report["decision"] == "refused: no data"
 
 
 def test_a_round_while_the_lease_is_held_is_refused_and_changes_nothing(env, tmp_path):
