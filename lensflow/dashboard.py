@@ -221,10 +221,10 @@ class DashboardState:
         """Without a stack: the KafkaSource consumer group's lag, asked of the broker."""
         try:
             return group_lag(
-                self.config.kafka, self.config.topic_images, self.config.source_name, 3.0
+                self.config.kafka, self.config.topic_images, self.config.source_group, 3.0
             )
         except Exception as exc:
-            log.debug("dashboard: lag of %s: %s", self.config.source_name, exc)
+            log.debug("dashboard: lag of %s: %s", self.config.source_group, exc)
             return None
 
     def _flow(self) -> dict[str, Any]:

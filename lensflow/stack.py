@@ -83,8 +83,8 @@ def kafkasource_settings(path: Path = KAFKASOURCE_MANIFEST) -> tuple[str, Delive
 
 def dispatcher_for(config: Config, sink, **options: Any) -> Dispatcher:
     """A ``Dispatcher`` of ``config``'s images topic to ``sink``, named as the KafkaSource
-    ``config.source_name`` would be (its ce-source; its name as the default group)."""
-    options.setdefault("group_id", config.source_name)
+    ``config.source_name`` would be (its ce-source; ``config.source_group`` by default)."""
+    options.setdefault("group_id", config.source_group)
     return Dispatcher(
         config.kafka,
         config.topic_images,
@@ -161,10 +161,10 @@ class EmbeddedStack:
         self.log_dir = log_dir
         self.max_in_flight = max_in_flight
         # Unless given: as the cluster's KafkaSource delivers.
-        manifest = kafkasource_settings() if None in (ordering, delivery, group_id) else None
+        manifest = kafkasource_settings() if None in (ordering, delivery) else None
         self.ordering = ordering or manifest[0]
         self.delivery = delivery or manifest[1]
-        self.group_id = group_id or manifest[2]
+        self.group_id = group_id or self.config.source_group  # the manifest's consumerGroup
         self.train_every_s = train_every_s
         self.dispatch = dispatch
         self.archive = archive

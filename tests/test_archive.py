@@ -581,3 +581,29 @@ def test_the_dashboard_page_shows_the_archives_history(filled):
     assert cells[0] == (date.today() - timedelta(days=1)).isoformat()
     assert sum(int(c) for c in cells[1:]) == 40
     assert versions == ["v1", "v2"]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "insert into predictions values (1)",
+        "update predictions set label = 'x'",
+        "create table t as select * from predictions",
+        "attach ':memory:' as other",
+        "set enable_external_access = true",
+        "pragma version",
+        "",
+    ],
+)
+def test_only_one_select_runs_over_the_view_and_every_refusal_is_one_line(sql):
+    """In process, without a store: the view refuses every statement that is not one query
+    and stays as it was (``lensflow_archive.query.run_sql``)."""
+    import pyarrow.dataset as ds
+
+    from lensflow_archive.query import QueryError, connect, run_sql
+
+    con = connect(ds.dataset(pa.table({"id": ["a", "b"], "label": ["water", "road"]})))
+    with pytest.raises(QueryError) as refused:
+        run_sql(con, sql)
+    assert "\n" not in str(refused.value) and str(refused.value)
+    assert run_sql(con, "select count(*), min(label) from predictions").rows == [(2, "road")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from starlette.testclient import TestClient
@@ -152,4 +153,31 @@ def test_flips_are_off_without_a_configured_token_and_thumbnails_are_bounded(env
     assert client.get("/thumb", params={"bucket": bucket, "key": "b.pdf"}).status_code == 415
     assert client.get("/thumb", params={"bucket": bucket, "key": "gone.jpg"}).status_code == 404
     page = client.get("/")
-    assert page.status_code == 200 and "innerHTML" not in client.get("/dashboard.js").text
+    assert page.status_code == 200
+    # names of images, classes and reasons go in as text: no script writes markup
+    scripts = re.findall(r'<script src="/?([^"]+)"', page.text)
+    assert "dashboard.js" in scripts and "learning.js" in scripts, scripts
+    for script in scripts:
+        text = client.get(f"/{script}").text
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"):
+            assert sink not in text, (script, sink)
+
+
+def test_standalone_the_lag_is_the_kafkasource_groups(kafka_env):
+    """The dashboard without a stack asks the lag of LENSFLOW_SOURCE_GROUP (the KafkaSource's
+    consumerGroup, as the local dispatcher joins it), not of the source's name."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from lensflow_core.kafka import client_settings
+
+    config = Config.from_env(kafka_env)
+    assert config.source_group != config.source_name
+    ensure_topics(config.kafka_bootstrap, topic_specs(*config.topics))
+    producer = Producer(client_settings(config.kafka))
+    for i in range(3):
+        producer.produce(config.topic_images, value=b"{}", key=str(i).encode(), partition=0)
+        assert producer.flush(10) == 0
+    consumer = Consumer(client_settings(config.kafka, {"group.id": config.source_group}))
+    consumer.commit(offsets=[TopicPartition(config.topic_images, 0, 1)], asynchronous=False)
+    consumer.close()
+    assert DashboardState(config)._standalone_lag() == 2  # the other group would say 3

@@ -465,6 +465,8 @@ def test_kafkasource_delivers_images_to_predict(docs: tuple[Doc, ...]) -> None:
     source = one(docs, "KafkaSource", data["LENSFLOW_SOURCE_NAME"])
     assert source["metadata"]["namespace"] == data["LENSFLOW_NAMESPACE"]
     spec = source["spec"]
+    # the group the local dispatcher joins and whose lag the dashboard asks, in both settings
+    assert spec["consumerGroup"] == data["LENSFLOW_SOURCE_GROUP"]
     assert spec["topics"] == [data["LENSFLOW_TOPIC_IMAGES"]]
     assert spec["bootstrapServers"] == data["LENSFLOW_KAFKA_BOOTSTRAP"].split(",")
     assert spec["ordering"] in ("ordered", "unordered")

@@ -133,6 +133,11 @@ def test_cli_train_once_json(env, monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["outcome"] == "skipped" and report["promoted"] is False
     assert report["data"]["labeled_total"] == 2 * len(scenes.CLASSES)
+    # the same facts as the stored report, as `lensflow models history --json` shows it
+    assert report["decision"] == "refused: no data"
+    assert cli_main(["models", "history", "--json"]) == 0
+    (kept,) = [r for r in json.loads(capsys.readouterr().out) if r["kind"] == "round"]
+    assert (kept["round_id"], kept["decision"]) == (report["round_id"], report["decision"])
 
 
 @pytest.mark.slow

@@ -179,9 +179,10 @@ def test_a_jobsink_event_runs_one_round_and_exits_0_with_its_report(env, tmp_pat
     assert report["trigger"]["reason"] == "schedule"
     assert report["trigger"]["type"] == "dev.knative.sources.ping"
     assert "no holdout" in done.stderr  # the reason is in the log too
-    # lease released; nothing written but the round's report (docs/training.md, "Round reports")
-    written = store_keys(config)
-    assert len(written) == 1 and written[0].startswith(f"{config.model_name}/rounds/"), written
+    # lease released; nothing written but the round's report, with its decision
+    (kept,) = store_keys(config)
+    assert kept.startswith(f"{config.model_name}/rounds/") and report["round_id"] in kept
+    assert report["decision"] == "refused: no data"
 
 
 def test_a_round_while_the_lease_is_held_is_refused_and_changes_nothing(env, tmp_path):
@@ -195,6 +196,7 @@ def test_a_round_while_the_lease_is_held_is_refused_and_changes_nothing(env, tmp
     report = json.loads(done.stdout)
     assert report["outcome"] == "skipped"
     assert report["reason"].startswith("another round holds the lease")
+    assert report["decision"] == "refused: another round running"
     assert "another-job" in report["reason"] and "another round holds the lease" in done.stderr
     assert store.list_versions() == [] and store.current() is None
     assert store.lease(1).read().etag == other.etag  # still theirs
@@ -208,6 +210,7 @@ def test_an_unreachable_store_fails_the_job(env, tmp_path):
     assert done.returncode == job.EXIT_FAILED
     report = json.loads(done.stdout)
     assert report["outcome"] == "failed" and "training lease" in report["reason"]
+    assert report["decision"] == "failed"
 
 
 def test_bind_threads_takes_the_manifest_variables_first(monkeypatch):

@@ -243,6 +243,12 @@ SETTINGS: tuple[Setting, ...] = (
         "KafkaSource name used in `ce-source` by the local dispatcher",
     ),
     Setting(
+        "LENSFLOW_SOURCE_GROUP",
+        "lensflow-predict",
+        "consumer group of the KafkaSource on the images topic (its `consumerGroup`): the "
+        "local dispatcher's group and the one whose lag the dashboard shows",
+    ),
+    Setting(
         "LENSFLOW_NAMESPACE", "default", "namespace used in `ce-source` by the local dispatcher"
     ),
     Setting("LENSFLOW_LOG_LEVEL", "INFO", "log level of functions and dispatcher"),
@@ -332,6 +338,7 @@ class Config:
     train_schedule: str
     train_max_images: int
     source_name: str
+    source_group: str
     namespace: str
     log_level: str
     train_quantization: tuple[str, ...]
@@ -470,6 +477,7 @@ def _running(get: Get) -> dict[str, Any]:
         raise ValueError(f"LENSFLOW_LOG_FORMAT must be text or json, not {log_format!r}")
     return {
         "source_name": get("LENSFLOW_SOURCE_NAME"),
+        "source_group": get("LENSFLOW_SOURCE_GROUP"),
         "namespace": get("LENSFLOW_NAMESPACE"),
         "log_level": get("LENSFLOW_LOG_LEVEL"),
         "log_format": log_format,

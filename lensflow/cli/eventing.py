@@ -62,7 +62,7 @@ def register(subparsers) -> None:
     dispatch.add_argument(
         "--timeout", type=float, default=600.0, metavar="S", help="per-request timeout"
     )
-    dispatch.add_argument("--group", help="consumer group (default: LENSFLOW_SOURCE_NAME)")
+    dispatch.add_argument("--group", help="consumer group (default: LENSFLOW_SOURCE_GROUP)")
     dispatch.add_argument(
         "--metrics-port",
         type=int,
@@ -141,7 +141,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         dispatcher = dispatcher_for(
             config,
             args.sink,
-            group_id=args.group or config.source_name,
+            group_id=args.group or config.source_group,
             delivery=delivery,
             ordering=args.ordering,
             max_in_flight=args.max_in_flight,

@@ -321,7 +321,7 @@ function renderConfusion(champion) {
     tr.appendChild(node("th", labels[i]));
     row.forEach((n, j) => {
       const td = node("td", n, i === j ? "diag" : "");
-      td.style.background = "rgba(" + (i === j ? "30,142,62" : "192,57,43") + "," + (0.08 + 0.6 * n / max) + ")";
+      td.style.background = "rgba(" + (i === j ? "30,142,62" : "192,57,43") + "," + (n ? 0.12 + 0.6 * n / max : 0) + ")";
       tr.appendChild(td);
     });
     table.appendChild(tr);

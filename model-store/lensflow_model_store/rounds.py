@@ -25,6 +25,7 @@ REFUSED_NO_NEW_DATA = "refused: no new data"
 REFUSED_NOT_USABLE = "refused: not usable"
 REFUSED_POINTER_MOVED = "refused: pointer moved"
 REFUSED_NO_DATA = "refused: no data"
+REFUSED_BUSY = "refused: another round running"  # it holds the lease (lensflow_model_store.lease)
 PINNED = "pinned"
 FAILED = "failed"
 
@@ -79,6 +80,8 @@ def decision_of(report: dict[str, Any]) -> str:
         return PROMOTED
     if outcome == "failed":
         return FAILED
+    if outcome == "skipped" and "holds the lease" in reason:
+        return REFUSED_BUSY
     if outcome == "skipped":
         return REFUSED_NO_NEW_DATA if "LENSFLOW_TRAIN_MIN_NEW" in reason else REFUSED_NO_DATA
     if reason.startswith("not promoted: pinned"):

@@ -106,8 +106,16 @@ class Browser:
         self.send("Input.dispatchKeyEvent", type="keyDown", **params)
         self.send("Input.dispatchKeyEvent", type="keyUp", **params)
 
-    def screenshot(self, path: Path) -> None:
-        data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=False)
+    def screenshot(self, path: Path, full_page: bool = False) -> None:
+        """The viewport, or with ``full_page`` the whole page as tall as it is."""
+        clip = {}
+        if full_page:
+            size = self.send("Page.getLayoutMetrics")["cssContentSize"]
+            clip = {"clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"]}}
+            clip["clip"]["scale"] = 1
+        data = self.send(
+            "Page.captureScreenshot", format="png", captureBeyondViewport=full_page, **clip
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data["data"]))
 

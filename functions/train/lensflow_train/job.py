@@ -109,7 +109,8 @@ def _failed(
 ) -> tuple[int, dict[str, Any]]:
     reason = f"{doing} failed: {type(exc).__name__}: {exc}"
     log.error("%s", reason, exc_info=not _is_store_error(exc))
-    report = {**refused(config, reason), "outcome": "failed", "trigger": trigger.to_dict()}
+    report = RoundReport.begin(config, reason=reason, outcome="failed").to_dict()
+    report["trigger"] = trigger.to_dict()
     return EXIT_FAILED, report
 
 

@@ -37,6 +37,7 @@ from lensflow_model_store import (
     layout,
 )
 from lensflow_model_store.backbones import backbone_path, get_backbone
+from lensflow_model_store.rounds import decision_of
 from lensflow_train import artifacts, dataset
 from lensflow_train import fingerprint as fp
 from lensflow_train.artifacts import Artifact
@@ -95,7 +96,10 @@ class RoundReport:
         return self.outcome == "promoted"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "promoted": self.promoted}
+        """The report as stored, printed and shown, with its decision
+        (``lensflow_model_store.rounds``; none while the flip is still to come)."""
+        data = {**asdict(self), "promoted": self.promoted}
+        return {**data, "decision": None if self.outcome == "promoting" else decision_of(data)}
 
 
 class _Clock:
