@@ -789,7 +789,12 @@ def test_dockerignore_keeps_what_the_build_needs() -> None:
     for path in DOCKERFILES:
         lines = re.findall(r"^COPY\s+(.+)$", (REPO / path).read_text(), re.M)
         words = [[w for w in line.split() if not w.startswith("--")] for line in lines]
-        sources = [w for line, ws in zip(lines, words) if "--from" not in line for w in ws[:-1]]
+        sources = [
+            w
+            for line, ws in zip(lines, words, strict=True)
+            if "--from" not in line
+            for w in ws[:-1]
+        ]
         assert sources, path
         for source in sources:
             assert any(source.rstrip("/") == k.rstrip("/") or source.startswith(k) for k in kept), (
