@@ -13,6 +13,7 @@ import pytest
 
 from lensflow.soak import FAULTS, bomb_png, plan
 from lensflow.soak_check import (
+    REDELIVERING,
     DeadLettered,
     FaultRun,
     History,
@@ -153,9 +154,23 @@ def test_a_redelivered_upload_in_the_archive_is_a_duplicate_explained_or_not():
     h.faults = []
     report = check(h)
     assert report.archive_duplicates_why == {"unexplained": 1}
-    assert report.invariants_broken == [
-        "img/1.jpg: 2 archived predictions with no fault that redelivers in between"
-    ]
+    [broken] = report.invariants_broken
+    assert broken.startswith("img/1.jpg: 2 archived predictions with no fault that redelivers")
+    assert broken.endswith("image events s1)")  # one image event delivered twice
+
+
+def test_seed_10934_an_s3_freeze_redelivers_through_the_broker_it_stalls():
+    """Found by the CI soak (seed 10934, beside another soak): during an S3 freeze of
+    4.9 s (43.6 s) Tansu, whose log is in that S3, stalled; the dispatcher's consumer lost
+    its 6 s group session, rejoined, and delivered what it had not committed again: an
+    upload sent while S3 was frozen was predicted twice and counted unexplained. An S3
+    freeze now redelivers, and a fault explains a duplicate when its time overlaps the
+    upload's (a freeze started before the upload still stalls the broker after it)."""
+    h = history(faults=[FaultRun("s3-freeze", T0 - 2, T0 + 3)])
+    h.predictions.append(Predicted("img/1.jpg", "v1", T0 + 9))
+    report = check(h)
+    assert report.ok, report.invariants_broken
+    assert report.duplicates_why == {"s3-freeze": 1}
 
 
 def test_a_hostile_upload_in_the_archive_or_an_archive_not_drained_fails():
@@ -291,11 +306,8 @@ def test_a_short_soak_with_a_fixed_seed_loses_nothing_and_breaks_no_invariant():
         "soak", "--duration", str(CI_DURATION), "--seed", str(CI_SEED), "--json", timeout=900
     )
     result = json.loads(done.stdout)
-    assert done.returncode == 0, (
-        result["invariants_broken"],
-        result["lost_keys"],
-        done.stderr[-3000:],
-    )
+    if done.returncode != 0:  # the whole of it: pytest would shorten an assertion's
+        pytest.fail(json.dumps(result, indent=1)[:20000] + done.stderr[-3000:])
     assert result["seed"] == CI_SEED and result["lost"] == 0 and result["invariants_broken"] == []
     planned = plan(CI_SEED, CI_DURATION).faults
     assert [f["name"] for f in result["faults"]] and len(result["faults"]) == len(planned)
@@ -309,12 +321,8 @@ def test_a_short_soak_with_a_fixed_seed_loses_nothing_and_breaks_no_invariant():
     assert [f for f in result["faults"] if f["name"] == "kill-archiver"]
     logs = re.search(r"logs in (\S+)", done.stderr).group(1)
     assert result["logs"] == "" and not os.path.exists(logs)  # a passing run's are removed
-    assert set(result["duplicates_why"]) <= {
-        "kill-dispatcher",
-        "kill-replica",
-        "broker-restart",
-        "stop-dispatcher",
-    }
+    assert set(result["duplicates_why"]) <= REDELIVERING
+    assert set(result["archive_duplicates_why"]) <= REDELIVERING
 
 
 @pytest.mark.slow
