@@ -270,7 +270,7 @@ def test_bad_flags_get_one_line_and_start_nothing(flags, says):
 
 
 @pytest.mark.slow
-def test_a_soak_whose_broker_cannot_start_says_so_and_leaves_nothing_running():
+def test_a_soak_whose_broker_cannot_start_says_so_and_leaves_nothing_running(tmp_path):
     from lensflow.faults import processes_with
 
     done = subprocess.run(
@@ -278,9 +278,11 @@ def test_a_soak_whose_broker_cannot_start_says_so_and_leaves_nothing_running():
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "CALF_TANSU_BIN": "/bin/false"},
+        env={**os.environ, "CALF_TANSU_BIN": "/bin/false", "TMPDIR": str(tmp_path)},
     )
     assert done.returncode != 0
+    [logs] = tmp_path.glob("lensflow-soak-*")  # kept, and named, when the soak fails
+    assert str(logs) in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("lensflow: error")]
     assert len(error) == 1 and "the broker server did not start" in error[0], done.stderr
     assert processes_with("LENSFLOW_SOAK_RUN=soak-987654-") == []
