@@ -12,8 +12,10 @@ Jepsen's nemesis).
   each in its own thread, so faults on different processes overlap (faults on one
   process wait for each other).
 - Afterwards: wait until every acknowledged upload is predicted or dead-lettered (or
-  ``settle_s`` passed), read the pointer history, stop everything, look for processes
-  left behind, and hand the ``History`` to ``lensflow.soak_check.check``.
+  ``settle_s`` passed), read the pointer history, stop ``up`` (its archiver writes what
+  it holds), drain the archive (``lensflow archive --once``) and read it back, stop
+  everything, look for processes left behind, and hand the ``History`` to
+  ``lensflow.soak_check.check``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ FAULTS: dict[str, str] = {
     "flip": "flip the pointer to another stored version during load",
     "rollback": "roll the pointer back during load",
     "train": "a training round during load (`lensflow train --once --force`)",
+    "kill-archiver": "kill -9 of the archiver while it holds a batch (`up` starts it again)",
 }
 # How often each fault is drawn, relative to the others (a round takes a minute of CPU).
 WEIGHT = {"train": 0.3, "broker-restart": 0.7, "s3-freeze": 0.7, "rollback": 0.7}
@@ -84,6 +87,7 @@ MAX_IMAGE_BYTES = 1024 * 1024  # the soak's limit; "oversized" uploads are above
 MARKER = "LENSFLOW_SOAK_RUN"  # in every process the soak starts: what is left behind
 PREFIX = "soak"
 LABEL_SCENES = ("field", "forest", "water")
+ARCHIVE_ONCE = [sys.executable, "-m", "lensflow", "archive", "--once", "--json"]
 TRAIN = [sys.executable, "-m", "lensflow", "train", "--once", "--force", "--json", "--quiet"]
 
 
@@ -300,7 +304,10 @@ class Soak:
         self.restarts: dict[str, int] = {}
         self.locks = {
             name: threading.Lock()
-            for name in ("replica", "dispatcher", "dashboard", "broker", "s3", "pointer", "train")
+            for name in (
+                *("replica", "dispatcher", "dashboard", "broker", "s3"),
+                *("pointer", "train", "archiver"),
+            )
         }
         self.fault_runs: list[FaultRun] = []
         self.env: dict[str, str] = {}
@@ -329,6 +336,7 @@ class Soak:
             watch.settle([u.key for u in uploads if u.outcome == "acked"], self.options.settle_s)
             left = self._left_in_broker()
             pointer_history, pointer_now = self._pointer_history()
+            archive, archive_error = self._drain_archive()
         finally:
             if watch is not None:
                 watch.close()
@@ -343,6 +351,8 @@ class Soak:
             left_behind=self.left_behind(),
             pointer_ttl_s=self.config.pointer_ttl_s,
             left_in_broker=left,
+            archive=archive,
+            archive_error=archive_error,
         )
         return SoakResult(
             self.schedule,
@@ -492,6 +502,37 @@ class Soak:
                     resume(process.pid)  # a SIGSTOPped process cannot stop
                 process.stop(timeout_s=30 if name == "dispatcher" else 10)
 
+    def _drain_archive(self) -> tuple[list[Predicted], str]:
+        """Stop ``up`` (its archiver writes and commits what it holds), then archive what
+        is left (``lensflow archive --once``) and read the whole archive back."""
+        for name in ("dashboard", "dispatcher"):
+            process = self.processes.pop(name, None)
+            if process is not None:
+                resume(process.pid)
+                process.stop(timeout_s=60)
+        self.say("draining the archive (lensflow archive --once)")
+        log_path = self.log_dir / "archive-drain.log"
+        job = ChildProcess("archive", ARCHIVE_ONCE, env=self.env, log_path=log_path)
+        self.processes["archive-drain"] = job
+        try:
+            job.spawn()
+            code = job.proc.wait(300)
+        except Exception as exc:  # a drain that hangs is a finding
+            return [], f"the drain did not finish: {exc} (log: {log_path})"
+        finally:
+            job.stop()
+            self.processes.pop("archive-drain", None)
+        if code != 0:
+            return [], f"`lensflow archive --once` exited {code} (log: {log_path})"
+        try:
+            return archived(self.config), ""
+        except Exception as exc:
+            return [], f"cannot read the archive: {type(exc).__name__}: {exc}"[:300]
+
+    def archivers(self) -> list[int]:
+        """Pids of the archivers running now (``lensflow up``'s child)."""
+        return self._children(b"lensflow_archive.job")
+
     def left_behind(self, wait_s: float = 10.0) -> list[int]:
         deadline = time.monotonic() + wait_s
         while (left := processes_with(f"{MARKER}={self.tag}")) and time.monotonic() < deadline:
@@ -558,15 +599,15 @@ class Soak:
 
     def replicas(self) -> list[int]:
         """Process-group leaders of the predict replicas running now."""
+        return self._children(b"functions-framework", b"predict")
+
+    def _children(self, *words: bytes) -> list[int]:
+        """Process-group leaders started by this soak whose command line has ``words``."""
         found = []
         for pid in processes_with(f"{MARKER}={self.tag}"):
             try:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if (
-                    b"functions-framework" in command
-                    and b"predict" in command
-                    and os.getpgid(pid) == pid
-                ):
+                if all(w in command for w in words) and os.getpgid(pid) == pid:
                     found.append(pid)
             except OSError:
                 continue
@@ -654,6 +695,27 @@ def rollback(soak: Soak, planned: Planned) -> str:
     return f"back to {pointer.version}"
 
 
+def kill_archiver(soak: Soak, planned: Planned, restart_s: float = 90.0) -> str:
+    """kill -9 of the archiver; with the soak's flush time it holds records nearly always
+    (the note says how many predictions were not committed), then ``up`` starts another."""
+    pids = soak.archivers()
+    if not pids:
+        return "no archiver running (`lensflow up` restarting)"
+    try:
+        held = group_lag(
+            soak.config.kafka, soak.config.topic_predictions, soak.config.archive_group
+        )
+    except Exception:  # a note only (the broker may be restarting)
+        held = "?"
+    kill9(pids[0])
+    deadline = time.monotonic() + restart_s
+    while time.monotonic() < deadline:
+        if [p for p in soak.archivers() if p != pids[0]]:
+            return f"kill -9 of the archiver (pid {pids[0]}) with {held} uncommitted; restarted"
+        time.sleep(0.5)
+    raise RuntimeError(f"no archiver started again within {restart_s:g} s")
+
+
 def train(soak: Soak, planned: Planned) -> str:
     report = soak._train_round()
     return f"round: {report.get('reason') or report.get('outcome') or 'done'}"[:200]
@@ -671,6 +733,7 @@ INJECT: dict[str, Callable[[Soak, Planned], str]] = {
     "flip": flip,
     "rollback": rollback,
     "train": train,
+    "kill-archiver": kill_archiver,
 }
 # Faults on one target wait for each other; on different targets they overlap.
 TARGET = {
@@ -696,7 +759,22 @@ def predicted(record: Any) -> Predicted | None:
         at=iso_seconds(record.time),
         request_s=sum(v for v in timings.values() if isinstance(v, (int, float))) / 1000,
         id=record.event_id,
+        source=str(data.get("source_event_id") or ""),
     )
+
+
+def archived(config: Config) -> list[Predicted]:
+    """Every row of the archive, as the checker sees a prediction."""
+    from lensflow_archive.query import query
+
+    result = query(
+        config,
+        "SELECT bucket || '/' || key, model_version, time, id, source_event_id FROM predictions",
+    )
+    return [
+        Predicted(key, version, at.timestamp(), id=event_id, source=source)
+        for key, version, at, event_id, source in result.rows
+    ]
 
 
 def dead_lettered(record: Any) -> DeadLettered | None:

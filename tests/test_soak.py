@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 from lensflow.soak import FAULTS, bomb_png, plan
 from lensflow.soak_check import (
+    REDELIVERING,
     DeadLettered,
     FaultRun,
     History,
@@ -117,11 +119,67 @@ def test_duplicates_within_a_redelivering_fault_are_explained_others_are_not():
     assert report.duplicates_why == {"unexplained": 1} and not report.ok
 
 
-def test_the_archive_must_hold_each_valid_upload_exactly_once():
-    h = history(archive=[Predicted(f"img/{i}.jpg", "v1", T0 + i) for i in (0, 1, 1)])
-    broken = check(h).invariants_broken
-    assert any("img/1.jpg: 2 archived" in t for t in broken)
-    assert any("img/2.jpg: 0 archived" in t for t in broken)
+def archive_rows(*keys: int, at: float = 0.5) -> list[Predicted]:
+    """Archived predictions of the uploads img/<i>.jpg, one event each."""
+    return [
+        Predicted(f"img/{i}.jpg", "v1", T0 + i + at, id=f"p{i}-{at}", source=f"s{i}") for i in keys
+    ]
+
+
+def test_an_archive_with_each_valid_upload_once_passes():
+    report = check(history(archive=archive_rows(0, 1, 2)))
+    assert report.ok, report.invariants_broken
+    assert report.archived == 3 and report.archive_duplicates == 0
+
+
+def test_an_archive_missing_an_upload_loses_it():
+    report = check(history(archive=archive_rows(0, 2)))
+    assert report.lost == 1 and report.lost_keys == ["img/1.jpg"] and not report.ok
+    assert "img/1.jpg: 0 archived predictions, not exactly one" in report.invariants_broken
+
+
+def test_an_archive_holding_one_event_twice_fails():
+    rows = archive_rows(0, 1, 2)
+    report = check(history(archive=[*rows, rows[1]]))
+    assert report.invariants_broken == ["archive: prediction event p1-0.5 2 times"]
+    assert report.archived == 4 and report.archive_duplicates == 0
+
+
+def test_a_redelivered_upload_in_the_archive_is_a_duplicate_explained_or_not():
+    rows = archive_rows(0, 1, 2) + archive_rows(1, at=3.0)  # a second event of upload 1
+    h = history(archive=rows, faults=[FaultRun("kill-replica", T0 + 2, T0 + 2)])
+    report = check(h)
+    assert report.ok, report.invariants_broken
+    assert report.archive_duplicates == 1 and report.archive_duplicates_why == {"kill-replica": 1}
+    h.faults = []
+    report = check(h)
+    assert report.archive_duplicates_why == {"unexplained": 1}
+    [broken] = report.invariants_broken
+    assert broken.startswith("img/1.jpg: 2 archived predictions with no fault that redelivers")
+    assert broken.endswith("image events s1)")  # one image event delivered twice
+
+
+def test_seed_10934_an_s3_freeze_redelivers_through_the_broker_it_stalls():
+    """Found by the CI soak (seed 10934, beside another soak): during an S3 freeze of
+    4.9 s (43.6 s) Tansu, whose log is in that S3, stalled; the dispatcher's consumer lost
+    its 6 s group session, rejoined, and delivered what it had not committed again: an
+    upload sent while S3 was frozen was predicted twice and counted unexplained. An S3
+    freeze now redelivers, and a fault explains a duplicate when its time overlaps the
+    upload's (a freeze started before the upload still stalls the broker after it)."""
+    h = history(faults=[FaultRun("s3-freeze", T0 - 2, T0 + 3)])
+    h.predictions.append(Predicted("img/1.jpg", "v1", T0 + 9))
+    report = check(h)
+    assert report.ok, report.invariants_broken
+    assert report.duplicates_why == {"s3-freeze": 1}
+
+
+def test_a_hostile_upload_in_the_archive_or_an_archive_not_drained_fails():
+    rows = archive_rows(0, 1, 2) + [Predicted("img/c.jpg", "v1", T0 + 5, id="pc")]
+    assert (
+        "img/c.jpg: corrupt upload was archived" in check(history(archive=rows)).invariants_broken
+    )
+    failed = check(history(archive=archive_rows(0, 1, 2), archive_error="drain exited 1"))
+    assert failed.invariants_broken == ["archive: drain exited 1"]
 
 
 def test_a_prediction_by_a_version_not_serving_then_fails():
@@ -212,7 +270,7 @@ def test_bad_flags_get_one_line_and_start_nothing(flags, says):
 
 
 @pytest.mark.slow
-def test_a_soak_whose_broker_cannot_start_says_so_and_leaves_nothing_running():
+def test_a_soak_whose_broker_cannot_start_says_so_and_leaves_nothing_running(tmp_path):
     from lensflow.faults import processes_with
 
     done = subprocess.run(
@@ -220,24 +278,28 @@ def test_a_soak_whose_broker_cannot_start_says_so_and_leaves_nothing_running():
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "CALF_TANSU_BIN": "/bin/false"},
+        env={**os.environ, "CALF_TANSU_BIN": "/bin/false", "TMPDIR": str(tmp_path)},
     )
     assert done.returncode != 0
+    [logs] = tmp_path.glob("lensflow-soak-*")  # kept, and named, when the soak fails
+    assert str(logs) in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("lensflow: error")]
     assert len(error) == 1 and "the broker server did not start" in error[0], done.stderr
     assert processes_with("LENSFLOW_SOAK_RUN=soak-987654-") == []
 
 
-# The CI soak: 75 s of load with seed 404, whose schedule has a kill -9 of the dispatcher
-# (twice), a broker restart, two S3 freezes, a frozen and a killed replica, a flip and a
-# training round (test_the_ci_seed_draws_every_kind_of_fault). ``make bench`` runs 600 s.
-CI_SEED, CI_DURATION = 404, 75
+# The CI soak: 75 s of load with seed 10934, whose schedule has a kill -9 of the
+# dispatcher, of a replica and of the archiver (twice each), a broker restart, two S3
+# freezes, a frozen replica and dashboard, a flip and a training round
+# (test_the_ci_seed_draws_every_kind_of_fault). ``make bench`` runs 600 s.
+CI_SEED, CI_DURATION = 10934, 75
 
 
 def test_the_ci_seed_draws_every_kind_of_fault():
-    drawn = {p.fault for p in plan(CI_SEED, CI_DURATION).faults}
-    assert {"kill-dispatcher", "broker-restart", "s3-freeze", "train", "flip"} <= drawn
-    assert {"kill-replica", "stop-replica", "stop-dispatcher", "kill-dashboard"} <= drawn
+    drawn = [p.fault for p in plan(CI_SEED, CI_DURATION).faults]
+    assert {"kill-dispatcher", "broker-restart", "s3-freeze", "train", "flip"} <= set(drawn)
+    assert {"kill-replica", "stop-replica", "stop-dashboard"} <= set(drawn)
+    assert drawn.count("kill-archiver") == 2
 
 
 @pytest.mark.slow
@@ -246,11 +308,8 @@ def test_a_short_soak_with_a_fixed_seed_loses_nothing_and_breaks_no_invariant():
         "soak", "--duration", str(CI_DURATION), "--seed", str(CI_SEED), "--json", timeout=900
     )
     result = json.loads(done.stdout)
-    assert done.returncode == 0, (
-        result["invariants_broken"],
-        result["lost_keys"],
-        done.stderr[-3000:],
-    )
+    if done.returncode != 0:  # the whole of it: pytest would shorten an assertion's
+        pytest.fail(json.dumps(result, indent=1)[:20000] + done.stderr[-3000:])
     assert result["seed"] == CI_SEED and result["lost"] == 0 and result["invariants_broken"] == []
     planned = plan(CI_SEED, CI_DURATION).faults
     assert [f["name"] for f in result["faults"]] and len(result["faults"]) == len(planned)
@@ -259,12 +318,13 @@ def test_a_short_soak_with_a_fixed_seed_loses_nothing_and_breaks_no_invariant():
     hostile = sum(n for kind, n in result["sent_by_kind"].items() if kind != "valid")
     assert hostile >= 5 and result["dead_lettered"] == hostile
     assert result["rejected"] >= 1  # the unknown bucket
-    assert set(result["duplicates_why"]) <= {
-        "kill-dispatcher",
-        "kill-replica",
-        "broker-restart",
-        "stop-dispatcher",
-    }
+    valid = result["sent_by_kind"]["valid"]
+    assert result["archived"] == valid + result["archive_duplicates"]
+    assert [f for f in result["faults"] if f["name"] == "kill-archiver"]
+    logs = re.search(r"logs in (\S+)", done.stderr).group(1)
+    assert result["logs"] == "" and not os.path.exists(logs)  # a passing run's are removed
+    assert set(result["duplicates_why"]) <= REDELIVERING
+    assert set(result["archive_duplicates_why"]) <= REDELIVERING
 
 
 @pytest.mark.slow
