@@ -24,12 +24,13 @@ import functools
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from lensflow.scenes import scene_jpeg
 from lensflow.seeding import seed_training_data
 from lensflow.servers import KafkaBroker, S3Server, Server
 from lensflow.soak_check import (
+    SESSION_LOST,
     UNKNOWN_BUCKET,
     VALID,
     DeadLettered,
@@ -55,6 +57,7 @@ from lensflow.stack import kafkasource_settings
 from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
+from lensflow_eventing.dispatcher import SESSION_TIMEOUT_MS
 from lensflow_eventing.offsets import group_lag
 from lensflow_model_store import ModelStore, ModelStoreError
 
@@ -341,13 +344,16 @@ class Soak:
             if watch is not None:
                 watch.close()
             self.stop()
+        observed = self.session_losses()
+        for f in observed:
+            self.say(f"observed: the dispatcher's group session lost at {f.ended:.1f} ({f.note})")
         history = History(
             uploads=uploads,
             predictions=[p for _, r in watch.seen(watch.predictions) if (p := predicted(r))],
             dead_letters=[d for _, r in watch.seen(watch.dlq) if (d := dead_lettered(r))],
             pointer_history=pointer_history,
             pointer_now=pointer_now,
-            faults=self.fault_runs,
+            faults=self.fault_runs + observed,
             left_behind=self.left_behind(),
             pointer_ttl_s=self.config.pointer_ttl_s,
             left_in_broker=left,
@@ -528,6 +534,14 @@ class Soak:
             return archived(self.config), ""
         except Exception as exc:
             return [], f"cannot read the archive: {type(exc).__name__}: {exc}"[:300]
+
+    def session_losses(self) -> list[FaultRun]:
+        """The dispatcher's group session losses its logs show (``lensflow up``'s)."""
+        return session_losses(
+            line
+            for path in sorted(self.log_dir.glob("dispatcher-*.log"))
+            for line in path.read_text(errors="replace").splitlines()
+        )
 
     def archivers(self) -> list[int]:
         """Pids of the archivers running now (``lensflow up``'s child)."""
@@ -745,6 +759,23 @@ TARGET = {
     }.get(name, name.split("-")[-1])
     for name in FAULTS
 }
+
+
+# librdkafka's log line when a member leaves its group on its own: the session timed out
+# (no answer from the coordinator) or the application stopped polling.
+_LEFT_GROUP = re.compile(r"^%\d\|(\d+(?:\.\d+)?)\|(SESSTMOUT|MAXPOLL)\|([^|]*)\|")
+
+
+def session_losses(lines: Iterable[str]) -> list[FaultRun]:
+    """The dispatcher consumer's group session losses in ``lines`` of its log, each a
+    window of one session timeout: what it delivered then may not have been committed."""
+    found = []
+    for line in lines:
+        match = _LEFT_GROUP.match(line)
+        if match and "-dispatcher#" in match.group(3):
+            at = float(match.group(1))
+            found.append(FaultRun(SESSION_LOST, at - SESSION_TIMEOUT_MS / 1000, at, match[2]))
+    return found
 
 
 def predicted(record: Any) -> Predicted | None:

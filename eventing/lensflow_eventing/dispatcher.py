@@ -63,6 +63,14 @@ from lensflow_eventing.producer import ProduceError, make_producer, produce_and_
 from lensflow_eventing.topics import DLQ_PARTITIONS, IMAGES_PARTITIONS, TopicSpec, ensure_topics
 
 log = logging.getLogger(__name__)
+# The group session. On Tansu a fresh group's join takes half the session timeout and a
+# member replacing a killed one ~1.8x (3 s and 11 s at 6 s; 5 s and 18 s at 10 s), so the
+# session stays short. Tansu's coordinator writes the group to its storage on every
+# heartbeat; with its S3 engine a frozen S3 leaves heartbeats unanswered. librdkafka's
+# default 3 s heartbeat lost the session to a 5.5 s freeze where a 1 s one kept it
+# (docs/benchmarks.md, "Soak"; seed 4242 lost it with no fault under way).
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_MS = 1000
 
 ORDERINGS = ("ordered", "unordered")
 
@@ -175,7 +183,8 @@ class Dispatcher:
             "client.id": f"{self.group_id}-dispatcher",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
+            "heartbeat.interval.ms": HEARTBEAT_MS,
             # An idle fetch returns after this long. Tansu does not answer a waiting fetch
             # early when records arrive, so the default 500 ms would add up to 500 ms of
             # latency per event; 50 ms costs a few idle fetches a second.

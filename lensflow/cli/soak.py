@@ -132,7 +132,6 @@ def client_logs_to(path: Path) -> Iterator[None]:
 def summary(result) -> str:
     r = result.report
     why = ", ".join(f"{name} {n}" for name, n in r.duplicates_why.items())
-    archive_why = ", ".join(f"{name} {n}" for name, n in r.archive_duplicates_why.items())
     failed = [f for f in result.faults if f.error]
     lines = [
         f"seed {result.schedule.seed}, {result.schedule.duration_s:g} s of load, "
@@ -140,9 +139,8 @@ def summary(result) -> str:
         f"sent {r.sent}  predicted {r.predicted}  dead-lettered {r.dead_lettered}  "
         f"duplicates {r.duplicates}{f' ({why})' if why else ''}  lost {r.lost}",
         f"refused by the store {r.rejected} (unknown bucket), not acknowledged {r.unacknowledged}",
-        f"archived {r.archived} predictions, duplicates in the archive {r.archive_duplicates}"
-        + (f" ({archive_why})" if archive_why else "")
-        + " (a redelivered upload: two prediction events, counted once per upload)",
+        f"archived {r.archived} predictions, second predictions of an upload in the "
+        f"archive {r.archive_duplicates} (the archiver leaves them out)",
     ]
     if r.lost and r.left_in_broker:
         lines.append(

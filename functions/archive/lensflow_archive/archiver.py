@@ -7,6 +7,12 @@ every assigned partition has been read to its end. Then it writes them (one Parq
 per partition and date, a JSON-lines file for rejected records; ``store.ArchiveStore``
 explains the names and the orphan rule) and only then commits the offsets after them.
 
+One row per upload: an image event delivered twice within the at-least-once window is
+predicted twice (two prediction events, one ``source_event_id``), and both land on one
+partition (the topic is keyed by the image). The archiver keeps the first: it remembers
+the uploads of each partition it archived, seeded from the partition's committed files
+of the batch's dates and the day before, and leaves a later prediction of one of them out.
+
 A failed write stops the run (``ArchiveUnwritable``) without a commit: the next run reads
 the same records again and the deterministic names make its files replace any that were
 written. A record that is not a prediction event goes to ``rejects/`` with its reason.
@@ -14,20 +20,38 @@ written. A record that is not a prediction event goes to ``rejects/`` with its r
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from lensflow_archive.compact import compact_closed_days
-from lensflow_archive.records import SCHEMA, Rejected, record_time, reject_line, to_row
-from lensflow_archive.store import PREDICTIONS, REJECTS, ArchiveStore, file_key, parquet_bytes
+from lensflow_archive.records import (
+    SCHEMA,
+    UPLOAD,
+    Rejected,
+    record_time,
+    reject_line,
+    to_row,
+    upload_of,
+)
+from lensflow_archive.store import (
+    PREDICTIONS,
+    REJECTS,
+    ArchiveFile,
+    ArchiveStore,
+    file_key,
+    folder,
+    parquet_bytes,
+)
 from lensflow_core.kafka import client_settings
 from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
@@ -37,6 +61,9 @@ log = logging.getLogger("lensflow.archive")
 
 COMPACT_EVERY_S = 3600.0  # a following archiver compacts closed days this often
 SESSION_S = 6.0  # the consumer's session timeout: how long a dead member keeps partitions
+# Uploads remembered per partition (hashes): ~15 minutes of a partition at 100 images/s,
+# longer than a redelivery takes (Knative's default backoff totals ~614 s).
+REMEMBERED = 100_000
 
 
 class Archiver:
@@ -60,6 +87,8 @@ class Archiver:
         self._at_end: set[int] = set()
         self._error: BaseException | None = None
         self._consumer: Consumer | None = None
+        self._uploads: dict[int, dict[int, None]] = {}  # partition -> hashes, oldest first
+        self._seeded: dict[int, set[str]] = {}  # partition -> dates read from the archive
 
     def settings(self) -> dict[str, Any]:
         """The consumer's librdkafka settings."""
@@ -172,6 +201,9 @@ class Archiver:
         self._buffer.clear()
         self._held, self._oldest = 0, None
         self._assigned -= {tp.partition for tp in partitions}
+        for tp in partitions:  # another archiver may write them meanwhile: read them again
+            self._uploads.pop(tp.partition, None)
+            self._seeded.pop(tp.partition, None)
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -197,12 +229,7 @@ class Archiver:
             except Rejected as exc:
                 day = record_time(message).date().isoformat()
                 rejects.setdefault(day, []).append(reject_line(message, str(exc)))
-        for day, batch in sorted(rows.items()):
-            key = file_key(PREDICTIONS, day, self.topic, partition, *_span(batch))
-            self.store.replace(key, parquet_bytes(pa.Table.from_pylist(batch, SCHEMA)), start)
-            self.days.add(day)
-            self.stats["archived"] += len(batch)
-            self.stats["files"] += 1
+        self._write_rows(partition, rows, start)
         for day, batch in sorted(rejects.items()):
             key = file_key(REJECTS, day, self.topic, partition, *_span(batch))
             body = "".join(json.dumps(line, sort_keys=True) + "\n" for line in batch)
@@ -216,6 +243,54 @@ class Archiver:
                     line["offset"],
                     line["reason"],
                 )
+
+    def _write_rows(self, partition: int, rows: dict[str, list], start: int) -> None:
+        kept = self._first_of_each_upload(partition, rows, start)
+        for day in sorted(set(rows) - set(kept)):  # only second predictions: no file
+            where = folder(PREDICTIONS, day)
+            self.store.delete_orphans(where, ArchiveFile("", self.topic, partition, 0, 0), start)
+        for day, batch in sorted(kept.items()):
+            key = file_key(PREDICTIONS, day, self.topic, partition, *_span(batch))
+            self.store.replace(key, parquet_bytes(pa.Table.from_pylist(batch, SCHEMA)), start)
+            self.days.add(day)
+            self.stats["archived"] += len(batch)
+            self.stats["files"] += 1
+
+    def _first_of_each_upload(
+        self, partition: int, rows: dict[str, list[dict[str, Any]]], committed: int
+    ) -> dict[str, list[dict[str, Any]]]:
+        """``rows`` without the predictions of uploads already archived (or earlier in
+        the batch); what is kept is remembered."""
+        seen = self._seen(partition, set(rows), committed)
+        kept: dict[str, list[dict[str, Any]]] = {}
+        for day, batch in rows.items():
+            for row in batch:
+                upload = hash(upload_of(row))
+                if upload in seen:
+                    self.stats["duplicates"] += 1
+                    log.info("left out %s: a second prediction of %s", row["id"], row["key"])
+                    continue
+                seen[upload] = None
+                kept.setdefault(day, []).append(row)
+        while len(seen) > REMEMBERED:
+            del seen[next(iter(seen))]
+        return kept
+
+    def _seen(self, partition: int, days: set[str], committed: int) -> dict[int, None]:
+        """The uploads archived on ``partition``: what this run wrote, and what the
+        committed files (last offset below ``committed``) of ``days`` and the day before
+        each hold, read once per assignment. Files at or past the commit are orphans the
+        batch replaces, so their rows are not counted."""
+        seen = self._uploads.setdefault(partition, {})
+        read = self._seeded.setdefault(partition, set())
+        for day in sorted({d for given in days for d in (given, _day_before(given))} - read):
+            for f in self.store.list(folder(PREDICTIONS, day)):
+                if (f.topic, f.partition) == (self.topic, partition) and f.last < committed:
+                    table = pq.read_table(io.BytesIO(self.store.get(f.key)), columns=list(UPLOAD))
+                    columns = [table.column(name).to_pylist() for name in UPLOAD]
+                    seen.update((hash(upload), None) for upload in zip(*columns, strict=True))
+            read.add(day)
+        return seen
 
     def compact(self) -> list[dict[str, Any]]:
         """Compact the closed dates this run wrote to (and yesterday)."""
@@ -231,12 +306,17 @@ class Archiver:
             "bucket": self.store.bucket,
             "archived": self.stats["archived"],
             "rejected": self.stats["rejected"],
+            "duplicates_left_out": self.stats["duplicates"],
             "files": self.stats["files"],
             "commits": self.stats["commits"],
             "compacted_files": self.stats["compacted"],
             "days": sorted(self.days),
             "at": datetime.now(timezone.utc).isoformat(),
         }
+
+
+def _day_before(day: str) -> str:
+    return (date.fromisoformat(day) - timedelta(days=1)).isoformat()
 
 
 def _span(batch: list[dict[str, Any]]) -> tuple[int, int]:

@@ -6,10 +6,12 @@ its end, the closed dates (before today, UTC) it wrote to, and yesterday;
 
 Only files whose last offset is below the group's committed offset are merged: those
 are final (``store`` explains why a file at or after the commit may still be replaced).
-The merged file is named by its first and last offsets, so it covers the range of every
-input; it is written first, then the inputs are deleted. A compaction stopped between the
-two leaves inputs inside the merged file's range: readers skip such covered files
-(``store.current``) and the next compaction deletes them, so no row is seen twice.
+Of the predictions of one upload (an image event delivered twice) the merged file keeps
+the first. The merged file is named by its first and last offsets, so it covers the
+range of every input; it is written first, then the inputs are deleted. A compaction
+stopped between the two leaves inputs inside the merged file's range: readers skip such
+covered files (``store.current``) and the next compaction deletes them, so no row is
+seen twice.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lensflow_archive.records import SCHEMA
+from lensflow_archive.records import SCHEMA, UPLOAD
 from lensflow_archive.store import (
     PREDICTIONS,
     ArchiveFile,
@@ -59,10 +61,23 @@ def _merge(store: ArchiveStore, day: str, topic: str, partition: int, files: lis
     table = pa.concat_tables(tables).sort_by("offset")
     if table.num_rows != len(set(table.column("offset").to_pylist())):
         raise RuntimeError(f"{day} partition {partition}: files overlap; not compacted")
+    table = first_of_each_upload(table)
     files = sorted(files, key=lambda f: f.first)
     key = file_key(PREDICTIONS, day, topic, partition, files[0].first, files[-1].last)
     store.put(key, parquet_bytes(table))
     store.delete([f.key for f in files if f.key != key])
+
+
+def first_of_each_upload(table: pa.Table) -> pa.Table:
+    """``table`` (sorted by offset) keeping the first prediction of each upload (files
+    written before the archiver left second predictions out may hold both)."""
+    columns = [table.column(name).to_pylist() for name in UPLOAD]
+    first: dict[tuple, int] = {}
+    for i, upload in enumerate(zip(*columns, strict=True)):
+        first.setdefault(upload, i)
+    if len(first) == table.num_rows:
+        return table
+    return table.take(sorted(first.values()))
 
 
 def closed_days(days: Iterable[str], today: date | None = None) -> list[str]:

@@ -46,6 +46,17 @@ SCHEMA = pa.schema(
 )
 
 
+# What names one upload's prediction: an image event delivered twice (the at-least-once
+# window: a retry after a lost answer, a commit lost with the consumer's session) is
+# predicted twice with two event ids but one source event; the archive keeps the first.
+UPLOAD = ("bucket", "key", "etag", "source_event_id")
+
+
+def upload_of(row: dict[str, Any]) -> tuple:
+    """The upload (and image event) a row predicts."""
+    return tuple(row[name] for name in UPLOAD)
+
+
 class Rejected(ValueError):
     """The record is not a prediction event; the message says why, on one line."""
 

@@ -158,16 +158,22 @@ class ArchiveStore:
         """Write ``key``, first deleting the orphans in its folder: files of its topic
         and partition starting at or after ``batch_start`` (the committed offset)."""
         mine = parse_key(key)
+        # before the write: a reader may miss them, never double them
+        self.delete_orphans(key.rsplit("/", 1)[0] + "/", mine, batch_start)
+        self.put(key, body)
+
+    def delete_orphans(self, where: str, mine: ArchiveFile, batch_start: int) -> None:
+        """Delete the files in folder ``where`` of ``mine``'s topic and partition that
+        start at or after ``batch_start``, except ``mine`` itself."""
         orphans = [
             f.key
-            for f in self.list(key.rsplit("/", 1)[0] + "/")
+            for f in self.list(where)
             if (f.topic, f.partition) == (mine.topic, mine.partition)
             and f.first >= batch_start
-            and f.key != key
+            and f.key != mine.key
         ]
         if orphans:
-            self.delete(orphans)  # before the write: a reader may miss them, never double them
-        self.put(key, body)
+            self.delete(orphans)
 
 
 def parquet_bytes(table) -> bytes:
