@@ -10,7 +10,14 @@ same backlogs; the ratio to the bare loop on that CPU moves by what the suspect 
   (``min(THREADS, os.cpu_count()) + 1``), though it may use one CPU;
 - ``no_s3``: the image GET replaced by the same bytes from memory;
 - ``no_kafka_ack``: the prediction produced without waiting for the broker's ack;
-- ``no_watcher``: the model pointer never polled (TTL of a day).
+- ``no_watcher``: the model pointer never polled (TTL of a day);
+- ``no_metrics``: no per-event Prometheus observation, count or log line;
+- ``no_log``: ``LENSFLOW_LOG_LEVEL=WARNING`` (no per-event log line);
+- ``no_thread_hop``: the event loop runs the handler itself (no hand-off to a request
+  thread and back; the loop blocks meanwhile, so this is a measure, not a design);
+- ``threads_2``: ``THREADS=2`` request threads instead of 4 (the dispatcher keeps 4 in flight);
+- ``sched_batch``: every thread of the replica ``SCHED_BATCH``: a thread woken by its I/O
+  does not preempt an invoke under way.
 
 py-spy (``--native``, active samples) profiles the baseline replica during one more backlog:
 ``bench/results/profiles/baseline.txt`` (collapsed stacks), summarised by stage in
@@ -48,6 +55,25 @@ def _no_wait(producer, topic, message, timeout_s, polled=False):  # produced, bu
     producer.poll(0)
 _sink.produce_and_wait = _no_wait
 """
+# The per-event Prometheus observations and counts, and the log line, taken away.
+NO_METRICS = """
+import lensflow_predict.handler as _handler
+_handler._observe = lambda *args: None
+"""
+# One request thread fewer in the hand-off: the event loop calls the handler itself (the
+# loop blocks while it runs: fine for this measure, not for serving).
+NO_THREAD_HOP = """
+import lensflow_predict.main as _main
+async def _inline(function, *args):
+    return function(*args)
+_main._on_thread = _inline
+"""
+# Every thread of the replica SCHED_BATCH (inherited by the worker and its threads): a
+# thread woken by its I/O (an S3 answer, a Kafka ack) no longer preempts an invoke.
+SCHED_BATCH = """
+import os
+os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+"""
 THREE_INTERPRETERS = """
 import lensflow_core.cpus as _cpus
 _cpus.usable_cpus = lambda *args, **kwargs: 3
@@ -83,8 +109,8 @@ _timed(_runtime.LiteModel, "tensor", "resize + normalise")
 _timed(_runtime.LiteModel, "scores", "invoke")
 _timed(_handler, "prediction_event", "prediction event")
 _timed(_sink.PredictionProducer, "send", "Kafka produce + ack")
-_stats = _app.PredictApp.metrics
-_app.PredictApp.metrics = lambda self: {**_stats(self), "stage_cpu_s": dict(_cpu)}
+_stats = _app.PredictApp.stats
+_app.PredictApp.stats = lambda self: {**_stats(self), "stage_cpu_s": dict(_cpu)}
 """
 
 SPECS = (
@@ -94,6 +120,11 @@ SPECS = (
     Spec("no_s3", env=OFF, prelude=NO_S3),
     Spec("no_kafka_ack", env=OFF, prelude=NO_KAFKA_ACK),
     Spec("no_watcher", env={**OFF, "LENSFLOW_POINTER_TTL_S": "86400"}),
+    Spec("no_metrics", env=OFF, prelude=NO_METRICS),
+    Spec("no_log", env={**OFF, "LENSFLOW_LOG_LEVEL": "WARNING"}),
+    Spec("no_thread_hop", env=OFF, prelude=NO_THREAD_HOP),
+    Spec("threads_2", env={**OFF, "THREADS": "2"}),
+    Spec("sched_batch", env=OFF, prelude=SCHED_BATCH),
 )
 
 # Where a sample is, by the first matching frame (innermost first): stage name, pattern.
@@ -101,12 +132,15 @@ STAGES = (
     ("invoke (LiteRT)", "ai_edge_litert"),
     ("resize + normalise", "to_input ("),
     ("decode (Pillow)", "decode_image ("),
-    ("S3 GET (minio/urllib3)", "ImageFetcher.fetch"),
+    ("S3 GET (libcurl)", "ImageFetcher.fetch"),
     ("Kafka produce + ack", "produce_and_wait"),
     ("CloudEvent parse", "_parse_cloudevent"),
     ("prediction event", "prediction_event ("),
     ("JSON", "json/"),
     ("model watcher", "model-watcher"),
+    ("labelling queue", "label-queue"),
+    ("Kafka poller", "kafka-poller"),
+    ("metrics + log line", "_observe ("),
     ("uvicorn + Starlette + functions-framework (the rest of a request)", "uvicorn"),
 )
 
