@@ -63,7 +63,8 @@ def run(out_dir: Path) -> dict:
     from lensflow_core.s3_get import ObjectGetter
     from lensflow_core.settings import Config
     from lensflow_model_store.label_queue import LabelQueue
-    from lensflow_predict.labels import CurlObjects, LabelWriter
+    from lensflow_predict.curl_objects import CurlObjects
+    from lensflow_predict.labels import LabelWriter
 
     cpus = sorted(os.sched_getaffinity(0))
     result: dict = {"offers": OFFERS, "repeats": REPEATS, "cpus": cpus}

@@ -107,7 +107,7 @@ def test_the_predict_functions_libcurl_queue_writes_the_same_records_and_knows_w
     operator's boto3 queue reads; a full queue or an image already queued costs no request
     until the replica's record is due for a LIST."""
     from lensflow_core.s3_get import ObjectGetter
-    from lensflow_predict.labels import CurlObjects
+    from lensflow_predict.curl_objects import CurlObjects
 
     config, s3, bucket, operator = world
     objects = Counted(CurlObjects(ObjectGetter(config), config.train_bucket))
@@ -149,7 +149,8 @@ def test_a_replica_writes_at_most_its_rate_and_counts_the_rest_paced(world):
     from lensflow_core.s3_get import ObjectGetter
     from lensflow_eventing.contracts import ObjectEvent
     from lensflow_predict import metrics
-    from lensflow_predict.labels import CurlObjects, LabelWriter
+    from lensflow_predict.curl_objects import CurlObjects
+    from lensflow_predict.labels import LabelWriter
 
     config, s3, bucket, _ = world
     objects = CurlObjects(ObjectGetter(config), config.train_bucket)

@@ -10,6 +10,14 @@ from lensflow.process import free_port
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.s3_get import ObjectGetter, ObjectTooLarge, Unreachable
 from lensflow_core.settings import Config
+from lensflow_model_store import (
+    ModelStore,
+    NotFoundError,
+    Pointer,
+    PointerFile,
+    StoreUnavailableError,
+)
+from lensflow_predict.curl_objects import CurlObjects
 from tests.support.env import make_env
 
 
@@ -133,3 +141,25 @@ def test_the_kept_signing_key_signs_as_minio_signs(method, path, extra, endpoint
         date=date,
     )
     assert ours["authorization"] == minio["Authorization"]
+
+
+def test_the_pointer_is_read_through_libcurl_with_a_conditional_get(store):
+    """The replica's watcher asks for the pointer twice a TTL (through boto3 that cost it
+    ~4% of its core: docs/benchmarks.md): the pointer, None (a 304) while it is unchanged,
+    the new one after a flip, the store's own errors otherwise."""
+    config, s3, _ = store
+    ensure_buckets(s3, [config.model_bucket])
+    writer = ModelStore(s3, config.model_bucket, "m").pointer
+    reader = PointerFile(CurlObjects(ObjectGetter(config), config.model_bucket), "m")
+    with pytest.raises(NotFoundError):
+        reader.read_if_changed(None)
+    written = writer.write(Pointer("v1", "ab" * 32, "t", "me", "r"), replacing=None)
+    got = reader.read_if_changed(None)
+    assert (got.version, got.etag) == ("v1", written.etag)
+    assert reader.read_if_changed(got.etag) is None  # 304: nothing moved
+    writer.write(Pointer("v2", "cd" * 32, "t", "me", "r"), replacing=written)
+    assert reader.read_if_changed(got.etag).version == "v2"
+    away = {**config.env, "LENSFLOW_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    getter = ObjectGetter(Config.from_env(away), timeout_s=2)
+    with pytest.raises(StoreUnavailableError):
+        PointerFile(CurlObjects(getter, config.model_bucket), "m").read_if_changed(None)

@@ -1,6 +1,7 @@
 """The predict function's S3 requests: libcurl (pycurl), SigV4-signed as MinIO's signer signs.
 
-The image GET, and the labelling queue's conditional PUT and LIST. A kept-alive
+The image GET, the model pointer's conditional GET, and the labelling queue's
+conditional PUT and LIST. A kept-alive
 connection per thread. Measured per GET on this project's stack: about 0.25 ms of CPU,
 against 0.75 ms for the MinIO client and 1.7 ms for boto3 (docs/benchmarks.md), which
 was most of what a replica spent outside the model; the queue's PUT through boto3 cost
@@ -83,12 +84,13 @@ class ObjectGetter:
         self._local = threading.local()
         self._key: tuple[str, bytes] = ("", b"")  # (day, SigV4 signing key)
 
-    def get(self, bucket: str, key: str, limit: int) -> GetResult:
-        """The answer to GET ``bucket/key``. Raises ``ObjectTooLarge`` past ``limit``
-        bytes (never reading more than ``max(limit, ERROR_BYTES)``: a larger declared
-        length is refused before the body) and ``Unreachable`` when the store does not
-        answer."""
-        return self._retried(lambda: self._get(f"{bucket}/{quote(key)}", limit))
+    def get(self, bucket: str, key: str, limit: int, if_none_match: str = "") -> GetResult:
+        """The answer to GET ``bucket/key`` (304 with no body when ``if_none_match`` is
+        its ETag). Raises ``ObjectTooLarge`` past ``limit`` bytes (never reading more than
+        ``max(limit, ERROR_BYTES)``: a larger declared length is refused before the body)
+        and ``Unreachable`` when the store does not answer."""
+        extra = {"If-None-Match": if_none_match} if if_none_match else {}
+        return self._retried(lambda: self._get(f"{bucket}/{quote(key)}", limit, extra))
 
     def put_if_absent(
         self, bucket: str, key: str, body: bytes, content_type: str = "application/json"
@@ -123,9 +125,9 @@ class ObjectGetter:
             return request()  # the one quick retry
         return request() if result.status >= 500 else result
 
-    def _get(self, path: str, limit: int) -> GetResult:
+    def _get(self, path: str, limit: int, extra: dict[str, str] | None = None) -> GetResult:
         curl = self._curl("curl")
-        curl.setopt(pycurl.HTTPHEADER, self._signed("GET", path, _EMPTY_SHA256, {}))
+        curl.setopt(pycurl.HTTPHEADER, self._signed("GET", path, _EMPTY_SHA256, extra or {}))
         # libcurl refuses a declared length over this before reading the body, and stops
         # a body that grows past it; an error document is far below ERROR_BYTES.
         curl.setopt(pycurl.MAXFILESIZE_LARGE, max(limit, ERROR_BYTES))

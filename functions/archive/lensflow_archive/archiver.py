@@ -10,8 +10,8 @@ explains the names and the orphan rule) and only then commits the offsets after 
 One row per upload: an image event delivered twice within the at-least-once window is
 predicted twice (two prediction events, one ``source_event_id``), and both land on one
 partition (the topic is keyed by the image). The archiver keeps the first: it remembers
-the uploads of each partition it archived, seeded from the partition's committed files
-of the batch's dates and the day before, and leaves a later prediction of one of them out.
+the uploads of each partition it archived, seeded from the partition's newest committed
+files of the batch's dates and the day before, and leaves a later prediction of one out.
 
 A failed write stops the run (``ArchiveUnwritable``) without a commit: the next run reads
 the same records again and the deterministic names make its files replace any that were
@@ -64,6 +64,9 @@ SESSION_S = 6.0  # the consumer's session timeout: how long a dead member keeps 
 # Uploads remembered per partition (hashes): ~15 minutes of a partition at 100 images/s,
 # longer than a redelivery takes (Knative's default backoff totals ~614 s).
 REMEMBERED = 100_000
+# Committed files read to seed that memory (the newest): a redelivery comes within minutes
+# of the first prediction, so in one of the last files; a bound for a day of small files.
+SEED_FILES = 32
 
 
 class Archiver:
@@ -88,7 +91,6 @@ class Archiver:
         self._error: BaseException | None = None
         self._consumer: Consumer | None = None
         self._uploads: dict[int, dict[int, None]] = {}  # partition -> hashes, oldest first
-        self._seeded: dict[int, set[str]] = {}  # partition -> dates read from the archive
 
     def settings(self) -> dict[str, Any]:
         """The consumer's librdkafka settings."""
@@ -203,7 +205,6 @@ class Archiver:
         self._assigned -= {tp.partition for tp in partitions}
         for tp in partitions:  # another archiver may write them meanwhile: read them again
             self._uploads.pop(tp.partition, None)
-            self._seeded.pop(tp.partition, None)
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -277,19 +278,26 @@ class Archiver:
         return kept
 
     def _seen(self, partition: int, days: set[str], committed: int) -> dict[int, None]:
-        """The uploads archived on ``partition``: what this run wrote, and what the
-        committed files (last offset below ``committed``) of ``days`` and the day before
-        each hold, read once per assignment. Files at or past the commit are orphans the
-        batch replaces, so their rows are not counted."""
-        seen = self._uploads.setdefault(partition, {})
-        read = self._seeded.setdefault(partition, set())
-        for day in sorted({d for given in days for d in (given, _day_before(given))} - read):
-            for f in self.store.list(folder(PREDICTIONS, day)):
-                if (f.topic, f.partition) == (self.topic, partition) and f.last < committed:
-                    table = pq.read_table(io.BytesIO(self.store.get(f.key)), columns=list(UPLOAD))
-                    columns = [table.column(name).to_pylist() for name in UPLOAD]
-                    seen.update((hash(upload), None) for upload in zip(*columns, strict=True))
-            read.add(day)
+        """The uploads archived on ``partition``: what this run wrote, and, read once per
+        assignment, what its newest ``SEED_FILES`` committed files (last offset below
+        ``committed``) of ``days`` and the day before each hold. Files at or past the
+        commit are orphans the batch replaces, so their rows are not counted. While this
+        archiver holds the partition nobody else writes it."""
+        seen = self._uploads.get(partition)
+        if seen is not None:
+            return seen
+        seen = self._uploads[partition] = {}
+        wanted = sorted({d for given in days for d in (given, _day_before(given))})
+        files = [
+            f
+            for day in wanted
+            for f in self.store.list(folder(PREDICTIONS, day))
+            if (f.topic, f.partition) == (self.topic, partition) and f.last < committed
+        ]
+        for f in sorted(files, key=lambda f: f.last)[-SEED_FILES:]:
+            table = pq.read_table(io.BytesIO(self.store.get(f.key)), columns=list(UPLOAD))
+            columns = [table.column(name).to_pylist() for name in UPLOAD]
+            seen.update((hash(upload), None) for upload in zip(*columns, strict=True))
         return seen
 
     def compact(self) -> list[dict[str, Any]]:

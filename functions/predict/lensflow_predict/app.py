@@ -21,13 +21,14 @@ from lensflow_core.logs import configure_logging
 from lensflow_core.s3 import s3_client
 from lensflow_core.s3_get import ObjectGetter
 from lensflow_core.settings import Config
-from lensflow_model_store import ModelStore
+from lensflow_model_store import ModelStore, PointerFile
 from lensflow_model_store.label_queue import LabelQueue
 from lensflow_predict import metrics
 from lensflow_predict.batcher import Batcher
+from lensflow_predict.curl_objects import CurlObjects
 from lensflow_predict.fetch import ImageFetcher
 from lensflow_predict.handler import PredictHandler
-from lensflow_predict.labels import CurlObjects, LabelWriter
+from lensflow_predict.labels import LabelWriter
 from lensflow_predict.sink import PredictionProducer
 from lensflow_predict.watcher import ModelWatcher
 
@@ -53,16 +54,18 @@ class PredictApp:
         self.batcher = None
         if config.batch_delay_ms > 0 and config.batch_max > 1:
             self.batcher = Batcher(self.cpus, config.batch_max, config.batch_delay_ms / 1000)
+        s3_curl = ObjectGetter(config)  # the image GET, the pointer, the labelling queue
+        pointer = PointerFile(CurlObjects(s3_curl, config.model_bucket), config.model_name)
         self.watcher = ModelWatcher(
             ModelStore.from_config(config, s3=s3),
             config.pointer_ttl_s,
             max_interpreters=self.cpus,
             batcher=self.batcher,
+            pointer=pointer,
         )
         self.watcher.start()
         self.kafka_problem: str | None = "checking the connection to Kafka"
         threading.Thread(target=self._check_kafka, name="kafka-check", daemon=True).start()
-        s3_curl = ObjectGetter(config)  # the image GET's and the labelling queue's
         labels = None
         if config.label_queue_max > 0:
             objects = CurlObjects(s3_curl, config.train_bucket)

@@ -1,10 +1,9 @@
 """The labelling queue as the predict function writes it: off the request's path, over libcurl.
 
-``LabelWriter`` offers uncertain images on background threads; ``CurlObjects`` gives
-``lensflow_model_store.label_queue.LabelQueue`` the conditional PUT and the LIST it needs through
-the replica's libcurl client (``lensflow_core.s3_get``) instead of boto3: about 1.5 ms of
-a replica's CPU per queued image through boto3, a fraction of that here
-(docs/benchmarks.md). An offer the queue's in-memory record settles (full, already
+``LabelWriter`` offers uncertain images on background threads to
+``lensflow_model_store.label_queue.LabelQueue``, which writes through the replica's libcurl
+client (``lensflow_predict.curl_objects``) instead of boto3: about 1.5 ms of a replica's
+CPU per queued image through boto3, a fraction of that there (docs/benchmarks.md). An offer the queue's in-memory record settles (full, already
 queued) is counted on the request's thread and costs no request and no thread hand-off.
 """
 
@@ -15,9 +14,7 @@ import logging
 import threading
 import time
 
-from lensflow_core.s3_get import ObjectGetter
 from lensflow_eventing.contracts import ObjectEvent
-from lensflow_model_store.errors import ConflictError, StoreUnavailableError
 from lensflow_model_store.label_queue import LabelQueue
 from lensflow_predict import metrics
 
@@ -30,27 +27,6 @@ LABEL_BACKLOG = 64
 # the queue's 500 places fill in 50 s, for ~0.3-1% of a core (0.26 to 1 ms a write) and a
 # bounded load on the store, however many uncertain photos a new model version meets.
 LABEL_WRITES_PER_S = 10.0  # why: docs/benchmarks.md, "The pacing, reviewed"
-
-
-class CurlObjects:
-    """The train bucket's objects for ``LabelQueue``, through libcurl."""
-
-    def __init__(self, getter: ObjectGetter, bucket: str):
-        self.getter = getter
-        self.bucket = bucket
-
-    def put(self, key: str, body: bytes, *, content_type: str, if_absent: bool = False) -> str:
-        if not if_absent:
-            raise ValueError("the labelling queue only writes records that do not exist yet")
-        result = self.getter.put_if_absent(self.bucket, key, body, content_type)
-        if result.status in (409, 412):
-            raise ConflictError(f"write s3://{self.bucket}/{key}: the record exists")
-        if result.status != 200:
-            raise StoreUnavailableError(f"write s3://{self.bucket}/{key}: {result.error_code}")
-        return result.etag
-
-    def list_keys(self, prefix: str) -> list[str]:
-        return self.getter.list_keys(self.bucket, prefix)
 
 
 class LabelWriter:

@@ -29,6 +29,7 @@ from lensflow_model_store import (
     ModelStoreError,
     NotFoundError,
     Pointer,
+    PointerFile,
     StoreUnavailableError,
     parse_labels,
     sha256_hex,
@@ -72,8 +73,11 @@ class ModelWatcher:
         ttl_s: float,
         max_interpreters: int = 4,
         batcher: Batcher | None = None,
+        pointer: PointerFile | None = None,
     ):
         self.store = store
+        # what the pointer is read through, twice a TTL (the replica passes a libcurl one)
+        self.pointer = pointer or store.pointer
         self.ttl_s = max(ttl_s, 0.05)
         self.max_interpreters = max_interpreters
         self.batcher = batcher
@@ -138,7 +142,7 @@ class ModelWatcher:
         with self._refresh_lock:
             self.stats.checks += 1
             try:
-                pointer = self.store.pointer.read_if_changed(self._etag)
+                pointer = self.pointer.read_if_changed(self._etag)
             except NotFoundError:
                 self._reachable()
                 self._target = "none"
