@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -90,7 +90,7 @@ class Archiver:
         self._at_end: set[int] = set()
         self._error: BaseException | None = None
         self._consumer: Consumer | None = None
-        self._uploads: dict[int, dict[int, None]] = {}  # partition -> hashes, oldest first
+        self._uploads: dict[int, OrderedDict[int, None]] = {}  # partition -> hashes, oldest first
 
     def settings(self) -> dict[str, Any]:
         """The consumer's librdkafka settings."""
@@ -262,6 +262,8 @@ class Archiver:
     ) -> dict[str, list[dict[str, Any]]]:
         """``rows`` without the predictions of uploads already archived (or earlier in
         the batch); what is kept is remembered."""
+        if not rows:  # rejects only: nothing to seed the memory for yet
+            return rows
         seen = self._seen(partition, set(rows), committed)
         kept: dict[str, list[dict[str, Any]]] = {}
         for day, batch in rows.items():
@@ -274,10 +276,10 @@ class Archiver:
                 seen[upload] = None
                 kept.setdefault(day, []).append(row)
         while len(seen) > REMEMBERED:
-            del seen[next(iter(seen))]
+            seen.popitem(last=False)
         return kept
 
-    def _seen(self, partition: int, days: set[str], committed: int) -> dict[int, None]:
+    def _seen(self, partition: int, days: set[str], committed: int) -> OrderedDict[int, None]:
         """The uploads archived on ``partition``: what this run wrote, and, read once per
         assignment, what its newest ``SEED_FILES`` committed files (last offset below
         ``committed``) of ``days`` and the day before each hold. Files at or past the
@@ -286,7 +288,7 @@ class Archiver:
         seen = self._uploads.get(partition)
         if seen is not None:
             return seen
-        seen = self._uploads[partition] = {}
+        seen = self._uploads[partition] = OrderedDict()
         wanted = sorted({d for given in days for d in (given, _day_before(given))})
         files = [
             f
