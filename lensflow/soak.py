@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from lensflow.scenes import scene_jpeg
 from lensflow.seeding import seed_training_data
 from lensflow.servers import KafkaBroker, S3Server, Server
 from lensflow.soak_check import (
+    NOTIFY_RETRY,
     SESSION_LOST,
     UNKNOWN_BUCKET,
     VALID,
@@ -58,6 +60,7 @@ from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
 from lensflow_core.settings import Config
 from lensflow_eventing.dispatcher import SESSION_TIMEOUT_MS
+from lensflow_eventing.notify_queue import MESSAGE_TIMEOUT_S
 from lensflow_eventing.offsets import group_lag
 from lensflow_model_store import ModelStore, ModelStoreError
 
@@ -344,9 +347,9 @@ class Soak:
             if watch is not None:
                 watch.close()
             self.stop()
-        observed = self.session_losses()
-        for f in observed:
-            self.say(f"observed: the dispatcher's group session lost at {f.ended:.1f} ({f.note})")
+        observed = self.observed()
+        for name, n in Counter(f.name for f in observed).items():
+            self.say(f"observed in the logs: {name} x{n}")
         history = History(
             uploads=uploads,
             predictions=[p for _, r in watch.seen(watch.predictions) if (p := predicted(r))],
@@ -535,13 +538,16 @@ class Soak:
         except Exception as exc:
             return [], f"cannot read the archive: {type(exc).__name__}: {exc}"[:300]
 
-    def session_losses(self) -> list[FaultRun]:
-        """The dispatcher's group session losses its logs show (``lensflow up``'s)."""
-        return session_losses(
-            line
-            for path in sorted(self.log_dir.glob("dispatcher-*.log"))
-            for line in path.read_text(errors="replace").splitlines()
-        )
+    def observed(self) -> list[FaultRun]:
+        """Causes of redelivery the logs show that no injected fault explains: the
+        dispatcher's group session lost (``lensflow up``'s logs), the S3 notifier's produce
+        left unanswered (the S3 server's)."""
+
+        def lines(pattern: str) -> list[str]:
+            paths = sorted(self.log_dir.glob(pattern))
+            return [line for p in paths for line in p.read_text(errors="replace").splitlines()]
+
+        return session_losses(lines("dispatcher-*.log")) + notify_timeouts(lines("s3*.log"))
 
     def archivers(self) -> list[int]:
         """Pids of the archivers running now (``lensflow up``'s child)."""
@@ -761,21 +767,37 @@ TARGET = {
 }
 
 
-# librdkafka's log line when a member leaves its group on its own: the session timed out
-# (no answer from the coordinator) or the application stopped polling.
-_LEFT_GROUP = re.compile(r"^%\d\|(\d+(?:\.\d+)?)\|(SESSTMOUT|MAXPOLL)\|([^|]*)\|")
+# librdkafka's log lines, with their time: ``SESSTMOUT``/``MAXPOLL`` when a member leaves
+# its group on its own (no answer from the coordinator, or the application stopped
+# polling); ``REQTMOUT`` when a request got no answer in time.
+_RDKAFKA = re.compile(r"^%\d\|(\d+(?:\.\d+)?)\|([A-Z]+)\|([^|]*)\|")
+
+
+def _rdkafka_lines(lines: Iterable[str], facilities: set[str], client: str):
+    """(time, facility) of the lines of ``client`` (its ``client.id#``) in ``facilities``."""
+    for line in lines:
+        match = _RDKAFKA.match(line)
+        if match and match[2] in facilities and f"{client}#" in match[3]:
+            yield float(match[1]), match[2]
 
 
 def session_losses(lines: Iterable[str]) -> list[FaultRun]:
     """The dispatcher consumer's group session losses in ``lines`` of its log, each a
     window of one session timeout: what it delivered then may not have been committed."""
-    found = []
-    for line in lines:
-        match = _LEFT_GROUP.match(line)
-        if match and "-dispatcher#" in match.group(3):
-            at = float(match.group(1))
-            found.append(FaultRun(SESSION_LOST, at - SESSION_TIMEOUT_MS / 1000, at, match[2]))
-    return found
+    return [
+        FaultRun(SESSION_LOST, at - SESSION_TIMEOUT_MS / 1000, at, facility)
+        for at, facility in _rdkafka_lines(lines, {"SESSTMOUT", "MAXPOLL"}, "-dispatcher")
+    ]
+
+
+def notify_timeouts(lines: Iterable[str]) -> list[FaultRun]:
+    """The S3 notifier's produce requests left unanswered in ``lines`` of the S3 server's
+    log, each a window of one message timeout: an event produced then may have been stored
+    by the broker and is sent again (MinIO's queue_dir does the same)."""
+    return [
+        FaultRun(NOTIFY_RETRY, at - MESSAGE_TIMEOUT_S, at, facility)
+        for at, facility in _rdkafka_lines(lines, {"REQTMOUT"}, "lensflow-s3-notify")
+    ]
 
 
 def predicted(record: Any) -> Predicted | None:

@@ -3,12 +3,13 @@
 What it holds every run to (issue 23):
 
 - every acknowledged valid upload has a prediction; with an archive, exactly one
-  archived prediction. An image event delivered twice within the at-least-once window
-  (a fault that can make the dispatcher deliver again, ``REDELIVERING``, or a loss of
-  the dispatcher's group session that its log shows, started between the upload and its
-  last prediction) is predicted twice on the topic: counted as a duplicate by what
-  explains it (unexplained ones break an invariant). The archive must keep one of them:
-  an upload with two archived predictions breaks an invariant;
+  archived prediction. An upload whose image event was delivered twice, or whose
+  notification was sent twice, within the at-least-once window is predicted twice on the
+  topic: counted as a duplicate by what explains it, a fault that can redeliver
+  (``REDELIVERING``) or what the logs show (the dispatcher's group session lost, a
+  notification produced again), started between the upload and its last prediction;
+  unexplained ones break an invariant. The archive must keep one of them: an upload with
+  two archived predictions breaks an invariant;
 - every acknowledged hostile upload is dead-lettered with its reason (the status its
   kind must get, ``HOSTILE_STATUS``) and never predicted; an upload to an unknown bucket
   is refused by the store and never arrives anywhere;
@@ -48,9 +49,14 @@ HOSTILE = (*HOSTILE_STATUS, UNKNOWN_BUCKET)
 # dispatcher's log) redelivers the same way (seed 4242: the broker's coordinator did
 # not answer for 6 s with no fault under way).
 SESSION_LOST = "session-lost"
+# A produce of the S3 notifier left unanswered (``NOTIFY_RETRY``, read from the S3
+# server's log: the broker stalled under a burst, seed 5151) sends the event again, as
+# MinIO's queue_dir does: the same upload arrives twice, as two image events.
+NOTIFY_RETRY = "notify-retry"
 REDELIVERING = {
     *("kill-dispatcher", "kill-replica", "broker-restart", "stop-dispatcher", "s3-freeze"),
     SESSION_LOST,
+    NOTIFY_RETRY,
 }
 # Faults during which a replica cannot read the pointer (it serves what it has).
 STALLING = {"s3-freeze", "stop-replica", "stop-dispatcher"}

@@ -320,14 +320,17 @@ def test_compaction_merges_a_closed_days_files_without_loss_or_doubles(archive_c
 def test_a_second_prediction_of_one_upload_is_left_out_in_a_batch_and_after_a_restart(
     archive_config,
 ):
-    """An image event delivered twice within the at-least-once window (here: its commit
-    lost with the dispatcher's group session, found by the soak with seed 4242) is
-    predicted twice, with two event ids; the archive keeps the first."""
+    """An image event delivered twice within the at-least-once window (its commit lost
+    with the dispatcher's group session: soak seed 4242), or a notification sent twice
+    (the broker's answer lost: seed 5151), is predicted twice, with two event ids; the
+    archive keeps the first."""
     config = archive_config
     first = produce(config, [make_prediction(i) for i in range(20)])
-    produce(config, [make_prediction(3), make_prediction(3)])  # in the same batch
+    notified_again = make_prediction(7)  # the notification sent twice (seed 5151)
+    notified_again.data["source_event_id"] = "partition:3/offset:359"
+    produce(config, [make_prediction(3), make_prediction(3), notified_again])  # one batch
     report = drain(config)
-    assert (report["archived"], report["duplicates_left_out"]) == (20, 2)
+    assert (report["archived"], report["duplicates_left_out"]) == (20, 3)
     # the archiver restarted: what it archived is read back from the committed files
     later = produce(config, [make_prediction(5), make_prediction(20)])
     report = drain(config)

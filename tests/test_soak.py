@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from lensflow.soak import FAULTS, bomb_png, plan, session_losses
+from lensflow.soak import FAULTS, bomb_png, notify_timeouts, plan, session_losses
 from lensflow.soak_check import (
+    NOTIFY_RETRY,
     REDELIVERING,
     SESSION_LOST,
     DeadLettered,
@@ -178,6 +179,29 @@ def test_seed_4242_a_group_session_lost_on_its_own_explains_a_redelivery():
     ]
     report = check(h)
     assert report.ok and report.duplicates_why == {SESSION_LOST: 1}
+
+
+def test_seed_5151_a_notification_produced_again_explains_two_image_events():
+    """Found by `lensflow soak --seed 5151`: under the last burst Tansu on its S3 engine
+    left the S3 notifier's produce requests unanswered for 30 s with no fault under way;
+    the notifier sent those events again (MinIO's queue_dir does the same), the broker
+    had stored the first copies too, and 36 uploads arrived as two or three image events
+    each: predicted and archived more than once, unexplained. The archive now counts an
+    upload by the object and its notification's time, and a produce timeout in the S3
+    server's log explains a duplicate on the topic."""
+    h = history()
+    h.predictions += [Predicted("img/1.jpg", "v1", T0 + 40, source="partition:3/offset:359")]
+    assert check(h).duplicates_why == {"unexplained": 1}
+    line = (
+        "%5|{:.3f}|REQTMOUT|lensflow-s3-notify#producer-1| [thrd:x/111]: x/111: "
+        "Timed out ProduceRequest in flight (after 910ms, timeout #0)"
+    )
+    h.faults = notify_timeouts(
+        [line.format(T0 + 31), line.replace("lensflow-s3-notify", "rdkafka").format(T0 + 32)]
+    )
+    assert [(f.name, f.started) for f in h.faults] == [(NOTIFY_RETRY, pytest.approx(T0 + 1))]
+    report = check(h)
+    assert report.ok and report.duplicates_why == {NOTIFY_RETRY: 1}
 
 
 def test_seed_10934_an_s3_freeze_redelivers_through_the_broker_it_stalls():

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 QUEUE_LIMIT = 100_000
 SUFFIX = ".event"
 RETRY_S = (0.5, 5.0)  # first and longest wait before producing failed events again
+# How long the broker may take to acknowledge an event before it is produced again; an
+# event the broker stored but whose answer came too late is then on the topic twice.
+MESSAGE_TIMEOUT_S = 30.0
 
 
 class QueueFull(RuntimeError):
@@ -107,7 +110,7 @@ class EventSender:
             kafka,
             **{
                 "client.id": "lensflow-s3-notify",
-                "message.timeout.ms": 30000,
+                "message.timeout.ms": int(MESSAGE_TIMEOUT_S * 1000),
                 "reconnect.backoff.max.ms": 1000,  # a broker back is used within a second
             },
         )

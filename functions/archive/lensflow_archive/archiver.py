@@ -7,9 +7,9 @@ every assigned partition has been read to its end. Then it writes them (one Parq
 per partition and date, a JSON-lines file for rejected records; ``store.ArchiveStore``
 explains the names and the orphan rule) and only then commits the offsets after them.
 
-One row per upload: an image event delivered twice within the at-least-once window is
-predicted twice (two prediction events, one ``source_event_id``), and both land on one
-partition (the topic is keyed by the image). The archiver keeps the first: it remembers
+One row per upload: an image event delivered twice, or a notification sent twice, within
+the at-least-once window is predicted twice (two prediction events of one upload:
+``records.upload_of``), and both land on one partition (the topic is keyed by the image). The archiver keeps the first: it remembers
 the uploads of each partition it archived, seeded from the partition's newest committed
 files of the batch's dates and the day before, and leaves a later prediction of one out.
 
@@ -298,8 +298,7 @@ class Archiver:
         ]
         for f in sorted(files, key=lambda f: f.last)[-SEED_FILES:]:
             table = pq.read_table(io.BytesIO(self.store.get(f.key)), columns=list(UPLOAD))
-            columns = [table.column(name).to_pylist() for name in UPLOAD]
-            seen.update((hash(upload), None) for upload in zip(*columns, strict=True))
+            seen.update((hash(upload_of(row)), None) for row in table.to_pylist())
         return seen
 
     def compact(self) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lensflow_archive.records import SCHEMA, UPLOAD
+from lensflow_archive.records import SCHEMA, UPLOAD, upload_of
 from lensflow_archive.store import (
     PREDICTIONS,
     ArchiveFile,
@@ -71,10 +71,9 @@ def _merge(store: ArchiveStore, day: str, topic: str, partition: int, files: lis
 def first_of_each_upload(table: pa.Table) -> pa.Table:
     """``table`` (sorted by offset) keeping the first prediction of each upload (files
     written before the archiver left second predictions out may hold both)."""
-    columns = [table.column(name).to_pylist() for name in UPLOAD]
     first: dict[tuple, int] = {}
-    for i, upload in enumerate(zip(*columns, strict=True)):
-        first.setdefault(upload, i)
+    for i, row in enumerate(table.select(list(UPLOAD)).to_pylist()):
+        first.setdefault(upload_of(row), i)
     if len(first) == table.num_rows:
         return table
     return table.take(sorted(first.values()))

@@ -46,15 +46,19 @@ SCHEMA = pa.schema(
 )
 
 
-# What names one upload's prediction: an image event delivered twice (the at-least-once
-# window: a retry after a lost answer, a commit lost with the consumer's session) is
-# predicted twice with two event ids but one source event; the archive keeps the first.
-UPLOAD = ("bucket", "key", "etag", "source_event_id")
+# What names one upload's prediction, whichever copy of its image event it came from: an
+# image event delivered twice (a retry after a lost answer, a commit lost with the
+# consumer's session) and a notification sent twice (MinIO's queue_dir sends an event
+# again when the broker's answer was lost) are both predicted twice; the archive keeps the
+# first. The object written (bucket, key, ETag) and the notification's own time, the same
+# in every copy; the image event's id where a notification has no time.
+UPLOAD = ("bucket", "key", "etag", "uploaded_at", "source_event_id")
 
 
 def upload_of(row: dict[str, Any]) -> tuple:
-    """The upload (and image event) a row predicts."""
-    return tuple(row[name] for name in UPLOAD)
+    """The upload a row (with at least the ``UPLOAD`` columns) predicts."""
+    when = row["uploaded_at"]
+    return row["bucket"], row["key"], row["etag"], row["source_event_id"] if when is None else when
 
 
 class Rejected(ValueError):
