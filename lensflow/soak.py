@@ -43,6 +43,7 @@ from lensflow.seeding import seed_training_data
 from lensflow.servers import KafkaBroker, S3Server, Server
 from lensflow.soak_check import (
     NOTIFY_RETRY,
+    PRODUCE_TIMEOUT,
     SESSION_LOST,
     UNKNOWN_BUCKET,
     VALID,
@@ -63,6 +64,7 @@ from lensflow_eventing.dispatcher import SESSION_TIMEOUT_MS
 from lensflow_eventing.notify_queue import MESSAGE_TIMEOUT_S
 from lensflow_eventing.offsets import group_lag
 from lensflow_model_store import ModelStore, ModelStoreError
+from lensflow_predict.sink import PRODUCE_TIMEOUT_S
 
 FAULTS: dict[str, str] = {
     "kill-replica": "kill -9 of a predict replica (the pool starts another)",
@@ -475,6 +477,8 @@ class Soak:
                 self.config.kafka_bootstrap,
                 "--s3",
                 self.config.s3_endpoint,
+                "--log-dir",  # the replicas' and the archiver's logs, kept with the soak's
+                str(self.log_dir / f"up-{n}"),
             ]
             ready = lambda: "stack is up" in log_path.read_text(errors="replace")  # noqa: E731
         else:
@@ -539,15 +543,13 @@ class Soak:
             return [], f"cannot read the archive: {type(exc).__name__}: {exc}"[:300]
 
     def observed(self) -> list[FaultRun]:
-        """Causes of redelivery the logs show that no injected fault explains: the
-        dispatcher's group session lost (``lensflow up``'s logs), the S3 notifier's produce
-        left unanswered (the S3 server's)."""
-
-        def lines(pattern: str) -> list[str]:
-            paths = sorted(self.log_dir.glob(pattern))
-            return [line for p in paths for line in p.read_text(errors="replace").splitlines()]
-
-        return session_losses(lines("dispatcher-*.log")) + notify_timeouts(lines("s3*.log"))
+        """Causes of redelivery the logs show that no injected fault explains."""
+        found = []
+        for what in OBSERVED:
+            paths = sorted(self.log_dir.glob(what.logs))
+            lines = [line for p in paths for line in p.read_text(errors="replace").splitlines()]
+            found += observed_in(lines, what)
+        return found
 
     def archivers(self) -> list[int]:
         """Pids of the archivers running now (``lensflow up``'s child)."""
@@ -773,31 +775,41 @@ TARGET = {
 _RDKAFKA = re.compile(r"^%\d\|(\d+(?:\.\d+)?)\|([A-Z]+)\|([^|]*)\|")
 
 
-def _rdkafka_lines(lines: Iterable[str], facilities: set[str], client: str):
-    """(time, facility) of the lines of ``client`` (its ``client.id#``) in ``facilities``."""
+@dataclass(frozen=True)
+class Observed:
+    """A cause of redelivery a log shows: librdkafka's lines ``facilities`` of the client
+    ``client`` (its ``client.id``) in the soak's logs ``logs``, each the end of a window of
+    ``window_s`` in which what was sent may be sent again."""
+
+    cause: str
+    facilities: frozenset[str]
+    client: str
+    window_s: float
+    logs: str
+
+
+OBSERVED = (
+    # the dispatcher's group session lost: what it delivered may not have been committed
+    Observed(SESSION_LOST, frozenset({"SESSTMOUT", "MAXPOLL"}), "lensflow-predict-dispatcher",
+             SESSION_TIMEOUT_MS / 1000, "dispatcher-*.log"),
+    # the S3 notifier's produce unanswered: the event is produced again (MinIO's queue_dir)
+    Observed(NOTIFY_RETRY, frozenset({"REQTMOUT"}), "lensflow-s3-notify",
+             MESSAGE_TIMEOUT_S, "s3*.log"),
+    # a replica's produce unanswered: it answers 503, the dispatcher delivers again
+    Observed(PRODUCE_TIMEOUT, frozenset({"REQTMOUT"}), "lensflow-predict",
+             PRODUCE_TIMEOUT_S, "up-*/predict-*.log"),
+)  # fmt: skip
+
+
+def observed_in(lines: Iterable[str], what: Observed) -> list[FaultRun]:
+    """The windows ``what`` shows in ``lines``."""
+    found = []
     for line in lines:
         match = _RDKAFKA.match(line)
-        if match and match[2] in facilities and f"{client}#" in match[3]:
-            yield float(match[1]), match[2]
-
-
-def session_losses(lines: Iterable[str]) -> list[FaultRun]:
-    """The dispatcher consumer's group session losses in ``lines`` of its log, each a
-    window of one session timeout: what it delivered then may not have been committed."""
-    return [
-        FaultRun(SESSION_LOST, at - SESSION_TIMEOUT_MS / 1000, at, facility)
-        for at, facility in _rdkafka_lines(lines, {"SESSTMOUT", "MAXPOLL"}, "-dispatcher")
-    ]
-
-
-def notify_timeouts(lines: Iterable[str]) -> list[FaultRun]:
-    """The S3 notifier's produce requests left unanswered in ``lines`` of the S3 server's
-    log, each a window of one message timeout: an event produced then may have been stored
-    by the broker and is sent again (MinIO's queue_dir does the same)."""
-    return [
-        FaultRun(NOTIFY_RETRY, at - MESSAGE_TIMEOUT_S, at, facility)
-        for at, facility in _rdkafka_lines(lines, {"REQTMOUT"}, "lensflow-s3-notify")
-    ]
+        if match and match[2] in what.facilities and match[3].startswith(f"{what.client}#"):
+            at = float(match[1])
+            found.append(FaultRun(what.cause, at - what.window_s, at, match[2]))
+    return found
 
 
 def predicted(record: Any) -> Predicted | None:

@@ -7,7 +7,7 @@ What it holds every run to (issue 23):
   notification was sent twice, within the at-least-once window is predicted twice on the
   topic: counted as a duplicate by what explains it, a fault that can redeliver
   (``REDELIVERING``) or what the logs show (the dispatcher's group session lost, a
-  notification produced again), started between the upload and its last prediction;
+  notification produced again, a replica's produce unanswered), started between the upload and its last prediction;
   unexplained ones break an invariant. The archive must keep one of them: an upload with
   two archived predictions breaks an invariant;
 - every acknowledged hostile upload is dead-lettered with its reason (the status its
@@ -53,10 +53,13 @@ SESSION_LOST = "session-lost"
 # server's log: the broker stalled under a burst, seed 5151) sends the event again, as
 # MinIO's queue_dir does: the same upload arrives twice, as two image events.
 NOTIFY_RETRY = "notify-retry"
+# A replica's produce left unanswered (``PRODUCE_TIMEOUT``, read from its log: the broker
+# stalled, seed 5151 again): it answers 503 and the dispatcher delivers the event again,
+# while the broker may have stored the first prediction after all.
+PRODUCE_TIMEOUT = "produce-timeout"
 REDELIVERING = {
     *("kill-dispatcher", "kill-replica", "broker-restart", "stop-dispatcher", "s3-freeze"),
-    SESSION_LOST,
-    NOTIFY_RETRY,
+    *(SESSION_LOST, NOTIFY_RETRY, PRODUCE_TIMEOUT),
 }
 # Faults during which a replica cannot read the pointer (it serves what it has).
 STALLING = {"s3-freeze", "stop-replica", "stop-dispatcher"}

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from lensflow.soak import FAULTS, bomb_png, notify_timeouts, plan, session_losses
+from lensflow.soak import FAULTS, OBSERVED, bomb_png, observed_in, plan
 from lensflow.soak_check import (
     NOTIFY_RETRY,
+    PRODUCE_TIMEOUT,
     REDELIVERING,
     SESSION_LOST,
     DeadLettered,
@@ -167,12 +168,13 @@ def test_seed_4242_a_group_session_lost_on_its_own_explains_a_redelivery():
     h.predictions.append(Predicted("img/1.jpg", "v1", T0 + 30))
     assert check(h).duplicates_why == {"unexplained": 1}
     line = "%4|{:.3f}|SESSTMOUT|{}#consumer-5| [thrd:main]: Consumer group session timed out"
-    h.faults = session_losses(
+    h.faults = observed_in(
         [
             line.format(T0 + 5, "lensflow-predict-dispatcher"),
             line.format(T0 + 6, "lensflow-archive"),  # the archiver's: its own exactly-once
             "WARNING lensflow_eventing.dispatcher: lost partitions [0, 1, 2, 3, 4, 5]",
-        ]
+        ],
+        OBSERVED[0],
     )
     assert [(f.name, f.ended) for f in h.faults] == [
         (SESSION_LOST, pytest.approx(T0 + 5, abs=0.01))
@@ -196,12 +198,30 @@ def test_seed_5151_a_notification_produced_again_explains_two_image_events():
         "%5|{:.3f}|REQTMOUT|lensflow-s3-notify#producer-1| [thrd:x/111]: x/111: "
         "Timed out ProduceRequest in flight (after 910ms, timeout #0)"
     )
-    h.faults = notify_timeouts(
-        [line.format(T0 + 31), line.replace("lensflow-s3-notify", "rdkafka").format(T0 + 32)]
+    h.faults = observed_in(
+        [line.format(T0 + 31), line.replace("lensflow-s3-notify", "rdkafka").format(T0 + 32)],
+        OBSERVED[1],
     )
     assert [(f.name, f.started) for f in h.faults] == [(NOTIFY_RETRY, pytest.approx(T0 + 1))]
     report = check(h)
     assert report.ok and report.duplicates_why == {NOTIFY_RETRY: 1}
+
+
+def test_seed_5151_a_replicas_unanswered_produce_explains_a_second_prediction():
+    """Found by the second run of seed 5151: the broker stalled past a replica's 10 s wait
+    for its ack; the replica answered 503, the dispatcher delivered the event again, and
+    the broker had stored the first prediction after all: two predictions of one image
+    event, 11 s apart, with no fault under way. The replica's log (now kept with the
+    soak's: `lensflow up --log-dir`) shows the produce timeout, which explains it."""
+    h = history()
+    h.predictions += [Predicted("img/1.jpg", "v1", T0 + 12, source="partition:0/offset:1")]
+    assert check(h).duplicates_why == {"unexplained": 1}
+    line = "%5|{:.3f}|REQTMOUT|lensflow-predict#producer-1| [thrd:x/111]: Timed out ..."
+    replica = next(o for o in OBSERVED if o.cause == PRODUCE_TIMEOUT)
+    assert replica.logs.startswith("up-") and replica.window_s == 10.0
+    h.faults = observed_in([line.format(T0 + 11)], replica)
+    report = check(h)
+    assert report.ok and report.duplicates_why == {PRODUCE_TIMEOUT: 1}
 
 
 def test_seed_10934_an_s3_freeze_redelivers_through_the_broker_it_stalls():

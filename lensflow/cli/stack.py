@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from lensflow.cli.config import load_config
 from lensflow.cli.dashboard import DEFAULT_PORT as DEFAULT_DASHBOARD_PORT
@@ -16,7 +17,7 @@ from lensflow.cli.dashboard import start_dashboard
 from lensflow.cli.output import CliError, add_json_flag, emit
 from lensflow.demo import DemoOptions, ensure_model, run_demo, summary_text
 from lensflow.simulate import Burst, Plan, Simulator
-from lensflow.stack import EmbeddedStack
+from lensflow.stack import DEFAULT_LOG_DIR, EmbeddedStack
 from lensflow_core.settings import Config
 
 
@@ -55,6 +56,13 @@ def _register_up(subparsers) -> None:
         metavar="S",
         help="on Ctrl-C/SIGTERM, how long to keep dispatching what the broker already "
         "acknowledged before stopping (60)",
+    )
+    up.add_argument(
+        "--log-dir",
+        type=Path,
+        default=DEFAULT_LOG_DIR,
+        metavar="DIR",
+        help="where each process logs (var/logs in the checkout)",
     )
     up.add_argument(
         "--seed-model",
@@ -216,6 +224,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             idle_s=args.idle,
             train_every_s=args.train_every,
             external=external,
+            log_dir=args.log_dir,
         )
         dashboard = None
         stopping = False

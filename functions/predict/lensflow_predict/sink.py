@@ -12,11 +12,17 @@ from cloudevents.kafka import to_binary
 from lensflow_core.kafka import KafkaConnection
 from lensflow_eventing.producer import Poller, ProduceError, make_producer, produce_and_wait
 
-__all__ = ["PredictionProducer", "ProduceError"]
+__all__ = ["PRODUCE_TIMEOUT_S", "PredictionProducer", "ProduceError"]
+
+# How long a prediction may wait for the broker's acknowledgement before the request
+# answers 503 (and the dispatcher delivers the event again).
+PRODUCE_TIMEOUT_S = 10.0
 
 
 class PredictionProducer:
-    def __init__(self, bootstrap: KafkaConnection | str, topic: str, timeout_s: float = 10.0):
+    def __init__(
+        self, bootstrap: KafkaConnection | str, topic: str, timeout_s: float = PRODUCE_TIMEOUT_S
+    ):
         self.topic = topic
         self.timeout_s = timeout_s
         self._producer = make_producer(
