@@ -59,11 +59,13 @@ from lensflow.soak_check import (
 from lensflow.stack import kafkasource_settings
 from lensflow.upload import upload_file
 from lensflow_core.s3 import ensure_buckets, s3_client
-from lensflow_core.settings import Config
+from lensflow_core.settings import Config, default
 from lensflow_eventing.dispatcher import SESSION_TIMEOUT_MS
+from lensflow_eventing.notify_queue import CLIENT_ID as NOTIFY_CLIENT
 from lensflow_eventing.notify_queue import MESSAGE_TIMEOUT_S
 from lensflow_eventing.offsets import group_lag
 from lensflow_model_store import ModelStore, ModelStoreError
+from lensflow_predict.sink import CLIENT_ID as PREDICT_CLIENT
 from lensflow_predict.sink import PRODUCE_TIMEOUT_S
 
 FAULTS: dict[str, str] = {
@@ -790,13 +792,14 @@ class Observed:
 
 OBSERVED = (
     # the dispatcher's group session lost: what it delivered may not have been committed
-    Observed(SESSION_LOST, frozenset({"SESSTMOUT", "MAXPOLL"}), "lensflow-predict-dispatcher",
-             SESSION_TIMEOUT_MS / 1000, "dispatcher-*.log"),
+    Observed(SESSION_LOST, frozenset({"SESSTMOUT", "MAXPOLL"}),
+             f"{default('LENSFLOW_SOURCE_GROUP')}-dispatcher", SESSION_TIMEOUT_MS / 1000,
+             "dispatcher-*.log"),
     # the S3 notifier's produce unanswered: the event is produced again (MinIO's queue_dir)
-    Observed(NOTIFY_RETRY, frozenset({"REQTMOUT"}), "lensflow-s3-notify",
+    Observed(NOTIFY_RETRY, frozenset({"REQTMOUT"}), NOTIFY_CLIENT,
              MESSAGE_TIMEOUT_S, "s3*.log"),
     # a replica's produce unanswered: it answers 503, the dispatcher delivers again
-    Observed(PRODUCE_TIMEOUT, frozenset({"REQTMOUT"}), "lensflow-predict",
+    Observed(PRODUCE_TIMEOUT, frozenset({"REQTMOUT"}), PREDICT_CLIENT,
              PRODUCE_TIMEOUT_S, "up-*/predict-*.log"),
 )  # fmt: skip
 

@@ -38,6 +38,7 @@ RETRY_S = (0.5, 5.0)  # first and longest wait before producing failed events ag
 # How long the broker may take to acknowledge an event before it is produced again; an
 # event the broker stored but whose answer came too late is then on the topic twice.
 MESSAGE_TIMEOUT_S = 30.0
+CLIENT_ID = "lensflow-s3-notify"  # librdkafka's name for the producer, in its log lines too
 
 
 class QueueFull(RuntimeError):
@@ -109,7 +110,7 @@ class EventSender:
         self.producer = make_producer(
             kafka,
             **{
-                "client.id": "lensflow-s3-notify",
+                "client.id": CLIENT_ID,
                 "message.timeout.ms": int(MESSAGE_TIMEOUT_S * 1000),
                 "reconnect.backoff.max.ms": 1000,  # a broker back is used within a second
             },

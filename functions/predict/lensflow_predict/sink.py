@@ -12,7 +12,9 @@ from cloudevents.kafka import to_binary
 from lensflow_core.kafka import KafkaConnection
 from lensflow_eventing.producer import Poller, ProduceError, make_producer, produce_and_wait
 
-__all__ = ["PRODUCE_TIMEOUT_S", "PredictionProducer", "ProduceError"]
+__all__ = ["CLIENT_ID", "PRODUCE_TIMEOUT_S", "PredictionProducer", "ProduceError"]
+
+CLIENT_ID = "lensflow-predict"  # librdkafka's name for it, in its log lines too
 
 # How long a prediction may wait for the broker's acknowledgement before the request
 # answers 503 (and the dispatcher delivers the event again).
@@ -28,7 +30,7 @@ class PredictionProducer:
         self._producer = make_producer(
             bootstrap,
             **{
-                "client.id": "lensflow-predict",
+                "client.id": CLIENT_ID,
                 "linger.ms": 0,  # every event waits for its ack: batching only adds latency
                 "message.timeout.ms": int(timeout_s * 1000),
                 "socket.connection.setup.timeout.ms": int(timeout_s * 1000),
