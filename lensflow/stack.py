@@ -311,10 +311,12 @@ class EmbeddedStack:
         for server in servers:
             steps.append((server.name, server.stop))
         for name, step in steps:
+            started = time.monotonic()
             try:
                 step()
             except BaseException as exc:  # stop the rest regardless
                 log.warning("stopping %s: %s", name, exc)
+            log.info("stopped %s in %.1f s", name, time.monotonic() - started)  # a slow stop
         self.timer = self.dispatcher = self.pool = self.train_job = self.archiver = None
         self.servers = []
         self._close_log()
