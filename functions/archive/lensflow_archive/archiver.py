@@ -46,7 +46,6 @@ from lensflow_archive.records import (
 from lensflow_archive.store import (
     PREDICTIONS,
     REJECTS,
-    ArchiveFile,
     ArchiveStore,
     file_key,
     folder,
@@ -249,7 +248,7 @@ class Archiver:
         kept = self._first_of_each_upload(partition, rows, start)
         for day in sorted(set(rows) - set(kept)):  # only second predictions: no file
             where = folder(PREDICTIONS, day)
-            self.store.delete_orphans(where, ArchiveFile("", self.topic, partition, 0, 0), start)
+            self.store.delete_orphans(where, self.topic, partition, start)
         for day, batch in sorted(kept.items()):
             key = file_key(PREDICTIONS, day, self.topic, partition, *_span(batch))
             self.store.replace(key, parquet_bytes(pa.Table.from_pylist(batch, SCHEMA)), start)

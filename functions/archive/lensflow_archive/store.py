@@ -159,18 +159,21 @@ class ArchiveStore:
         and partition starting at or after ``batch_start`` (the committed offset)."""
         mine = parse_key(key)
         # before the write: a reader may miss them, never double them
-        self.delete_orphans(key.rsplit("/", 1)[0] + "/", mine, batch_start)
+        folder_of = key.rsplit("/", 1)[0] + "/"
+        self.delete_orphans(folder_of, mine.topic, mine.partition, batch_start, keep=key)
         self.put(key, body)
 
-    def delete_orphans(self, where: str, mine: ArchiveFile, batch_start: int) -> None:
-        """Delete the files in folder ``where`` of ``mine``'s topic and partition that
-        start at or after ``batch_start``, except ``mine`` itself."""
+    def delete_orphans(
+        self, where: str, topic: str, partition: int, batch_start: int, keep: str = ""
+    ) -> None:
+        """Delete the files in folder ``where`` of ``topic`` and ``partition`` that start at
+        or after ``batch_start``, except ``keep`` (about to be written again)."""
         orphans = [
             f.key
             for f in self.list(where)
-            if (f.topic, f.partition) == (mine.topic, mine.partition)
+            if (f.topic, f.partition) == (topic, partition)
             and f.first >= batch_start
-            and f.key != mine.key
+            and f.key != keep
         ]
         if orphans:
             self.delete(orphans)
