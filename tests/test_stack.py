@@ -180,6 +180,9 @@ def test_up_runs_until_ctrl_c_and_leaves_nothing_behind(sig, tiny_models):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a shell without job control (`make test &`, some CI runners)
+        # starts its children with SIGINT ignored, and Python then keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         banner = [proc.stdout.readline() for _ in range(3)]
