@@ -68,6 +68,12 @@ async def _inline(function, *args):
     return function(*args)
 _main._on_thread = _inline
 """
+# The broker's ack awaited on a request thread, as before issue 22 (the thread blocks until
+# the poller thread wakes it), instead of on the event loop.
+ACK_ON_THREAD = """
+import lensflow_predict.app as _app
+_app.PredictApp.answer = lambda self, headers, body: self.handler.handle(headers, body)
+"""
 # Every thread of the replica SCHED_BATCH (inherited by the worker and its threads): a
 # thread woken by its I/O (an S3 answer, a Kafka ack) no longer preempts an invoke.
 SCHED_BATCH = """
@@ -78,6 +84,109 @@ THREE_INTERPRETERS = """
 import lensflow_core.cpus as _cpus
 _cpus.usable_cpus = lambda *args, **kwargs: 3
 """
+
+# The floor (issue 22): the least a replica can do per event and still keep the contract,
+# served by uvicorn with no framework: the body read on the event loop, one hop to a thread
+# for the GET, decode and invoke (the same code the replica runs), the prediction CloudEvent
+# produced from the loop and its ack awaited there, a small JSON answer. No log line, no
+# metrics, no trace context, no labelling queue. If this cannot reach a ratio, no
+# arrangement of the replica's own code can; ``floor_ff`` is the same work under
+# functions-framework's ASGI decorator, to see what the framework itself costs.
+FLOOR = """
+import asyncio, json, os, resource, sys
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote_plus
+from cloudevents.kafka import to_binary
+from lensflow_core.imaging import decode_image
+from lensflow_eventing.contracts import ObjectEvent, prediction_event
+from lensflow_predict.app import get_replica
+_pool = ThreadPoolExecutor(int(os.environ.get("THREADS", "4")))
+
+def _work(replica, bucket, key):
+    data, etag = replica.handler.fetcher.fetch(bucket, key)
+    model = replica.watcher.model
+    side = max(model.spec.height, model.spec.width)
+    image = decode_image(data, (side, side), max_pixels=replica.config.max_image_pixels)
+    return etag, model, model.predict(image)
+
+async def _floor(body: bytes, event_id: str):
+    loop = asyncio.get_running_loop()
+    replica = get_replica()
+    s3 = json.loads(body)["Records"][0]["s3"]
+    bucket, key = s3["bucket"]["name"], unquote_plus(s3["object"]["key"])
+    etag, model, predictions = await loop.run_in_executor(_pool, _work, replica, bucket, key)
+    event = prediction_event(
+        image=ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag),
+        model=model.identity, predictions=predictions, source_event_id=event_id,
+    )
+    data = json.dumps(event.data).encode()
+    message = to_binary(event, data_marshaller=lambda _: data)
+    acked = loop.create_future()
+    def delivered(error, _message):
+        loop.call_soon_threadsafe(acked.set_result, error)
+    sink = replica.handler.producer
+    sink._producer.produce(sink.topic, message.value, message.key,
+                           headers=list(message.headers.items()), on_delivery=delivered)
+    error = await acked
+    return (503 if error else 200), data
+
+def _get(path):
+    replica = get_replica()
+    if path == "/stats":
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return 200, json.dumps({"max_rss_mb": round(rss, 1)}).encode()
+    status, body = replica.health()
+    return status, json.dumps(body).encode()
+"""
+FLOOR_ASGI = (
+    FLOOR
+    + """
+import uvicorn
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["method"] == "GET":
+        status, body = await asyncio.get_running_loop().run_in_executor(_pool, _get, scope["path"])
+    else:
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        event_id = dict(scope["headers"]).get(b"ce-id", b"").decode()
+        status, body = await _floor(b"".join(chunks), event_id)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+_port = int(sys.argv[sys.argv.index("--port") + 1])
+uvicorn.run(app, host="127.0.0.1", port=_port, loop="uvloop", http="httptools",
+            log_level="warning", access_log=False, lifespan="off")
+raise SystemExit(0)
+"""
+)
+FLOOR_FF = (
+    FLOOR
+    + """
+import tempfile
+import functions_framework.aio
+from starlette.responses import Response
+
+@functions_framework.aio.http
+async def predict(request):
+    if request.method == "GET":
+        status, body = await asyncio.get_running_loop().run_in_executor(_pool, _get, request.url.path)
+    else:
+        status, body = await _floor(await request.body(), request.headers.get("ce-id", ""))
+    return Response(body, status, media_type="application/json")
+
+_source = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
+_source.write("import __main__\\npredict = __main__.predict\\n")
+_source.close()
+sys.argv[sys.argv.index("--source") + 1] = _source.name
+"""
+)
 
 # Thread CPU time of each stage of every request (a request runs on one thread, so
 # time.thread_time() deltas are exact), summed; /stats reports them as stage_cpu_s.
@@ -125,6 +234,9 @@ SPECS = (
     Spec("no_thread_hop", env=OFF, prelude=NO_THREAD_HOP),
     Spec("threads_2", env={**OFF, "THREADS": "2"}),
     Spec("sched_batch", env=OFF, prelude=SCHED_BATCH),
+    Spec("ack_on_thread", env=OFF, prelude=ACK_ON_THREAD),
+    Spec("floor_asgi", env=OFF, prelude=FLOOR_ASGI),
+    Spec("floor_ff", env=OFF, prelude=FLOOR_FF),
 )
 
 # Where a sample is, by the first matching frame (innermost first): stage name, pattern.

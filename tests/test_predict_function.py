@@ -178,6 +178,44 @@ def test_no_model_yet_and_store_unreachable_answer_503(kafka_broker, tiny_models
             assert server.stats()["model"]["version"] == "v2"  # still serving
 
 
+def test_a_prediction_the_broker_refuses_answers_503_and_counts_only_once_acknowledged(
+    s3_server, kafka_broker, tiny_models, tmp_path
+):
+    """The ack is awaited on the event loop: a refused produce still answers 503 (retried),
+    never 200, and a prediction counts only once the broker has it."""
+    from lensflow_core.s3 import ensure_buckets
+    from lensflow_eventing.topics import TopicSpec
+
+    env = make_env(s3_server.endpoint, kafka_broker.bootstrap)
+    config, store = start_stack(env, tiny_models)
+    missing = f"{config.topic_predictions}-not-yet"
+    env = {**env, "LENSFLOW_TOPIC_PREDICTIONS": missing}
+    s3 = s3_client(config)
+    ensure_buckets(s3, config.buckets)
+    with FunctionServer("predict", env, tmp_path / "predict.log") as server:
+        image = scene_jpeg("water", 2, (96, 96), 85)
+        bucket = config.image_buckets[0]
+        reply = put_and_notify(server.url, config, s3, bucket, "refused.jpg", image)
+        assert reply.status_code == 503, reply.text
+        assert missing in reply.json()["error"]
+        _, again = notification_record(
+            ObjectEvent("s3:ObjectCreated:Put", bucket, "refused.jpg", "e", len(image))
+        )
+        assert server.stats()["predictions"] == 0
+        assert server.stats()["requests"].get("503") == 1
+        ensure_topics(config.kafka_bootstrap, [TopicSpec(missing, 1, 1)])
+        deadline = time.monotonic() + 60  # as the dispatcher would: again, until it is seen
+        while (reply := knative_post(server.url, config, again)).status_code == 503:
+            assert time.monotonic() < deadline, reply.text
+            time.sleep(1)
+        assert reply.status_code == 200, reply.text
+        refused = server.stats()["requests"]["503"]
+        assert server.stats()["predictions"] == 1 and refused >= 1
+        assert server.stats()["requests"].get("200") == 1
+        [record] = read_topic(config, missing, 1)
+        assert json.loads(record.value())["image"]["key"] == "refused.jpg"
+
+
 @pytest.mark.parametrize("batch_delay_ms", ["0", "20"])
 def test_live_swap_under_concurrent_load_drops_nothing(
     kafka_env, tiny_models, tmp_path, batch_delay_ms

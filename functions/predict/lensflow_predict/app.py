@@ -89,10 +89,11 @@ class PredictApp:
             return
 
     def answer(self, headers: dict[str, str], body: bytes):
-        """The handler's ``Reply`` to one event (on a request thread: it blocks)."""
+        """The handler's ``Reply`` to one event, its predictions produced but not yet
+        acknowledged (``PredictHandler.start``; on a request thread: it blocks on S3)."""
         # The batcher waits for requests it knows are coming (``Batcher.coming``).
         with self.batcher.coming() if self.batcher else contextlib.nullcontext():
-            return self.handler.handle(headers, body)
+            return self.handler.start(headers, body)
 
     def health(self) -> tuple[int, dict]:
         """Readiness: 200 once serving the pointer's model (or no pointer exists yet);

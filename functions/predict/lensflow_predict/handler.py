@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cloudevents.conversion import to_binary
@@ -43,6 +44,9 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    # the broker's acks of the predictions produced: the reply stands once all arrived
+    # (``PredictHandler.settle``), else the event is answered 503 and delivered again
+    unacked: tuple[Future[None], ...] = ()
 
     @classmethod
     def json(cls, status: int, payload: dict) -> Reply:
@@ -67,8 +71,29 @@ class PredictHandler:
         self.decode_budget = DecodeBudget(config.decode_budget_mb * 1024 * 1024)
 
     def handle(self, headers: dict[str, str], body: bytes) -> Reply:
+        """The reply to one event, once the broker has its predictions (blocks)."""
+        reply = self.start(headers, body)
+        if not reply.unacked:
+            return reply
+        try:
+            self.producer.wait(list(reply.unacked))
+        except ProduceError as exc:
+            return self.settle(reply, str(exc))
+        return self.settle(reply, None)
+
+    def start(self, headers: dict[str, str], body: bytes) -> Reply:
+        """The reply to one event, with its predictions produced but not yet acknowledged
+        (``reply.unacked``): the caller waits for those, then calls ``settle``."""
         with log_fields():  # trace id, event id, key and model version, once known
             return self._reply_or_refuse(headers, body)
+
+    def settle(self, reply: Reply, produce_error: str | None) -> Reply:
+        """``reply`` once its predictions are acknowledged (``produce_error`` None), or
+        503 with the broker's reason."""
+        if produce_error is not None:
+            return self.reject(Rejected(503, produce_error))
+        metrics.REQUESTS.labels(str(reply.status)).inc()
+        return reply
 
     def _reply_or_refuse(self, headers: dict[str, str], body: bytes) -> Reply:
         try:
@@ -78,7 +103,8 @@ class PredictHandler:
         except Exception as exc:  # a bug: 500, which Knative retries and then dead-letters
             log.exception("unexpected failure")
             reply = Reply.json(500, {"error": f"internal error: {type(exc).__name__}"})
-        metrics.REQUESTS.labels(str(reply.status)).inc()
+        if not reply.unacked:  # else counted once settled
+            metrics.REQUESTS.labels(str(reply.status)).inc()
         return reply
 
     def reject(self, exc: Rejected) -> Reply:
@@ -119,9 +145,9 @@ class PredictHandler:
             reason = f"{path} is lensflow's own object ({prefix}), not an image to predict"
             return Reply.json(200, {"skipped": reason})
         outputs = [self._predict_object(record, event["id"], trace) for record in created]
-        predicted, data = outputs[-1]
+        predicted, data, _ = outputs[-1]
         out_headers, out_body = to_binary(predicted, data_marshaller=lambda _: data)
-        return Reply(200, dict(out_headers), out_body)
+        return Reply(200, dict(out_headers), out_body, tuple(acked for *_, acked in outputs))
 
     def _parse_cloudevent(self, headers: dict[str, str], body: bytes) -> CloudEvent:
         try:
@@ -131,8 +157,9 @@ class PredictHandler:
 
     def _predict_object(
         self, record: ObjectEvent, source_event_id: str, trace: TraceContext
-    ) -> tuple[CloudEvent, bytes]:
-        """The prediction event for ``record``, produced to Kafka; and its serialised data."""
+    ) -> tuple[CloudEvent, bytes, Future[None]]:
+        """The prediction event for ``record``, its serialised data, and the broker's
+        acknowledgement of it on the predictions topic (a future)."""
         bind(object_key=record.path)
         self._check_record(record)
         model = self.watcher.model  # this request stays on this version
@@ -159,12 +186,9 @@ class PredictHandler:
         )
         event["traceparent"] = trace.traceparent
         data = json.dumps(event.data).encode()  # once, for the topic and the reply
-        try:
-            self.producer.send(event, data)
-        except ProduceError as exc:
-            raise Rejected(503, str(exc)) from None
-        _observe(model.name, predictions, (t0, t1, t2, t3, time.perf_counter()))
-        return event, data
+        acked = self.producer.produce(event, data)
+        _observe(model.name, predictions, (t0, t1, t2, t3), acked)
+        return event, data, acked
 
     def _check_record(self, record: ObjectEvent) -> None:
         """Refuse, before any request, an object no retry could predict."""
@@ -199,13 +223,22 @@ class PredictHandler:
         return uncertain
 
 
-def _observe(model_name: str, predictions, stamps: tuple[float, ...]) -> None:
-    """Each stage's seconds, the prediction's count and its log line."""
-    for stage, began, ended in zip(metrics.STAGES, stamps[:-1], stamps[1:], strict=True):
+def _observe(model_name: str, predictions, stamps: tuple[float, ...], acked: Future) -> None:
+    """Each stage's seconds and the log line now; the produce stage and the prediction's
+    count once the broker acknowledged it (on the producer's poller thread)."""
+    *timed, produce = metrics.STAGES  # fetch, decode, invoke: between the stamps
+    for stage, began, ended in zip(timed, stamps[:-1], stamps[1:], strict=True):
         metrics.STAGE_SECONDS.labels(stage).observe(ended - began)
     top = predictions[0]["label"] if predictions else "none"
-    metrics.predicted(model_name, top)
     log.info("predicted %s (%.3f)", top, predictions[0]["score"] if predictions else 0.0)
+    produced = stamps[-1]
+
+    def count(future: Future) -> None:
+        if future.exception() is None:
+            metrics.STAGE_SECONDS.labels(produce).observe(time.perf_counter() - produced)
+            metrics.predicted(model_name, top)
+
+    acked.add_done_callback(count)
 
 
 def _ms(seconds: float) -> float:

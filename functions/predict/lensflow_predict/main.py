@@ -3,8 +3,9 @@
 Served by functions-framework's ASGI mode (`functions-framework --asgi --target predict
 --source ...`, or `lensflow serve predict`): uvicorn parses HTTP in C (httptools), which
 costs a replica about 0.3 ms of CPU less per event than Flask on gunicorn's threads
-(docs/benchmarks.md). The handler blocks (S3, LiteRT, the broker's ack), so it runs on
-``THREADS`` threads of its own; only reading the body and answering stay on the event loop.
+(docs/benchmarks.md). The handler blocks (S3, LiteRT), so it runs on ``THREADS`` threads
+of its own; reading the body, waiting for the broker's ack of the prediction and answering
+stay on the event loop, so that no request thread sits blocked on the broker.
 
 GET /healthz says whether the replica is ready, GET /metrics is Prometheus text
 exposition (answered without touching the store: the liveness probe), GET /stats the
@@ -30,6 +31,7 @@ from lensflow_predict import metrics
 from lensflow_predict.app import existing_replica, get_replica
 from lensflow_predict.errors import Rejected
 from lensflow_predict.limits import check_headers, json_parse_errors, read_body
+from lensflow_predict.sink import ProduceError
 
 log = logging.getLogger(__name__)
 _last_setup_error: str | None = None
@@ -76,4 +78,17 @@ async def predict(request: Request) -> Response:
         # The rest of the body stays unread: close the connection rather than drain it.
         return Response(reply.body, reply.status, {**reply.headers, "Connection": "close"})
     reply = await _on_thread(current.answer, dict(request.headers), body)
+    if reply.unacked:
+        reply = current.handler.settle(reply, await _acked(reply.unacked))
     return Response(reply.body, reply.status, reply.headers)
+
+
+async def _acked(futures) -> str | None:
+    """None once the broker acknowledged every future; else why not. The producer's own
+    ``message.timeout.ms`` fails a future that waits too long."""
+    try:
+        for future in futures:
+            await asyncio.wrap_future(future)
+    except ProduceError as exc:
+        return str(exc)
+    return None

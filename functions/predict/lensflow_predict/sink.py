@@ -1,16 +1,20 @@
-"""Produces prediction events to Kafka and waits until the broker has them.
+"""Produces prediction events to Kafka; the broker's acknowledgement is a future.
 
 A KafkaSource discards its sink's reply, so the function itself must put the prediction
 on the output topic *before* answering 2xx; otherwise an acknowledged event could vanish.
+The server waits for that future on its event loop (``lensflow_predict.main``), so no
+request thread sits blocked on the broker.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future
 
 from cloudevents.abstract import AnyCloudEvent
 from cloudevents.kafka import to_binary
 
 from lensflow_core.kafka import KafkaConnection
-from lensflow_eventing.producer import Poller, ProduceError, make_producer, produce_and_wait
+from lensflow_eventing.producer import Poller, ProduceError, make_producer, send, wait_acked
 
 __all__ = ["CLIENT_ID", "PRODUCE_TIMEOUT_S", "PredictionProducer", "ProduceError"]
 
@@ -38,14 +42,18 @@ class PredictionProducer:
         )
         self._poller = Poller(self._producer)  # made in the worker (PredictApp is lazy)
 
-    def send(self, event: AnyCloudEvent, data: bytes | None = None) -> None:
-        """Produce ``event`` (binary mode, keyed by its partitionkey); block until acked.
+    def produce(self, event: AnyCloudEvent, data: bytes | None = None) -> Future[None]:
+        """Queue ``event`` (binary mode, keyed by its partitionkey); the future resolves
+        when the broker has it, or fails with ``ProduceError`` (transient: 503).
 
         ``data``: the event's data already serialised, so it is not serialised twice.
-        Raises ``ProduceError`` (a transient failure: 503) when the broker does not confirm.
         """
         message = to_binary(event, data_marshaller=None if data is None else lambda _: data)
-        produce_and_wait(self._producer, self.topic, message, self.timeout_s + 1, polled=True)
+        return send(self._producer, self.topic, message.key, message.value, message.headers)
+
+    def wait(self, futures: list[Future[None]]) -> None:
+        """Block until every future resolved; raise ``ProduceError`` if one failed."""
+        wait_acked(self._producer, futures, self.timeout_s + 1, polled=True)
 
     def close(self) -> None:
         self._poller.stop()
