@@ -17,7 +17,11 @@ same backlogs; the ratio to the bare loop on that CPU moves by what the suspect 
   thread and back; the loop blocks meanwhile, so this is a measure, not a design);
 - ``threads_2``: ``THREADS=2`` request threads instead of 4 (the dispatcher keeps 4 in flight);
 - ``sched_batch``: every thread of the replica ``SCHED_BATCH``: a thread woken by its I/O
-  does not preempt an invoke under way.
+  does not preempt an invoke under way;
+- ``ack_on_thread``: the broker's ack awaited on the request thread (as before issue 22),
+  not on the event loop;
+- ``floor_asgi`` and ``floor_ff``: not the replica but the least work the contract allows
+  per event, on bare uvicorn and under functions-framework (``FLOOR`` below).
 
 py-spy (``--native``, active samples) profiles the baseline replica during one more backlog:
 ``bench/results/profiles/baseline.txt`` (collapsed stacks), summarised by stage in
