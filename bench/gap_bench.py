@@ -52,12 +52,12 @@ def _from_memory(self, bucket, key):
 _fetch.ImageFetcher.fetch = _from_memory
 """
 NO_KAFKA_ACK = """
-import lensflow_predict.sink as _sink
-import lensflow_eventing.producer as _producer
-def _no_wait(producer, topic, message, timeout_s, polled=False):  # produced, but nobody waits for the ack
-    _producer.send(producer, topic, message.key, message.value, message.headers)
-    producer.poll(0)
-_sink.produce_and_wait = _no_wait
+import dataclasses
+import lensflow_predict.app as _app
+_answer = _app.PredictApp.answer
+def _no_wait(self, headers, body):  # produced, but nobody waits for the ack
+    return dataclasses.replace(_answer(self, headers, body), unacked=())
+_app.PredictApp.answer = _no_wait
 """
 # The per-event Prometheus observations and counts, and the log line, taken away.
 NO_METRICS = """
@@ -221,7 +221,7 @@ _timed(_handler, "decode_image", "decode")
 _timed(_runtime.LiteModel, "tensor", "resize + normalise")
 _timed(_runtime.LiteModel, "scores", "invoke")
 _timed(_handler, "prediction_event", "prediction event")
-_timed(_sink.PredictionProducer, "send", "Kafka produce + ack")
+_timed(_sink.PredictionProducer, "produce", "Kafka produce (its ack is awaited on the loop)")
 _stats = _app.PredictApp.stats
 _app.PredictApp.stats = lambda self: {**_stats(self), "stage_cpu_s": dict(_cpu)}
 """
@@ -249,7 +249,7 @@ STAGES = (
     ("resize + normalise", "to_input ("),
     ("decode (Pillow)", "decode_image ("),
     ("S3 GET (libcurl)", "ImageFetcher.fetch"),
-    ("Kafka produce + ack", "produce_and_wait"),
+    ("Kafka produce", "lensflow_predict/sink.py"),
     ("CloudEvent parse", "_parse_cloudevent"),
     ("prediction event", "prediction_event ("),
     ("JSON", "json/"),
