@@ -100,10 +100,10 @@ FLOOR = """
 import asyncio, json, os, resource, sys
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote_plus
-from cloudevents.kafka import to_binary
 from lensflow_core.imaging import decode_image
 from lensflow_eventing.contracts import ObjectEvent, prediction_event
 from lensflow_predict.app import get_replica
+from lensflow_predict.sink import ProduceError
 _pool = ThreadPoolExecutor(int(os.environ.get("THREADS", "4")))
 
 def _work(replica, bucket, key):
@@ -124,15 +124,11 @@ async def _floor(body: bytes, event_id: str):
         model=model.identity, predictions=predictions, source_event_id=event_id,
     )
     data = json.dumps(event.data).encode()
-    message = to_binary(event, data_marshaller=lambda _: data)
-    acked = loop.create_future()
-    def delivered(error, _message):
-        loop.call_soon_threadsafe(acked.set_result, error)
-    sink = replica.handler.producer
-    sink._producer.produce(sink.topic, message.value, message.key,
-                           headers=list(message.headers.items()), on_delivery=delivered)
-    error = await acked
-    return (503 if error else 200), data
+    try:
+        await asyncio.wrap_future(replica.handler.producer.produce(event, data))
+    except ProduceError:
+        return 503, data
+    return 200, data
 
 def _get(path):
     replica = get_replica()

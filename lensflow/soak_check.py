@@ -7,9 +7,9 @@ What it holds every run to (issue 23):
   notification was sent twice, within the at-least-once window is predicted twice on the
   topic: counted as a duplicate by what explains it, a fault that can redeliver
   (``REDELIVERING``) or what the logs show (the dispatcher's group session lost, a
-  notification produced again, a replica's produce unanswered), started between the upload and its last prediction;
-  unexplained ones break an invariant. The archive must keep one of them: an upload with
-  two archived predictions breaks an invariant;
+  notification produced again, a replica's produce unanswered), started between the
+  upload and its last prediction; unexplained ones break an invariant. The archive must
+  keep one of them: an upload with two archived predictions breaks an invariant;
 - every acknowledged hostile upload is dead-lettered with its reason (the status its
   kind must get, ``HOSTILE_STATUS``) and never predicted; an upload to an unknown bucket
   is refused by the store and never arrives anywhere;

@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 # The group session. On Tansu a fresh group's join takes half the session timeout and a
 # member replacing a killed one ~1.8x (3 s and 11 s at 6 s; 5 s and 18 s at 10 s), so the
 # session stays short. Tansu's coordinator writes the group to its storage on every
-# heartbeat (tansu-io/tansu v0.6.0, tansu-broker/src/coordinator/group/administrator.rs); with its S3 engine a frozen S3 leaves heartbeats unanswered. librdkafka's
+# heartbeat (tansu-io/tansu v0.6.0, tansu-broker/src/coordinator/group/administrator.rs);
+# with its S3 engine a frozen S3 leaves heartbeats unanswered. librdkafka's
 # default 3 s heartbeat lost the session to a 5.5 s freeze where a 1 s one kept it
 # (docs/benchmarks.md, "Soak"; seed 4242 lost it with no fault under way).
 SESSION_TIMEOUT_MS = 6000

@@ -36,7 +36,9 @@ QUEUE_LIMIT = 100_000
 SUFFIX = ".event"
 RETRY_S = (0.5, 5.0)  # first and longest wait before producing failed events again
 # How long the broker may take to acknowledge an event before it is produced again; an
-# event the broker stored but whose answer came too late is then on the topic twice.
+# event the broker stored but whose answer came too late is then on the topic twice, as
+# with MinIO (RELEASE.2025-09-07T16-13-09Z internal/event/target/kafka.go: SendFromStore
+# deletes the stored event only after a successful send).
 MESSAGE_TIMEOUT_S = 30.0
 CLIENT_ID = "lensflow-s3-notify"  # librdkafka's name for the producer, in its log lines too
 

@@ -9,7 +9,8 @@ explains the names and the orphan rule) and only then commits the offsets after 
 
 One row per upload: an image event delivered twice, or a notification sent twice, within
 the at-least-once window is predicted twice (two prediction events of one upload:
-``records.upload_of``), and both land on one partition (the topic is keyed by the image). The archiver keeps the first: it remembers
+``records.upload_of``), and both land on one partition (the topic is keyed by the image).
+The archiver keeps the first: it remembers
 the uploads of each partition it archived, seeded from the partition's newest committed
 files of the batch's dates and the day before, and leaves a later prediction of one out.
 

@@ -34,9 +34,10 @@ class LabelWriter:
     S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
 
     At most ``rate`` offers a second are written (past that they are counted ``paced``)
-    and at most ``backlog`` wait or run at once (past that: ``busy``). Each write's outcome is counted when it completes. Offers wait in a
-    deque that the writers drain ``BATCH_S`` after the first of a batch arrived: one
-    wake-up per batch rather than a thread hand-off per offer.
+    and at most ``backlog`` wait or run at once (past that: ``busy``). Each write's
+    outcome is counted when it completes. Offers wait in a deque that the writers drain
+    ``BATCH_S`` after the first of a batch arrived: one wake-up per batch rather than a
+    thread hand-off per offer.
     """
 
     BATCH_S = 0.02
