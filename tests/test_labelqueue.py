@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from lensflow.process import free_port
 from lensflow_core.s3 import s3_client
+from lensflow_core.settings import Config
 from lensflow_model_store import ModelStore
 from lensflow_model_store.label_images import LabelRefused, label
 from lensflow_model_store.label_queue import LabelQueue, is_uncertain, record_key
@@ -91,11 +93,12 @@ class Counted:
     """The queue's objects, counting the requests made through them."""
 
     def __init__(self, objects):
-        self.objects, self.puts, self.lists = objects, 0, 0
+        self.objects, self.puts, self.batches, self.lists = objects, 0, 0, 0
 
-    def put(self, *args, **kwargs):
-        self.puts += 1
-        return self.objects.put(*args, **kwargs)
+    def put_many(self, items, **kwargs):
+        self.puts += len(items)
+        self.batches += 1
+        return self.objects.put_many(items, **kwargs)
 
     def list_keys(self, prefix):
         self.lists += 1
@@ -143,9 +146,49 @@ def test_the_predict_functions_libcurl_queue_writes_the_same_records_and_knows_w
     assert record["ContentType"] == "application/json"
 
 
+def test_a_batch_of_offers_is_written_in_one_go_and_settled_as_one_at_a_time(world):
+    """The replica's writer hands the queue a batch: new records go out as one batch of
+    requests; an image twice in the batch, one queued already and places past the limit
+    are settled without a request; a store that cannot be reached fails each offer alone."""
+    from lensflow_core.s3_get import ObjectGetter
+    from lensflow_predict.curl_objects import CurlObjects
+
+    config, s3, bucket, operator = world
+    objects = Counted(CurlObjects(ObjectGetter(config), config.train_bucket))
+    queue = LabelQueue(s3, config.train_bucket, limit=3, objects=objects)
+    operator.offer(bucket, "b/queued.jpg", "e", model("v1"), scores(0.4, 0.3, 0.3))
+    offers = [
+        (bucket, key, "e", model(version), scores(0.4, 0.3, 0.3))
+        for key, version in [
+            ("b/1.jpg", "v1"),
+            ("b/1.jpg", "v1"),
+            ("b/queued.jpg", "v1"),
+            ("b/2.jpg", "v1"),
+            ("b/3.jpg", "v1"),  # the queued one and two new ones fill v1's three places
+            ("b/1.jpg", "v2"),
+        ]
+    ]
+    outcomes = queue.offer_many(offers)
+    assert outcomes == ["recorded", "duplicate", "duplicate", "recorded", "full", "recorded"]
+    assert objects.puts == 3 and objects.batches == 1
+    assert sorted((e.key, e.model["version"]) for e in operator.entries()) == [
+        ("b/1.jpg", "v1"),
+        ("b/1.jpg", "v2"),
+        ("b/2.jpg", "v1"),
+        ("b/queued.jpg", "v1"),
+    ]
+    assert queue.offer_many(offers[:1]) == ["duplicate"] and objects.batches == 1
+    away = {**config.env, "LENSFLOW_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    getter = ObjectGetter(Config.from_env(away), timeout_s=2)
+    lost = LabelQueue(s3, config.train_bucket, 3, CurlObjects(getter, config.train_bucket))
+    failed = lost.offer_many(offers[:2])
+    assert [type(f).__name__ for f in failed] == ["StoreUnavailableError"] * 2
+
+
 def test_a_replica_writes_at_most_its_rate_and_counts_the_rest_paced(world):
     """A new model finds everything uncertain: a burst of offers writes a second's worth
-    of records, the rest are counted ``paced`` at once (no request, no thread)."""
+    of records, as one batch; the rest are counted ``paced`` at once (no request, no
+    thread)."""
     from lensflow_core.s3_get import ObjectGetter
     from lensflow_eventing.contracts import ObjectEvent
     from lensflow_predict import metrics
@@ -153,7 +196,7 @@ def test_a_replica_writes_at_most_its_rate_and_counts_the_rest_paced(world):
     from lensflow_predict.labels import LabelWriter
 
     config, s3, bucket, _ = world
-    objects = CurlObjects(ObjectGetter(config), config.train_bucket)
+    objects = Counted(CurlObjects(ObjectGetter(config), config.train_bucket))
     queue = LabelQueue(s3, config.train_bucket, limit=1000, objects=objects)
     writer = LabelWriter(queue, rate=5)
     before = metrics.counts(metrics.LABEL_QUEUE)
@@ -168,6 +211,7 @@ def test_a_replica_writes_at_most_its_rate_and_counts_the_rest_paced(world):
     wait_for(lambda: counted("recorded") >= 5, 5, "writes not counted")
     assert 5 <= queue.size("v9") <= 6 and counted("paced") >= 34  # a token may refill
     assert counted("recorded") + counted("paced") == 40
+    assert objects.batches == 1  # the burst's records went out together
 
 
 def test_list_is_most_uncertain_first_one_entry_per_image(world):
@@ -330,7 +374,7 @@ def test_the_predict_function_queues_uncertain_images_once(
 def test_a_full_backlog_drops_the_offer_and_never_delays_the_answer(
     s3_server, kafka_broker, tiny_models
 ):
-    """One writer, a backlog of one: while its write is held, the next uncertain image is
+    """A backlog of one: while the writer's write is held, the next uncertain image is
     answered at once and its offer counted busy; the held write lands once let go."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -351,10 +395,10 @@ def test_a_full_backlog_drops_the_offer_and_never_delays_the_answer(
         started = threading.Event()
         go = threading.Event()
 
-        def offer(self, *args):
+        def offer_many(self, offers):
             self.started.set()
             self.go.wait(60)
-            return super().offer(*args)
+            return super().offer_many(offers)
 
     _, config, s3 = _uncertain_stack(s3_server, kafka_broker, tiny_models, "same")
     watcher = ModelWatcher(ModelStore.from_config(config, s3=s3), config.pointer_ttl_s, 1)
@@ -362,7 +406,7 @@ def test_a_full_backlog_drops_the_offer_and_never_delays_the_answer(
     assert watcher.model is not None
     held = HeldQueue(s3, config.train_bucket, 10)
     producer = PredictionProducer(config.kafka, config.topic_predictions)
-    writer = LabelWriter(held, threads=1, backlog=1)
+    writer = LabelWriter(held, backlog=1)
     handler = PredictHandler(config, ImageFetcher(config), watcher, producer, writer)
     bucket = config.image_buckets[0]
 

@@ -105,6 +105,31 @@ def test_a_conditional_put_writes_once_and_a_list_sees_every_key(store):
         getter.list_keys("no-such-bucket-x", "a/")
 
 
+def test_a_batch_of_conditional_puts_answers_each_in_order(store):
+    """The labelling queue's batch: more records than go in flight at once, one of them
+    there already; each answered as alone, in order. No store: each item unreachable."""
+    from lensflow_core.s3_get import PARALLEL
+
+    config, s3, bucket = store
+    getter = ObjectGetter(config)
+    s3.put_object(Bucket=bucket, Key="batch/5.json", Body=b"first")
+    items = [(f"batch/{i}.json", b'{"n": %d}' % i) for i in range(PARALLEL + 4)]
+    items[7] = ("batch/ä b&7.json", b'{"n": 7}')
+    answers = getter.put_many_if_absent(bucket, items, "application/json")
+    assert [a.status for a in answers[:5]] == [200] * 5 and answers[5].status in (409, 412)
+    assert all(a.status == 200 and a.etag for a in answers[6:])
+    for key, body in items:
+        want = b"first" if key == "batch/5.json" else body
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == want
+    again = getter.put_many_if_absent(bucket, items[:3], "application/json")
+    assert [a.status in (409, 412) for a in again] == [True] * 3
+    nobody = Config.from_env(
+        {**config.env, "LENSFLOW_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    )
+    away = ObjectGetter(nobody, timeout_s=2).put_many_if_absent(bucket, items[:2], "text/plain")
+    assert [type(a) for a in away] == [Unreachable, Unreachable]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "extra"),
     [

@@ -1,8 +1,7 @@
 """The predict function's S3 requests: libcurl (pycurl), SigV4-signed as MinIO's signer signs.
 
 The image GET, the model pointer's conditional GET, and the labelling queue's
-conditional PUT and LIST. A kept-alive
-connection per thread. Measured per GET on this project's stack: about 0.25 ms of CPU,
+conditional PUTs (a batch in parallel) and LIST. Kept-alive connections per thread. Measured per GET on this project's stack: about 0.25 ms of CPU,
 against 0.75 ms for the MinIO client and 1.7 ms for boto3 (docs/benchmarks.md), which
 was most of what a replica spent outside the model; the queue's PUT through boto3 cost
 a replica a quarter of its throughput while a new model version filled the queue.
@@ -22,6 +21,7 @@ import ssl
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -37,6 +37,7 @@ _ETAG = re.compile(rb'^etag:\s*"?([^"\r\n]*)"?\s*$', re.IGNORECASE | re.MULTILIN
 _KEY = re.compile(rb"<Key>([^<]*)</Key>")
 _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 ERROR_BYTES = 64 * 1024  # more than any S3 error document
+PARALLEL = 16  # conditional PUTs in flight at once, per thread
 
 
 class ObjectTooLarge(Exception):
@@ -67,9 +68,9 @@ class ObjectGetter:
     """Signed, path-style requests to one S3 endpoint: ``get(bucket, key, limit)``, one
     object's bytes; ``put_if_absent`` and ``list_keys`` for the labelling queue.
 
-    Safe from many threads: each thread keeps its own libcurl handles (one for reads, one
-    for writes), and so its own kept-alive connections. One quick retry after a 5xx or a
-    failed connection.
+    Safe from many threads: each thread keeps its own libcurl handles (one for reads, a
+    multi handle and its pool for writes), and so its own kept-alive connections. One
+    quick retry after a 5xx or a failed connection.
     """
 
     def __init__(self, config: Config, timeout_s: float = 5.0):
@@ -97,7 +98,30 @@ class ObjectGetter:
     ) -> GetResult:
         """PUT ``body`` with If-None-Match ``*``: 200 when written, 412 (or 409, a
         concurrent write) when ``key`` exists already. Raises ``Unreachable``."""
-        return self._retried(lambda: self._put(bucket, key, body, content_type))
+        result = self.put_many_if_absent(bucket, [(key, body)], content_type)[0]
+        if isinstance(result, Unreachable):
+            raise result
+        return result
+
+    def put_many_if_absent(
+        self, bucket: str, items: Sequence[tuple[str, bytes]], content_type: str
+    ) -> list[GetResult | Unreachable]:
+        """``put_if_absent`` for each (key, body), up to ``PARALLEL`` at a time on as many
+        kept-alive connections (libcurl's multi interface): a batch costs one wait for
+        the store's answers, not one per request, which took a queued photo's CPU from
+        ~0.2 ms to under 0.1 (docs/benchmarks.md, "Labelling queue"). Answers in order;
+        an item the store did not answer (after the one quick retry) is its
+        ``Unreachable``."""
+        results: list[GetResult | Unreachable] = []
+        for start in range(0, len(items), PARALLEL):
+            chunk = items[start : start + PARALLEL]
+            answers = self._put_round(bucket, chunk, content_type)
+            again = [i for i, a in enumerate(answers) if _retry(a)]
+            retried = self._put_round(bucket, [chunk[i] for i in again], content_type)
+            for i, answer in zip(again, retried, strict=True):
+                answers[i] = answer
+            results += answers
+        return results
 
     def list_keys(self, bucket: str, prefix: str) -> list[str]:
         """Every key under ``prefix`` (ListObjectsV2, page by page). Raises
@@ -136,15 +160,41 @@ class ObjectGetter:
             raise ObjectTooLarge(f"over the limit of {limit} bytes")
         return result
 
-    def _put(self, bucket: str, key: str, body: bytes, content_type: str) -> GetResult:
-        path = f"{bucket}/{quote(key)}"
-        extra = {"Content-Type": content_type, "If-None-Match": "*"}
-        digest = hashlib.sha256(body).hexdigest()
-        curl = self._curl("put")
-        # "Expect:" off: no 100-continue round trip for a small body
-        curl.setopt(pycurl.HTTPHEADER, [*self._signed("PUT", path, digest, extra), "Expect:"])
-        curl.setopt(pycurl.POSTFIELDS, body)
-        return self._perform(curl, "put", f"{self.base}/{path}", ERROR_BYTES)
+    def _put_round(
+        self, bucket: str, items: Sequence[tuple[str, bytes]], content_type: str
+    ) -> list[GetResult | Unreachable]:
+        """One PUT per item, all in flight at once on this thread's multi handle."""
+        multi, pool = self._multi()
+        while len(pool) < len(items):
+            pool.append(self._new_curl(put=True))
+        started = []
+        for curl, (key, body) in zip(pool, items, strict=False):  # the pool may be larger
+            path = f"{bucket}/{quote(key)}"
+            extra = {"Content-Type": content_type, "If-None-Match": "*"}
+            digest = hashlib.sha256(body).hexdigest()
+            # "Expect:" off: no 100-continue round trip for a small body
+            curl.setopt(pycurl.HTTPHEADER, [*self._signed("PUT", path, digest, extra), "Expect:"])
+            curl.setopt(pycurl.POSTFIELDS, body)
+            started.append((curl, self._prepare(curl, f"{self.base}/{path}")))
+            multi.add_handle(curl)
+        failed = _run(multi)
+        results: list[GetResult | Unreachable] = []
+        for curl, buffers in started:
+            multi.remove_handle(curl)
+            if curl in failed:
+                pool.remove(curl)  # a fresh handle (and connection) next time
+                curl.close()
+                results.append(Unreachable(f"object store unreachable: {failed[curl]}"))
+            else:
+                results.append(_result(curl, *buffers))
+        return results
+
+    def _multi(self) -> tuple[pycurl.CurlMulti, list[pycurl.Curl]]:
+        """This thread's multi handle and its PUT handles (their connections kept)."""
+        multi = getattr(self._local, "multi", None)
+        if multi is None:
+            multi = self._local.multi = (pycurl.CurlMulti(), [])
+        return multi
 
     def _signed(self, method: str, path: str, digest: str, extra: dict[str, str]) -> list[str]:
         """The request's headers, signed (SigV4), as MinIO's ``sign_v4_s3`` signs them (a
@@ -183,10 +233,7 @@ class ObjectGetter:
         return cached[1]
 
     def _perform(self, curl: pycurl.Curl, kind: str, url: str, limit: int) -> GetResult:
-        body, head = io.BytesIO(), io.BytesIO()
-        curl.setopt(pycurl.URL, url)
-        curl.setopt(pycurl.WRITEFUNCTION, body.write)  # C methods: no Python frame per chunk
-        curl.setopt(pycurl.HEADERFUNCTION, head.write)
+        buffers = self._prepare(curl, url)
         try:
             curl.perform()
         except pycurl.error as exc:
@@ -195,26 +242,68 @@ class ObjectGetter:
             setattr(self._local, kind, None)  # a fresh handle (and connection) next time
             curl.close()
             raise Unreachable(f"object store unreachable: {exc.args[-1]}") from None
-        status = curl.getinfo(pycurl.RESPONSE_CODE)
-        etag = _ETAG.findall(head.getvalue())  # the last answer's (after a 100 Continue)
-        return GetResult(status, body.getvalue(), etag[-1].decode("latin-1") if etag else "")
+        return _result(curl, *buffers)
+
+    @staticmethod
+    def _prepare(curl: pycurl.Curl, url: str) -> tuple[io.BytesIO, io.BytesIO]:
+        """Point ``curl`` at ``url``, its answer's body and head going to fresh buffers."""
+        body, head = io.BytesIO(), io.BytesIO()
+        curl.setopt(pycurl.URL, url)
+        curl.setopt(pycurl.WRITEFUNCTION, body.write)  # C methods: no Python frame per chunk
+        curl.setopt(pycurl.HEADERFUNCTION, head.write)
+        return body, head
 
     def _curl(self, kind: str) -> pycurl.Curl:
         curl = getattr(self._local, kind, None)
         if curl is None:
-            curl = pycurl.Curl()
-            curl.setopt(pycurl.NOSIGNAL, 1)  # timeouts without signals: threads
-            curl.setopt(pycurl.CONNECTTIMEOUT_MS, self.timeout_ms)
-            curl.setopt(pycurl.TIMEOUT_MS, 2 * self.timeout_ms)
-            if kind == "put":
-                curl.setopt(pycurl.CUSTOMREQUEST, "PUT")
-            cafile, capath = (self.ca, None) if self.ca else system_ca_store()
-            if cafile:
-                curl.setopt(pycurl.CAINFO, cafile)
-            if capath:
-                curl.setopt(pycurl.CAPATH, capath)
+            curl = self._new_curl()
             setattr(self._local, kind, curl)
         return curl
+
+    def _new_curl(self, put: bool = False) -> pycurl.Curl:
+        curl = pycurl.Curl()
+        curl.setopt(pycurl.NOSIGNAL, 1)  # timeouts without signals: threads
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, self.timeout_ms)
+        curl.setopt(pycurl.TIMEOUT_MS, 2 * self.timeout_ms)
+        if put:
+            curl.setopt(pycurl.CUSTOMREQUEST, "PUT")
+        cafile, capath = (self.ca, None) if self.ca else system_ca_store()
+        if cafile:
+            curl.setopt(pycurl.CAINFO, cafile)
+        if capath:
+            curl.setopt(pycurl.CAPATH, capath)
+        return curl
+
+
+def _result(curl: pycurl.Curl, body: io.BytesIO, head: io.BytesIO) -> GetResult:
+    status = curl.getinfo(pycurl.RESPONSE_CODE)
+    etag = _ETAG.findall(head.getvalue())  # the last answer's (after a 100 Continue)
+    return GetResult(status, body.getvalue(), etag[-1].decode("latin-1") if etag else "")
+
+
+def _retry(answer: GetResult | Unreachable) -> bool:
+    """Whether an answer earns the one quick retry: none, or a 5xx."""
+    return isinstance(answer, Unreachable) or answer.status >= 500
+
+
+def _run(multi: pycurl.CurlMulti) -> dict[pycurl.Curl, str]:
+    """Drive ``multi``'s transfers to their ends; the failed ones, with libcurl's reason."""
+    while True:
+        code, active = multi.perform()
+        if code == pycurl.E_CALL_MULTI_PERFORM:
+            continue
+        if not active:
+            break
+        if multi.select(1.0) == 0:
+            # 0 at once when libcurl has no socket select() can watch (a descriptor past
+            # FD_SETSIZE): a short sleep instead of a busy loop
+            time.sleep(0.001)
+    failed = {}
+    while True:
+        queued, _, errors = multi.info_read()
+        failed.update((curl, message) for curl, _, message in errors)
+        if not queued:
+            return failed
 
 
 def system_ca_store() -> tuple[str | None, str | None]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from lensflow_model_store.errors import ConflictError, NotFoundError
+from lensflow_model_store.errors import ConflictError, ModelStoreError, NotFoundError
 from lensflow_model_store.layout import (
     QUEUE,
     version_number,
@@ -115,6 +115,25 @@ class QueueEntry:
 _BODY = tuple(f.name for f in fields(QueueEntry) if f.name != "record")
 
 
+# One offer: (bucket, key, etag, model, predictions), as ``LabelQueue.offer`` takes them.
+Offer = tuple[str, str, "str | None", dict[str, str], Sequence[dict[str, Any]]]
+
+
+def _entry(bucket: str, key: str, etag, model: dict[str, str], predictions) -> QueueEntry:
+    """The queue entry of an uncertain prediction, recorded now."""
+    top1, margin = top1_and_margin(predictions)
+    return QueueEntry(
+        bucket=bucket,
+        key=key,
+        etag=(etag or "").strip('"') or None,
+        model=model,  # serialised right away: no copies
+        top=list(predictions[:TOP_K]),
+        top1=round(top1, 6),
+        margin=round(margin, 6),
+        recorded_at=_now(),
+    )
+
+
 @dataclass
 class _Known:
     """What a replica knows of one version's queue: the last LIST's records and its own since."""
@@ -150,14 +169,15 @@ class LabelQueue:
         a request (and its knowledge is not due for a LIST); otherwise None."""
         return self._settled(version, record_key(version, bucket, key))
 
-    def _settled(self, version: str, record: str) -> str | None:
+    def _settled(self, version: str, record: str, pending: int = 0) -> str | None:
+        """``known``, with ``pending`` more records of ``version`` about to be written."""
         with self._lock:
             known = self._known.get(version)
             if known is None or self._stale(known):
                 return None
             if record in known.records:
                 return "duplicate"
-            return "full" if len(known.records) >= self.limit else None
+            return "full" if len(known.records) + pending >= self.limit else None
 
     def offer(
         self,
@@ -170,30 +190,49 @@ class LabelQueue:
         """Record an uncertain image once: ``recorded``, ``duplicate`` (already queued for
         this version) or ``full``. Raises ``ModelStoreError`` (or ``OSError``, from the
         libcurl ``objects``) when S3 fails."""
-        version = model["version"]
-        record = record_key(version, bucket, key)
-        self._refresh(version)
-        settled = self._settled(version, record)
-        if settled is not None:
-            return settled
-        top1, margin = top1_and_margin(predictions)
-        entry = QueueEntry(
-            bucket=bucket,
-            key=key,
-            etag=(etag or "").strip('"') or None,
-            model=model,  # serialised right away: no copies
-            top=list(predictions[:TOP_K]),
-            top1=round(top1, 6),
-            margin=round(margin, 6),
-            recorded_at=_now(),
-        )
-        try:
-            self.objects.put(record, entry.body(), content_type="application/json", if_absent=True)
-        except ConflictError:
-            self._remember(version, record, written=False)
+        outcome = self.offer_many([(bucket, key, etag, model, predictions)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def offer_many(self, offers: Sequence[Offer]) -> list[str | Exception]:
+        """``offer`` for each (bucket, key, etag, model, predictions), the new records
+        written as one batch (``objects.put_many``): each outcome, or the error ``offer``
+        would raise."""
+        outcomes: list[str | Exception] = [""] * len(offers)
+        writes: list[tuple[int, str, str]] = []  # (offer, version, record)
+        bodies: list[tuple[str, bytes]] = []
+        for i, (bucket, key, etag, model, predictions) in enumerate(offers):
+            version, record = model["version"], record_key(model["version"], bucket, key)
+            try:
+                settled = self._settled_in(writes, version, record)
+            except (ModelStoreError, OSError) as exc:  # the version's LIST failed
+                outcomes[i] = exc
+                continue
+            if settled is not None:
+                outcomes[i] = settled
+                continue
+            writes.append((i, version, record))
+            bodies.append((record, _entry(bucket, key, etag, model, predictions).body()))
+        if not bodies:
+            return outcomes
+        written = self.objects.put_many(bodies, content_type="application/json", if_absent=True)
+        for (i, version, record), answer in zip(writes, written, strict=True):
+            if isinstance(answer, Exception) and not isinstance(answer, ConflictError):
+                outcomes[i] = answer
+                continue
+            outcomes[i] = "duplicate" if isinstance(answer, ConflictError) else "recorded"
+            self._remember(version, record, written=outcomes[i] == "recorded")
+        return outcomes
+
+    def _settled_in(self, writes: list[tuple[int, str, str]], version: str, record: str):
+        """``_settled`` for one offer of a batch, counting the batch's ``writes`` so far
+        (after a LIST of ``version``, if due)."""
+        batch = [r for _, v, r in writes if v == version]
+        if record in batch:
             return "duplicate"
-        self._remember(version, record, written=True)
-        return "recorded"
+        self._refresh(version)
+        return self._settled(version, record, len(batch))
 
     def _stale(self, known: _Known) -> bool:
         return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError, SSLError
@@ -97,6 +98,19 @@ class Objects:
             return self.s3.put_object(**kwargs)["ETag"]
         except (ClientError, BotoCoreError) as exc:
             raise translate(exc, f"write s3://{self.bucket}/{key}") from None
+
+    def put_many(
+        self, items: Sequence[tuple[str, bytes]], **options: Any
+    ) -> list[str | ModelStoreError]:
+        """``put`` for each (key, body), one after the other: the ETag, or the error ``put``
+        raised. (The predict replica's libcurl objects send a batch in parallel.)"""
+        written: list[str | ModelStoreError] = []
+        for key, body in items:
+            try:
+                written.append(self.put(key, body, **options))
+            except ModelStoreError as exc:
+                written.append(exc)
+        return written
 
     def put_json(self, key: str, value: dict, **conditions: Any) -> str:
         body = json.dumps(value, indent=2, sort_keys=True).encode()

@@ -2,14 +2,16 @@
 
 ``lensflow_model_store`` reads and writes through an ``Objects`` (boto3 by default);
 the predict replica hands it this one where it asks often: the labelling queue's
-conditional PUT and LIST, and the model pointer's conditional GET every half TTL. boto3
-costs ~1.5 ms of CPU a request on a replica's core, libcurl a fraction of that
-(docs/benchmarks.md). Errors are the store's own (``lensflow_model_store.errors``).
+conditional PUTs (a batch at a time) and LIST, and the model pointer's conditional GET
+every half TTL. boto3 costs ~1.5 ms of CPU a request on a replica's core, libcurl a
+fraction of that (docs/benchmarks.md). Errors are the store's own (``lensflow_model_store.errors``).
 """
 
 from __future__ import annotations
 
-from lensflow_core.s3_get import ObjectGetter, Unreachable
+from collections.abc import Sequence
+
+from lensflow_core.s3_get import GetResult, ObjectGetter, Unreachable
 from lensflow_model_store.errors import (
     ConflictError,
     ModelStoreError,
@@ -45,21 +47,36 @@ class CurlObjects:
         raise ModelStoreError(f"{what}: {result.error_code}")
 
     def put(self, key: str, body: bytes, *, content_type: str, if_absent: bool = False) -> str:
+        written = self.put_many([(key, body)], content_type=content_type, if_absent=if_absent)[0]
+        if isinstance(written, ModelStoreError):
+            raise written
+        return written
+
+    def put_many(
+        self, items: Sequence[tuple[str, bytes]], *, content_type: str, if_absent: bool = False
+    ) -> list[str | ModelStoreError]:
+        """``put`` for each (key, body), as one batch of parallel requests: the ETag, or
+        the error ``put`` would raise (``ConflictError`` when the record exists)."""
         if not if_absent:
             raise ValueError("the labelling queue only writes records that do not exist yet")
-        what = f"write s3://{self.bucket}/{key}"
-        try:
-            result = self.getter.put_if_absent(self.bucket, key, body, content_type)
-        except Unreachable as exc:
-            raise StoreUnavailableError(f"{what}: {exc}") from None
-        if result.status in (409, 412):
-            raise ConflictError(f"{what}: the record exists")
-        if result.status != 200:
-            raise StoreUnavailableError(f"{what}: {result.error_code}")
-        return result.etag
+        answers = self.getter.put_many_if_absent(self.bucket, items, content_type)
+        return [
+            _written(f"write s3://{self.bucket}/{key}", answer)
+            for (key, _), answer in zip(items, answers, strict=True)
+        ]
 
     def list_keys(self, prefix: str) -> list[str]:
         try:
             return self.getter.list_keys(self.bucket, prefix)
         except OSError as exc:  # Unreachable, or the store's error code
             raise StoreUnavailableError(f"list s3://{self.bucket}/{prefix}: {exc}") from None
+
+
+def _written(what: str, answer: GetResult | Unreachable) -> str | ModelStoreError:
+    if isinstance(answer, Unreachable):
+        return StoreUnavailableError(f"{what}: {answer}")
+    if answer.status in (409, 412):
+        return ConflictError(f"{what}: the record exists")
+    if answer.status != 200:
+        return StoreUnavailableError(f"{what}: {answer.error_code}")
+    return answer.etag

@@ -1,10 +1,12 @@
 """The labelling queue as the predict function writes it: off the request's path, over libcurl.
 
-``LabelWriter`` offers uncertain images on background threads to
+``LabelWriter`` offers uncertain images on a background thread to
 ``lensflow_model_store.label_queue.LabelQueue``, which writes through the replica's libcurl
-client (``lensflow_predict.curl_objects``) instead of boto3: about 1.5 ms of a replica's
-CPU per queued image through boto3, a fraction of that there (docs/benchmarks.md). An offer the queue's in-memory record settles (full, already
-queued) is counted on the request's thread and costs no request and no thread hand-off.
+client (``lensflow_predict.curl_objects``), a batch of conditional PUTs in parallel: about
+1.5 ms of a replica's CPU per queued image through boto3, ~0.2 ms through libcurl one at a
+time, under 0.1 ms in batches (docs/benchmarks.md, "Labelling queue"). An offer the
+queue's in-memory record settles (full, already queued) is counted on the request's thread
+and costs no request and no thread hand-off.
 """
 
 from __future__ import annotations
@@ -19,33 +21,31 @@ from lensflow_model_store.label_queue import LabelQueue
 from lensflow_predict import metrics
 
 log = logging.getLogger("lensflow.predict")
-# The labelling queue's writers: a fresh model finds most pictures uncertain, and a person
-# needs a few hundred of them, not each one; past this backlog offers are dropped (busy).
-LABEL_WRITERS = 2
+# A fresh model finds most pictures uncertain, and a person needs a few hundred of them,
+# not each one; past this backlog offers are dropped (busy).
 LABEL_BACKLOG = 64
 # At most this many writes a second per replica (offers past it are counted ``paced``):
-# the queue's 500 places fill in 50 s, for ~0.3-1% of a core (0.26 to 1 ms a write) and a
-# bounded load on the store, however many uncertain photos a new model version meets.
+# the queue's 500 places fill in 50 s, for well under 1% of a core and a bounded load on
+# the store, however many uncertain photos a new model version meets.
 LABEL_WRITES_PER_S = 10.0  # why: docs/benchmarks.md, "The pacing, reviewed"
 
 
 class LabelWriter:
-    """Offers uncertain images to the labelling queue on background threads, so that its
-    S3 writes (a conditional PUT, now and then a LIST) never delay or fail a prediction.
+    """Offers uncertain images to the labelling queue on a background thread, so that its
+    S3 writes (conditional PUTs, now and then a LIST) never delay or fail a prediction.
 
     At most ``rate`` offers a second are written (past that they are counted ``paced``)
     and at most ``backlog`` wait or run at once (past that: ``busy``). Each write's
-    outcome is counted when it completes. Offers wait in a deque that the writers drain
-    ``BATCH_S`` after the first of a batch arrived: one wake-up per batch rather than a
-    thread hand-off per offer.
+    outcome is counted when it completes. Offers wait in a deque that the writer drains
+    ``BATCH_S`` after the first of a batch arrived, writing the batch's records in
+    parallel: two seconds of offers cost one wake-up and one wait for the store.
     """
 
-    BATCH_S = 0.02
+    BATCH_S = 2.0  # a record lands within about two seconds: nobody labels faster
 
     def __init__(
         self,
         queue: LabelQueue,
-        threads: int = LABEL_WRITERS,
         backlog: int = LABEL_BACKLOG,
         rate: float = LABEL_WRITES_PER_S,
     ):
@@ -55,11 +55,10 @@ class LabelWriter:
         self._room = threading.BoundedSemaphore(backlog)
         self._pending: collections.deque = collections.deque()
         self._wake = threading.Event()
-        for i in range(threads):
-            threading.Thread(target=self._run, name=f"label-queue-{i}", daemon=True).start()
+        threading.Thread(target=self._run, name="label-queue", daemon=True).start()
 
     def offer(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
-        """Hand the offer to a writer, or count it: never waits, never raises."""
+        """Hand the offer to the writer, or count it: never waits, never raises."""
         settled = self.queue.known(model["version"], record.bucket, record.key)
         if settled is not None:  # full, or queued already: nothing to write
             metrics.LABEL_QUEUE.labels(settled).inc()
@@ -90,19 +89,19 @@ class LabelWriter:
             self._wake.wait()
             time.sleep(self.BATCH_S)  # let a batch gather
             self._wake.clear()
-            while True:
-                try:
-                    offer = self._pending.popleft()
-                except IndexError:
-                    break
-                self._write(*offer)
+            batch = [self._pending.popleft() for _ in range(len(self._pending))]
+            if batch:
+                self._write(batch)
 
-    def _write(self, record: ObjectEvent, etag, model: dict[str, str], predictions) -> None:
+    def _write(self, batch: list[tuple]) -> None:
+        offers = [(r.bucket, r.key, etag, model, top) for r, etag, model, top in batch]
         try:
-            outcome = self.queue.offer(record.bucket, record.key, etag, model, predictions)
-        except Exception as exc:  # counted and logged; the prediction is out
-            log.warning("could not queue %s for labelling: %s", record.path, exc)
-            outcome = "error"
-        finally:
+            outcomes = self.queue.offer_many(offers)
+        except Exception as exc:  # counted and logged; the predictions are out
+            outcomes = [exc] * len(batch)
+        for (record, *_), outcome in zip(batch, outcomes, strict=True):
             self._room.release()
-        metrics.LABEL_QUEUE.labels(outcome).inc()
+            if isinstance(outcome, Exception):
+                log.warning("could not queue %s for labelling: %s", record.path, outcome)
+                outcome = "error"
+            metrics.LABEL_QUEUE.labels(outcome).inc()
