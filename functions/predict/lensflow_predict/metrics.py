@@ -68,7 +68,7 @@ LABEL_QUEUE = Counter(
     "lensflow_predict_label_queue",
     "Uncertain predictions offered to the labelling queue, by outcome: recorded, duplicate "
     "(already queued for this version), full, error (could not be written), busy (dropped: "
-    "the replica's writers had a full backlog), paced (dropped: over the replica's writes "
+    "the replica's writer had a full backlog), paced (dropped: over the replica's writes "
     "a second)",
     ["outcome"],
 )
