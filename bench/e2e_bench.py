@@ -7,6 +7,7 @@
    event time: S3's notification, broker, dispatcher, replica).
 3. Burst: a base rate, 10x for 20 s, base again; lag, throughput and replicas sampled every
    0.5 s; the time from the burst's end until the lag is back to zero.
+4. Throughput again with the labelling queue on and every photo uncertain (issue 22).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import (
+    QUEUE_ON,
     cpu_seconds,
     mobilenet_v2_tflite,
     pyplot,
@@ -122,32 +124,9 @@ def run(out_dir: Path) -> dict:
         dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
         try:
             # 1. throughput: a backlog drained as fast as the chain allows
-            uploaded = upload_at_rate(
-                s3, bucket, "throughput", photos, THROUGHPUT_IMAGES, lambda t: 1e6, 3600
-            )
-            dispatcher.start()
-            order = list(uploaded)
-            paths = set(order)
-            warm = set(order[: len(order) // 10])
-            watcher.wait_for(warm, 120)  # replicas started and warm: measure from here
-            before = cpu_use(servers, pool)
-            seen_before, started = len(paths & watcher.seen.keys()), time.monotonic()
-            if not watcher.wait_for(paths, 600):
-                raise RuntimeError("not every throughput image got a prediction")
-            after, elapsed = cpu_use(servers, pool), time.monotonic() - started
-            times = sorted(watcher.seen[path] for path in paths)
-            e2e_rate = (len(times) - 1) / (times[-1] - times[0])
-            result["e2e_images_per_s"] = round(e2e_rate, 2)
+            result.update(throughput(s3, bucket, photos, watcher, dispatcher, pool, servers))
+            e2e_rate = result["e2e_images_per_s"]
             result["ratio_e2e_to_bare"] = round(e2e_rate / bare["images_per_s"], 3)
-            result["replicas_during_throughput"] = pool.stats()["replicas"]
-            images = len(paths) - seen_before
-            result["cpu_ms_per_image"] = {
-                name: round((after[name] - before[name]) * 1000 / images, 2) for name in after
-            }
-            result["cpu_share_of_machine"] = {
-                name: round((after[name] - before[name]) / (elapsed * (os.cpu_count() or 1)), 3)
-                for name in after
-            }
 
             # 2. latency at half the measured rate
             half = e2e_rate / 2
@@ -168,11 +147,53 @@ def run(out_dir: Path) -> dict:
         finally:
             dispatcher.stop()
             pool.stop()
+        # 4. throughput again, replicas with the labelling queue on and every photo uncertain
+        pool = ReplicaPool(
+            {**env, **QUEUE_ON}, max_replicas=2, target_concurrency=2, idle_s=5, threads=4
+        ).start()
+        dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
+        try:
+            on = throughput(s3, bucket, photos, watcher, dispatcher, pool, servers, "queue-on")
+            on["ratio_to_queue_off"] = round(on["e2e_images_per_s"] / e2e_rate, 3)
+            result["queue_on"] = on
+        finally:
+            dispatcher.stop()
+            pool.stop()
             watcher.stop()
     result["targets"] = {"ratio_e2e_to_bare>=0.8": result["ratio_e2e_to_bare"] >= 0.8}
     write_json(out_dir, "e2e", result)
     plot(out_dir, result)
     return result
+
+
+def throughput(
+    s3, bucket, photos, watcher, dispatcher, pool, servers, prefix: str = "throughput"
+) -> dict:
+    """A backlog of ``THROUGHPUT_IMAGES`` put first, then drained through ``dispatcher``:
+    images/s from first to last prediction (after a tenth to warm up), CPU per image."""
+    uploaded = upload_at_rate(s3, bucket, prefix, photos, THROUGHPUT_IMAGES, lambda t: 1e6, 3600)
+    dispatcher.start()
+    order = list(uploaded)
+    paths = set(order)
+    watcher.wait_for(set(order[: len(order) // 10]), 120)  # replicas started and warm
+    before = cpu_use(servers, pool)
+    seen_before, started = len(paths & watcher.seen.keys()), time.monotonic()
+    if not watcher.wait_for(paths, 600):
+        raise RuntimeError(f"not every {prefix} image got a prediction")
+    after, elapsed = cpu_use(servers, pool), time.monotonic() - started
+    times = sorted(watcher.seen[path] for path in paths)
+    images = len(paths) - seen_before
+    return {
+        "e2e_images_per_s": round((len(times) - 1) / (times[-1] - times[0]), 2),
+        "replicas_during_throughput": pool.stats()["replicas"],
+        "cpu_ms_per_image": {
+            name: round((after[name] - before[name]) * 1000 / images, 2) for name in after
+        },
+        "cpu_share_of_machine": {
+            name: round((after[name] - before[name]) / (elapsed * (os.cpu_count() or 1)), 3)
+            for name in after
+        },
+    }
 
 
 def burst(s3, bucket, photos, watcher, dispatcher, pool, base_rate) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 import requests
 
 from bench.common import (
+    QUEUE_ON,
     median_of,
     mobilenet_v2_tflite,
     pyplot,
@@ -34,12 +35,14 @@ from lensflow.process import free_port
 from lensflow.scenes import CLASSES, scene_jpeg
 from lensflow_core.imaging import decode_image
 from lensflow_core.runtime import InputSpec
+from lensflow_core.s3 import s3_client
 from lensflow_core.settings import Config
 from lensflow_eventing.contracts import ObjectEvent, notification_record
 from lensflow_model_store import ModelStore
 from lensflow_predict.serving_model import ServingModel
 
 SECONDS = float(os.environ.get("LENSFLOW_BENCH_SECONDS", "8"))
+QUEUE_ON_PHOTOS = 4000  # distinct keys for the queue-on loops (~150 images/s at most)
 PHOTO_SIZE = (640, 480)
 
 
@@ -70,7 +73,7 @@ def http_loop(url: str, config: Config, values: list[bytes], workers: int) -> di
     stages: list[dict[str, float]] = []  # the function's own timings of each request
 
     def work(worker: int) -> None:
-        value = values[counters[worker] % len(values)]
+        value = values[(counters[worker] * workers + worker) % len(values)]  # each its own
         counters[worker] += 1
         reply = knative_post(url, config, value, session=sessions[worker])
         if reply.status_code != 200:
@@ -86,6 +89,32 @@ def http_loop(url: str, config: Config, values: list[bytes], workers: int) -> di
     result["stage_p50_ms"] = {
         name: round(statistics.median(s[name] for s in stages), 2) for name in stages[0]
     }
+    return result
+
+
+def queue_on(env: dict[str, str], config: Config, photos: list[bytes], off: dict) -> dict:
+    """The HTTP loops again with the labelling queue on and every photo uncertain, each
+    request a photo the queue has not seen (the worst case: a new version's first
+    minute), against the queue-off figures of the same run (``off``)."""
+    s3, bucket = s3_client(config), config.image_buckets[0]
+    values = []
+    for i in range(QUEUE_ON_PHOTOS):  # more than the loops send: none offered twice
+        key = f"bench-queue/{i}.jpg"
+        photo = photos[i % len(photos)]
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=photo)["ETag"]
+        event = ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(photo), "image/jpeg")
+        values.append(notification_record(event)[1])
+    result: dict = {}
+    with FunctionServer("predict", {**env, **QUEUE_ON}) as server:
+        for c in (1, 2):
+            http = http_loop(server.url, config, values[(c - 1) * len(values) // 2 :], c)
+            result[f"http_c{c}_images_per_s"] = http["images_per_s"]
+            result[f"http_c{c}_failed"] = http["failed"]
+            result[f"ratio_to_queue_off_c{c}"] = round(
+                http["images_per_s"] / off[f"http_c{c}_images_per_s"], 3
+            )
+        result["label_queue"] = server.stats()["label_queue"]
+        result["peak_rss_mb"] = server.stats()["max_rss_mb"]
     return result
 
 
@@ -225,6 +254,7 @@ def run(out_dir: Path) -> dict:
                     )
             result["flip"] = flip_under_load(server.url, config, store, values[0])
             result["peak_rss_mb"] = server.stats()["max_rss_mb"]
+        result["queue_on"] = queue_on(env, config, photos, result)
         result["cold_start_s"] = round(
             median_of(3, lambda: cold_start(env, config, values[0], False)), 3
         )

@@ -218,11 +218,14 @@ class LabelQueue:
             return outcomes
         written = self.objects.put_many(bodies, content_type="application/json", if_absent=True)
         for (i, version, record), answer in zip(writes, written, strict=True):
-            if isinstance(answer, Exception) and not isinstance(answer, ConflictError):
+            if isinstance(answer, ConflictError):  # another replica wrote it first
+                outcomes[i] = "duplicate"
+                self._remember(version, record, written=False)
+            elif isinstance(answer, Exception):
                 outcomes[i] = answer
-                continue
-            outcomes[i] = "duplicate" if isinstance(answer, ConflictError) else "recorded"
-            self._remember(version, record, written=outcomes[i] == "recorded")
+            else:
+                outcomes[i] = "recorded"
+                self._remember(version, record, written=True)
         return outcomes
 
     def _settled_in(self, writes: list[tuple[int, str, str]], version: str, record: str):
