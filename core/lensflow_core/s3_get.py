@@ -108,18 +108,19 @@ class ObjectGetter:
     ) -> list[GetResult | Unreachable]:
         """``put_if_absent`` for each (key, body), up to ``PARALLEL`` at a time on as many
         kept-alive connections (libcurl's multi interface): a batch costs one wait for
-        the store's answers, not one per request, which took a queued photo's CPU from
-        ~0.2 ms to under 0.1 (docs/benchmarks.md, "Labelling queue"). Answers in order;
-        an item the store did not answer (after the one quick retry) is its
-        ``Unreachable``."""
+        the store's answers, not one per request (a signed PUT's CPU 0.17 ms alone, 0.08
+        in batches of 8: docs/benchmarks.md, "The labelling queue on the replica's
+        core"). Answers in order; an item the store did not answer (after the one quick
+        retry) is its ``Unreachable``."""
         results: list[GetResult | Unreachable] = []
         for start in range(0, len(items), PARALLEL):
             chunk = items[start : start + PARALLEL]
             answers = self._put_round(bucket, chunk, content_type)
             again = [i for i, a in enumerate(answers) if _retry(a)]
-            retried = self._put_round(bucket, [chunk[i] for i in again], content_type)
-            for i, answer in zip(again, retried, strict=True):
-                answers[i] = answer
+            if again:
+                retried = self._put_round(bucket, [chunk[i] for i in again], content_type)
+                for i, answer in zip(again, retried, strict=True):
+                    answers[i] = answer
             results += answers
         return results
 

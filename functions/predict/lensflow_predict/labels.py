@@ -3,8 +3,9 @@
 ``LabelWriter`` offers uncertain images on a background thread to
 ``lensflow_model_store.label_queue.LabelQueue``, which writes through the replica's libcurl
 client (``lensflow_predict.curl_objects``), a batch of conditional PUTs in parallel: about
-1.5 ms of a replica's CPU per queued image through boto3, ~0.2 ms through libcurl one at a
-time, under 0.1 ms in batches (docs/benchmarks.md, "Labelling queue"). An offer the
+1.1 ms of a replica's CPU per queued image through boto3, ~0.21 ms through libcurl one at
+a time, 0.14 ms in batches (docs/benchmarks.md, "The labelling queue on the replica's
+core"). An offer the
 queue's in-memory record settles (full, already queued) is counted on the request's thread
 and costs no request and no thread hand-off.
 """
