@@ -7,8 +7,9 @@
    event time: S3's notification, broker, dispatcher, replica).
 3. Burst: a base rate, 10x for 20 s, base again; lag, throughput and replicas sampled every
    0.5 s; the time from the burst's end until the lag is back to zero.
-4. Throughput again from fresh replica pools: the labelling queue off, then on with every
-   photo uncertain (issue 22).
+4. Throughput again from fresh replica pools: the labelling queue off, on with every photo
+   uncertain, the same with the queue full, and off again (issue 22); on and full against
+   the mean of the two off passes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from lensflow_core.settings import Config
 from lensflow_eventing.predictions import Prediction, PredictionFeed
 
 THROUGHPUT_IMAGES = int(os.environ.get("LENSFLOW_BENCH_E2E_IMAGES", "400"))
+# The queue's passes run longer: a replica writes 10 records a second, in batches every 2 s,
+# so a 400-image backlog (~2.5 s) would catch one batch or none.
+QUEUE_PASS_IMAGES = 5 * THROUGHPUT_IMAGES
 LATENCY_SECONDS = 15.0
 BURST = {"base_s": 10.0, "burst_s": 20.0, "after_s": 60.0, "factor": 10}
 
@@ -148,17 +152,22 @@ def run(out_dir: Path) -> dict:
         finally:
             dispatcher.stop()
             pool.stop()
-        # 4. throughput again from fresh pools, alike but for the labelling queue: off, then
-        # on with every photo uncertain
+        # 4. throughput again from fresh pools, alike but for the labelling queue: off; on
+        # with every photo uncertain; the same with the queue full; off again
         try:
-            for name, extra in (("queue_off", {}), ("queue_on", QUEUE_ON)):
+            full = {**QUEUE_ON, "LENSFLOW_LABEL_QUEUE_MAX": "1"}  # offers settled in memory
+            passes = [("queue_off", {}), ("queue_on", QUEUE_ON), ("queue_full", full)]
+            for name, extra in [*passes, ("queue_off_after", {})]:  # off on both sides: drift
                 result[name] = fresh_pool_throughput(
                     {**env, **extra}, config, s3, bucket, photos, watcher, servers, name
                 )
         finally:
             watcher.stop()
-        on, off = result["queue_on"], result["queue_off"]
-        on["ratio_to_queue_off"] = round(on["e2e_images_per_s"] / off["e2e_images_per_s"], 3)
+        off = (
+            result["queue_off"]["e2e_images_per_s"] + result["queue_off_after"]["e2e_images_per_s"]
+        ) / 2
+        for name in ("queue_on", "queue_full"):
+            result[name]["ratio_to_queue_off"] = round(result[name]["e2e_images_per_s"] / off, 3)
     result["targets"] = {"ratio_e2e_to_bare>=0.8": result["ratio_e2e_to_bare"] >= 0.8}
     write_json(out_dir, "e2e", result)
     plot(out_dir, result)
@@ -170,18 +179,28 @@ def fresh_pool_throughput(env, config, s3, bucket, photos, watcher, servers, nam
     pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
     dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
     try:
-        return throughput(s3, bucket, photos, watcher, dispatcher, pool, servers, name)
+        return throughput(
+            s3, bucket, photos, watcher, dispatcher, pool, servers, name, QUEUE_PASS_IMAGES
+        )
     finally:
         dispatcher.stop()
         pool.stop()
 
 
 def throughput(
-    s3, bucket, photos, watcher, dispatcher, pool, servers, prefix: str = "throughput"
+    s3,
+    bucket,
+    photos,
+    watcher,
+    dispatcher,
+    pool,
+    servers,
+    prefix: str = "throughput",
+    count: int = THROUGHPUT_IMAGES,
 ) -> dict:
-    """A backlog of ``THROUGHPUT_IMAGES`` put first, then drained through ``dispatcher``:
+    """A backlog of ``count`` photos put first, then drained through ``dispatcher``:
     images/s from first to last prediction (after a tenth to warm up), CPU per image."""
-    uploaded = upload_at_rate(s3, bucket, prefix, photos, THROUGHPUT_IMAGES, lambda t: 1e6, 3600)
+    uploaded = upload_at_rate(s3, bucket, prefix, photos, count, lambda t: 1e6, 3600)
     dispatcher.start()
     order = list(uploaded)
     paths = set(order)
