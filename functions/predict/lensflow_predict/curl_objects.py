@@ -4,7 +4,8 @@
 the predict replica hands it this one where it asks often: the labelling queue's
 conditional PUTs (a batch at a time) and LIST, and the model pointer's conditional GET
 every half TTL. boto3 costs ~1.5 ms of CPU a request on a replica's core, libcurl a
-fraction of that (docs/benchmarks.md). Errors are the store's own (``lensflow_model_store.errors``).
+fraction of that (docs/benchmarks.md). Errors are the store's own
+(``lensflow_model_store.errors``).
 """
 
 from __future__ import annotations

@@ -5,9 +5,8 @@
 client (``lensflow_predict.curl_objects``), a batch of conditional PUTs in parallel: about
 1.1 ms of a replica's CPU per queued image through boto3, ~0.21 ms through libcurl one at
 a time, 0.14 ms in batches (docs/benchmarks.md, "The labelling queue on the replica's
-core"). An offer the
-queue's in-memory record settles (full, already queued) is counted on the request's thread
-and costs no request and no thread hand-off.
+core"). An offer the queue's in-memory record settles (full, already queued) is counted on
+the request's thread and costs no request and no thread hand-off.
 """
 
 from __future__ import annotations
