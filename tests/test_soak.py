@@ -28,6 +28,11 @@ from lensflow.soak_check import (
 T0 = 1_800_000_000.0  # a moment, in Unix seconds
 
 
+def observed(cause: str):
+    """The soak's ``Observed`` entry that explains duplicates by ``cause``."""
+    return next(o for o in OBSERVED if o.cause == cause)
+
+
 def iso(seconds: float) -> str:
     from datetime import datetime, timezone
 
@@ -174,7 +179,7 @@ def test_seed_4242_a_group_session_lost_on_its_own_explains_a_redelivery():
             line.format(T0 + 6, "lensflow-archive"),  # the archiver's: its own exactly-once
             "WARNING lensflow_eventing.dispatcher: lost partitions [0, 1, 2, 3, 4, 5]",
         ],
-        OBSERVED[0],
+        observed(SESSION_LOST),
     )
     assert [(f.name, f.ended) for f in h.faults] == [
         (SESSION_LOST, pytest.approx(T0 + 5, abs=0.01))
@@ -200,7 +205,7 @@ def test_seed_5151_a_notification_produced_again_explains_two_image_events():
     )
     h.faults = observed_in(
         [line.format(T0 + 31), line.replace("lensflow-s3-notify", "rdkafka").format(T0 + 32)],
-        OBSERVED[1],
+        observed(NOTIFY_RETRY),
     )
     assert [(f.name, f.started) for f in h.faults] == [(NOTIFY_RETRY, pytest.approx(T0 + 1))]
     report = check(h)
@@ -217,7 +222,7 @@ def test_seed_5151_a_replicas_unanswered_produce_explains_a_second_prediction():
     h.predictions += [Predicted("img/1.jpg", "v1", T0 + 12, source="partition:0/offset:1")]
     assert check(h).duplicates_why == {"unexplained": 1}
     line = "%5|{:.3f}|REQTMOUT|lensflow-predict#producer-1| [thrd:x/111]: Timed out ..."
-    replica = next(o for o in OBSERVED if o.cause == PRODUCE_TIMEOUT)
+    replica = observed(PRODUCE_TIMEOUT)
     assert replica.logs.startswith("up-") and replica.window_s == 10.0
     h.faults = observed_in([line.format(T0 + 11)], replica)
     report = check(h)
