@@ -20,8 +20,11 @@ same backlogs; the ratio to the bare loop on that CPU moves by what the suspect 
   does not preempt an invoke under way;
 - ``ack_on_thread``: the broker's ack awaited on the request thread (as before issue 22),
   not on the event loop;
-- ``floor_asgi`` and ``floor_ff``: not the replica but the least work the contract allows
-  per event, on bare uvicorn and under functions-framework (``FLOOR`` below).
+- ``floor_asgi`` and ``floor_ff``: not the replica but the least work a prediction needs
+  per event (GET, decode, invoke, the prediction produced and acknowledged), on bare
+  uvicorn and under functions-framework (``FLOOR`` below);
+- ``floor_contract``: ``floor_ff`` plus what the contract keeps per event (the CloudEvents
+  SDK's parse and reply, the notification's parse, trace context, metrics).
 
 py-spy (``--native``, active samples) profiles the baseline replica during one more backlog:
 ``bench/results/profiles/baseline.txt`` (collapsed stacks), summarised by stage in
@@ -89,13 +92,14 @@ import lensflow_core.cpus as _cpus
 _cpus.usable_cpus = lambda *args, **kwargs: 3
 """
 
-# The floor (issue 22): the least a replica can do per event and still keep the contract,
-# served by uvicorn with no framework: the body read on the event loop, one hop to a thread
-# for the GET, decode and invoke (the same code the replica runs), the prediction CloudEvent
-# produced from the loop and its ack awaited there, a small JSON answer. No log line, no
-# metrics, no trace context, no labelling queue. If this cannot reach a ratio, no
-# arrangement of the replica's own code can; ``floor_ff`` is the same work under
-# functions-framework's ASGI decorator, to see what the framework itself costs.
+# The floor (issue 22): the least a replica can do per event and still answer with a
+# prediction produced and acknowledged, served by uvicorn with no framework: the body read
+# on the event loop, one hop to a thread for the GET, decode and invoke (the same code the
+# replica runs), the prediction CloudEvent produced from the loop and its ack awaited
+# there, a small JSON answer. No log line, no metrics, no trace context, no labelling
+# queue. If this cannot reach a ratio, no arrangement of the replica's own code can;
+# ``floor_ff`` is the same work under functions-framework's ASGI decorator, to see what the
+# framework itself costs.
 FLOOR = """
 import asyncio, json, os, resource, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +192,66 @@ sys.argv[sys.argv.index("--source") + 1] = _source.name
 """
 )
 
+# The floor plus what the contract and this project's style keep per event, and nothing
+# else: the incoming CloudEvent parsed and the reply made by the CloudEvents SDK, the
+# notification parsed, the trace context carried, the request and stage metrics; no log
+# fields, limits, own-object check or labelling queue. Beside ``floor_ff`` in one run, it
+# measures what that work costs the ratio.
+FLOOR_CONTRACT = (
+    FLOOR
+    + """
+import tempfile, time
+import functions_framework.aio
+from cloudevents.conversion import to_binary
+from cloudevents.http import from_http
+from starlette.responses import Response
+from lensflow_eventing.contracts import parse_notification
+from lensflow_eventing.tracing import incoming_trace, span
+from lensflow_predict import metrics
+
+async def _contract(headers, body):
+    loop = asyncio.get_running_loop()
+    replica = get_replica()
+    incoming = from_http(headers, body, data_unmarshaller=lambda data: data)
+    record = parse_notification(incoming.data)[0]
+    with span("lensflow.predict", incoming_trace(incoming.get_attributes(), headers)) as trace:
+        t0 = time.perf_counter()
+        etag, model, predictions = await loop.run_in_executor(
+            _pool, _work, replica, record.bucket, record.key)
+        t1 = time.perf_counter()
+    event = prediction_event(
+        image=ObjectEvent(record.event_name, record.bucket, record.key, etag),
+        model=model.identity, predictions=predictions, source_event_id=incoming["id"],
+    )
+    event["traceparent"] = trace.traceparent
+    data = json.dumps(event.data).encode()
+    try:
+        await asyncio.wrap_future(replica.handler.producer.produce(event, data))
+    except ProduceError:
+        return 503, {}, data
+    for stage in ("fetch", "decode", "invoke"):  # one timing for the three: their cost
+        metrics.STAGE_SECONDS.labels(stage).observe(t1 - t0)
+    metrics.STAGE_SECONDS.labels("produce").observe(time.perf_counter() - t1)
+    metrics.predicted(model.name, predictions[0]["label"])
+    metrics.REQUESTS.labels("200").inc()
+    out_headers, out_body = to_binary(event, data_marshaller=lambda _: data)
+    return 200, dict(out_headers), out_body
+
+@functions_framework.aio.http
+async def predict(request):
+    if request.method == "GET":
+        status, body = await asyncio.get_running_loop().run_in_executor(_pool, _get, request.url.path)
+        return Response(body, status, media_type="application/json")
+    status, headers, body = await _contract(dict(request.headers), await request.body())
+    return Response(body, status, headers)
+
+_source = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
+_source.write("import __main__\\npredict = __main__.predict\\n")
+_source.close()
+sys.argv[sys.argv.index("--source") + 1] = _source.name
+"""
+)
+
 # Thread CPU time of each stage of every request (a request runs on one thread, so
 # time.thread_time() deltas are exact), summed; /stats reports them as stage_cpu_s.
 STAGE_CPU = """
@@ -237,6 +301,7 @@ SPECS = (
     Spec("ack_on_thread", env=OFF, prelude=ACK_ON_THREAD),
     Spec("floor_asgi", env=OFF, prelude=FLOOR_ASGI),
     Spec("floor_ff", env=OFF, prelude=FLOOR_FF),
+    Spec("floor_contract", env=OFF, prelude=FLOOR_CONTRACT),
 )
 
 # Where a sample is, by the first matching frame (innermost first): stage name, pattern.
