@@ -125,7 +125,7 @@ def run(out_dir: Path) -> dict:
         result["bare_c2_images_per_s"] = bare["images_per_s"]
 
         watcher = ArrivalLog(config).start()
-        pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
+        pool = replica_pool(env)
         dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
         try:
             # 1. throughput: a backlog drained as fast as the chain allows
@@ -174,9 +174,14 @@ def run(out_dir: Path) -> dict:
     return result
 
 
+def replica_pool(env: dict[str, str]) -> ReplicaPool:
+    """Up to 2 predict replicas of 4 threads, scaling to zero after 5 s idle; started."""
+    return ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
+
+
 def fresh_pool_throughput(env, config, s3, bucket, photos, watcher, servers, name) -> dict:
     """``throughput`` through a new replica pool started with ``env``."""
-    pool = ReplicaPool(env, max_replicas=2, target_concurrency=2, idle_s=5, threads=4).start()
+    pool = replica_pool(env)
     dispatcher = dispatcher_for(config, pool, ordering="unordered", max_in_flight=4)
     try:
         return throughput(

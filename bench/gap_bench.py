@@ -170,9 +170,9 @@ uvicorn.run(app, host="127.0.0.1", port=_port, loop="uvloop", http="httptools",
 raise SystemExit(0)
 """
 )
-FLOOR_FF = (
-    FLOOR
-    + """
+# Serves ``_post(request) -> (status, headers, body)`` under functions-framework's ASGI
+# decorator: the tail of ``floor_ff`` and ``floor_contract``.
+FF_SERVE = """
 import tempfile
 import functions_framework.aio
 from starlette.responses import Response
@@ -181,15 +181,23 @@ from starlette.responses import Response
 async def predict(request):
     if request.method == "GET":
         status, body = await asyncio.get_running_loop().run_in_executor(_pool, _get, request.url.path)
-    else:
-        status, body = await _floor(await request.body(), request.headers.get("ce-id", ""))
-    return Response(body, status, media_type="application/json")
+        return Response(body, status, media_type="application/json")
+    status, headers, body = await _post(request)
+    return Response(body, status, headers)
 
 _source = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
 _source.write("import __main__\\npredict = __main__.predict\\n")
 _source.close()
 sys.argv[sys.argv.index("--source") + 1] = _source.name
 """
+FLOOR_FF = (
+    FLOOR
+    + """
+async def _post(request):
+    status, body = await _floor(await request.body(), request.headers.get("ce-id", ""))
+    return status, {"content-type": "application/json"}, body
+"""
+    + FF_SERVE
 )
 
 # The floor plus what the contract and this project's style keep per event, and nothing
@@ -200,11 +208,9 @@ sys.argv[sys.argv.index("--source") + 1] = _source.name
 FLOOR_CONTRACT = (
     FLOOR
     + """
-import tempfile, time
-import functions_framework.aio
+import time
 from cloudevents.conversion import to_binary
 from cloudevents.http import from_http
-from starlette.responses import Response
 from lensflow_eventing.contracts import parse_notification
 from lensflow_eventing.tracing import incoming_trace, span
 from lensflow_predict import metrics
@@ -237,19 +243,10 @@ async def _contract(headers, body):
     out_headers, out_body = to_binary(event, data_marshaller=lambda _: data)
     return 200, dict(out_headers), out_body
 
-@functions_framework.aio.http
-async def predict(request):
-    if request.method == "GET":
-        status, body = await asyncio.get_running_loop().run_in_executor(_pool, _get, request.url.path)
-        return Response(body, status, media_type="application/json")
-    status, headers, body = await _contract(dict(request.headers), await request.body())
-    return Response(body, status, headers)
-
-_source = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
-_source.write("import __main__\\npredict = __main__.predict\\n")
-_source.close()
-sys.argv[sys.argv.index("--source") + 1] = _source.name
+async def _post(request):
+    return await _contract(dict(request.headers), await request.body())
 """
+    + FF_SERVE
 )
 
 # Thread CPU time of each stage of every request (a request runs on one thread, so

@@ -92,18 +92,25 @@ def http_loop(url: str, config: Config, values: list[bytes], workers: int) -> di
     return result
 
 
+def uploaded_records(s3, bucket: str, prefix: str, photos: list[bytes], count: int) -> list:
+    """``count`` photos put at ``prefix/<i>.jpg`` (round the list of ``photos``), and the
+    notification record MinIO would write for each."""
+    values = []
+    for i in range(count):
+        key, photo = f"{prefix}/{i}.jpg", photos[i % len(photos)]
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=photo)["ETag"]
+        event = ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(photo), "image/jpeg")
+        values.append(notification_record(event)[1])
+    return values
+
+
 def queue_on(env: dict[str, str], config: Config, photos: list[bytes], off: dict) -> dict:
     """The HTTP loops again with the labelling queue on and every photo uncertain, each
     request a photo the queue has not seen (the worst case: a new version's first
     minute), against the queue-off figures of the same run (``off``)."""
     s3, bucket = s3_client(config), config.image_buckets[0]
-    values = []
-    for i in range(QUEUE_ON_PHOTOS):  # more than the loops send: none offered twice
-        key = f"bench-queue/{i}.jpg"
-        photo = photos[i % len(photos)]
-        etag = s3.put_object(Bucket=bucket, Key=key, Body=photo)["ETag"]
-        event = ObjectEvent("s3:ObjectCreated:Put", bucket, key, etag, len(photo), "image/jpeg")
-        values.append(notification_record(event)[1])
+    # more than the loops send: none offered twice
+    values = uploaded_records(s3, bucket, "bench-queue", photos, QUEUE_ON_PHOTOS)
     result: dict = {}
     with FunctionServer("predict", {**env, **QUEUE_ON}) as server:
         for c in (1, 2):
@@ -213,21 +220,7 @@ def run(out_dir: Path) -> dict:
     with serving_stack(model_bytes, list(CLASSES)) as (env, config, store, _servers):
         s3 = store.objects.s3
         bucket = config.image_buckets[0]
-        values = []
-        for i, photo in enumerate(photos):
-            etag = s3.put_object(Bucket=bucket, Key=f"bench/{i}.jpg", Body=photo)["ETag"]
-            values.append(
-                notification_record(
-                    ObjectEvent(
-                        "s3:ObjectCreated:Put",
-                        bucket,
-                        f"bench/{i}.jpg",
-                        etag,
-                        len(photo),
-                        "image/jpeg",
-                    )
-                )[1]
-            )
+        values = uploaded_records(s3, bucket, "bench", photos, len(photos))
 
         result: dict = {
             "model": "MobileNetV2 224x224x3 (random weights)",

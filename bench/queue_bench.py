@@ -89,7 +89,7 @@ def run(out_dir: Path) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
     offers = int(SECONDS / SPACING_S)
     result: dict = {"offers": offers, "repeats": REPEATS, "cpus": cpus}
-    result["batch_s"], result["writes_per_s"] = LabelWriter.BATCH_S, None
+    result["batch_s"] = LabelWriter.BATCH_S
     with S3Server() as server:
         os.sched_setaffinity(server.proc.pid, {cpus[-1]})
         os.sched_setaffinity(0, {cpus[0]})

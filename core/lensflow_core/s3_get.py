@@ -146,9 +146,9 @@ class ObjectGetter:
     def _retried(self, request) -> GetResult:
         try:
             result = request()
-        except Unreachable:
-            return request()  # the one quick retry
-        return request() if result.status >= 500 else result
+        except Unreachable as exc:
+            result = exc
+        return request() if _retry(result) else result  # the one quick retry
 
     def _get(self, path: str, limit: int, extra: dict[str, str] | None = None) -> GetResult:
         curl = self._curl("curl")
